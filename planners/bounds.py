@@ -1,0 +1,82 @@
+"""A lower bound on the time of any plan for a job, independent of routing choices.
+
+Three limits, each optimistic (so their maximum is a true bound):
+* receiver: each engine rank must take in the bytes no trainer rank on its own GPU holds; at best
+  over NVLink where a holder or another receiver of that tensor shares its node, else its NIC;
+* node: each engine node must take in, at least once, every needed byte that no trainer rank on
+  that node holds, through the node's NICs;
+* sender: every needed byte held on no engine node must leave the trainer, spread at best evenly
+  over all trainer NICs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from planners.cost import CROSS_NODE, SAME_NODE
+
+__all__ = ["lower_bound", "union_bytes"]
+
+
+def union_bytes(group: np.ndarray, tensor: np.ndarray, lo: np.ndarray, hi: np.ndarray, row_bytes: np.ndarray,
+                n_groups: int) -> np.ndarray:
+    """Bytes of the union of intervals per (group, tensor), summed per group."""
+    if len(lo) == 0:
+        return np.zeros(n_groups)
+    order = np.lexsort((lo, tensor, group))
+    g, t, a, b = group[order], tensor[order], lo[order], hi[order]
+    key = g.astype(np.int64) * (int(t.max()) + 1) + t
+    new = np.r_[True, key[1:] != key[:-1]]
+    big = int(b.max()) + 1
+    run = np.cumsum(new) * big  # shifts each (group, tensor) run above the previous one
+    covered = np.maximum.accumulate(b + run) - run  # furthest end seen so far in this run
+    prev = np.r_[0, covered[:-1]]
+    prev[new] = 0
+    length = np.clip(b - np.maximum(a, prev), 0, None)
+    return np.bincount(g, weights=length * row_bytes[t], minlength=n_groups)
+
+
+def lower_bound(plan) -> float:
+    T, gpn = plan.num_trainer, plan.gpus_per_node
+    bw = plan.links.bandwidths()
+    row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.float64)
+    n_t = len(plan.tensors)
+    rank_of = plan.local_rank[plan.pieces["local"]].astype(np.int64)
+    dev = plan.devices[rank_of]
+    node = dev // gpn
+    trainer = rank_of < T
+    p = plan.pieces
+    tensor = p["tensor"].astype(np.int64)
+
+    def has(keys_from: np.ndarray, keys_to: np.ndarray) -> np.ndarray:
+        return np.isin(keys_to, np.unique(keys_from))
+
+    same_dev = has(tensor[trainer] * (dev.max() + 1) + dev[trainer], tensor * (dev.max() + 1) + dev)
+    same_node_holder = has(tensor[trainer] * (node.max() + 1) + node[trainer], tensor * (node.max() + 1) + node)
+    inf = ~trainer
+    nbytes = (p["hi"] - p["lo"]) * row_bytes[tensor]
+
+    # receivers
+    key = tensor * (node.max() + 1) + node
+    inf_keys, counts = np.unique(key[inf], return_counts=True)
+    shared_on_node = np.isin(key, inf_keys[counts > 1])
+    remote = inf & ~same_dev
+    via_nvlink = remote & (same_node_holder | shared_on_node)
+    via_nic = remote & ~via_nvlink
+    n = plan.num_ranks
+    t_recv = max(
+        (np.bincount(rank_of[via_nvlink], weights=nbytes[via_nvlink], minlength=n) / bw[SAME_NODE]).max(initial=0.0),
+        (np.bincount(rank_of[via_nic], weights=nbytes[via_nic], minlength=n) / bw[CROSS_NODE]).max(initial=0.0),
+    )
+    # nodes
+    m = inf & ~same_node_holder
+    n_nodes = int(node.max()) + 1
+    node_in = union_bytes(node[m], tensor[m], p["lo"][m], p["hi"][m], row_bytes, n_nodes)
+    t_node = node_in.max(initial=0.0) / (bw[CROSS_NODE] * gpn)
+    # senders
+    inf_nodes_holding = has(tensor[trainer & np.isin(node, np.unique(node[inf]))], tensor)
+    m = inf & ~inf_nodes_holding
+    total = union_bytes(np.zeros(int(m.sum()), dtype=np.int64), tensor[m], p["lo"][m], p["hi"][m], row_bytes, 1)
+    t_send = float(total[0]) / (bw[CROSS_NODE] * T)
+    del n_t
+    return float(max(t_recv, t_node, t_send))

@@ -1,0 +1,218 @@
+"""YAML job specs: model, both layouts, deployment, links, sync settings and EPLB.
+
+The schema is checked with pydantic (unknown keys and wrong types are errors naming the field);
+the layouts and the model's divisibility are checked right after, so a bad job fails with a
+:class:`JobError` before anything is planned or sent. Example::
+
+    model: {preset: tiny_qwen3_moe}          # or hf_config: {model_type: ..., ...}
+    trainer: {tp: 2, pp: 1, ep: 2}
+    inference: {tp: 2, dp: 2, enable_ep: true, engines: 2}
+    deployment: {mode: disaggregated, gpus_per_node: 8}
+    links: {nvlink_gbps: 450, nic_gbps: 50}
+    sync: {bucket_mb: 256, timeout_s: 60}
+    eplb: {num_redundant_experts: 4}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from planners.cost import Links
+from planners.layouts import Deployment, InferenceLayout, LayoutError, TrainerLayout
+from planners.megatron_rules import check_trainer
+from planners.model import ModelError, ModelSpec
+from planners.placement import Placement, PlacementError
+from planners.presets import PRESETS, preset
+from planners.shards import ShardError
+from planners.vllm_rules import check_inference
+
+__all__ = ["JobSpec", "JobError", "SyncSettings", "EplbSettings"]
+
+
+class JobError(ValueError):
+    """A job spec that cannot run; the message names the field and what would be valid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Model(_Strict):
+    preset: str | None = None
+    hf_config: dict[str, Any] | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "_Model":
+        if (self.preset is None) == (self.hf_config is None):
+            raise ValueError(f"give exactly one of model.preset (one of {sorted(PRESETS)}) or model.hf_config")
+        return self
+
+
+class _Trainer(_Strict):
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    cp: int = 1
+    dp: int | None = None
+    order: str = "tp-cp-ep-dp-pp"
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    vocab_divisible_by: int = 128
+
+
+class _Inference(_Strict):
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    enable_ep: bool = False
+    engines: int = 1
+    vocab_padding: int = 64
+
+
+class _Deployment(_Strict):
+    mode: Literal["colocated", "disaggregated"] = "disaggregated"
+    gpus_per_node: int = 8
+    nodes: int | None = None
+
+
+class _Links(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=False)
+    same_device_gbps: float = 1500.0
+    nvlink_gbps: float = 450.0
+    nic_gbps: float = 50.0
+
+
+class SyncSettings(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    bucket_mb: float = Field(256.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    verify: bool = True
+
+
+class EplbSettings(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    enabled: bool = False
+    num_redundant_experts: int = Field(0, ge=0)
+    policy: str = "default"
+    window: int = Field(1000, ge=1)
+
+
+class _Job(_Strict):
+    name: str = "job"
+    model: _Model
+    trainer: _Trainer
+    inference: _Inference
+    deployment: _Deployment = Field(default_factory=_Deployment)
+    links: _Links = Field(default_factory=_Links)
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+    eplb: EplbSettings = Field(default_factory=EplbSettings)
+
+
+def _pydantic_message(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "job"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"{where}: {msg}")
+    return "invalid job spec:\n  " + "\n  ".join(lines)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    model: ModelSpec
+    trainer: TrainerLayout
+    inference: InferenceLayout
+    deployment: Deployment
+    links: Links = field(default_factory=Links)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    eplb: EplbSettings = field(default_factory=EplbSettings)
+    nodes: int | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JobSpec":
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise JobError(f"cannot read job spec {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise JobError(f"{path} is not valid YAML: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "JobSpec":
+        if not isinstance(data, dict):
+            raise JobError(f"a job spec must be a mapping with keys model, trainer, inference, ...; got {type(data).__name__}")
+        try:
+            raw = _Job.model_validate(data)
+        except ValidationError as e:
+            raise JobError(_pydantic_message(e)) from None
+        try:
+            cfg = preset(raw.model.preset) if raw.model.preset else dict(raw.model.hf_config)
+            cfg.update(raw.model.overrides)
+            model = ModelSpec.from_hf_config(cfg)
+            job = cls(
+                name=raw.name,
+                model=model,
+                trainer=TrainerLayout(**raw.trainer.model_dump()),
+                inference=InferenceLayout(**raw.inference.model_dump()),
+                deployment=Deployment(mode=raw.deployment.mode, gpus_per_node=raw.deployment.gpus_per_node),
+                links=Links(**raw.links.model_dump()),
+                sync=raw.sync,
+                eplb=raw.eplb,
+                nodes=raw.deployment.nodes,
+            )
+        except (KeyError, TypeError, ModelError, LayoutError, ValueError) as e:
+            raise JobError(str(e).strip("'\"")) from None
+        job.check()
+        return job
+
+    def check(self) -> None:
+        """Raise JobError unless the model's shapes divide over both layouts and the job fits."""
+        try:
+            check_trainer(self.model, self.trainer)
+            check_inference(self.model, self.inference, self.placement())
+            n = self.deployment.num_nodes(self.trainer, self.inference)
+        except (ShardError, LayoutError, PlacementError) as e:
+            raise JobError(str(e)) from None
+        if self.nodes is not None and n > self.nodes:
+            raise JobError(
+                f"deployment.nodes={self.nodes} is too few: the job needs {n} nodes of "
+                f"{self.deployment.gpus_per_node} GPUs"
+            )
+        if self.eplb.num_redundant_experts and not self.model.is_moe:
+            raise JobError("eplb.num_redundant_experts needs a MoE model")
+
+    @property
+    def num_physical_experts(self) -> int:
+        return self.model.num_experts + self.eplb.num_redundant_experts
+
+    def placement(self) -> Placement | None:
+        """The initial placement (slot i serves expert i % E) until EPLB computes one."""
+        if not self.model.is_moe:
+            return None
+        return Placement.identity(len(self.model.moe_layers), self.model.num_experts, self.num_physical_experts)
+
+    def describe(self) -> dict[str, Any]:
+        t, i, d = self.trainer, self.inference, self.deployment
+        return {
+            "name": self.name,
+            "model": self.model.model_type,
+            "trainer": dict(tp=t.tp, pp=t.pp, ep=t.ep, etp=t.etp, cp=t.cp, dp=t.dp, edp=t.edp, order=t.order),
+            "inference": dict(tp=i.tp, pp=i.pp, dp=i.dp, enable_ep=i.enable_ep, engines=i.engines),
+            "deployment": dict(mode=d.mode, gpus_per_node=d.gpus_per_node),
+            "physical_experts": self.num_physical_experts if self.model.is_moe else 0,
+        }
