@@ -14,7 +14,9 @@ Steps:
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -116,93 +118,88 @@ def _trainer_segments(cat: Catalog, tpieces: np.ndarray, locals_: list[LocalTens
 def _deliveries(cat, pieces, locals_, n_trainer_locals, seg, devices, gpn, inference, T):
     """Group needed cuts by (tensor, segment, range, receiving group) -> list of destinations."""
     engine_size = inference.engine_size
+    local_rank = [t.rank for t in locals_]
+    group_of = [((r - T) // engine_size, int(devices[r]) // gpn) if r >= T else None for r in range(len(devices))]
     groups: dict[tuple, list[tuple[int, int, int, int, int]]] = {}
     first_inf = int(np.searchsorted(pieces["local"], n_trainer_locals))
+    all_cuts = seg.cuts
     for local, t, lo, hi, base, dim, off in pieces[first_inf:].tolist():
-        rank = locals_[local].rank
-        gkey = ((rank - T) // engine_size, int(devices[rank]) // gpn)
-        cuts = seg.cuts.get(t)
-        if cuts is None or lo < cuts[0] or hi > cuts[-1]:
+        rank = local_rank[local]
+        g = group_of[rank]
+        cuts = all_cuts.get(t)
+        k = bisect_right(cuts, lo) - 1 if cuts is not None else -1
+        if k < 0 or hi > cuts[-1]:
             raise ValueError(f"no trainer rank holds {cat[t].name}[{lo}:{hi}]")
-        k = _segment_of(cuts, lo)
         a = lo
-        while a < hi:
+        while a < hi:  # one segment in the common case
             b = min(hi, cuts[k + 1])
-            key = (t, k, a, b, gkey)
+            key = (t, k, a, b, g)
             dest = (rank, local, base, dim, off + a - lo)
-            if key in groups:
-                groups[key].append(dest)
-            else:
+            same = groups.get(key)
+            if same is None:
                 groups[key] = [dest]
+            else:
+                same.append(dest)
             a = b
             k += 1
     return groups
 
 
-def _segment_of(cuts: list[int], x: int) -> int:
-    lo, hi = 0, len(cuts) - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cuts[mid] <= x:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def _route(cat, deliveries, seg, devices, gpn, links, n_ranks) -> np.ndarray:
-    bw = links.bandwidths()
-    inv_bw = [1.0 / b for b in bw]
+    inv_bw = [1.0 / b for b in links.bandwidths()]
+    inv_node, inv_nic = inv_bw[SAME_NODE], inv_bw[CROSS_NODE]
     dev = devices.tolist()
     node = [d // gpn for d in dev]
     out_busy = [0.0] * n_ranks  # seconds each rank spends sending in stage 1
     in_busy = [0.0] * n_ranks
     row_bytes = [t.row_bytes for t in cat.tensors]
     rows: list[tuple] = []
+    add = rows.append
+    holders_on: dict[tuple[int, int], dict[int, tuple]] = {}
 
-    items = sorted(deliveries.items(), key=lambda kv: -(kv[0][3] - kv[0][2]) * row_bytes[kv[0][0]])
-    for (t, k, a, b, _), dests in items:
-        nbytes = (b - a) * row_bytes[t]
+    items = sorted((((key[3] - key[2]) * row_bytes[key[0]], key, dests) for key, dests in deliveries.items()),
+                   key=itemgetter(0), reverse=True)  # largest first; stable for ties
+    for nbytes, (t, k, a, b, _), dests in items:
         holders = seg.holders[t][k]
         start = seg.cuts[t][k]
+        on_device = holders_on.get((t, k))
+        if on_device is None:
+            on_device = holders_on[(t, k)] = {dev[h[0]]: h for h in holders}
         # 1. Ranks whose own GPU holds the bytes copy them locally.
         entry = None
-        holder_on = {dev[h[0]]: h for h in holders}
         rest = []
         for d in dests:
-            h = holder_on.get(dev[d[0]])
+            h = on_device.get(dev[d[0]])
             if h is None:
                 rest.append(d)
                 continue
-            rows.append(_chunk(1, h, d, t, a, b, start, nbytes, SAME_DEVICE))
-            entry = entry or d
-        # 2. Otherwise one stage-1 transfer into the least-loaded member of the group.
+            add((1, h[0], d[0], t, a, b, h[1], h[2], h[3], h[4] + a - start, d[1], d[2], d[3], d[4], nbytes, SAME_DEVICE))
+            if entry is None:
+                entry = d
+        # 2. Otherwise one stage-1 transfer into the least-loaded member of the group,
+        #    from the holder that would finish it soonest.
         if entry is None:
-            entry = min(rest, key=lambda d: in_busy[d[0]])
+            entry = rest[0] if len(rest) == 1 else min(rest, key=lambda d: in_busy[d[0]])
             rest.remove(entry)
-            best, best_t, best_cls = None, 0.0, CROSS_NODE
+            e_rank = entry[0]
+            e_node = node[e_rank]
+            best, best_t, best_inv = None, 0.0, inv_nic
             for h in holders:
-                cls = SAME_NODE if node[h[0]] == node[entry[0]] else CROSS_NODE
-                finish = out_busy[h[0]] + nbytes * inv_bw[cls]
+                inv = inv_node if node[h[0]] == e_node else inv_nic
+                finish = out_busy[h[0]] + nbytes * inv
                 if best is None or finish < best_t:
-                    best, best_t, best_cls = h, finish, cls
+                    best, best_t, best_inv = h, finish, inv
             out_busy[best[0]] = best_t
-            in_busy[entry[0]] += nbytes * inv_bw[best_cls]
-            rows.append(_chunk(1, best, entry, t, a, b, start, nbytes, best_cls))
+            in_busy[e_rank] += nbytes * best_inv
+            add((1, best[0], e_rank, t, a, b, best[1], best[2], best[3], best[4] + a - start,
+                 entry[1], entry[2], entry[3], entry[4], nbytes, SAME_NODE if best_inv == inv_node else CROSS_NODE))
         # 3. Stage 2: fan out inside the receiving group.
-        src = (entry[0], entry[1], entry[2], entry[3], entry[4] - 0)
         for d in rest:
-            cls = SAME_DEVICE if dev[d[0]] == dev[src[0]] else (SAME_NODE if node[d[0]] == node[src[0]] else CROSS_NODE)
-            rows.append(_chunk(2, src, d, t, a, b, a, nbytes, cls))
+            cls = SAME_DEVICE if dev[d[0]] == dev[entry[0]] else (SAME_NODE if node[d[0]] == node[entry[0]] else CROSS_NODE)
+            add((2, entry[0], d[0], t, a, b, entry[1], entry[2], entry[3], entry[4], d[1], d[2], d[3], d[4], nbytes, cls))
 
-    chunks = np.array(rows, dtype=CHUNK_DTYPE) if rows else np.zeros(0, dtype=CHUNK_DTYPE)
+    chunks = np.zeros(len(rows), dtype=CHUNK_DTYPE)
+    for name, column in zip(CHUNK_DTYPE.names, zip(*rows)):
+        chunks[name] = column
     order = np.lexsort((chunks["lo"], chunks["tensor"], chunks["dst"], chunks["src"], chunks["stage"]))
     return chunks[order]
-
-
-def _chunk(stage, src, dst, t, a, b, src_start, nbytes, link) -> tuple:
-    """One chunk row; ``src_start`` is the logical index at which ``src``'s offset applies."""
-    s_rank, s_local, s_base, s_dim, s_off = src
-    d_rank, d_local, d_base, d_dim, d_off = dst
-    return (stage, s_rank, d_rank, t, a, b, s_local, s_base, s_dim, s_off + a - src_start,
-            d_local, d_base, d_dim, d_off, nbytes, link)

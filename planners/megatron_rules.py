@@ -8,6 +8,10 @@ layer indices local to the pipeline stage. Conventions followed:
 * Vocabulary padded to a multiple of ``vocab_divisible_by * tp`` and split evenly over TP.
 * Routed experts ``mlp.experts.local_experts.{j}``, global id ``ep_rank * E/ep + j``, sharded by ETP.
 * Tied embeddings with PP > 1: the last stage keeps its own copy as ``output_layer.weight``.
+* MLA (local spec): ``linear_q_down_proj``/``linear_kv_down_proj`` are column-parallel too;
+  ``q_layernorm``/``kv_layernorm`` replicated. (Transformer Engine's spec replicates the down
+  projections and fuses the norms into ``linear_*_up_proj.layer_norm_weight``; a TE source
+  adapter presents its tensors under these names.)
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def check_trainer(spec: ModelSpec, layout: TrainerLayout) -> None:
     layout.stage_layers(spec.num_layers)
     if spec.is_mla:
         require_divides(tp, spec.num_heads, "trainer.tp must divide model.num_attention_heads")
+        if spec.q_lora_rank is not None:
+            require_divides(tp, spec.q_lora_rank, "trainer.tp must divide model.q_lora_rank (linear_q_down_proj is column-parallel)")
+        require_divides(tp, spec.kv_lora_rank + spec.qk_rope_head_dim,
+                        "trainer.tp must divide model.kv_lora_rank + qk_rope_head_dim (linear_kv_down_proj is column-parallel)")
     else:
         require_divides(tp, spec.num_kv_heads, "trainer.tp must divide model.num_key_value_heads (query groups)")
     if spec.intermediate_size and len(spec.moe_layers) < spec.num_layers:
@@ -158,20 +166,21 @@ def _gqa(spec, cat, tp, tp_rank, hf, mg, local, whole, column) -> None:
 
 
 def _mla(spec, cat, layout, tp_rank, hf, mg, local, whole, column) -> None:
-    """Multi-latent attention: down projections and their norms replicated, up projections by heads."""
+    """Multi-latent attention as the local spec builds it: every projection column-parallel
+    (the down projections too, gathered in forward), the latent norms replicated."""
     tp, H = layout.tp, spec.hidden_size
     a, s = f"{hf}.self_attn", f"{mg}.self_attention"
     heads = spec.num_heads // tp
     if spec.q_lora_rank is None:
         local(f"{s}.linear_q_proj.weight", (heads * spec.qk_head_dim, H), [column(f"{a}.q_proj.weight", tp, tp_rank)])
     else:
-        local(f"{s}.linear_q_down_proj.weight", (spec.q_lora_rank, H), whole(f"{a}.q_a_proj.weight"))
-        local(f"{s}.linear_q_up_proj.layer_norm_weight", (spec.q_lora_rank,), whole(f"{a}.q_a_layernorm.weight"))
+        local(f"{s}.linear_q_down_proj.weight", (spec.q_lora_rank // tp, H), [column(f"{a}.q_a_proj.weight", tp, tp_rank)])
         local(f"{s}.linear_q_up_proj.weight", (heads * spec.qk_head_dim, spec.q_lora_rank),
               [column(f"{a}.q_b_proj.weight", tp, tp_rank)])
-    local(f"{s}.linear_kv_down_proj.weight", (spec.kv_lora_rank + spec.qk_rope_head_dim, H),
-          whole(f"{a}.kv_a_proj_with_mqa.weight"))
-    local(f"{s}.linear_kv_up_proj.layer_norm_weight", (spec.kv_lora_rank,), whole(f"{a}.kv_a_layernorm.weight"))
+        local(f"{s}.q_layernorm.weight", (spec.q_lora_rank,), whole(f"{a}.q_a_layernorm.weight"))
+    kv_a = spec.kv_lora_rank + spec.qk_rope_head_dim
+    local(f"{s}.linear_kv_down_proj.weight", (kv_a // tp, H), [column(f"{a}.kv_a_proj_with_mqa.weight", tp, tp_rank)])
     local(f"{s}.linear_kv_up_proj.weight", (heads * (spec.qk_nope_head_dim + spec.v_head_dim), spec.kv_lora_rank),
           [column(f"{a}.kv_b_proj.weight", tp, tp_rank)])
+    local(f"{s}.kv_layernorm.weight", (spec.kv_lora_rank,), whole(f"{a}.kv_a_layernorm.weight"))
     local(f"{s}.linear_proj.weight", (H, heads * spec.v_head_dim), [column(f"{a}.o_proj.weight", tp, tp_rank)])

@@ -11,9 +11,8 @@ left out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 from typing import Any
-
-import numpy as np
 
 __all__ = ["ModelSpec", "LogicalTensor", "Catalog", "catalog", "ModelError", "DTYPES"]
 
@@ -207,7 +206,7 @@ class LogicalTensor:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape))
+        return prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -216,17 +215,17 @@ class LogicalTensor:
     @property
     def outer(self) -> int:
         """Elements before the split dimension (rows of the strided view)."""
-        return int(np.prod(self.shape[: self.split_dim]))
+        return prod(self.shape[: self.split_dim])
 
     @property
     def inner(self) -> int:
         """Elements after the split dimension (contiguous run per split index)."""
-        return int(np.prod(self.shape[self.split_dim + 1 :]))
+        return prod(self.shape[self.split_dim + 1 :])
 
     @property
     def row_bytes(self) -> int:
         """Bytes per index along the split dimension."""
-        return self.outer * self.inner * DTYPES[self.dtype]
+        return prod(self.shape) // self.shape[self.split_dim] * DTYPES[self.dtype]
 
 
 @dataclass(eq=False)  # hashed by identity: shard rules cache on it

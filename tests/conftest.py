@@ -1,0 +1,43 @@
+"""Shared helpers for tests: random full weights and the simulate-vs-reference check."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from planners import JobSpec, build_plan  # noqa: E402
+from planners.model import catalog  # noqa: E402
+from vllm_reference import reference_rank  # noqa: E402
+
+
+def random_weights(job: JobSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in catalog(job.model).tensors}
+
+
+def assert_plan_exact(job: JobSpec, seed: int = 0):
+    """Build, validate and simulate ``job``; every inference rank must equal the direct slices."""
+    plan = build_plan(job).validate()
+    full = random_weights(job, seed)
+    got = plan.simulate(full)
+    placement = job.placement()
+    phy2log = placement.phy2log if placement is not None else None
+    T = job.trainer.world_size
+    for r in range(job.inference.world_size):
+        want = reference_rank(job.model, job.inference, phy2log, r % job.inference.engine_size, full)
+        have = got[T + r]
+        assert sorted(have) == sorted(want), f"rank {T + r}: names differ: {sorted(set(have) ^ set(want))}"
+        for name, w in want.items():
+            assert have[name].shape == w.shape, f"rank {T + r} {name}: {have[name].shape} != {w.shape}"
+            np.testing.assert_array_equal(have[name], w, err_msg=f"rank {T + r} {name}")
+    return plan
+
+
+@pytest.fixture
+def exact():
+    return assert_plan_exact
