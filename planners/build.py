@@ -1,36 +1,40 @@
 """Build a two-stage sync plan by intersecting what trainer ranks hold with what engines need.
 
-Steps:
-1. Shard rules give every rank's local tensors and their pieces (trainer and inference).
-2. Per logical tensor, the trainer's pieces cut the split dimension into segments, each held by
-   a set of trainer ranks (DP / expert-DP replicas, tied copies).
-3. Each inference piece is cut at those segment boundaries; equal cuts needed by ranks of one
-   *receiving group* -- the ranks of one engine on one node -- form one delivery.
-4. Deliveries, largest first, get a route: ranks whose own GPU holds the bytes copy locally;
-   otherwise the least-loaded member becomes the entry receiver and gets the bytes in stage 1
-   from the holder that finishes soonest (same-node holders are cheaper); stage 2 fans out from
-   the entry (or a local copier) to the rest of the group over the node's fast links.
+Steps (tables are numpy arrays so a 1T-parameter job plans in seconds):
+1. Shard rules give every rank's local tensors and their pieces; ranks with the same shard
+   coordinates share one template.
+2. Per logical tensor, the cut points of all trainer pieces split the split dimension into
+   *segments*; each segment's holders are the trainer ranks whose pieces cover it (DP and
+   expert-DP replicas, tied copies).
+3. Each inference piece is cut at segment boundaries. Equal cuts needed by ranks of one
+   *receiving group* -- the ranks of one engine on one node -- form one *delivery*.
+4. Routing. A destination whose own GPU holds the bytes copies them locally. A delivery with one
+   holder and one destination has nothing to choose. The rest, largest first, pick the
+   least-loaded destination as entry receiver and the holder that would finish soonest as its
+   stage-1 sender (same-node holders count at NVLink speed); stage 2 fans out from the entry
+   (or from a local copier) to the rest of the group over the node's links.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_right
-from collections import defaultdict
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links
+from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
-from planners.megatron_rules import check_trainer, trainer_locals
+from planners.megatron_rules import check_trainer, trainer_template
 from planners.model import Catalog, ModelSpec, catalog
 from planners.placement import Placement
 from planners.plan import CHUNK_DTYPE, PIECE_DTYPE, SyncPlan
 from planners.shards import LocalTensor
-from planners.vllm_rules import check_inference, inference_locals
+from planners.vllm_rules import check_inference, inference_template
 
-__all__ = ["build_plan", "build_plan_from_parts"]
+__all__ = ["build_plan", "build_plan_from_parts", "PlanBuildError"]
+
+
+class PlanBuildError(ValueError):
+    """The two sides do not fit together (an inference byte no trainer rank holds)."""
 
 
 def build_plan(job: Any) -> SyncPlan:
@@ -47,159 +51,268 @@ def build_plan_from_parts(spec: ModelSpec, trainer: TrainerLayout, inference: In
     check_inference(spec, inference, placement)
     cat = catalog(spec)
     devices = np.asarray(deployment.device_ids(trainer, inference), dtype=np.int64)
-    gpn = deployment.gpus_per_node
     T = trainer.world_size
 
-    locals_: list[LocalTensor] = [t for r in range(T) for t in trainer_locals(spec, cat, trainer, r)]
-    n_trainer_locals = len(locals_)
-    locals_ += [t for r in range(inference.world_size) for t in inference_locals(spec, cat, inference, placement, r, T + r)]
-    pieces = _piece_table(locals_)
+    templates = [trainer_template(spec, cat, trainer, r) for r in range(T)]
+    templates += [inference_template(spec, cat, inference, placement, r) for r in range(inference.world_size)]
+    local_rank, names, shapes, dtypes, pieces = _tables(templates)
 
-    segments = _trainer_segments(cat, pieces[: _count_pieces(locals_[:n_trainer_locals])], locals_)
-    deliveries = _deliveries(cat, pieces, locals_, n_trainer_locals, segments, devices, gpn, inference, T)
-    chunks = _route(cat, deliveries, segments, devices, gpn, links, len(devices))
+    piece_rank = local_rank[pieces["local"]]
+    seg = _Segments(cat, pieces[piece_rank < T], piece_rank[piece_rank < T], devices)
+    cuts = _cuts(cat, seg, pieces[piece_rank >= T], piece_rank[piece_rank >= T], devices,
+                 deployment.gpus_per_node, inference.engine_size, T)
+    chunks = _route(cat, seg, cuts, devices, deployment.gpus_per_node, links)
 
     return SyncPlan(
-        tensors=cat.tensors,
-        local_rank=np.array([t.rank for t in locals_], dtype=np.int32),
-        local_name=[t.name for t in locals_],
-        local_shape=[t.shape for t in locals_],
-        local_dtype=[t.dtype for t in locals_],
-        pieces=pieces,
-        chunks=chunks,
-        devices=devices,
-        num_trainer=T,
-        gpus_per_node=gpn,
-        links=links,
-        meta=meta or {},
+        tensors=cat.tensors, local_rank=local_rank, local_name=names, local_shape=shapes, local_dtype=dtypes,
+        pieces=pieces, chunks=chunks, devices=devices, num_trainer=T, gpus_per_node=deployment.gpus_per_node,
+        links=links, meta=meta or {},
     )
 
 
-def _count_pieces(locals_: list[LocalTensor]) -> int:
-    return sum(len(t.pieces) for t in locals_)
-
-
-def _piece_table(locals_: list[LocalTensor]) -> np.ndarray:
-    rows = [(lid, p.tensor, p.lo, p.hi, p.base, p.dim, p.off) for lid, t in enumerate(locals_) for p in t.pieces]
-    return np.array(rows, dtype=PIECE_DTYPE) if rows else np.zeros(0, dtype=PIECE_DTYPE)
+def _tables(templates: list[tuple[LocalTensor, ...]]):
+    """Flatten every rank's local tensors (rank r uses ``templates[r]``) into plan tables;
+    ranks sharing a template convert it once."""
+    local_rank: list[int] = []
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    dtypes: list[str] = []
+    piece_parts: list[np.ndarray] = []
+    converted: dict[int, tuple[np.ndarray, list[str], list[tuple[int, ...]], list[str]]] = {}
+    for rank, tensors in enumerate(templates):
+        done = converted.get(id(tensors))
+        if done is None:
+            rows = [(i, p.tensor, p.lo, p.hi, p.base, p.dim, p.off) for i, t in enumerate(tensors) for p in t.pieces]
+            rel = np.array(rows, dtype=PIECE_DTYPE) if rows else np.zeros(0, PIECE_DTYPE)
+            done = converted[id(tensors)] = (rel, [t.name for t in tensors], [t.shape for t in tensors],
+                                             [t.dtype for t in tensors])
+        rel, t_names, t_shapes, t_dtypes = done
+        shifted = rel.copy()
+        shifted["local"] += len(names)
+        piece_parts.append(shifted)
+        local_rank += [rank] * len(t_names)
+        names += t_names
+        shapes += t_shapes
+        dtypes += t_dtypes
+    pieces = np.concatenate(piece_parts) if piece_parts else np.zeros(0, PIECE_DTYPE)
+    return np.asarray(local_rank, dtype=np.int32), names, shapes, dtypes, pieces
 
 
 class _Segments:
-    """Per logical tensor: sorted cut points and, per segment, its holders.
+    """Trainer segments of every logical tensor and their holders.
 
-    ``holders[t][k]`` lists ``(rank, local, base, dim, off_at_segment_start)`` for segment k
-    ``[cuts[t][k], cuts[t][k+1])``.
+    Cut points are encoded as ``tensor * stride + index`` in the sorted array ``points``; segment
+    s is ``[points[s], points[s+1])``. Holders are rows sorted by segment (``holder_*``), with
+    ``first[s]:first[s+1]`` the holders of segment s.
     """
 
-    def __init__(self) -> None:
-        self.cuts: dict[int, list[int]] = {}
-        self.holders: dict[int, list[list[tuple[int, int, int, int, int]]]] = {}
+    def __init__(self, cat: Catalog, tp: np.ndarray, ranks: np.ndarray, devices: np.ndarray) -> None:
+        self.stride = max((t.shape[t.split_dim] for t in cat.tensors), default=0) + 1
+        t = tp["tensor"].astype(np.int64) * self.stride
+        self.points = np.unique(np.concatenate([t + tp["lo"], t + tp["hi"]]))
+        s0 = np.searchsorted(self.points, t + tp["lo"])
+        s1 = np.searchsorted(self.points, t + tp["hi"])
+        count = s1 - s0
+        piece = np.repeat(np.arange(len(tp)), count)
+        seg = np.repeat(s0, count) + _ramp(count)
+        order = np.lexsort((ranks[piece], seg))
+        piece, seg = piece[order], seg[order]
+        self.holder_seg = seg
+        self.holder_rank = ranks[piece].astype(np.int64)
+        self.holder_local = tp["local"][piece].astype(np.int64)
+        self.holder_base = tp["base"][piece]
+        self.holder_dim = tp["dim"][piece]
+        start = self.points[seg] % self.stride
+        self.holder_off = tp["off"][piece] + start - tp["lo"][piece]  # offset at the segment's start
+        self.holder_device = devices[self.holder_rank]
+        self.first = np.searchsorted(seg, np.arange(len(self.points) + 1))
 
 
-def _trainer_segments(cat: Catalog, tpieces: np.ndarray, locals_: list[LocalTensor]) -> _Segments:
-    seg = _Segments()
-    by_tensor: dict[int, list[tuple]] = defaultdict(list)
-    for p in tpieces.tolist():
-        by_tensor[p[1]].append(p)
-    for t, ps in by_tensor.items():
-        cuts = sorted({p[2] for p in ps} | {p[3] for p in ps})
-        holders: list[list[tuple[int, int, int, int, int]]] = [[] for _ in range(len(cuts) - 1)]
-        for local, _, lo, hi, base, dim, off in ps:
-            k = cuts.index(lo)
-            rank = locals_[local].rank
-            while k < len(cuts) - 1 and cuts[k] < hi:
-                holders[k].append((rank, local, base, dim, off + cuts[k] - lo))
-                k += 1
-        seg.cuts[t] = cuts
-        seg.holders[t] = holders
-    return seg
+def _ramp(count: np.ndarray) -> np.ndarray:
+    """``[0..count[0]-1, 0..count[1]-1, ...]``."""
+    total = int(count.sum())
+    starts = np.repeat(np.cumsum(count) - count, count)
+    return np.arange(total) - starts
 
 
-def _deliveries(cat, pieces, locals_, n_trainer_locals, seg, devices, gpn, inference, T):
-    """Group needed cuts by (tensor, segment, range, receiving group) -> list of destinations."""
-    engine_size = inference.engine_size
-    local_rank = [t.rank for t in locals_]
-    group_of = [((r - T) // engine_size, int(devices[r]) // gpn) if r >= T else None for r in range(len(devices))]
-    groups: dict[tuple, list[tuple[int, int, int, int, int]]] = {}
-    first_inf = int(np.searchsorted(pieces["local"], n_trainer_locals))
-    all_cuts = seg.cuts
-    for local, t, lo, hi, base, dim, off in pieces[first_inf:].tolist():
-        rank = local_rank[local]
-        g = group_of[rank]
-        cuts = all_cuts.get(t)
-        k = bisect_right(cuts, lo) - 1 if cuts is not None else -1
-        if k < 0 or hi > cuts[-1]:
-            raise ValueError(f"no trainer rank holds {cat[t].name}[{lo}:{hi}]")
-        a = lo
-        while a < hi:  # one segment in the common case
-            b = min(hi, cuts[k + 1])
-            key = (t, k, a, b, g)
-            dest = (rank, local, base, dim, off + a - lo)
-            same = groups.get(key)
-            if same is None:
-                groups[key] = [dest]
-            else:
-                same.append(dest)
-            a = b
-            k += 1
-    return groups
+class _Cuts:
+    """Inference pieces cut at segment boundaries, grouped into deliveries (sorted by delivery)."""
+
+    seg: np.ndarray
+    tensor: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    rank: np.ndarray
+    local: np.ndarray
+    base: np.ndarray
+    dim: np.ndarray
+    off: np.ndarray
+    delivery: np.ndarray  # delivery id, ascending
+    local_holder: np.ndarray  # holder row on the same device, or -1
 
 
-def _route(cat, deliveries, seg, devices, gpn, links, n_ranks) -> np.ndarray:
-    inv_bw = [1.0 / b for b in links.bandwidths()]
-    inv_node, inv_nic = inv_bw[SAME_NODE], inv_bw[CROSS_NODE]
-    dev = devices.tolist()
-    node = [d // gpn for d in dev]
-    out_busy = [0.0] * n_ranks  # seconds each rank spends sending in stage 1
-    in_busy = [0.0] * n_ranks
-    row_bytes = [t.row_bytes for t in cat.tensors]
-    rows: list[tuple] = []
-    add = rows.append
-    holders_on: dict[tuple[int, int], dict[int, tuple]] = {}
+def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn, engine_size, T) -> _Cuts:
+    t = ip["tensor"].astype(np.int64) * seg.stride
+    s0 = np.searchsorted(seg.points, t + ip["lo"], side="right") - 1
+    s1 = np.searchsorted(seg.points, t + ip["hi"], side="left")
+    count = s1 - s0
+    bad = (s0 < 0) | (count < 1)
+    bad[~bad] |= seg.points[s0[~bad]] // seg.stride != ip["tensor"][~bad]
+    if bad.any():
+        p = ip[np.flatnonzero(bad)[0]]
+        raise PlanBuildError(f"no trainer rank holds {cat[int(p['tensor'])].name}[{p['lo']}:{p['hi']}]")
+    piece = np.repeat(np.arange(len(ip)), count)
+    s = np.repeat(s0, count) + _ramp(count)
+    if (seg.first[s + 1] == seg.first[s]).any():
+        p = ip[piece[np.flatnonzero(seg.first[s + 1] == seg.first[s])[0]]]
+        raise PlanBuildError(f"no trainer rank holds part of {cat[int(p['tensor'])].name}[{p['lo']}:{p['hi']}]")
+    c = _Cuts()
+    c.tensor = ip["tensor"][piece].astype(np.int64)
+    origin = c.tensor * seg.stride
+    c.lo = np.maximum(ip["lo"][piece], seg.points[s] - origin)
+    c.hi = np.minimum(ip["hi"][piece], seg.points[s + 1] - origin)
+    c.seg = s
+    c.rank = ranks[piece].astype(np.int64)
+    c.local = ip["local"][piece].astype(np.int64)
+    c.base = ip["base"][piece]
+    c.dim = ip["dim"][piece]
+    c.off = ip["off"][piece] + c.lo - ip["lo"][piece]
+    device = devices[c.rank]
+    group = ((c.rank - T) // engine_size) * (int(devices.max()) // gpn + 1) + device // gpn
 
-    items = sorted((((key[3] - key[2]) * row_bytes[key[0]], key, dests) for key, dests in deliveries.items()),
-                   key=itemgetter(0), reverse=True)  # largest first; stable for ties
-    for nbytes, (t, k, a, b, _), dests in items:
-        holders = seg.holders[t][k]
-        start = seg.cuts[t][k]
-        on_device = holders_on.get((t, k))
-        if on_device is None:
-            on_device = holders_on[(t, k)] = {dev[h[0]]: h for h in holders}
-        # 1. Ranks whose own GPU holds the bytes copy them locally.
-        entry = None
-        rest = []
-        for d in dests:
-            h = on_device.get(dev[d[0]])
-            if h is None:
-                rest.append(d)
-                continue
-            add((1, h[0], d[0], t, a, b, h[1], h[2], h[3], h[4] + a - start, d[1], d[2], d[3], d[4], nbytes, SAME_DEVICE))
-            if entry is None:
-                entry = d
-        # 2. Otherwise one stage-1 transfer into the least-loaded member of the group,
-        #    from the holder that would finish it soonest.
-        if entry is None:
-            entry = rest[0] if len(rest) == 1 else min(rest, key=lambda d: in_busy[d[0]])
-            rest.remove(entry)
-            e_rank = entry[0]
-            e_node = node[e_rank]
-            best, best_t, best_inv = None, 0.0, inv_nic
-            for h in holders:
-                inv = inv_node if node[h[0]] == e_node else inv_nic
-                finish = out_busy[h[0]] + nbytes * inv
-                if best is None or finish < best_t:
-                    best, best_t, best_inv = h, finish, inv
-            out_busy[best[0]] = best_t
-            in_busy[e_rank] += nbytes * best_inv
-            add((1, best[0], e_rank, t, a, b, best[1], best[2], best[3], best[4] + a - start,
-                 entry[1], entry[2], entry[3], entry[4], nbytes, SAME_NODE if best_inv == inv_node else CROSS_NODE))
-        # 3. Stage 2: fan out inside the receiving group.
-        for d in rest:
-            cls = SAME_DEVICE if dev[d[0]] == dev[entry[0]] else (SAME_NODE if node[d[0]] == node[entry[0]] else CROSS_NODE)
-            add((2, entry[0], d[0], t, a, b, entry[1], entry[2], entry[3], entry[4], d[1], d[2], d[3], d[4], nbytes, cls))
+    # deliveries: equal (segment, range, receiving group)
+    order = np.lexsort((c.rank, group, c.hi, c.lo, c.seg))
+    for name in ("tensor", "lo", "hi", "seg", "rank", "local", "base", "dim", "off"):
+        setattr(c, name, getattr(c, name)[order])
+    group, device = group[order], device[order]
+    new = np.r_[True, (np.diff(c.seg) != 0) | (np.diff(c.lo) != 0) | (np.diff(c.hi) != 0) | (np.diff(group) != 0)]
+    c.delivery = np.cumsum(new) - 1
 
-    chunks = np.zeros(len(rows), dtype=CHUNK_DTYPE)
-    for name, column in zip(CHUNK_DTYPE.names, zip(*rows)):
-        chunks[name] = column
+    # same-device holders
+    n_dev = int(devices.max()) + 1
+    hkey = seg.holder_seg * n_dev + seg.holder_device
+    hsort = np.argsort(hkey, kind="stable")
+    ckey = c.seg * n_dev + device
+    pos = np.searchsorted(hkey[hsort], ckey)
+    pos = np.minimum(pos, len(hsort) - 1)
+    hit = hkey[hsort][pos] == ckey
+    c.local_holder = np.where(hit, hsort[pos], -1)
+    return c
+
+
+def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int, links: Links) -> np.ndarray:
+    n_ranks = len(devices)
+    inv_bw = 1.0 / links.bandwidths()
+    row_bytes = np.array([t.row_bytes for t in cat.tensors], dtype=np.int64)
+    nbytes = (c.hi - c.lo) * row_bytes[c.tensor]
+    starts = np.r_[0, np.flatnonzero(np.diff(c.delivery)) + 1]
+    n_dest = np.diff(np.r_[starts, len(c.delivery)])
+    n_holders = seg.first[c.seg + 1] - seg.first[c.seg]
+    has_local = np.zeros(len(starts), dtype=bool)
+    np.logical_or.at(has_local, c.delivery, c.local_holder >= 0)
+    parts: list[np.ndarray] = []
+
+    # Local copies, wherever a destination's GPU holds the bytes.
+    m = c.local_holder >= 0
+    parts.append(_stage1_rows(seg, c, np.flatnonzero(m), c.local_holder[m], nbytes, devices, gpn))
+
+    # Deliveries with nothing to choose: one holder, one destination, no local copy.
+    simple = (n_dest == 1) & ~has_local & (n_holders[starts] == 1)
+    rows = starts[simple]
+    parts.append(_stage1_rows(seg, c, rows, seg.first[c.seg[rows]], nbytes, devices, gpn))
+    out_busy = np.zeros(n_ranks)
+    in_busy = np.zeros(n_ranks)
+    if len(parts[-1]):
+        p = parts[-1]
+        cost = p["nbytes"] * inv_bw[p["link"]]
+        out_busy += np.bincount(p["src"], weights=cost, minlength=n_ranks)
+        in_busy += np.bincount(p["dst"], weights=cost, minlength=n_ranks)
+
+    # The rest: greedy, largest first.
+    rest = np.flatnonzero(~simple)
+    rest = rest[np.argsort(-nbytes[starts[rest]], kind="stable")]
+    parts.extend(_greedy(seg, c, starts, n_dest, rest, nbytes, devices, gpn, inv_bw, out_busy, in_busy))
+
+    chunks = np.concatenate([p for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros(0, CHUNK_DTYPE)
     order = np.lexsort((chunks["lo"], chunks["tensor"], chunks["dst"], chunks["src"], chunks["stage"]))
     return chunks[order]
+
+
+def _stage1_rows(seg: _Segments, c: _Cuts, rows: np.ndarray, holders: np.ndarray, nbytes, devices, gpn) -> np.ndarray:
+    """Stage-1 chunks from holder rows ``holders`` into cut rows ``rows``."""
+    out = np.zeros(len(rows), dtype=CHUNK_DTYPE)
+    out["stage"] = 1
+    out["src"] = seg.holder_rank[holders]
+    out["dst"] = c.rank[rows]
+    out["tensor"] = c.tensor[rows]
+    out["lo"], out["hi"] = c.lo[rows], c.hi[rows]
+    out["src_local"] = seg.holder_local[holders]
+    out["src_base"] = seg.holder_base[holders]
+    out["src_dim"] = seg.holder_dim[holders]
+    seg_start = seg.points[c.seg[rows]] - c.tensor[rows] * seg.stride
+    out["src_off"] = seg.holder_off[holders] + c.lo[rows] - seg_start
+    out["dst_local"], out["dst_base"], out["dst_dim"], out["dst_off"] = c.local[rows], c.base[rows], c.dim[rows], c.off[rows]
+    out["nbytes"] = nbytes[rows]
+    out["link"] = link_class(devices[out["src"]], devices[out["dst"]], gpn)
+    return out
+
+
+def _greedy(seg, c, starts, n_dest, deliveries, nbytes, devices, gpn, inv_bw, out_busy, in_busy) -> list[np.ndarray]:
+    """Route deliveries that have a choice of entry receiver or sender, one at a time."""
+    dev = devices.tolist()
+    node = [d // gpn for d in dev]
+    inv_node, inv_nic = float(inv_bw[SAME_NODE]), float(inv_bw[CROSS_NODE])
+    out_b, in_b = out_busy.tolist(), in_busy.tolist()
+    rank = c.rank.tolist()
+    local_holder = c.local_holder.tolist()
+    hrank = seg.holder_rank.tolist()
+    first = seg.first.tolist()
+    cseg = c.seg.tolist()
+    nb = nbytes.tolist()
+    s1_rows, s1_holders, s2_src, s2_dst = [], [], [], []
+    for d in deliveries.tolist():
+        a = int(starts[d])
+        members = range(a, a + int(n_dest[d]))
+        size = nb[a]
+        entry = -1
+        rest = []
+        for i in members:
+            if local_holder[i] >= 0:
+                if entry < 0:
+                    entry = i  # already counted among local copies
+            else:
+                rest.append(i)
+        if entry < 0:
+            entry = rest[0] if len(rest) == 1 else min(rest, key=lambda i: in_b[rank[i]])
+            rest.remove(entry)
+            e_node = node[rank[entry]]
+            best, best_t, best_inv = -1, 0.0, inv_nic
+            s = cseg[a]
+            for h in range(first[s], first[s + 1]):
+                inv = inv_node if node[hrank[h]] == e_node else inv_nic
+                finish = out_b[hrank[h]] + size * inv
+                if best < 0 or finish < best_t:
+                    best, best_t, best_inv = h, finish, inv
+            out_b[hrank[best]] = best_t
+            in_b[rank[entry]] += size * best_inv
+            s1_rows.append(entry)
+            s1_holders.append(best)
+        for i in rest:
+            s2_src.append(entry)
+            s2_dst.append(i)
+    stage1 = _stage1_rows(seg, c, np.array(s1_rows, dtype=np.int64), np.array(s1_holders, dtype=np.int64),
+                          nbytes, devices, gpn)
+    return [stage1, _stage2_rows(c, np.array(s2_src, dtype=np.int64), np.array(s2_dst, dtype=np.int64), nbytes, devices, gpn)]
+
+
+def _stage2_rows(c: _Cuts, src: np.ndarray, dst: np.ndarray, nbytes, devices, gpn) -> np.ndarray:
+    """Stage-2 chunks from the cut rows ``src`` (which received the bytes) to cut rows ``dst``."""
+    out = np.zeros(len(src), dtype=CHUNK_DTYPE)
+    out["stage"] = 2
+    out["src"], out["dst"] = c.rank[src], c.rank[dst]
+    out["tensor"], out["lo"], out["hi"] = c.tensor[dst], c.lo[dst], c.hi[dst]
+    out["src_local"], out["src_base"], out["src_dim"], out["src_off"] = c.local[src], c.base[src], c.dim[src], c.off[src]
+    out["dst_local"], out["dst_base"], out["dst_dim"], out["dst_off"] = c.local[dst], c.base[dst], c.dim[dst], c.off[dst]
+    out["nbytes"] = nbytes[dst]
+    out["link"] = link_class(devices[out["src"]], devices[out["dst"]], gpn)
+    return out

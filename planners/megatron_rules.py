@@ -22,7 +22,7 @@ from planners.layouts import TrainerCoords, TrainerLayout
 from planners.model import Catalog, ModelSpec, expert_names, router_prefix
 from planners.shards import LocalTensor, Piece, ShardError, even_part, require_divides
 
-__all__ = ["trainer_locals", "check_trainer", "padded_vocab"]
+__all__ = ["trainer_locals", "trainer_template", "check_trainer", "padded_vocab"]
 
 
 def padded_vocab(vocab: int, multiple: int) -> int:
@@ -54,10 +54,14 @@ def check_trainer(spec: ModelSpec, layout: TrainerLayout) -> None:
 
 
 def trainer_locals(spec: ModelSpec, cat: Catalog, layout: TrainerLayout, rank: int) -> list[LocalTensor]:
-    """Local tensors of trainer ``rank``; ranks with equal shard coordinates share one rule set."""
+    """Local tensors of trainer ``rank``."""
+    return [LocalTensor(rank, t.name, t.shape, t.dtype, t.pieces) for t in trainer_template(spec, cat, layout, rank)]
+
+
+def trainer_template(spec: ModelSpec, cat: Catalog, layout: TrainerLayout, rank: int) -> tuple[LocalTensor, ...]:
+    """The (shared, rank-less) local tensors of ``rank``: ranks with equal shard coordinates share one."""
     c = layout.coords(rank)
-    template = _locals_for(spec, cat, layout, c.tp, c.pp, c.etp, c.ep)
-    return [LocalTensor(rank, t.name, t.shape, t.dtype, t.pieces) for t in template]
+    return _locals_for(spec, cat, layout, c.tp, c.pp, c.etp, c.ep)
 
 
 @lru_cache(maxsize=4096)

@@ -29,7 +29,7 @@ from planners.model import Catalog, ModelSpec, expert_names, router_prefix
 from planners.placement import Placement
 from planners.shards import LocalTensor, Piece, ShardError, even_part, require_divides
 
-__all__ = ["inference_locals", "check_inference", "VLLM_NAMES"]
+__all__ = ["inference_locals", "inference_template", "check_inference", "VLLM_NAMES"]
 
 VLLM_NAMES = """
 model.embed_tokens.weight, model.norm.weight, lm_head.weight,
@@ -83,9 +83,15 @@ def check_inference(spec: ModelSpec, layout: InferenceLayout, placement: Placeme
 def inference_locals(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | None,
                      rank: int, global_rank: int) -> list[LocalTensor]:
     """Local tensors of inference ``rank`` (engine-local numbering), tagged with ``global_rank``."""
+    return [LocalTensor(global_rank, t.name, t.shape, t.dtype, t.pieces)
+            for t in inference_template(spec, cat, layout, placement, rank)]
+
+
+def inference_template(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | None,
+                       rank: int) -> tuple[LocalTensor, ...]:
+    """The (shared, rank-less) local tensors of ``rank``: ranks with equal shard coordinates share one."""
     c = layout.coords(rank)
-    template = _locals_for(spec, cat, layout, placement, c.dp, c.pp, c.tp)
-    return [LocalTensor(global_rank, t.name, t.shape, t.dtype, t.pieces) for t in template]
+    return _locals_for(spec, cat, layout, placement, c.dp, c.pp, c.tp)
 
 
 @lru_cache(maxsize=1024)
