@@ -7,7 +7,8 @@ Steps (tables are numpy arrays so a 1T-parameter job plans in seconds):
    *segments*; each segment's holders are the trainer ranks whose pieces cover it (DP and
    expert-DP replicas, tied copies).
 3. Each inference piece is cut at segment boundaries. Equal cuts needed by ranks of one
-   *receiving group* -- the ranks of one engine on one node -- form one *delivery*.
+   *receiving group* -- the engine ranks of one node, of any engine -- form one *delivery*, so
+   each byte crosses into a node once and spreads over NVLink from there.
 4. Routing. A destination whose own GPU holds the bytes copies them locally. A delivery with one
    holder and one destination has nothing to choose. The rest, largest first, pick the
    least-loaded destination as entry receiver and the holder that would finish soonest as its
@@ -59,8 +60,7 @@ def build_plan_from_parts(spec: ModelSpec, trainer: TrainerLayout, inference: In
 
     piece_rank = local_rank[pieces["local"]]
     seg = _Segments(cat, pieces[piece_rank < T], piece_rank[piece_rank < T], devices)
-    cuts = _cuts(cat, seg, pieces[piece_rank >= T], piece_rank[piece_rank >= T], devices,
-                 deployment.gpus_per_node, inference.engine_size, T)
+    cuts = _cuts(cat, seg, pieces[piece_rank >= T], piece_rank[piece_rank >= T], devices, deployment.gpus_per_node)
     chunks = _route(cat, seg, cuts, devices, deployment.gpus_per_node, links)
 
     return SyncPlan(
@@ -151,7 +151,7 @@ class _Cuts:
     local_holder: np.ndarray  # holder row on the same device, or -1
 
 
-def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn, engine_size, T) -> _Cuts:
+def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn) -> _Cuts:
     t = ip["tensor"].astype(np.int64) * seg.stride
     s0 = np.searchsorted(seg.points, t + ip["lo"], side="right") - 1
     s1 = np.searchsorted(seg.points, t + ip["hi"], side="left")
@@ -178,7 +178,7 @@ def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn, 
     c.dim = ip["dim"][piece]
     c.off = ip["off"][piece] + c.lo - ip["lo"][piece]
     device = devices[c.rank]
-    group = ((c.rank - T) // engine_size) * (int(devices.max()) // gpn + 1) + device // gpn
+    group = device // gpn  # receiving group: the engine ranks of one node, whatever their engine
 
     # deliveries: equal (segment, range, receiving group)
     order = np.lexsort((c.rank, group, c.hi, c.lo, c.seg))

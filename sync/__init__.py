@@ -1,0 +1,1 @@
+"""Side effects of weight sync: the executor, transports, sources, engines and the CLI."""
