@@ -69,8 +69,10 @@ class TrainerLayout:
     vocab_divisible_by: int = 128
 
     def __post_init__(self) -> None:
+        _positive("trainer", tp=self.tp, pp=self.pp, ep=self.ep, cp=self.cp)
         if self.etp is None:
             object.__setattr__(self, "etp", self.tp)
+        _positive("trainer", etp=self.etp)
         if self.dp is None:
             dense = self.tp * self.cp * self.pp
             expert = self.etp * self.ep * self.pp
