@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     p.add_argument("--explain", metavar="TENSOR", help="list every chunk of one logical tensor (HF name)")
     args = parser.parse_args(argv)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         return {"plan": cmd_plan}[args.command](args, console)
     except (JobError, PlanError) as e:
