@@ -40,7 +40,6 @@ def lower_bound(plan) -> float:
     T, gpn = plan.num_trainer, plan.gpus_per_node
     bw = plan.links.bandwidths()
     row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.float64)
-    n_t = len(plan.tensors)
     rank_of = plan.local_rank[plan.pieces["local"]].astype(np.int64)
     dev = plan.devices[rank_of]
     node = dev // gpn
@@ -78,5 +77,4 @@ def lower_bound(plan) -> float:
     m = inf & ~inf_nodes_holding
     total = union_bytes(np.zeros(int(m.sum()), dtype=np.int64), tensor[m], p["lo"][m], p["hi"][m], row_bytes, 1)
     t_send = float(total[0]) / (bw[CROSS_NODE] * T)
-    del n_t
     return float(max(t_recv, t_node, t_send))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
+from planners.cost import CROSS_NODE, SAME_NODE, Links, link_class
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
 from planners.megatron_rules import check_trainer, trainer_template
 from planners.model import Catalog, ModelSpec, catalog

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from planners.layouts import TrainerCoords, TrainerLayout
+from planners.layouts import TrainerLayout
 from planners.model import Catalog, ModelSpec, expert_names, router_prefix
 from planners.shards import LocalTensor, Piece, ShardError, even_part, require_divides
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, link_class, stage_time
+from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, stage_time
 from planners.model import DTYPES, LogicalTensor
 
 __all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
