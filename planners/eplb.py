@@ -1,0 +1,270 @@
+"""Expert-parallel load balancing: replicate hot experts into redundant slots and pack slots onto GPUs.
+
+``rebalance(load [L, E], num_physical, num_groups, num_nodes, num_gpus, policy)`` returns a
+:class:`~planners.placement.Placement` (``phy2log [L, P]``; GPU g owns slots ``[g*P/G, (g+1)*P/G)``).
+
+Policies:
+
+* ``"deepseek"`` -- DeepSeek's EPLB. Hierarchical when ``num_groups % num_nodes == 0``: pack expert
+  groups onto nodes (greedy, equal counts), replicate hot experts inside each node (largest load per
+  replica first), pack each node's replicas onto its GPUs (greedy, equal counts). Otherwise the same
+  with one group and one node (global). Vectorized across layers.
+* ``"default"`` -- the same pipeline with each greedy packing refined by load-reducing swaps out of the
+  heaviest pack (groups between nodes, replicas between the GPUs of a node, never putting two replicas
+  of one expert on one GPU); per layer it keeps whichever of this and ``deepseek`` has the lower
+  maximum GPU load, so it is never worse.
+
+A token routed to a logical expert is served by one of its replicas, so a replica carries
+``load[e] / logcnt[e]`` and a GPU the sum over its slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from planners.placement import Placement
+
+__all__ = ["rebalance", "EplbError", "gpu_loads", "BalanceReport", "balance_report", "POLICIES"]
+
+POLICIES = ("default", "deepseek")
+
+
+class EplbError(ValueError):
+    """Arguments a placement cannot be computed for; the message names the argument."""
+
+
+# -- building blocks (all [X, n] -> [X, n], X = independent rows, e.g. layers) -----------------
+
+def pack_greedy(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy balanced packing with equal item counts per pack.
+
+    Items go heaviest first to the lightest pack that still has room (lowest index on ties).
+    Returns ``pack [X, n]`` and ``rank_in_pack [X, n]``. One step per item, vectorized over rows.
+    """
+    X, n = weight.shape
+    per_pack = n // num_packs
+    if per_pack == 1:
+        return np.tile(np.arange(n), (X, 1)), np.zeros((X, n), dtype=np.int64)
+    rows = np.arange(X)
+    order = np.argsort(-weight, axis=1, kind="stable")
+    pack = np.empty((X, n), dtype=np.int64)
+    rank = np.empty((X, n), dtype=np.int64)
+    pack_load = np.zeros((X, num_packs))
+    pack_count = np.zeros((X, num_packs), dtype=np.int64)
+    for step in range(n):
+        item = order[:, step]
+        p = np.where(pack_count < per_pack, pack_load, np.inf).argmin(axis=1)
+        pack[rows, item] = p
+        rank[rows, item] = pack_count[rows, p]
+        pack_load[rows, p] += weight[rows, item]
+        pack_count[rows, p] += 1
+    return pack, rank
+
+
+def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Give each extra slot to the expert with the largest load per replica.
+
+    Returns ``slot2item [X, num_slots]`` (the first n slots are the items themselves),
+    ``replica_rank [X, num_slots]`` and ``count [X, n]``.
+    """
+    X, n = weight.shape
+    rows = np.arange(X)
+    slot2item = np.tile(np.arange(num_slots), (X, 1))
+    replica_rank = np.zeros((X, num_slots), dtype=np.int64)
+    count = np.ones((X, n), dtype=np.int64)
+    for slot in range(n, num_slots):
+        item = (weight / count).argmax(axis=1)
+        slot2item[:, slot] = item
+        replica_rank[:, slot] = count[rows, item]
+        count[rows, item] += 1
+    return slot2item, replica_rank, count
+
+
+def refine_swaps(weight: np.ndarray, ids: np.ndarray | None = None, max_rounds: int | None = None) -> np.ndarray:
+    """Improve packs ``weight [X, m, k]`` (m packs of k items) by swapping an item of the heaviest
+    pack with one of another pack whenever that lowers the larger of the two loads.
+
+    With ``ids`` (same shape), a swap may not put two items of one id into one pack. Returns
+    the permutation ``[X, m*k]``: new flat position -> old flat position. Deterministic.
+    """
+    X, m, k = weight.shape
+    w = weight.copy()
+    perm = np.tile(np.arange(m * k).reshape(m, k), (X, 1, 1))
+    ids = None if ids is None else ids.copy()
+    rows = np.arange(X)
+    active = np.ones(X, dtype=bool)
+    for _ in range(max_rounds or 4 * m * k):
+        load = w.sum(axis=2)  # [X, m]
+        h = load.argmax(axis=1)
+        wh = w[rows, h]  # [X, k]
+        # moving delta = w_a - w_b out of h: new loads are L_h - delta and L_o + delta
+        delta = wh[:, None, :, None] - w[:, :, None, :]  # [X, m, k_a, k_b]
+        new_max = np.maximum(load[rows, h][:, None, None, None] - delta, load[:, :, None, None] + delta)
+        ok = (delta > 0) & (new_max < load[rows, h][:, None, None, None] - 1e-12 * np.abs(load[rows, h])[:, None, None, None])
+        ok[rows, h] = False
+        if ids is not None:
+            ih = ids[rows, h]
+            other_has_a = (ids[:, :, :, None] == ih[:, None, None, :]).any(axis=2)  # [X, m, k_a]
+            h_has_b = (ih[:, None, None, :] == ids[:, :, :, None]).any(axis=3)  # [X, m, k_b]
+            ok &= ~other_has_a[:, :, :, None] & ~h_has_b[:, :, None, :]
+        ok &= active[:, None, None, None]
+        score = np.where(ok, new_max, np.inf).reshape(X, -1)
+        best = score.argmin(axis=1)
+        go = np.isfinite(score[rows, best])
+        if not go.any():
+            break
+        active &= go
+        r = rows[go]
+        o, a, b = np.unravel_index(best[go], (m, k, k))
+        hh = h[go]
+        for arr in (w, perm) + ((ids,) if ids is not None else ()):
+            tmp = arr[r, hh, a].copy()
+            arr[r, hh, a] = arr[r, o, b]
+            arr[r, o, b] = tmp
+    return perm.reshape(X, m * k)
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), axis=1)
+    return inv
+
+
+# -- the hierarchical pipeline -------------------------------------------------------------
+
+def _hierarchical(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int,
+                  refine: bool) -> np.ndarray:
+    """phy2log [L, P] of the hierarchical policy (optionally with swap refinement)."""
+    L, E = load.shape
+    group_size = E // num_groups
+    groups_per_node = num_groups // num_nodes
+    gpus_per_node = num_gpus // num_nodes
+    slots_per_gpu = num_physical // num_gpus
+    experts_per_node = E // num_nodes
+
+    # 1. expert groups -> nodes (equal group counts per node)
+    group_load = load.reshape(L, num_groups, group_size).sum(axis=2)  # [L, groups]
+    node, rank = pack_greedy(group_load, num_nodes)
+    group_pos = node * groups_per_node + rank  # [L, groups] position in node-major order
+    if refine and num_nodes > 1:
+        by_pos = np.take_along_axis(group_load, _inverse(group_pos), axis=1)
+        moved = refine_swaps(by_pos.reshape(L, num_nodes, groups_per_node))  # new pos -> old pos
+        group_pos = _inverse(np.take_along_axis(_inverse(group_pos), moved, axis=1))
+    # logical expert -> "node-major" expert id, and back
+    log2nm = (group_pos * group_size)[:, :, None] + np.arange(group_size)
+    log2nm = log2nm.reshape(L, E)
+    nm2log = _inverse(log2nm)
+
+    # 2. replicate inside each node: rows are (layer, node)
+    node_load = np.take_along_axis(load, nm2log, axis=1).reshape(L * num_nodes, experts_per_node)
+    slot2nm, _, count = replicate(node_load, num_physical // num_nodes)
+
+    # 3. a node's replicas -> its GPUs (equal slot counts per GPU)
+    replica_load = np.take_along_axis(node_load / count, slot2nm, axis=1)  # [L*nodes, P/nodes]
+    gpu, rank = pack_greedy(replica_load, gpus_per_node)
+    slot_pos = gpu * slots_per_gpu + rank  # replica -> position among the node's slots
+    pos2slot = _inverse(slot_pos)
+    if refine and gpus_per_node > 1:
+        packed = np.take_along_axis(replica_load, pos2slot, axis=1).reshape(-1, gpus_per_node, slots_per_gpu)
+        ids = np.take_along_axis(slot2nm, pos2slot, axis=1).reshape(packed.shape)
+        pos2slot = np.take_along_axis(pos2slot, refine_swaps(packed, ids), axis=1)
+    pos2nm = np.take_along_axis(slot2nm, pos2slot, axis=1)
+    pos2nm = pos2nm.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * experts_per_node)[None, :, None]
+    return np.take_along_axis(nm2log, pos2nm.reshape(L, num_physical), axis=1)
+
+
+def gpu_loads(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L, G]`` tokens per GPU when each logical expert's tokens split evenly over its replicas."""
+    L, P = phy2log.shape
+    count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
+    per_slot = np.take_along_axis(load / np.maximum(count, 1), phy2log, axis=1)
+    return per_slot.reshape(L, num_gpus, P // num_gpus).sum(axis=2)
+
+
+def _check(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str) -> np.ndarray:
+    load = np.asarray(load, dtype=np.float64)
+    if load.ndim != 2:
+        raise EplbError(f"load must be [layers, experts], got shape {load.shape}")
+    if not np.isfinite(load).all():
+        raise EplbError("load holds NaN or infinite values; expert loads are token counts")
+    if (load < 0).any():
+        raise EplbError("load holds negative values; expert loads are token counts")
+    L, E = load.shape
+    for name, v in (("num_physical", num_physical), ("num_groups", num_groups), ("num_nodes", num_nodes),
+                    ("num_gpus", num_gpus)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise EplbError(f"{name} must be a positive integer, got {v!r}")
+    if num_physical < E:
+        raise EplbError(f"num_physical ({num_physical}) must be >= the number of experts ({E})")
+    if num_physical % num_gpus:
+        raise EplbError(f"num_physical ({num_physical}) must be a multiple of num_gpus ({num_gpus})")
+    if num_gpus % num_nodes:
+        raise EplbError(f"num_gpus ({num_gpus}) must be a multiple of num_nodes ({num_nodes})")
+    if E % num_groups:
+        raise EplbError(f"the number of experts ({E}) must be a multiple of num_groups ({num_groups})")
+    if policy not in POLICIES:
+        raise EplbError(f"policy {policy!r} is unknown; use one of {POLICIES}")
+    return load
+
+
+def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_nodes: int = 1, num_gpus: int = 1,
+              policy: Literal["default", "deepseek"] = "default", old_placement: Placement | None = None) -> Placement:
+    """A placement of ``num_physical`` slots per layer for per-layer expert loads ``load [L, E]``."""
+    load = _check(load, num_physical, num_groups, num_nodes, num_gpus, policy)
+    hierarchical = num_groups % num_nodes == 0
+    shape = (num_groups, num_nodes) if hierarchical else (1, 1)
+    phy2log = _hierarchical(load, num_physical, *shape, num_gpus, refine=False)
+    if policy == "default":
+        better = _hierarchical(load, num_physical, *shape, num_gpus, refine=True)
+        take = gpu_loads(load, better, num_gpus).max(axis=1) < gpu_loads(load, phy2log, num_gpus).max(axis=1)
+        phy2log = np.where(take[:, None], better, phy2log)
+    if old_placement is not None:
+        from planners.eplb_stability import keep_in_place
+
+        phy2log = keep_in_place(phy2log, old_placement.phy2log, num_gpus, num_nodes if hierarchical else 1)
+    return Placement(phy2log)
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BalanceReport:
+    """Balance of a placement against its load; arrays are per layer."""
+
+    max_gpu_load: np.ndarray  # [L]
+    mean_gpu_load: np.ndarray  # [L]
+    max_node_load: np.ndarray  # [L]
+    bound: np.ndarray  # [L] lower bound on the max GPU load of any placement with these slot counts
+    balancedness: float  # sum over layers of mean / sum over layers of max (as vLLM logs it)
+    duplicates: int  # GPUs (summed over layers) holding two replicas of one expert
+
+    @property
+    def max_over_bound(self) -> float:
+        return float(self.max_gpu_load.sum() / max(self.bound.sum(), 1e-30))
+
+
+def replication_bound(load: np.ndarray, num_physical: int) -> np.ndarray:
+    """min over replica counts (>= 1, summing to P) of max_e load_e / c_e, per layer (water-filling)."""
+    _, _, count = replicate(load, num_physical)
+    return (load / count).max(axis=1)
+
+
+def balance_report(load: np.ndarray, placement: Placement, num_gpus: int, num_nodes: int = 1) -> BalanceReport:
+    load = np.asarray(load, dtype=np.float64)
+    phy2log = placement.phy2log
+    L, P = phy2log.shape
+    per_gpu = gpu_loads(load, phy2log, num_gpus)
+    per_node = per_gpu.reshape(L, num_nodes, -1).sum(axis=2)
+    k = P // num_gpus
+    # cardinality bound: the GPU holding the heaviest replica also holds k-1 others, at least the lightest ones
+    count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
+    replica = np.sort(np.take_along_axis(load / np.maximum(count, 1), phy2log, axis=1), axis=1)
+    card = replica[:, -1] + replica[:, : k - 1].sum(axis=1)
+    bound = np.maximum.reduce([load.sum(axis=1) / num_gpus, replication_bound(load, P), card])
+    slots = phy2log.reshape(L, num_gpus, k)
+    dup = int(sum((np.diff(np.sort(slots, axis=2), axis=2) == 0).any(axis=2).sum() for _ in [0]))
+    return BalanceReport(per_gpu.max(axis=1), per_gpu.mean(axis=1), per_node.max(axis=1), bound,
+                         float(per_gpu.mean(axis=1).sum() / max(per_gpu.max(axis=1).sum(), 1e-30)), dup)
