@@ -48,19 +48,29 @@ def pack_greedy(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, np.ndar
     per_pack = n // num_packs
     if per_pack == 1:
         return np.tile(np.arange(n), (X, 1)), np.zeros((X, n), dtype=np.int64)
-    rows = np.arange(X)
     order = np.argsort(-weight, axis=1, kind="stable")
+    w_sorted = _take(weight, order).T.copy()  # [n, X]: one contiguous row per step
+    base = np.arange(X) * num_packs
+    load = np.zeros(X * num_packs)  # flat [X, packs]; a full pack's load is set to +inf
+    count = np.zeros(X * num_packs, dtype=np.int64)
+    load2d = load.reshape(X, num_packs)
+    pack_sorted = np.empty((n, X), dtype=np.int64)
+    rank_sorted = np.empty((n, X), dtype=np.int64)
+    for step in range(n):
+        idx = load2d.argmin(axis=1) + base
+        load[idx] += w_sorted[step]
+        c = count[idx]
+        rank_sorted[step] = c
+        count[idx] = c + 1
+        pack_sorted[step] = idx - base
+        full = idx[c + 1 == per_pack]
+        if len(full):
+            load[full] = np.inf
     pack = np.empty((X, n), dtype=np.int64)
     rank = np.empty((X, n), dtype=np.int64)
-    pack_load = np.zeros((X, num_packs))
-    pack_count = np.zeros((X, num_packs), dtype=np.int64)
-    for step in range(n):
-        item = order[:, step]
-        p = np.where(pack_count < per_pack, pack_load, np.inf).argmin(axis=1)
-        pack[rows, item] = p
-        rank[rows, item] = pack_count[rows, p]
-        pack_load[rows, p] += weight[rows, item]
-        pack_count[rows, p] += 1
+    rows = np.arange(X)[:, None]
+    pack[rows, order] = pack_sorted.T
+    rank[rows, order] = rank_sorted.T
     return pack, rank
 
 
@@ -75,20 +85,23 @@ def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarra
     slot2item = np.tile(np.arange(num_slots), (X, 1))
     replica_rank = np.zeros((X, num_slots), dtype=np.int64)
     count = np.ones((X, n), dtype=np.int64)
+    per_replica = weight.astype(np.float64, copy=True)
     for slot in range(n, num_slots):
-        item = (weight / count).argmax(axis=1)
+        item = per_replica.argmax(axis=1)
         slot2item[:, slot] = item
-        replica_rank[:, slot] = count[rows, item]
-        count[rows, item] += 1
+        c = count[rows, item]
+        replica_rank[:, slot] = c
+        count[rows, item] = c + 1
+        per_replica[rows, item] = weight[rows, item] / (c + 1)
     return slot2item, replica_rank, count
 
 
 def refine_swaps(weight: np.ndarray, ids: np.ndarray | None = None, max_rounds: int | None = None) -> np.ndarray:
-    """Improve packs ``weight [X, m, k]`` (m packs of k items) by swapping an item of the heaviest
-    pack with one of another pack whenever that lowers the larger of the two loads.
+    """Improve packs ``weight [X, m, k]`` (m packs of k items) by swapping one item of the heaviest
+    pack with one of the lightest whenever that lowers the heavier of the two, as much as possible.
 
-    With ``ids`` (same shape), a swap may not put two items of one id into one pack. Returns
-    the permutation ``[X, m*k]``: new flat position -> old flat position. Deterministic.
+    With ``ids`` (same shape), a swap may not put two items of one id into one pack. Returns the
+    permutation ``[X, m*k]``: new flat position -> old flat position. Deterministic.
     """
     X, m, k = weight.shape
     w = weight.copy()
@@ -96,40 +109,41 @@ def refine_swaps(weight: np.ndarray, ids: np.ndarray | None = None, max_rounds: 
     ids = None if ids is None else ids.copy()
     rows = np.arange(X)
     active = np.ones(X, dtype=bool)
-    for _ in range(max_rounds or 4 * m * k):
+    for _ in range(max_rounds or 2 * m):
         load = w.sum(axis=2)  # [X, m]
-        h = load.argmax(axis=1)
-        wh = w[rows, h]  # [X, k]
-        # moving delta = w_a - w_b out of h: new loads are L_h - delta and L_o + delta
-        delta = wh[:, None, :, None] - w[:, :, None, :]  # [X, m, k_a, k_b]
-        new_max = np.maximum(load[rows, h][:, None, None, None] - delta, load[:, :, None, None] + delta)
-        ok = (delta > 0) & (new_max < load[rows, h][:, None, None, None] - 1e-12 * np.abs(load[rows, h])[:, None, None, None])
-        ok[rows, h] = False
+        h, lo = load.argmax(axis=1), load.argmin(axis=1)
+        gap = (load[rows, h] - load[rows, lo])[:, None, None]
+        delta = w[rows, h][:, :, None] - w[rows, lo][:, None, :]  # [X, k_h, k_l]: moved from h to lo
+        ok = (delta > 0) & (delta < gap * (1 - 1e-12)) & active[:, None, None]
         if ids is not None:
-            ih = ids[rows, h]
-            other_has_a = (ids[:, :, :, None] == ih[:, None, None, :]).any(axis=2)  # [X, m, k_a]
-            h_has_b = (ih[:, None, None, :] == ids[:, :, :, None]).any(axis=3)  # [X, m, k_b]
-            ok &= ~other_has_a[:, :, :, None] & ~h_has_b[:, :, None, :]
-        ok &= active[:, None, None, None]
-        score = np.where(ok, new_max, np.inf).reshape(X, -1)
+            ih, il = ids[rows, h], ids[rows, lo]
+            lo_has = (il[:, None, :] == ih[:, :, None]).any(axis=2)  # [X, k_h]: lightest already holds it
+            h_has = (ih[:, None, :] == il[:, :, None]).any(axis=2)  # [X, k_l]
+            ok &= ~lo_has[:, :, None] & ~h_has[:, None, :]
+        score = np.where(ok, np.abs(gap - 2 * delta), np.inf).reshape(X, -1)  # best: halves the gap
         best = score.argmin(axis=1)
         go = np.isfinite(score[rows, best])
         if not go.any():
             break
         active &= go
         r = rows[go]
-        o, a, b = np.unravel_index(best[go], (m, k, k))
-        hh = h[go]
+        a, b = np.unravel_index(best[go], (k, k))
+        hh, ll = h[go], lo[go]
         for arr in (w, perm) + ((ids,) if ids is not None else ()):
             tmp = arr[r, hh, a].copy()
-            arr[r, hh, a] = arr[r, o, b]
-            arr[r, o, b] = tmp
+            arr[r, hh, a] = arr[r, ll, b]
+            arr[r, ll, b] = tmp
     return perm.reshape(X, m * k)
+
+
+def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[x, idx[x, j]]`` for every row x (take_along_axis on axis 1, without its overhead)."""
+    return a[np.arange(a.shape[0])[:, None], idx]
 
 
 def _inverse(perm: np.ndarray) -> np.ndarray:
     inv = np.empty_like(perm)
-    np.put_along_axis(inv, perm, np.broadcast_to(np.arange(perm.shape[1]), perm.shape), axis=1)
+    inv[np.arange(perm.shape[0])[:, None], perm] = np.arange(perm.shape[1])
     return inv
 
 
@@ -150,37 +164,85 @@ def _hierarchical(load: np.ndarray, num_physical: int, num_groups: int, num_node
     node, rank = pack_greedy(group_load, num_nodes)
     group_pos = node * groups_per_node + rank  # [L, groups] position in node-major order
     if refine and num_nodes > 1:
-        by_pos = np.take_along_axis(group_load, _inverse(group_pos), axis=1)
+        by_pos = _take(group_load, _inverse(group_pos))
         moved = refine_swaps(by_pos.reshape(L, num_nodes, groups_per_node))  # new pos -> old pos
-        group_pos = _inverse(np.take_along_axis(_inverse(group_pos), moved, axis=1))
+        group_pos = _inverse(_take(_inverse(group_pos), moved))
     # logical expert -> "node-major" expert id, and back
     log2nm = (group_pos * group_size)[:, :, None] + np.arange(group_size)
     log2nm = log2nm.reshape(L, E)
     nm2log = _inverse(log2nm)
 
     # 2. replicate inside each node: rows are (layer, node)
-    node_load = np.take_along_axis(load, nm2log, axis=1).reshape(L * num_nodes, experts_per_node)
+    node_load = _take(load, nm2log).reshape(L * num_nodes, experts_per_node)
     slot2nm, _, count = replicate(node_load, num_physical // num_nodes)
 
     # 3. a node's replicas -> its GPUs (equal slot counts per GPU)
-    replica_load = np.take_along_axis(node_load / count, slot2nm, axis=1)  # [L*nodes, P/nodes]
+    replica_load = _take(node_load / count, slot2nm)  # [L*nodes, P/nodes]
     gpu, rank = pack_greedy(replica_load, gpus_per_node)
     slot_pos = gpu * slots_per_gpu + rank  # replica -> position among the node's slots
     pos2slot = _inverse(slot_pos)
     if refine and gpus_per_node > 1:
-        packed = np.take_along_axis(replica_load, pos2slot, axis=1).reshape(-1, gpus_per_node, slots_per_gpu)
-        ids = np.take_along_axis(slot2nm, pos2slot, axis=1).reshape(packed.shape)
-        pos2slot = np.take_along_axis(pos2slot, refine_swaps(packed, ids), axis=1)
-    pos2nm = np.take_along_axis(slot2nm, pos2slot, axis=1)
+        packed = _take(replica_load, pos2slot).reshape(-1, gpus_per_node, slots_per_gpu)
+        ids = _take(slot2nm, pos2slot).reshape(packed.shape)
+        pos2slot = _take(pos2slot, refine_swaps(packed, ids))
+    pos2nm = _take(slot2nm, pos2slot)
     pos2nm = pos2nm.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * experts_per_node)[None, :, None]
-    return np.take_along_axis(nm2log, pos2nm.reshape(L, num_physical), axis=1)
+    return _take(nm2log, pos2nm.reshape(L, num_physical))
+
+
+def _spill(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """phy2log [L, P]: each expert's first replica stays on its group's node, the extra replicas go
+    wherever balance is best. Replica counts by water-filling over all slots; replicas packed
+    heaviest first onto the least-loaded GPU allowed, never two of one expert on one GPU (unless
+    an expert has more replicas than there are GPUs)."""
+    L, E = load.shape
+    G, N = num_gpus, num_nodes
+    k = num_physical // G
+    gpu_node = np.arange(G) // (G // N)
+    rows = np.arange(L)
+    if N > 1:
+        group_load = load.reshape(L, num_groups, E // num_groups).sum(axis=2)
+        node, _ = pack_greedy(group_load, N)
+        home = np.repeat(node, E // num_groups, axis=1)  # [L, E]
+    else:
+        home = np.zeros((L, E), dtype=np.int64)
+    _, _, count = replicate(load, num_physical)
+    # items: experts repeated by their replica counts; the first of each is its primary
+    expert = np.stack([np.repeat(np.arange(E), c) for c in count])  # [L, P]
+    primary = np.ones_like(expert, dtype=bool)
+    primary[:, 1:] = expert[:, 1:] != expert[:, :-1]
+    weight = _take(load / count, expert)
+    order = np.lexsort((~primary, -weight))  # heaviest first, primaries first among equals
+    expert, primary, weight = _take(expert, order), _take(primary, order), _take(weight, order)
+
+    gpu_load = np.zeros((L, G))
+    gpu_count = np.zeros((L, G), dtype=np.int64)
+    holds = np.zeros((L, G, E), dtype=bool)
+    node_free = np.full((L, N), num_physical // N)
+    primaries_left = np.stack([np.bincount(h, minlength=N) for h in home])
+    phy2log = np.empty((L, num_physical), dtype=np.int64)
+    for step in range(num_physical):
+        e, is_primary, w = expert[:, step], primary[:, step], weight[:, step]
+        spare = (node_free - primaries_left)[:, gpu_node] > 0  # a secondary may not take a primary's slot
+        place = np.where(is_primary[:, None], gpu_node[None, :] == home[rows, e][:, None], spare)
+        place &= gpu_count < k
+        free = place & ~holds[rows, :, e]
+        place = np.where(free.any(axis=1)[:, None], free, place)
+        g = np.where(place, gpu_load, np.inf).argmin(axis=1)
+        phy2log[rows, g * k + gpu_count[rows, g]] = e
+        gpu_load[rows, g] += w
+        gpu_count[rows, g] += 1
+        holds[rows, g, e] = True
+        node_free[rows, gpu_node[g]] -= 1
+        primaries_left[rows[is_primary], home[rows, e][is_primary]] -= 1
+    return phy2log
 
 
 def gpu_loads(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L, G]`` tokens per GPU when each logical expert's tokens split evenly over its replicas."""
     L, P = phy2log.shape
     count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
-    per_slot = np.take_along_axis(load / np.maximum(count, 1), phy2log, axis=1)
+    per_slot = _take(load / np.maximum(count, 1), phy2log)
     return per_slot.reshape(L, num_gpus, P // num_gpus).sum(axis=2)
 
 
@@ -218,9 +280,14 @@ def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_node
     shape = (num_groups, num_nodes) if hierarchical else (1, 1)
     phy2log = _hierarchical(load, num_physical, *shape, num_gpus, refine=False)
     if policy == "default":
-        better = _hierarchical(load, num_physical, *shape, num_gpus, refine=True)
-        take = gpu_loads(load, better, num_gpus).max(axis=1) < gpu_loads(load, phy2log, num_gpus).max(axis=1)
-        phy2log = np.where(take[:, None], better, phy2log)
+        # per layer, keep the candidate with the lowest max GPU load (deepseek's first on ties)
+        best = gpu_loads(load, phy2log, num_gpus).max(axis=1)
+        for candidate in (_hierarchical(load, num_physical, *shape, num_gpus, refine=True),
+                          _spill(load, num_physical, *shape, num_gpus)):
+            peak = gpu_loads(load, candidate, num_gpus).max(axis=1)
+            take = peak < best * (1 - 1e-12)
+            phy2log = np.where(take[:, None], candidate, phy2log)
+            best = np.where(take, peak, best)
     if old_placement is not None:
         from planners.eplb_stability import keep_in_place
 
@@ -261,7 +328,7 @@ def balance_report(load: np.ndarray, placement: Placement, num_gpus: int, num_no
     k = P // num_gpus
     # cardinality bound: the GPU holding the heaviest replica also holds k-1 others, at least the lightest ones
     count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
-    replica = np.sort(np.take_along_axis(load / np.maximum(count, 1), phy2log, axis=1), axis=1)
+    replica = np.sort(_take(load / np.maximum(count, 1), phy2log), axis=1)
     card = replica[:, -1] + replica[:, : k - 1].sum(axis=1)
     bound = np.maximum.reduce([load.sum(axis=1) / num_gpus, replication_bound(load, P), card])
     slots = phy2log.reshape(L, num_gpus, k)
