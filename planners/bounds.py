@@ -1,8 +1,8 @@
 """A lower bound on the time of any plan for a job, independent of routing choices.
 
 Three limits, each optimistic (so their maximum is a true bound):
-* receiver: each engine rank must take in the bytes no trainer rank on its own GPU holds; at best
-  over NVLink where a holder or another receiver of that tensor shares its node, else its NIC;
+* receiver: each engine rank must take in, once, the bytes no trainer rank on its own GPU holds; at
+  best over NVLink where a holder or another receiver of that tensor shares its node, else its NIC;
 * node: each engine node must take in, at least once, every needed byte that no trainer rank on
   that node holds, through the node's NICs;
 * sender: every needed byte held on no engine node must leave the trainer, spread at best evenly
@@ -53,7 +53,6 @@ def lower_bound(plan) -> float:
     same_dev = has(tensor[trainer] * (dev.max() + 1) + dev[trainer], tensor * (dev.max() + 1) + dev)
     same_node_holder = has(tensor[trainer] * (node.max() + 1) + node[trainer], tensor * (node.max() + 1) + node)
     inf = ~trainer
-    nbytes = (p["hi"] - p["lo"]) * row_bytes[tensor]
 
     # receivers
     key = tensor * (node.max() + 1) + node
@@ -63,10 +62,12 @@ def lower_bound(plan) -> float:
     via_nvlink = remote & (same_node_holder | shared_on_node)
     via_nic = remote & ~via_nvlink
     n = plan.num_ranks
-    t_recv = max(
-        (np.bincount(rank_of[via_nvlink], weights=nbytes[via_nvlink], minlength=n) / bw[SAME_NODE]).max(initial=0.0),
-        (np.bincount(rank_of[via_nic], weights=nbytes[via_nic], minlength=n) / bw[CROSS_NODE]).max(initial=0.0),
-    )
+
+    def per_rank(m: np.ndarray) -> np.ndarray:  # a rank needing the same bytes twice (two slots) gets them once
+        return union_bytes(rank_of[m], tensor[m], p["lo"][m], p["hi"][m], row_bytes, n)
+
+    t_recv = max((per_rank(via_nvlink) / bw[SAME_NODE]).max(initial=0.0),
+                 (per_rank(via_nic) / bw[CROSS_NODE]).max(initial=0.0))
     # nodes
     m = inf & ~same_node_holder
     n_nodes = int(node.max()) + 1

@@ -75,3 +75,15 @@ def test_traffic_totals_agree(plan):
     assert plan.traffic_matrix().sum() == plan.chunks["nbytes"].sum()
     assert sum(plan.bytes_by_stage().values()) == sum(plan.bytes_by_link().values())
     assert plan.bytes_out().sum() == plan.bytes_in().sum()
+
+
+def test_two_slots_of_one_expert_on_one_rank_arrive_once():
+    """Redundant slots of one expert on the same rank: one network copy, then a copy on the GPU;
+    the bound counts those bytes once too."""
+    job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=1),
+                                 inference=dict(tp=1, enable_ep=True), eplb=dict(num_redundant_experts=2),
+                                 deployment=dict(gpus_per_node=2)))
+    plan = build_plan(job).validate()
+    self_copies = plan.chunks[(plan.chunks["stage"] == 2)]
+    assert len(self_copies) and (self_copies["src"] == self_copies["dst"]).all() and (self_copies["link"] == 0).all()
+    assert plan.predicted_time() >= plan.lower_bound()
