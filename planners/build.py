@@ -38,9 +38,10 @@ class PlanBuildError(ValueError):
     """The two sides do not fit together (an inference byte no trainer rank holds)."""
 
 
-def build_plan(job: Any) -> SyncPlan:
-    """Plan for a :class:`planners.job.JobSpec`."""
-    return build_plan_from_parts(job.model, job.trainer, job.inference, job.deployment, job.placement(),
+def build_plan(job: Any, load: Any = None) -> SyncPlan:
+    """Plan for a :class:`planners.job.JobSpec`; with EPLB enabled and expert ``load [moe_layers,
+    experts]`` given, the plan fills the balanced placement computed from it."""
+    return build_plan_from_parts(job.model, job.trainer, job.inference, job.deployment, job.placement(load),
                                  job.links, meta=job.describe())
 
 
@@ -66,7 +67,7 @@ def build_plan_from_parts(spec: ModelSpec, trainer: TrainerLayout, inference: In
     return SyncPlan(
         tensors=cat.tensors, local_rank=local_rank, local_name=names, local_shape=shapes, local_dtype=dtypes,
         pieces=pieces, chunks=chunks, devices=devices, num_trainer=T, gpus_per_node=deployment.gpus_per_node,
-        links=links, meta=meta or {},
+        links=links, meta=meta or {}, placement=placement,
     )
 
 

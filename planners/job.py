@@ -97,11 +97,14 @@ class SyncSettings(_Strict):
 
 
 class EplbSettings(_Strict):
+    """Expert placement: with ``enabled``, every sync recomputes it from the engines' expert loads."""
+
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
     enabled: bool = False
     num_redundant_experts: int = Field(0, ge=0)
-    policy: str = "default"
-    window: int = Field(1000, ge=1)
+    policy: Literal["default", "deepseek"] = "default"
+    num_groups: int | None = Field(None, ge=1)  # expert groups for hierarchical packing; default: model's n_group
+    window: int = Field(1000, ge=1)  # forward passes of load statistics kept
 
 
 class _Job(_Strict):
@@ -193,18 +196,38 @@ class JobSpec:
                 f"deployment.nodes={self.nodes} is too few: the job needs {n} nodes of "
                 f"{self.deployment.gpus_per_node} GPUs"
             )
-        if self.eplb.num_redundant_experts and not self.model.is_moe:
-            raise JobError("eplb.num_redundant_experts needs a MoE model")
+        if (self.eplb.num_redundant_experts or self.eplb.enabled) and not self.model.is_moe:
+            raise JobError("eplb needs a MoE model")
+        if self.eplb.enabled and not self.inference.enable_ep:
+            raise JobError("eplb.enabled needs inference.enable_ep: true (placements spread experts over an EP group)")
+        if self.eplb.num_groups and self.model.num_experts % self.eplb.num_groups:
+            raise JobError(f"eplb.num_groups={self.eplb.num_groups} must divide the {self.model.num_experts} experts")
 
     @property
     def num_physical_experts(self) -> int:
         return self.model.num_experts + self.eplb.num_redundant_experts
 
-    def placement(self) -> Placement | None:
-        """The initial placement (slot i serves expert i % E) until EPLB computes one."""
+    def placement(self, load: Any = None) -> Placement | None:
+        """The engines' expert placement: vLLM's initial one (slot i serves expert i % E), or, with
+        EPLB enabled and ``load [moe_layers, experts]`` given, a balanced one computed from it."""
         if not self.model.is_moe:
             return None
-        return Placement.identity(len(self.model.moe_layers), self.model.num_experts, self.num_physical_experts)
+        if load is None or not self.eplb.enabled:
+            return Placement.identity(len(self.model.moe_layers), self.model.num_experts, self.num_physical_experts)
+        from planners.eplb import rebalance
+
+        groups, nodes, gpus = self.eplb_shape()
+        return rebalance(load, self.num_physical_experts, groups, nodes, gpus, policy=self.eplb.policy)
+
+    def eplb_shape(self) -> tuple[int, int, int]:
+        """(expert groups, nodes, GPUs) of one engine's EP group, as the placement sees them."""
+        gpus = self.inference.ep_size
+        per_node = self.deployment.gpus_per_node
+        nodes = gpus // per_node if gpus % per_node == 0 and gpus > per_node else 1
+        groups = self.eplb.num_groups or self.model.n_group
+        if self.model.num_experts % groups:
+            groups = 1
+        return groups, nodes, gpus
 
     def describe(self) -> dict[str, Any]:
         t, i, d = self.trainer, self.inference, self.deployment
@@ -215,4 +238,5 @@ class JobSpec:
             "inference": dict(tp=i.tp, pp=i.pp, dp=i.dp, enable_ep=i.enable_ep, engines=i.engines),
             "deployment": dict(mode=d.mode, gpus_per_node=d.gpus_per_node),
             "physical_experts": self.num_physical_experts if self.model.is_moe else 0,
+            "eplb": dict(enabled=self.eplb.enabled, policy=self.eplb.policy) if self.model.is_moe else {},
         }

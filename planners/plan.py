@@ -19,6 +19,7 @@ import numpy as np
 
 from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, stage_time
 from planners.model import DTYPES, LogicalTensor
+from planners.placement import Placement
 
 __all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
 
@@ -65,6 +66,7 @@ class SyncPlan:
     gpus_per_node: int
     links: Links = field(default_factory=Links)
     meta: dict[str, Any] = field(default_factory=dict)
+    placement: Placement | None = None  # the expert placement the engines get with these weights
 
     # -- shape of the job ---------------------------------------------------------------
     @property
@@ -175,6 +177,7 @@ class SyncPlan:
             },
             "pieces": {k: self.pieces[k].tolist() for k in PIECE_DTYPE.names},
             "chunks": {k: self.chunks[k].tolist() for k in CHUNK_DTYPE.names},
+            "phy2log": None if self.placement is None else self.placement.phy2log.tolist(),
         }
 
     @classmethod
@@ -202,6 +205,7 @@ class SyncPlan:
             gpus_per_node=int(d["gpus_per_node"]),
             links=Links(**d["links"]),
             meta=dict(d["meta"]),
+            placement=None if d.get("phy2log") is None else Placement(np.asarray(d["phy2log"], dtype=np.int64)),
         )
 
     def to_json(self, path: str | Path) -> None:

@@ -20,12 +20,12 @@ def random_weights(job: JobSpec, seed: int = 0) -> dict[str, np.ndarray]:
     return {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in catalog(job.model).tensors}
 
 
-def assert_plan_exact(job: JobSpec, seed: int = 0):
+def assert_plan_exact(job: JobSpec, seed: int = 0, load=None):
     """Build, validate and simulate ``job``; every inference rank must equal the direct slices."""
-    plan = build_plan(job).validate()
+    plan = build_plan(job, load).validate()
     full = random_weights(job, seed)
     got = plan.simulate(full)
-    placement = job.placement()
+    placement = plan.placement
     phy2log = placement.phy2log if placement is not None else None
     T = job.trainer.world_size
     for r in range(job.inference.world_size):

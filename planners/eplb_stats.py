@@ -1,0 +1,112 @@
+"""Expert load statistics: what engines observed, folded onto logical experts, over a sliding window.
+
+An engine counts tokens per *physical* slot in each forward pass; the window folds them onto
+logical experts with the ``phy2log`` in force during that pass (so statistics survive placement
+changes), keeps the last ``window`` passes, merges across ranks and engines, and serializes so an
+engine can hand its window to the synchronizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ExpertLoadWindow", "synthetic_load", "drift", "read_load"]
+
+
+@dataclass
+class ExpertLoadWindow:
+    num_layers: int
+    num_experts: int
+    window: int = 1000
+    passes: list[np.ndarray] = field(default_factory=list)  # oldest first, each [L, E]
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+
+    def record(self, slot_counts: np.ndarray, phy2log: np.ndarray) -> None:
+        """One pass of per-slot token counts ``[L, P]`` under placement ``phy2log [L, P]``."""
+        slot_counts = np.asarray(slot_counts, dtype=np.float64)
+        if slot_counts.shape != phy2log.shape or phy2log.shape[0] != self.num_layers:
+            raise ValueError(f"slot counts {slot_counts.shape} and phy2log {phy2log.shape} must both be "
+                             f"[{self.num_layers} layers, slots]")
+        flat = (np.arange(self.num_layers)[:, None] * self.num_experts + phy2log).ravel()
+        logical = np.bincount(flat, weights=slot_counts.ravel(), minlength=self.num_layers * self.num_experts)
+        self.record_logical(logical.reshape(self.num_layers, self.num_experts))
+
+    def record_logical(self, counts: np.ndarray) -> None:
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.shape != (self.num_layers, self.num_experts):
+            raise ValueError(f"counts {counts.shape} must be [{self.num_layers}, {self.num_experts}]")
+        if not np.isfinite(counts).all() or (counts < 0).any():
+            raise ValueError("expert token counts must be finite and non-negative")
+        self.passes.append(counts)
+        del self.passes[: max(0, len(self.passes) - self.window)]
+
+    def load(self) -> np.ndarray:
+        """``[L, E]`` tokens per logical expert over the window."""
+        if not self.passes:
+            return np.zeros((self.num_layers, self.num_experts))
+        return np.sum(self.passes, axis=0)
+
+    def merge(self, other: "ExpertLoadWindow") -> "ExpertLoadWindow":
+        """Sum of two windows, aligned on their most recent passes (ranks of one step)."""
+        if (other.num_layers, other.num_experts) != (self.num_layers, self.num_experts):
+            raise ValueError("cannot merge windows of different model shapes")
+        a, b = self.passes[::-1], other.passes[::-1]
+        n = max(len(a), len(b))
+        zero = np.zeros((self.num_layers, self.num_experts))
+        merged = [(a[i] if i < len(a) else zero) + (b[i] if i < len(b) else zero) for i in range(n)][::-1]
+        return ExpertLoadWindow(self.num_layers, self.num_experts, max(self.window, other.window), merged[-max(self.window, other.window):])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers, "num_experts": self.num_experts, "window": self.window,
+                "passes": [p.tolist() for p in self.passes]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExpertLoadWindow":
+        return cls(d["num_layers"], d["num_experts"], d["window"], [np.asarray(p, dtype=np.float64) for p in d["passes"]])
+
+
+def synthetic_load(num_layers: int, num_experts: int, zipf: float = 1.0, seed: int = 0,
+                   tokens: float = 1e6) -> np.ndarray:
+    """``[L, E]`` loads: Zipf-distributed popularity (exponent ``zipf``), a random expert order per
+    layer, +-10% noise; ``zipf=0`` is uniform up to the noise."""
+    rng = np.random.default_rng(seed)
+    ranks = np.argsort(rng.random((num_layers, num_experts)), axis=1) + 1.0
+    share = ranks ** -zipf * rng.uniform(0.9, 1.1, (num_layers, num_experts))
+    return tokens * share / share.sum(axis=1, keepdims=True)
+
+
+def drift(load: np.ndarray, amount: float = 0.3, seed: int = 1) -> np.ndarray:
+    """The next window of a drifting load: each expert's share scaled by lognormal noise."""
+    rng = np.random.default_rng(seed)
+    out = load * rng.lognormal(0.0, amount, load.shape)
+    return out * load.sum(axis=1, keepdims=True) / out.sum(axis=1, keepdims=True)
+
+
+def read_load(path: str | Path) -> np.ndarray:
+    """``[L, E]`` load from .npy / .json / .pt holding ``[L, E]`` or ``[window, L, E]`` (summed)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        data = np.load(path)
+    elif path.suffix == ".json":
+        raw = json.loads(path.read_text())
+        data = ExpertLoadWindow.from_dict(raw).load() if isinstance(raw, dict) else np.asarray(raw, dtype=np.float64)
+    elif path.suffix == ".pt":
+        import torch
+
+        data = torch.load(path, map_location="cpu").double().numpy()
+    else:
+        raise ValueError(f"load file {path} must be .npy, .json or .pt")
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim == 3:
+        data = data.sum(axis=0)
+    if data.ndim != 2:
+        raise ValueError(f"load file {path} holds shape {data.shape}; expected [layers, experts] or [window, layers, experts]")
+    return data
