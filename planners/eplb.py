@@ -215,26 +215,31 @@ def _spill(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int,
     order = np.lexsort((~primary, -weight))  # heaviest first, primaries first among equals
     expert, primary, weight = _take(expert, order), _take(primary, order), _take(weight, order)
 
-    gpu_load = np.zeros((L, G))
+    home_of = _take(home, expert)  # [L, P] home node of each item
+    node_onehot = np.eye(N, dtype=bool)
+    load_or_full = np.zeros((L, G))  # a full GPU's load is +inf
     gpu_count = np.zeros((L, G), dtype=np.int64)
-    holds = np.zeros((L, G, E), dtype=bool)
-    node_free = np.full((L, N), num_physical // N)
-    primaries_left = np.stack([np.bincount(h, minlength=N) for h in home])
+    holds = np.zeros((L, E, G), dtype=bool)
+    # slots of a node that secondaries may still take without crowding out its primaries
+    node_spare = num_physical // N - np.stack([np.bincount(h, minlength=N) for h in home])
     phy2log = np.empty((L, num_physical), dtype=np.int64)
     for step in range(num_physical):
         e, is_primary, w = expert[:, step], primary[:, step], weight[:, step]
-        spare = (node_free - primaries_left)[:, gpu_node] > 0  # a secondary may not take a primary's slot
-        place = np.where(is_primary[:, None], gpu_node[None, :] == home[rows, e][:, None], spare)
-        place &= gpu_count < k
-        free = place & ~holds[rows, :, e]
-        place = np.where(free.any(axis=1)[:, None], free, place)
-        g = np.where(place, gpu_load, np.inf).argmin(axis=1)
-        phy2log[rows, g * k + gpu_count[rows, g]] = e
-        gpu_load[rows, g] += w
-        gpu_count[rows, g] += 1
-        holds[rows, g, e] = True
-        node_free[rows, gpu_node[g]] -= 1
-        primaries_left[rows[is_primary], home[rows, e][is_primary]] -= 1
+        node_ok = np.where(is_primary[:, None], node_onehot[home_of[:, step]], node_spare > 0)  # [L, N]
+        allowed = np.where(node_ok[:, gpu_node], load_or_full, np.inf)  # full GPUs are +inf already
+        g = np.where(holds[rows, e], np.inf, allowed).argmin(axis=1)
+        stuck = np.isinf(allowed[rows, g]) | holds[rows, e, g]  # only GPUs that already hold e are left
+        if stuck.any():
+            g[stuck] = allowed[stuck].argmin(axis=1)
+        c = gpu_count[rows, g]
+        phy2log[rows, g * k + c] = e
+        load_or_full[rows, g] += w
+        gpu_count[rows, g] = c + 1
+        done = c + 1 == k
+        load_or_full[rows[done], g[done]] = np.inf
+        holds[rows, e, g] = True
+        secondary = ~is_primary
+        node_spare[rows[secondary], gpu_node[g[secondary]]] -= 1
     return phy2log
 
 
@@ -280,14 +285,20 @@ def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_node
     shape = (num_groups, num_nodes) if hierarchical else (1, 1)
     phy2log = _hierarchical(load, num_physical, *shape, num_gpus, refine=False)
     if policy == "default":
-        # per layer, keep the candidate with the lowest max GPU load (deepseek's first on ties)
+        # per layer, keep the candidate with the lowest max GPU load, then the fewest GPUs holding
+        # two replicas of one expert (a wasted slot); deepseek's placement wins remaining ties
         best = gpu_loads(load, phy2log, num_gpus).max(axis=1)
-        for candidate in (_hierarchical(load, num_physical, *shape, num_gpus, refine=True),
-                          _spill(load, num_physical, *shape, num_gpus)):
+        best_dups = _duplicates(phy2log, num_gpus)
+        candidates = [_hierarchical(load, num_physical, *shape, num_gpus, refine=True)]
+        if shape[1] > 1:  # spilling replicas across nodes only helps when there are nodes to balance
+            candidates.append(_spill(load, num_physical, *shape, num_gpus))
+        for candidate in candidates:
             peak = gpu_loads(load, candidate, num_gpus).max(axis=1)
-            take = peak < best * (1 - 1e-12)
+            dups = _duplicates(candidate, num_gpus)
+            take = (peak < best * (1 - 1e-12)) | ((peak <= best) & (dups < best_dups))
             phy2log = np.where(take[:, None], candidate, phy2log)
             best = np.where(take, peak, best)
+            best_dups = np.where(take, dups, best_dups)
     if old_placement is not None:
         from planners.eplb_stability import keep_in_place
 
@@ -297,6 +308,13 @@ def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_node
 
 # -- metrics -------------------------------------------------------------------------------
 
+def _duplicates(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Per layer, GPUs holding two or more replicas of one expert."""
+    L, P = phy2log.shape
+    slots = np.sort(phy2log.reshape(L, num_gpus, P // num_gpus), axis=2)
+    return (np.diff(slots, axis=2) == 0).any(axis=2).sum(axis=1)
+
+
 @dataclass(frozen=True)
 class BalanceReport:
     """Balance of a placement against its load; arrays are per layer."""
@@ -304,13 +322,20 @@ class BalanceReport:
     max_gpu_load: np.ndarray  # [L]
     mean_gpu_load: np.ndarray  # [L]
     max_node_load: np.ndarray  # [L]
-    bound: np.ndarray  # [L] lower bound on the max GPU load of any placement with these slot counts
+    bound: np.ndarray  # [L] max(total/G, best max load per replica over all replica counts): any placement
+    replica_bound: np.ndarray  # [L] cardinality bound for this placement's own replica counts
     balancedness: float  # sum over layers of mean / sum over layers of max (as vLLM logs it)
     duplicates: int  # GPUs (summed over layers) holding two replicas of one expert
 
     @property
     def max_over_bound(self) -> float:
+        """Max GPU load over the placement-independent bound, summed over layers."""
         return float(self.max_gpu_load.sum() / max(self.bound.sum(), 1e-30))
+
+    @property
+    def max_over_replica_bound(self) -> float:
+        """Max GPU load over the best packing of the chosen replicas could reach, summed over layers."""
+        return float(self.max_gpu_load.sum() / max(np.maximum(self.bound, self.replica_bound).sum(), 1e-30))
 
 
 def replication_bound(load: np.ndarray, num_physical: int) -> np.ndarray:
@@ -326,12 +351,11 @@ def balance_report(load: np.ndarray, placement: Placement, num_gpus: int, num_no
     per_gpu = gpu_loads(load, phy2log, num_gpus)
     per_node = per_gpu.reshape(L, num_nodes, -1).sum(axis=2)
     k = P // num_gpus
-    # cardinality bound: the GPU holding the heaviest replica also holds k-1 others, at least the lightest ones
+    bound = np.maximum(load.sum(axis=1) / num_gpus, replication_bound(load, P))
+    # the GPU holding the heaviest replica also holds k-1 others, at least the k-1 lightest ones
     count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
     replica = np.sort(_take(load / np.maximum(count, 1), phy2log), axis=1)
     card = replica[:, -1] + replica[:, : k - 1].sum(axis=1)
-    bound = np.maximum.reduce([load.sum(axis=1) / num_gpus, replication_bound(load, P), card])
-    slots = phy2log.reshape(L, num_gpus, k)
-    dup = int(sum((np.diff(np.sort(slots, axis=2), axis=2) == 0).any(axis=2).sum() for _ in [0]))
-    return BalanceReport(per_gpu.max(axis=1), per_gpu.mean(axis=1), per_node.max(axis=1), bound,
-                         float(per_gpu.mean(axis=1).sum() / max(per_gpu.max(axis=1).sum(), 1e-30)), dup)
+    return BalanceReport(per_gpu.max(axis=1), per_gpu.mean(axis=1), per_node.max(axis=1), bound, card,
+                         float(per_gpu.mean(axis=1).sum() / max(per_gpu.max(axis=1).sum(), 1e-30)),
+                         int(_duplicates(phy2log, num_gpus).sum()))

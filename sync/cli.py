@@ -1,6 +1,8 @@
 """The ``rlsync`` command line.
 
 ``rlsync plan JOB.yaml [--json PATH] [--explain TENSOR]`` builds, validates and summarizes a plan.
+``rlsync eplb ...`` computes an expert placement from a load file or a synthetic load and reports
+its balance (table, placement JSON, PNG of per-GPU load before/after).
 """
 
 from __future__ import annotations
@@ -107,6 +109,68 @@ def _explain(plan, name: str, console: Console) -> None:
     console.print(table)
 
 
+def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    import numpy as np
+
+    from planners.eplb import EplbError, balance_report, rebalance
+    from planners.eplb_stats import read_load, synthetic_load
+    from planners.placement import Placement
+
+    if args.job:
+        job = JobSpec.from_yaml(args.job)
+        if not job.model.is_moe:
+            raise JobError(f"{args.job}: the model has no experts")
+        groups, nodes, gpus = job.eplb_shape()
+        layers, experts, slots = len(job.model.moe_layers), job.model.num_experts, job.num_physical_experts
+        policy = args.policy or job.eplb.policy
+    else:
+        layers, experts, slots, gpus = args.layers, args.experts, args.slots, args.gpus
+        groups, nodes, policy = args.groups, args.nodes, args.policy or "default"
+        if slots is None:
+            slots = experts
+    try:
+        load = read_load(args.load) if args.load else synthetic_load(layers, experts, args.zipf, args.seed)
+    except (OSError, ValueError) as e:
+        raise JobError(f"--load: {e}") from None
+    if load.shape[1] != experts:
+        raise JobError(f"--load has {load.shape[1]} experts per layer; the model has {experts}")
+    try:
+        t0 = time.perf_counter()
+        placement = rebalance(load, slots, groups, nodes, gpus, policy=policy)
+        elapsed = time.perf_counter() - t0
+    except EplbError as e:
+        raise JobError(str(e)) from None
+    initial = Placement.identity(load.shape[0], experts, slots)
+    table = Table(title=f"{load.shape[0]} MoE layers, {experts} experts, {slots} slots on {gpus} GPUs "
+                        f"({nodes} node(s), {groups} group(s))", title_justify="left")
+    for col in ("placement", "max GPU load", "mean GPU load", "balancedness", "max / bound", "max / bound (own replicas)",
+                "GPUs with duplicates"):
+        table.add_column(col, justify="right")
+    reports = {}
+    for name, p in (("initial", initial), (policy, placement)):
+        r = reports[name] = balance_report(load, p, gpus, nodes)
+        table.add_row(name, f"{r.max_gpu_load.sum():,.0f}", f"{r.mean_gpu_load.sum():,.0f}", f"{r.balancedness:.4f}",
+                      f"{r.max_over_bound:.4f}", f"{r.max_over_replica_bound:.4f}", str(r.duplicates))
+    console.print(table)
+    console.print(f"{policy} placement computed in {elapsed * 1e3:.1f} ms")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"phy2log": placement.phy2log.tolist(), "logcnt": placement.logcnt.tolist(),
+                       "log2phy": placement.log2phy(experts).tolist(), "policy": policy}, f)
+        console.print(f"placement written to {args.out}")
+    if args.png:
+        from planners.eplb import gpu_loads
+        from sync.plots import plot_gpu_loads
+
+        plot_gpu_loads(gpu_loads(load, initial.phy2log, gpus), gpu_loads(load, placement.phy2log, gpus), args.png,
+                       title=f"per-GPU expert load, {policy} policy")
+        console.print(f"picture written to {args.png}")
+    del np
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlsync", description="Trainer -> inference weight sync planner and runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,10 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("job", help="YAML job spec")
     p.add_argument("--json", metavar="PATH", help="write the plan as JSON")
     p.add_argument("--explain", metavar="TENSOR", help="list every chunk of one logical tensor (HF name)")
+    e = sub.add_parser("eplb", help="compute an expert placement from loads and report its balance")
+    e.add_argument("--job", help="take experts, slots, GPUs, nodes and groups from a job spec")
+    e.add_argument("--load", help="load file: .npy/.json/.pt holding [layers, experts] or [window, layers, experts]")
+    e.add_argument("--zipf", type=float, default=1.0, help="synthetic load: Zipf exponent (without --load)")
+    e.add_argument("--seed", type=int, default=0, help="synthetic load: seed")
+    e.add_argument("--layers", type=int, default=58)
+    e.add_argument("--experts", type=int, default=256)
+    e.add_argument("--slots", type=int, default=None, help="physical expert slots per layer (default: experts)")
+    e.add_argument("--gpus", type=int, default=32)
+    e.add_argument("--nodes", type=int, default=4)
+    e.add_argument("--groups", type=int, default=8)
+    e.add_argument("--policy", choices=["default", "deepseek"], default=None)
+    e.add_argument("--out", metavar="PATH", help="write the placement (phy2log, log2phy, logcnt) as JSON")
+    e.add_argument("--png", metavar="PATH", help="draw per-GPU load before/after")
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        return {"plan": cmd_plan}[args.command](args, console)
+        return {"plan": cmd_plan, "eplb": cmd_eplb}[args.command](args, console)
     except (JobError, PlanError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2
