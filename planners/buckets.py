@@ -1,0 +1,104 @@
+"""How a plan's chunks travel: bounded flat buckets per (stage, src, dst) pair, and stage-2 origins.
+
+Both ends of a pair derive the same buckets from the plan, so only payload crosses the wire. A
+pair's chunks are packed back to back in plan order, each starting on an 8-byte boundary (so any
+dtype can be viewed in place); a chunk larger than a bucket is split along its split dimension.
+Bucket ``k`` of every pair of a stage travels in round ``k``, so a rank holds at most one send and
+one receive bucket per peer at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from planners.plan import SyncPlan
+from planners.validate import match_containing
+
+__all__ = ["Bucket", "bucketize", "stage2_origin", "ALIGN"]
+
+ALIGN = 8
+
+
+@dataclass(frozen=True)
+class Bucket:
+    stage: int
+    src: int
+    dst: int
+    index: int  # round in which it travels
+    chunk: np.ndarray  # [n] chunk row in plan.chunks
+    lo: np.ndarray  # [n] sub-range of that chunk carried here
+    hi: np.ndarray
+    offset: np.ndarray  # [n] byte offset in the bucket
+    nbytes: int  # bucket size in bytes (padded)
+
+
+def bucketize(plan: SyncPlan, bucket_bytes: int, rank: int | None = None) -> list[Bucket]:
+    """Buckets of every pair (or only those ``rank`` sends or receives), in (stage, round, src, dst) order."""
+    if bucket_bytes < ALIGN:
+        raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
+    c = plan.chunks
+    row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.int64)
+    rows = np.arange(len(c)) if rank is None else np.flatnonzero((c["src"] == rank) | (c["dst"] == rank))
+    out: list[Bucket] = []
+    start = 0
+    while start < len(rows):
+        first = c[rows[start]]
+        end = start
+        while end < len(rows) and (c["stage"][rows[end]], c["src"][rows[end]], c["dst"][rows[end]]) == (
+                first["stage"], first["src"], first["dst"]):
+            end += 1
+        out += _pair_buckets(c, rows[start:end], row_bytes, bucket_bytes)
+        start = end
+    out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))
+    return out
+
+
+def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket_bytes: int) -> list[Bucket]:
+    buckets: list[Bucket] = []
+    items: list[tuple[int, int, int, int]] = []  # (chunk, lo, hi, offset)
+    used = 0
+
+    def close() -> None:
+        nonlocal items, used
+        if items:
+            arr = np.array(items, dtype=np.int64)
+            r0 = c[arr[0, 0]]
+            buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), len(buckets), arr[:, 0],
+                                  arr[:, 1], arr[:, 2], arr[:, 3], used))
+        items, used = [], 0
+
+    for i in rows.tolist():
+        rb = int(row_bytes[c["tensor"][i]])
+        lo, hi = int(c["lo"][i]), int(c["hi"][i])
+        while lo < hi:
+            room = bucket_bytes - used
+            fit = room // rb
+            if fit == 0:
+                if used == 0:
+                    fit = 1  # one index is larger than a bucket: it travels alone
+                else:
+                    close()
+                    continue
+            take = min(hi - lo, fit)
+            items.append((i, lo, lo + take, used))
+            used += -(-(take * rb) // ALIGN) * ALIGN
+            lo += take
+            if used >= bucket_bytes:
+                close()
+    close()
+    return buckets
+
+
+def stage2_origin(plan: SyncPlan) -> np.ndarray:
+    """For each chunk, the stage-1 chunk that brought its bytes to its stage-2 source (-1 for stage 1)."""
+    c = plan.chunks
+    s1, s2 = np.flatnonzero(c["stage"] == 1), np.flatnonzero(c["stage"] == 2)
+    out = np.full(len(c), -1, dtype=np.int64)
+    if len(s2):
+        key1 = np.stack([c["dst_local"][s1], c["tensor"][s1], c["dst_base"][s1]], axis=1).astype(np.int64)
+        key2 = np.stack([c["src_local"][s2], c["tensor"][s2], c["src_base"][s2]], axis=1).astype(np.int64)
+        hit = match_containing(key1, c["lo"][s1], key2, c["lo"][s2])
+        out[s2] = np.where(hit >= 0, s1[np.maximum(hit, 0)], -1)
+    return out

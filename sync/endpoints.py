@@ -1,0 +1,104 @@
+"""The two ends of a sync: trainer-side sources and inference-side targets.
+
+A *source* is anything with ``local_tensors() -> {Megatron local name: tensor}`` for one trainer
+rank; a *target* the same for one inference rank with vLLM names, written in place. This module
+holds the synthetic source (each rank's shards cut from seeded full weights by the plan's own shard
+rules) and a plain target that allocates the engine's tensors; megatron-core models and real
+engines plug in through the same two methods.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from planners.model import LogicalTensor
+from planners.plan import SyncPlan
+from sync.tensors import TORCH_DTYPES, block
+
+__all__ = ["Source", "Target", "SyntheticSource", "BufferTarget", "synthetic_tensor", "check_locals",
+           "EndpointError"]
+
+
+class EndpointError(ValueError):
+    """A source or target whose tensors do not match the plan."""
+
+
+class Source(Protocol):
+    def local_tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+class Target(Protocol):
+    def local_tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+def synthetic_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> torch.Tensor:
+    """Deterministic full weights of logical tensor ``index`` for ``(seed, version)``."""
+    rng = np.random.default_rng([seed, version, index])
+    return torch.from_numpy(rng.standard_normal(t.shape, dtype=np.float32)).to(TORCH_DTYPES[t.dtype])
+
+
+def _allocate(plan: SyncPlan, rank: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {plan.local_name[i]: torch.zeros(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]], device=device)
+            for i in plan.locals_of(rank)}
+
+
+class SyntheticSource:
+    """A trainer rank's shards of seeded full weights; ``set_version`` changes every weight."""
+
+    def __init__(self, plan: SyncPlan, rank: int, seed: int = 0, version: int = 0, device: str = "cpu") -> None:
+        self.plan, self.rank, self.seed, self.device = plan, rank, seed, device
+        self.tensors = _allocate(plan, rank, device)
+        self.set_version(version)
+
+    def set_version(self, version: int) -> None:
+        plan = self.plan
+        mine = plan.locals_of(self.rank)
+        pieces = plan.pieces[np.isin(plan.pieces["local"], mine)]
+        for tid in np.unique(pieces["tensor"]):
+            t = plan.tensors[tid]
+            full = synthetic_tensor(t, int(tid), self.seed, version).reshape(-1).to(self.device)
+            for p in pieces[pieces["tensor"] == tid]:
+                n = int(p["hi"] - p["lo"])
+                dst = block(self.tensors[plan.local_name[p["local"]]].view(-1), int(p["base"]), t.outer, int(p["dim"]),
+                            t.inner, int(p["off"]), n)
+                dst.copy_(block(full, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n))
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+
+class BufferTarget:
+    """An inference rank's parameters, allocated from the plan and zero until synced."""
+
+    def __init__(self, plan: SyncPlan, rank: int, device: str = "cpu") -> None:
+        self.tensors = _allocate(plan, rank, device)
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+
+def check_locals(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor], side: str) -> list[torch.Tensor]:
+    """The rank's tensors in the plan's local order, or an error listing every mismatch."""
+    problems, out = [], []
+    for i in plan.locals_of(rank):
+        name = plan.local_name[i]
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"missing {name}")
+            continue
+        if tuple(t.shape) != tuple(plan.local_shape[i]):
+            problems.append(f"{name}: shape {tuple(t.shape)}, plan expects {tuple(plan.local_shape[i])}")
+        if t.dtype != TORCH_DTYPES[plan.local_dtype[i]]:
+            problems.append(f"{name}: dtype {t.dtype}, plan expects {plan.local_dtype[i]}")
+        if not t.is_contiguous():
+            problems.append(f"{name}: not contiguous")
+        out.append(t)
+    extra = set(tensors) - {plan.local_name[i] for i in plan.locals_of(rank)}
+    if extra and side == "target":
+        problems += [f"unexpected {n}" for n in sorted(extra)[:5]]
+    if problems:
+        raise EndpointError(f"{side} of rank {rank} does not match the plan: " + "; ".join(problems[:10]))
+    return out

@@ -1,0 +1,151 @@
+"""Start one local process per rank (fork server, gloo over TCP on 127.0.0.1) and run a sync job in them.
+
+``run_local(plan, settings)`` is what tests, ``scripts/run_local_sync.py`` and ``rlsync bench sync``
+use: every process joins one gloo group spanning trainer and inference ranks, builds its end
+(synthetic source or buffer target), and runs K syncs with the weights changing between them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from planners.plan import SyncPlan
+
+__all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "free_port", "RankFailure"]
+
+
+class RankFailure(RuntimeError):
+    """One or more rank processes failed; the message carries their errors."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        first = min(errors)
+        super().__init__(f"{len(errors)} rank(s) failed; rank {first}: {errors[first].strip().splitlines()[-1]}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_group(rank: int, world_size: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def _entry(rank: int, fn: Callable, args: tuple, results: Any) -> None:
+    torch.set_num_threads(1)  # many ranks share few cores
+    try:
+        results.put((rank, "ok", fn(rank, *args)))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def spawn_ranks(world_size: int, fn: Callable, args: tuple, timeout_s: float, allow_failures: bool = False,
+                grace_s: float | None = None) -> tuple[dict[int, Any], dict[int, str]]:
+    """Run ``fn(rank, *args)`` in ``world_size`` spawned processes. Returns (results, errors) by rank;
+    raises RankFailure on any error unless ``allow_failures``. Processes still running after
+    ``timeout_s``, or ``grace_s`` after the first failure, are killed and reported as errors."""
+    # a fork server that has imported torch once forks ranks in milliseconds; spawning each would
+    # import torch again per rank (seconds each on a small machine)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy", "sync.launch", "sync.executor",
+                                "sync.baseline", "sync.endpoints"])
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_entry, args=(r, fn, args, results), daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(out) + len(errors) < world_size:
+        try:
+            rank, status, value = results.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            break
+        (out if status == "ok" else errors)[rank] = value
+        if status != "ok" and grace_s is not None:
+            deadline = min(deadline, time.monotonic() + grace_s)
+    for r, p in enumerate(procs):
+        if r not in out and r not in errors:
+            errors[r] = f"rank {r} gave no result within {timeout_s:g} s (killed)"
+        if p.is_alive():
+            p.kill()
+        p.join(timeout=5)
+    if errors and not allow_failures:
+        raise RankFailure(errors)
+    return out, errors
+
+
+@dataclass
+class LocalRun:
+    """What a local sync job does in each rank."""
+
+    versions: list[int] = field(default_factory=lambda: [1, 2, 3])  # one sync per version
+    executor: str = "plan"  # "plan" or "broadcast"
+    bucket_bytes: int = 256 << 20
+    timeout_s: float = 60.0
+    verify: bool = True
+    seed: int = 0
+    return_tensors: bool = False  # engine ranks send their tensors back (small jobs, for tests)
+    stall_rank: int | None = None  # fault injection: this rank stops responding before syncing
+    both: bool = False  # alternate plan and broadcast executors on each version (benchmarks)
+
+
+def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, Any]:
+    from sync.baseline import BroadcastExecutor
+    from sync.endpoints import BufferTarget, SyntheticSource
+    from sync.executor import PlanExecutor
+    from sync.tensors import as_bits
+
+    init_group(rank, plan.num_ranks, port, run.timeout_s)
+    is_trainer = rank < plan.num_trainer
+    source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
+    target = None if is_trainer else BufferTarget(plan, rank)
+    executors = {}
+    if run.executor == "plan" or run.both:
+        executors["plan"] = PlanExecutor(plan, rank, None, run.bucket_bytes, run.timeout_s)
+    if run.executor == "broadcast" or run.both:
+        bgroup = dist.new_group([0, *plan.inference_ranks])
+        executors["broadcast"] = BroadcastExecutor(plan, rank, None, bgroup, run.timeout_s)
+    if rank == run.stall_rank:
+        time.sleep(run.timeout_s * 10)  # a hung peer: never answers
+    stats: dict[str, list] = {name: [] for name in executors}
+    tensors = []
+    for version in run.versions:
+        if source is not None:
+            source.set_version(version)
+        for name, ex in executors.items():
+            if target is not None:
+                for t in target.local_tensors().values():
+                    t.zero_()
+            stats[name].append(ex.sync(source, target, verify=run.verify))
+        if run.return_tensors and target is not None:  # as bit patterns: numpy has no bfloat16
+            tensors.append({k: as_bits(v).numpy() for k, v in target.local_tensors().items()})
+    return {"stats": stats, "tensors": tensors}
+
+
+def run_local(plan: SyncPlan, run: LocalRun, allow_failures: bool = False):
+    """Run ``run`` on every rank of ``plan`` as local processes; returns (results, errors) by rank."""
+    return spawn_ranks(plan.num_ranks, _worker, (plan, run, free_port()),
+                       timeout_s=run.timeout_s * (len(run.versions) * (2 if run.both else 1) + 2),
+                       allow_failures=allow_failures, grace_s=run.timeout_s)

@@ -1,0 +1,68 @@
+"""Torch helpers: dtypes, block views of local tensors, and position-aware checksums.
+
+Checksums: a tensor's elements are read as integers (their bit patterns), mixed by ``h(x)`` with
+``h(0) = 0`` (so never-written padding adds nothing), and summed twice: plainly (``S0``) and
+weighted by flat position (``S1``), in wrapping int64 arithmetic, so the sums of the pieces of a
+tensor equal the sum of the whole whoever computes them, and a byte that lands in the wrong place
+changes ``S1``. The sender of a chunk can therefore compute what the chunk adds to the receiver's
+checksum, at the receiver's positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TORCH_DTYPES", "block", "checksum_block", "checksum_flat", "as_bits"]
+
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                "float8_e4m3fn": torch.float8_e4m3fn}
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_K1, _K2 = 0x9E3779B97F4A7C15 - (1 << 64), 0x5BD1E995
+
+
+def block(flat: torch.Tensor, base: int, outer: int, dim: int, inner: int, off: int, n: int) -> torch.Tensor:
+    """View ``[outer, n, inner]``: indices ``[off, off+n)`` along the split dimension of the block at ``base``."""
+    return flat[base: base + outer * dim * inner].view(outer, dim, inner)[:, off: off + n, :]
+
+
+def as_bits(x: torch.Tensor) -> torch.Tensor:
+    """The elements' bit patterns as int64 (same shape)."""
+    return x.view(_BITS[x.element_size()]).to(torch.int64)
+
+
+def _mix(bits: torch.Tensor) -> torch.Tensor:
+    return bits * _K1 + bits * bits * _K2
+
+
+def checksum_block(x: torch.Tensor, base: int, dim: int, off: int) -> tuple[int, int]:
+    """(S0, S1) that values ``x [outer, n, inner]`` add to a tensor where they sit at indices
+    ``[off, off+n)`` of the block at flat ``base`` with ``dim`` indices along the split dimension."""
+    outer, n, inner = x.shape
+    h = _mix(as_bits(x))
+    s0 = int(h.sum())
+    by_outer = h.sum(dim=(1, 2))
+    by_index = h.sum(dim=(0, 2))
+    by_inner = h.sum(dim=(0, 1))
+    dev = x.device
+    s1 = (base * s0
+          + dim * inner * int((torch.arange(outer, device=dev) * by_outer).sum())
+          + inner * int(((torch.arange(n, device=dev) + off) * by_index).sum())
+          + int((torch.arange(inner, device=dev) * by_inner).sum()))
+    return _wrap(s0), _wrap(s1)
+
+
+def checksum_flat(t: torch.Tensor, step: int = 1 << 24) -> tuple[int, int]:
+    """(S0, S1) of a whole tensor, positions in row-major order."""
+    flat = t.reshape(-1)
+    s0 = s1 = 0
+    for start in range(0, flat.numel(), step):
+        part = flat[start: start + step]
+        a, b = checksum_block(part.view(1, -1, 1), 0, flat.numel(), start)
+        s0, s1 = _wrap(s0 + a), _wrap(s1 + b)
+    return s0, s1
+
+
+def _wrap(v: int) -> int:
+    """Python int -> the int64 it wraps to."""
+    v &= (1 << 64) - 1
+    return v - (1 << 64) if v >= 1 << 63 else v
