@@ -5,6 +5,10 @@ pair's chunks are packed back to back in plan order, each starting on an 8-byte 
 dtype can be viewed in place); a chunk larger than a bucket is split along its split dimension.
 Bucket ``k`` of every pair of a stage travels in round ``k``, so a rank holds at most one send and
 one receive bucket per peer at a time.
+
+A chunk of at least ``direct_bytes`` that is contiguous at both ends travels *direct*: as its own
+message, straight from the source tensor into the destination tensor, with no bucket copy at all;
+it still counts toward its round's ``bucket_bytes``.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class Bucket:
     hi: np.ndarray
     offset: np.ndarray  # [n] byte offset in the bucket
     nbytes: int  # bucket size in bytes (padded)
+    direct: bool = False  # one contiguous chunk sent from and received into the tensors themselves
 
 
-def bucketize(plan: SyncPlan, bucket_bytes: int, rank: int | None = None) -> list[Bucket]:
+def bucketize(plan: SyncPlan, bucket_bytes: int, rank: int | None = None, direct_bytes: int = 1 << 18) -> list[Bucket]:
     """Buckets of every pair (or only those ``rank`` sends or receives), in (stage, round, src, dst) order."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
@@ -49,32 +54,59 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank: int | None = None) -> lis
         while end < len(rows) and (c["stage"][rows[end]], c["src"][rows[end]], c["dst"][rows[end]]) == (
                 first["stage"], first["src"], first["dst"]):
             end += 1
-        out += _pair_buckets(c, rows[start:end], row_bytes, bucket_bytes)
+        out += _pair_buckets(c, rows[start:end], row_bytes, bucket_bytes, _direct(plan, rows[start:end], direct_bytes))
         start = end
-    out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))
+    out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))  # stable: a pair's messages keep their order
     return out
 
 
-def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket_bytes: int) -> list[Bucket]:
+def _direct(plan: SyncPlan, rows: np.ndarray, direct_bytes: int) -> np.ndarray:
+    """Which chunks are large and contiguous in both the source and the destination tensor."""
+    c = plan.chunks[rows]
+    outer = np.array([t.outer for t in plan.tensors], dtype=np.int64)[c["tensor"]]
+    n = c["hi"] - c["lo"]
+    whole_rows = lambda side: (c[f"{side}_off"] == 0) & (c[f"{side}_dim"] == n)  # noqa: E731
+    contiguous = (outer == 1) | (whole_rows("src") & whole_rows("dst"))
+    return contiguous & (c["nbytes"] >= direct_bytes) & (c["src"] != c["dst"])
+
+
+def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket_bytes: int,
+                  direct: np.ndarray) -> list[Bucket]:
+    """One pair's traffic in rounds of at most ``bucket_bytes``: each round one packed bucket plus
+    any direct chunks (sent in list order, which both ends share)."""
     buckets: list[Bucket] = []
-    items: list[tuple[int, int, int, int]] = []  # (chunk, lo, hi, offset)
-    used = 0
+    items: list[tuple[int, int, int, int]] = []  # packed (chunk, lo, hi, offset) of this round
+    packed = 0  # bytes in this round's packed bucket
+    used = 0  # bytes in this round, packed and direct
+    round_index = 0
 
     def close() -> None:
-        nonlocal items, used
+        nonlocal items, packed, used, round_index
         if items:
             arr = np.array(items, dtype=np.int64)
             r0 = c[arr[0, 0]]
-            buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), len(buckets), arr[:, 0],
-                                  arr[:, 1], arr[:, 2], arr[:, 3], used))
-        items, used = [], 0
+            buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), round_index, arr[:, 0],
+                                  arr[:, 1], arr[:, 2], arr[:, 3], packed))
+        if used:
+            round_index += 1
+        items, packed, used = [], 0, 0
 
-    for i in rows.tolist():
+    for i, alone in zip(rows.tolist(), direct.tolist()):
         rb = int(row_bytes[c["tensor"][i]])
+        if alone:
+            r0 = c[i]
+            if used and used + int(r0["nbytes"]) > bucket_bytes:
+                close()
+            buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), round_index, np.array([i]),
+                                  np.array([r0["lo"]]), np.array([r0["hi"]]), np.zeros(1, dtype=np.int64),
+                                  int(r0["nbytes"]), direct=True))
+            used += int(r0["nbytes"])
+            if used >= bucket_bytes:
+                close()
+            continue
         lo, hi = int(c["lo"][i]), int(c["hi"][i])
         while lo < hi:
-            room = bucket_bytes - used
-            fit = room // rb
+            fit = (bucket_bytes - used) // rb
             if fit == 0:
                 if used == 0:
                     fit = 1  # one index is larger than a bucket: it travels alone
@@ -82,8 +114,10 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
                     close()
                     continue
             take = min(hi - lo, fit)
-            items.append((i, lo, lo + take, used))
-            used += -(-(take * rb) // ALIGN) * ALIGN
+            items.append((i, lo, lo + take, packed))
+            size = -(-(take * rb) // ALIGN) * ALIGN
+            packed += size
+            used += size
             lo += take
             if used >= bucket_bytes:
                 close()

@@ -13,7 +13,9 @@ Steps (tables are numpy arrays so a 1T-parameter job plans in seconds):
    holder and one destination has nothing to choose. The rest, largest first, pick the
    least-loaded destination as entry receiver and the holder that would finish soonest as its
    stage-1 sender (same-node holders count at NVLink speed); stage 2 fans out from the entry
-   (or from a local copier) to the rest of the group over the node's links.
+   (or from a local copier) to the rest of the group over the node's links -- when those links
+   are faster than the holders' (otherwise every member gets its own stage-1 copy, spreading the
+   load over the holders).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from planners.cost import CROSS_NODE, SAME_NODE, Links, link_class
+from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
 from planners.megatron_rules import check_trainer, trainer_template
 from planners.model import Catalog, ModelSpec, catalog
@@ -271,13 +273,30 @@ def _greedy(seg, c, starts, n_dest, deliveries, nbytes, devices, gpn, inv_bw, ou
     cseg = c.seg.tolist()
     nb = nbytes.tolist()
     s1_rows, s1_holders, s2_src, s2_dst = [], [], [], []
+    inv_dev = float(inv_bw[SAME_DEVICE])  # relaying pays only over links faster than the holders'
+
+    def send_from_best_holder(i: int, s: int, size: float) -> bool:
+        """Stage 1 into cut row i from the holder that finishes it soonest; True if that holder is remote."""
+        d_rank = rank[i]
+        d_node = node[d_rank]
+        best, best_t, best_inv = -1, 0.0, inv_nic
+        for h in range(first[s], first[s + 1]):
+            inv = inv_node if node[hrank[h]] == d_node else inv_nic
+            finish = out_b[hrank[h]] + size * inv
+            if best < 0 or finish < best_t:
+                best, best_t, best_inv = h, finish, inv
+        out_b[hrank[best]] = best_t
+        in_b[d_rank] += size * best_inv
+        s1_rows.append(i)
+        s1_holders.append(best)
+        return best_inv == inv_nic
+
     for d in deliveries.tolist():
         a = int(starts[d])
-        members = range(a, a + int(n_dest[d]))
         size = nb[a]
         entry = -1
         rest = []
-        for i in members:
+        for i in range(a, a + int(n_dest[d])):
             if local_holder[i] >= 0:
                 if entry < 0:
                     entry = i  # already counted among local copies
@@ -286,18 +305,12 @@ def _greedy(seg, c, starts, n_dest, deliveries, nbytes, devices, gpn, inv_bw, ou
         if entry < 0:
             entry = rest[0] if len(rest) == 1 else min(rest, key=lambda i: in_b[rank[i]])
             rest.remove(entry)
-            e_node = node[rank[entry]]
-            best, best_t, best_inv = -1, 0.0, inv_nic
-            s = cseg[a]
-            for h in range(first[s], first[s + 1]):
-                inv = inv_node if node[hrank[h]] == e_node else inv_nic
-                finish = out_b[hrank[h]] + size * inv
-                if best < 0 or finish < best_t:
-                    best, best_t, best_inv = h, finish, inv
-            out_b[hrank[best]] = best_t
-            in_b[rank[entry]] += size * best_inv
-            s1_rows.append(entry)
-            s1_holders.append(best)
+            remote = send_from_best_holder(entry, cseg[a], size)
+            holder_inv = inv_nic if remote else inv_node
+            direct = [i for i in rest if (inv_dev if dev[rank[i]] == dev[rank[entry]] else inv_node) >= holder_inv]
+            for i in direct:  # the holders are as close as the entry: a copy of its own from them
+                send_from_best_holder(i, cseg[a], size)
+            rest = [i for i in rest if i not in direct]
         for i in rest:
             s2_src.append(entry)
             s2_dst.append(i)

@@ -171,6 +171,33 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from sync.bench import bench_sync
+
+    job = JobSpec.from_yaml(args.job)
+    plan = build_plan(job).validate()
+    bucket = int((args.bucket_mb or job.sync.bucket_mb) * (1 << 20))
+    r = bench_sync(plan, reps=args.reps, bucket_bytes=bucket, timeout_s=job.sync.timeout_s)
+    if args.json:
+        print(json.dumps(r))
+        return 0 if r["verified"] else 1
+    table = Table(title=f"{job.name}: {plan.num_ranks} local processes, gloo, median of {args.reps}", title_justify="left")
+    for col in ("", "seconds", "vs plan executor"):
+        table.add_column(col, justify="right")
+    table.add_row("plan executor", f"{r['sync_seconds']:.3f}", "1.00")
+    table.add_row("rank-0 broadcast baseline", f"{r['baseline_seconds']:.3f}", f"{r['baseline_over_sync']:.2f}")
+    table.add_row("raw exchange of the same buckets", f"{r['raw_seconds']:.3f}", f"{r['raw_seconds'] / r['sync_seconds']:.2f}")
+    table.add_row("lower bound at measured bandwidth", f"{r['bound_seconds']:.3f}", f"{r['bound_seconds'] / r['sync_seconds']:.2f}")
+    console.print(table)
+    console.print(f"moved {_gb(r['bytes_moved'])} ({r['sync_gbps']:.2f} GB/s); busiest rank {_gb(r['max_bytes_per_rank'])}; "
+                  f"measured {r['measured_gbps_per_rank']:.2f} GB/s per rank with all ranks busy")
+    console.print(f"sync / bound = {r['sync_over_bound']:.2f}, baseline / sync = {r['baseline_over_sync']:.2f}, "
+                  f"verified = {r['verified']}")
+    return 0 if r["verified"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlsync", description="Trainer -> inference weight sync planner and runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,10 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--policy", choices=["default", "deepseek"], default=None)
     e.add_argument("--out", metavar="PATH", help="write the placement (phy2log, log2phy, logcnt) as JSON")
     e.add_argument("--png", metavar="PATH", help="draw per-GPU load before/after")
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bs = bsub.add_parser("sync", help="plan executor vs rank-0 broadcast on local processes")
+    bs.add_argument("job", help="YAML job spec")
+    bs.add_argument("--reps", type=int, default=5)
+    bs.add_argument("--bucket-mb", type=float, default=None)
+    bs.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        return {"plan": cmd_plan, "eplb": cmd_eplb}[args.command](args, console)
+        return {"plan": cmd_plan, "eplb": cmd_eplb, "bench": cmd_bench}[args.command](args, console)
     except (JobError, PlanError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2

@@ -3,8 +3,9 @@
 Every process (trainer or inference rank) builds a :class:`PlanExecutor` from the same plan and
 calls :meth:`PlanExecutor.sync`. Stage 1 then stage 2; inside a stage, bucket ``k`` of every pair
 travels in round ``k`` (all sends and receives of a round posted as one batch, then waited with a
-deadline), so a rank holds one send and one receive bucket per peer at a time. Chunks between two
-tensors of one rank are plain copies. Works with gloo (CPU tensors) and NCCL (CUDA tensors).
+deadline); round k+1 is packed while round k is on the wire, so a rank holds at most two rounds of
+buckets per peer. Large contiguous chunks go straight from and into the tensors (no bucket copy).
+Chunks between two tensors of one rank are plain copies. Works with gloo (CPU tensors) and NCCL (CUDA tensors).
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class SyncStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_copied: int = 0
+    pack_seconds: float = 0.0  # copying into send buckets and local copies
+    wait_seconds: float = 0.0  # waiting for the network
+    unpack_seconds: float = 0.0  # copying out of receive buckets
     verified: bool | None = None
     mismatched: list[str] = field(default_factory=list)
     global_seconds: float = 0.0  # slowest rank
@@ -66,10 +70,11 @@ def wait_all(works: list, what: list[str], timeout_s: float) -> None:
 
 class PlanExecutor:
     def __init__(self, plan: SyncPlan, rank: int, group: dist.ProcessGroup | None = None,
-                 bucket_bytes: int = 256 << 20, timeout_s: float = 120.0) -> None:
+                 bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18) -> None:
+        """``direct_bytes``: contiguous chunks at least this large skip the bucket copy."""
         self.plan, self.rank, self.group = plan, rank, group
         self.timeout_s = timeout_s
-        self.buckets = bucketize(plan, bucket_bytes, rank)
+        self.buckets = bucketize(plan, bucket_bytes, rank, direct_bytes)
         self.is_trainer = rank < plan.num_trainer
         self._chunks = plan.chunks
         self.verifier = Verifier(plan, rank)
@@ -116,12 +121,7 @@ class PlanExecutor:
         t_start = time.perf_counter()
         for stage in (1, 2):
             t0 = time.perf_counter()
-            rounds: dict[int, list[Bucket]] = {}
-            for b in self.buckets:
-                if b.stage == stage:
-                    rounds.setdefault(b.index, []).append(b)
-            for k in sorted(rounds):
-                self._round(flats, stage, k, rounds[k], device, stats)
+            self._run_stage(flats, stage, device, stats)
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
         if verify:
@@ -134,31 +134,66 @@ class PlanExecutor:
             target.set_placement(self.plan.placement)
         return stats
 
-    def _round(self, flats, stage: int, k: int, buckets: list[Bucket], device, stats: SyncStats) -> None:
+    def _run_stage(self, flats, stage: int, device, stats: SyncStats) -> None:
+        """Rounds in order; round k+1 is packed while round k is on the wire (two rounds of buffers)."""
+        rounds: dict[int, list[Bucket]] = {}
+        for b in self.buckets:
+            if b.stage == stage:
+                rounds.setdefault(b.index, []).append(b)
+        in_flight = None
+        for k in sorted(rounds):
+            t0 = time.perf_counter()
+            ops, labels, recvs = self._prepare(flats, stage, k, rounds[k], device, stats)
+            stats.pack_seconds += time.perf_counter() - t0
+            if in_flight is not None:
+                self._finish(flats, *in_flight, stats)
+            in_flight = (self._post(ops, labels), labels, recvs)
+        if in_flight is not None:
+            self._finish(flats, *in_flight, stats)
+
+    def _prepare(self, flats, stage: int, k: int, buckets: list[Bucket], device, stats: SyncStats):
+        """Pack the send buckets and allocate the receive buckets of round ``k``; local copies now."""
         ops, labels, recvs = [], [], []
         for b in buckets:
             if b.src == b.dst:
                 self._copy(flats, b)
                 stats.bytes_copied += b.nbytes
-            elif b.src == self.rank:
+                continue
+            sending = b.src == self.rank
+            peer = b.dst if sending else b.src
+            if b.direct:  # one contiguous chunk: straight from the source / into the destination
+                buf = self._view(flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
+                buf = buf.reshape(-1).view(torch.uint8)
+            elif sending:
                 buf = self._pack(flats, b, device)
-                ops.append(dist.P2POp(dist.isend, buf, b.dst, self.group))
-                labels.append(f"stage {stage}: sending bucket {k} to rank {b.dst}")
-                stats.bytes_sent += b.nbytes
             else:
                 buf = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
-                ops.append(dist.P2POp(dist.irecv, buf, b.src, self.group))
-                labels.append(f"stage {stage}: receiving bucket {k} from rank {b.src}")
                 recvs.append((b, buf))
+            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buf, peer, self.group))
+            labels.append(f"stage {stage}: {'sending' if sending else 'receiving'} bucket {k} "
+                          f"{'to' if sending else 'from'} rank {peer}")
+            if sending:
+                stats.bytes_sent += b.nbytes
+            else:
                 stats.bytes_received += b.nbytes
-        if ops:
-            try:
-                works = dist.batch_isend_irecv(ops)
-            except RuntimeError as e:
-                raise SyncError(f"{labels[0]}: {e}") from e
-            wait_all(works, labels, self.timeout_s)
+        return ops, labels, recvs
+
+    def _post(self, ops, labels) -> list:
+        if not ops:
+            return []
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as e:
+            raise SyncError(f"{labels[0]}: {e}") from e
+
+    def _finish(self, flats, works, labels, recvs, stats: SyncStats) -> None:
+        t0 = time.perf_counter()
+        wait_all(works, labels, self.timeout_s)
+        t1 = time.perf_counter()
         for b, buf in recvs:
             self._unpack(flats, b, buf)
+        stats.wait_seconds += t1 - t0
+        stats.unpack_seconds += time.perf_counter() - t1
 
     def _wait(self, work, label: str) -> None:
         wait_all([work], [label], self.timeout_s)

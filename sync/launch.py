@@ -114,7 +114,7 @@ class LocalRun:
 def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, Any]:
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource
-    from sync.executor import PlanExecutor
+    from sync.executor import PlanExecutor, wait_all
     from sync.tensors import as_bits
 
     init_group(rank, plan.num_ranks, port, run.timeout_s)
@@ -138,6 +138,8 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, An
             if target is not None:
                 for t in target.local_tensors().values():
                     t.zero_()
+            # start together, so times measure the sync, not the preparation
+            wait_all([dist.barrier(async_op=True)], ["barrier before the sync"], run.timeout_s)
             stats[name].append(ex.sync(source, target, verify=run.verify))
         if run.return_tensors and target is not None:  # as bit patterns: numpy has no bfloat16
             tensors.append({k: as_bits(v).numpy() for k, v in target.local_tensors().items()})
