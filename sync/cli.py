@@ -176,7 +176,13 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
     from sync.bench import bench_sync
 
+    from dataclasses import replace
+
+    from planners.cost import Links
+
     job = JobSpec.from_yaml(args.job)
+    if not args.job_links:  # plan for this machine: every rank talks over loopback, every link alike
+        job = replace(job, links=Links(same_device_gbps=1.0, nvlink_gbps=1.0, nic_gbps=1.0))
     plan = build_plan(job).validate()
     bucket = int((args.bucket_mb or job.sync.bucket_mb) * (1 << 20))
     r = bench_sync(plan, reps=args.reps, bucket_bytes=bucket, timeout_s=job.sync.timeout_s)
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--reps", type=int, default=5)
     bs.add_argument("--bucket-mb", type=float, default=None)
     bs.add_argument("--json", action="store_true", help="print one JSON object")
+    bs.add_argument("--job-links", action="store_true",
+                    help="plan with the job's link bandwidths instead of this machine's (all links alike)")
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
