@@ -26,3 +26,13 @@ def test_bad_job_exits_2_with_the_field(tmp_path, capsys):
     bad.write_text("model: {preset: tiny_llama}\ntrainer: {tp: 3}\ninference: {tp: 1}\n")
     assert main(["plan", str(bad)]) == 2
     assert "trainer.tp" in capsys.readouterr().out
+
+
+def test_bench_sync_json(capsys):
+    import json
+
+    assert main(["bench", "sync", str(ROOT / "examples/tiny_moe.yaml"), "--reps", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("sync_seconds", "baseline_seconds", "bound_seconds", "bytes_moved", "verified"):
+        assert key in out
+    assert out["verified"] is True and out["bytes_moved"] > 0 and out["bound_seconds"] > 0
