@@ -17,17 +17,18 @@ from planners.plan import SyncPlan
 from sync.endpoints import check_locals
 from sync.executor import SyncStats, wait_all
 from sync.tensors import TORCH_DTYPES, block
+from sync.transport import Transport
 from sync.verify import Verifier
 
 __all__ = ["BroadcastExecutor"]
 
 
 class BroadcastExecutor:
-    def __init__(self, plan: SyncPlan, rank: int, group: dist.ProcessGroup | None = None,
-                 broadcast_group: dist.ProcessGroup | None = None, timeout_s: float = 120.0) -> None:
-        """``broadcast_group`` spans trainer rank 0 and every inference rank (create it on every
-        rank with ``dist.new_group([0, *plan.inference_ranks])``)."""
-        self.plan, self.rank, self.group, self.bgroup = plan, rank, group, broadcast_group
+    def __init__(self, plan: SyncPlan, rank: int, transport: Transport | None = None, timeout_s: float = 120.0) -> None:
+        """Every rank of the sync group must construct it (it makes the broadcast subgroup)."""
+        self.plan, self.rank = plan, rank
+        self.transport = transport or Transport()
+        self.bcast = self.transport.subgroup([0, *plan.inference_ranks])
         self.timeout_s = timeout_s
         T = plan.num_trainer
         rank_of = plan.local_rank[plan.pieces["local"]]
@@ -54,8 +55,7 @@ class BroadcastExecutor:
             full = torch.empty(t.numel, dtype=TORCH_DTYPES[t.dtype], device=device) if in_bgroup else None
             self._gather(tid, t, flats, full, device, stats)
             if in_bgroup:
-                work = dist.broadcast(full, src=0, group=self.bgroup, async_op=True)
-                wait_all([work], [f"broadcast of {t.name} from rank 0"], self.timeout_s)
+                self._wait(self.bcast.broadcast(full.view(-1).view(torch.uint8), 0), f"broadcast of {t.name} from rank 0")
                 if rank == 0:
                     stats.bytes_sent += full.numel() * full.element_size() * len(plan.inference_ranks)
                 else:
@@ -68,10 +68,10 @@ class BroadcastExecutor:
         stats.seconds = time.perf_counter() - t0
         stats.stage_seconds = {1: stats.seconds}
         if verify:
-            stats.mismatched, total = self.verifier.check(flats, self.group, self._wait)
+            stats.mismatched, total = self.verifier.check(flats, self.transport, self._wait)
             stats.verified = total == 0
         elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-        self._wait(dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=self.group, async_op=True), "gathering sync times")
+        self._wait(self.transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
         stats.global_seconds = float(elapsed.item())
         return stats
 
@@ -96,11 +96,11 @@ class BroadcastExecutor:
                     block(full, 0, t.outer, t.shape[t.split_dim], t.inner, lo, n).copy_(src)
                     continue
                 buf = src.contiguous()
-                wait_all([dist.isend(buf, 0, group=self.group)], [f"sending {t.name}[{lo}:{hi}] to rank 0"], self.timeout_s)
+                wait_all(self.transport.batch([(True, buf, 0)]), [f"sending {t.name}[{lo}:{hi}] to rank 0"], self.timeout_s)
                 stats.bytes_sent += buf.numel() * buf.element_size()
             else:  # rank 0 receives from the holder
                 buf = torch.empty((t.outer, n, t.inner), dtype=full.dtype, device=device)
-                wait_all([dist.irecv(buf, holder, group=self.group)], [f"receiving {t.name}[{lo}:{hi}] from rank {holder}"],
+                wait_all(self.transport.batch([(False, buf, holder)]), [f"receiving {t.name}[{lo}:{hi}] from rank {holder}"],
                          self.timeout_s)
                 block(full, 0, t.outer, t.shape[t.split_dim], t.inner, lo, n).copy_(buf)
                 stats.bytes_received += buf.numel() * buf.element_size()

@@ -41,7 +41,7 @@ def _raw_plan(plan: SyncPlan, rank: int, bucket_bytes: int) -> list[tuple[int, i
     return sorted(out)
 
 
-def _raw_exchange(messages, buffer: torch.Tensor, timeout_s: float) -> float:
+def _raw_exchange(transport, messages, buffer: torch.Tensor, timeout_s: float) -> float:
     from sync.executor import wait_all
 
     t0 = time.perf_counter()
@@ -51,16 +51,15 @@ def _raw_exchange(messages, buffer: torch.Tensor, timeout_s: float) -> float:
     for key in sorted(rounds):
         ops, offset = [], 0
         for peer, n in rounds[key]:
-            view = buffer[offset: offset + abs(n)]
+            ops.append((n > 0, buffer[offset: offset + abs(n)], peer))
             offset += abs(n)
-            ops.append(dist.P2POp(dist.isend if n > 0 else dist.irecv, view, peer))
-        wait_all(dist.batch_isend_irecv(ops), [f"raw exchange round {key}"] * len(ops), timeout_s)
+        wait_all(transport.batch(ops), [f"raw exchange round {key}"] * len(ops), timeout_s)
     return time.perf_counter() - t0
 
 
-def _max_seconds(seconds: float) -> float:
+def _max_seconds(transport, seconds: float) -> float:
     t = torch.tensor([seconds], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    transport.all_reduce(t, dist.ReduceOp.MAX).wait()
     return float(t.item())
 
 
@@ -68,14 +67,14 @@ def _worker(rank: int, plan: SyncPlan, reps: int, bucket_bytes: int, timeout_s: 
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource
     from sync.executor import PlanExecutor
-    from sync.launch import init_group
+    from sync.transport import standalone_transport
 
-    init_group(rank, plan.num_ranks, port, timeout_s)
+    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, timeout_s)
     is_trainer = rank < plan.num_trainer
     source = SyntheticSource(plan, rank, 0, 1) if is_trainer else None
     target = None if is_trainer else BufferTarget(plan, rank)
-    plan_ex = PlanExecutor(plan, rank, None, bucket_bytes, timeout_s)
-    base_ex = BroadcastExecutor(plan, rank, None, dist.new_group([0, *plan.inference_ranks]), timeout_s)
+    plan_ex = PlanExecutor(plan, rank, transport, bucket_bytes, timeout_s)
+    base_ex = BroadcastExecutor(plan, rank, transport, timeout_s)
     messages = _raw_plan(plan, rank, bucket_bytes)
     per_round: dict[tuple[int, int], int] = {}
     for stage, k, _, n in messages:
@@ -84,9 +83,9 @@ def _worker(rank: int, plan: SyncPlan, reps: int, bucket_bytes: int, timeout_s: 
     out: dict[str, Any] = {"plan": [], "broadcast": [], "raw": [], "verified": True, "sent": 0, "received": 0}
     for i in range(reps):
         for mode in ("plan", "broadcast", "raw") if i % 2 == 0 else ("raw", "broadcast", "plan"):
-            dist.barrier()
+            transport.barrier().wait()
             if mode == "raw":
-                out["raw"].append(_max_seconds(_raw_exchange(messages, buffer, timeout_s)))
+                out["raw"].append(_max_seconds(transport, _raw_exchange(transport, messages, buffer, timeout_s)))
                 continue
             ex = plan_ex if mode == "plan" else base_ex
             stats = ex.sync(source, target, verify=i == 0)

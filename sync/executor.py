@@ -21,6 +21,7 @@ from planners.buckets import Bucket, bucketize
 from planners.plan import SyncPlan
 from sync.endpoints import check_locals
 from sync.tensors import TORCH_DTYPES, block
+from sync.transport import Transport
 from sync.verify import Verifier
 
 __all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all"]
@@ -69,10 +70,11 @@ def wait_all(works: list, what: list[str], timeout_s: float) -> None:
 
 
 class PlanExecutor:
-    def __init__(self, plan: SyncPlan, rank: int, group: dist.ProcessGroup | None = None,
+    def __init__(self, plan: SyncPlan, rank: int, transport: Transport | None = None,
                  bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18) -> None:
         """``direct_bytes``: contiguous chunks at least this large skip the bucket copy."""
-        self.plan, self.rank, self.group = plan, rank, group
+        self.plan, self.rank = plan, rank
+        self.transport = transport or Transport()
         self.timeout_s = timeout_s
         self.buckets = bucketize(plan, bucket_bytes, rank, direct_bytes)
         self.is_trainer = rank < plan.num_trainer
@@ -125,10 +127,10 @@ class PlanExecutor:
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
         if verify:
-            stats.mismatched, total = self.verifier.check(flats, self.group, self._wait)
+            stats.mismatched, total = self.verifier.check(flats, self.transport, self._wait)
             stats.verified = total == 0
         elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-        self._wait(dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=self.group, async_op=True), "gathering sync times")
+        self._wait(self.transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
         stats.global_seconds = float(elapsed.item())
         if target is not None and self.plan.placement is not None and hasattr(target, "set_placement"):
             target.set_placement(self.plan.placement)
@@ -169,7 +171,7 @@ class PlanExecutor:
             else:
                 buf = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
                 recvs.append((b, buf))
-            ops.append(dist.P2POp(dist.isend if sending else dist.irecv, buf, peer, self.group))
+            ops.append((sending, buf, peer))
             labels.append(f"stage {stage}: {'sending' if sending else 'receiving'} bucket {k} "
                           f"{'to' if sending else 'from'} rank {peer}")
             if sending:
@@ -182,7 +184,7 @@ class PlanExecutor:
         if not ops:
             return []
         try:
-            return dist.batch_isend_irecv(ops)
+            return self.transport.batch(ops)
         except RuntimeError as e:
             raise SyncError(f"{labels[0]}: {e}") from e
 

@@ -116,17 +116,17 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, An
     from sync.endpoints import BufferTarget, SyntheticSource
     from sync.executor import PlanExecutor, wait_all
     from sync.tensors import as_bits
+    from sync.transport import standalone_transport
 
-    init_group(rank, plan.num_ranks, port, run.timeout_s)
+    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s)
     is_trainer = rank < plan.num_trainer
     source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
     target = None if is_trainer else BufferTarget(plan, rank)
     executors = {}
     if run.executor == "plan" or run.both:
-        executors["plan"] = PlanExecutor(plan, rank, None, run.bucket_bytes, run.timeout_s)
+        executors["plan"] = PlanExecutor(plan, rank, transport, run.bucket_bytes, run.timeout_s)
     if run.executor == "broadcast" or run.both:
-        bgroup = dist.new_group([0, *plan.inference_ranks])
-        executors["broadcast"] = BroadcastExecutor(plan, rank, None, bgroup, run.timeout_s)
+        executors["broadcast"] = BroadcastExecutor(plan, rank, transport, run.timeout_s)
     if rank == run.stall_rank:
         time.sleep(run.timeout_s * 10)  # a hung peer: never answers
     stats: dict[str, list] = {name: [] for name in executors}
@@ -139,7 +139,7 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, An
                 for t in target.local_tensors().values():
                     t.zero_()
             # start together, so times measure the sync, not the preparation
-            wait_all([dist.barrier(async_op=True)], ["barrier before the sync"], run.timeout_s)
+            wait_all([transport.barrier()], ["barrier before the sync"], run.timeout_s)
             stats[name].append(ex.sync(source, target, verify=run.verify))
         if run.return_tensors and target is not None:  # as bit patterns: numpy has no bfloat16
             tensors.append({k: as_bits(v).numpy() for k, v in target.local_tensors().items()})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from planners.buckets import stage2_origin
 from planners.plan import SyncPlan
@@ -43,12 +42,12 @@ class Verifier:
             out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([s0, s1])
         return out
 
-    def check(self, flats: dict[int, torch.Tensor], group, wait) -> tuple[list[str], int]:
+    def check(self, flats: dict[int, torch.Tensor], transport, wait) -> tuple[list[str], int]:
         """Names of this rank's engine tensors whose checksum differs; ``wait(work, label)`` waits
         with the caller's deadline. Returns (local mismatches, total mismatches over all ranks)."""
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
         expected = self.expected(flats).to(device)
-        wait(dist.all_reduce(expected, group=group, async_op=True), "sharing checksums")
+        wait(transport.all_reduce(expected), "sharing checksums")
         bad = []
         if self.rank >= self.plan.num_trainer:
             want = expected.cpu()
@@ -56,5 +55,5 @@ class Verifier:
                 if tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat):
                     bad.append(self.plan.local_name[lid])
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
-        wait(dist.all_reduce(count, group=group, async_op=True), "agreeing on verification")
+        wait(transport.all_reduce(count), "agreeing on verification")
         return bad, int(count.item())
