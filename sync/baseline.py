@@ -95,7 +95,7 @@ class BroadcastExecutor:
                 if self.rank == 0:
                     block(full, 0, t.outer, t.shape[t.split_dim], t.inner, lo, n).copy_(src)
                     continue
-                buf = src.contiguous()
+                buf = src.to(full.dtype if full is not None else TORCH_DTYPES[t.dtype]).contiguous()
                 wait_all(self.transport.batch([(True, buf, 0)]), [f"sending {t.name}[{lo}:{hi}] to rank 0"], self.timeout_s)
                 stats.bytes_sent += buf.numel() * buf.element_size()
             else:  # rank 0 receives from the holder

@@ -9,7 +9,7 @@ engines plug in through the same two methods.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
 
 __all__ = ["Source", "Target", "SyntheticSource", "BufferTarget", "synthetic_tensor", "check_locals",
-           "EndpointError"]
+           "EndpointError", "fill_from_full"]
 
 
 class EndpointError(ValueError):
@@ -40,6 +40,22 @@ def synthetic_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> t
     return torch.from_numpy(rng.standard_normal(t.shape, dtype=np.float32)).to(TORCH_DTYPES[t.dtype])
 
 
+def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
+                   full: Callable[[int], torch.Tensor]) -> None:
+    """Write trainer ``rank``'s shards of full HF weights (``full(tensor id)``) into its local tensors,
+    in place: the inverse of the trainer shard rules (padding rows are left as they are)."""
+    pieces = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
+    for tid in np.unique(pieces["tensor"]):
+        t = plan.tensors[tid]
+        whole = full(int(tid)).reshape(-1)
+        for p in pieces[pieces["tensor"] == tid]:
+            n = int(p["hi"] - p["lo"])
+            dst = tensors[plan.local_name[p["local"]]]
+            src = block(whole.to(dst.device, dst.dtype), 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n)
+            with torch.no_grad():
+                block(dst.view(-1), int(p["base"]), t.outer, int(p["dim"]), t.inner, int(p["off"]), n).copy_(src)
+
+
 def _allocate(plan: SyncPlan, rank: int, device: torch.device | str) -> dict[str, torch.Tensor]:
     return {plan.local_name[i]: torch.zeros(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]], device=device)
             for i in plan.locals_of(rank)}
@@ -54,17 +70,8 @@ class SyntheticSource:
         self.set_version(version)
 
     def set_version(self, version: int) -> None:
-        plan = self.plan
-        mine = plan.locals_of(self.rank)
-        pieces = plan.pieces[np.isin(plan.pieces["local"], mine)]
-        for tid in np.unique(pieces["tensor"]):
-            t = plan.tensors[tid]
-            full = synthetic_tensor(t, int(tid), self.seed, version).reshape(-1).to(self.device)
-            for p in pieces[pieces["tensor"] == tid]:
-                n = int(p["hi"] - p["lo"])
-                dst = block(self.tensors[plan.local_name[p["local"]]].view(-1), int(p["base"]), t.outer, int(p["dim"]),
-                            t.inner, int(p["off"]), n)
-                dst.copy_(block(full, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n))
+        fill_from_full(self.plan, self.rank, self.tensors,
+                       lambda tid: synthetic_tensor(self.plan.tensors[tid], tid, self.seed, version))
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         return self.tensors
@@ -91,7 +98,10 @@ def check_locals(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor], si
             continue
         if tuple(t.shape) != tuple(plan.local_shape[i]):
             problems.append(f"{name}: shape {tuple(t.shape)}, plan expects {tuple(plan.local_shape[i])}")
-        if t.dtype != TORCH_DTYPES[plan.local_dtype[i]]:
+        want = TORCH_DTYPES[plan.local_dtype[i]]
+        # a trainer may keep some weights wider (fp32 norms, master weights): they are cast on the way
+        castable = side == "source" and t.dtype.is_floating_point and want.is_floating_point
+        if t.dtype != want and not castable:
             problems.append(f"{name}: dtype {t.dtype}, plan expects {plan.local_dtype[i]}")
         if not t.is_contiguous():
             problems.append(f"{name}: not contiguous")

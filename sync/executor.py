@@ -102,7 +102,7 @@ class PlanExecutor:
         for row, lo, hi, off in zip(b.chunk.tolist(), b.lo.tolist(), b.hi.tolist(), b.offset.tolist()):
             src = self._view(flats, "src", row, lo, hi)
             dt = TORCH_DTYPES[self.plan.tensors[self._chunks["tensor"][row]].dtype]
-            buf[off: off + src.numel() * src.element_size()].view(dt).view(src.shape).copy_(src)
+            buf[off: off + src.numel() * dt.itemsize].view(dt).view(src.shape).copy_(src)  # casts a wider source
         return buf
 
     def _unpack(self, flats, b: Bucket, buf: torch.Tensor) -> None:
@@ -165,7 +165,8 @@ class PlanExecutor:
             peer = b.dst if sending else b.src
             if b.direct:  # one contiguous chunk: straight from the source / into the destination
                 buf = self._view(flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
-                buf = buf.reshape(-1).view(torch.uint8)
+                wire = TORCH_DTYPES[self.plan.tensors[self._chunks["tensor"][int(b.chunk[0])]].dtype]
+                buf = buf.reshape(-1).to(wire).view(torch.uint8)  # .to() casts only a wider source
             elif sending:
                 buf = self._pack(flats, b, device)
             else:

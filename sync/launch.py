@@ -109,18 +109,37 @@ class LocalRun:
     return_tensors: bool = False  # engine ranks send their tensors back (small jobs, for tests)
     stall_rank: int | None = None  # fault injection: this rank stops responding before syncing
     both: bool = False  # alternate plan and broadcast executors on each version (benchmarks)
+    source: str = "synthetic"  # trainer ranks: "synthetic" shards, or a real megatron-core GPTModel
+    job: Any = None  # the JobSpec (needed to build megatron-core models)
 
 
-def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, Any]:
+def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, port: int):
+    """Build this trainer rank's GPTModel: Megatron gets the default group (trainer ranks only)."""
+    from megatron.core import parallel_state as ps
+
+    from sync.megatron import MegatronSource, build_gpt_model
+
+    lay = run.job.trainer
+    init_group(rank, plan.num_trainer, port, run.timeout_s)
+    ps.initialize_model_parallel(tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
+                                 expert_model_parallel_size=lay.ep, expert_tensor_parallel_size=lay.etp,
+                                 context_parallel_size=lay.cp, order=lay.order, create_gloo_process_groups=False)
+    return MegatronSource(build_gpt_model(run.job.model, lay))
+
+
+def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: int) -> dict[str, Any]:
     from sync.baseline import BroadcastExecutor
-    from sync.endpoints import BufferTarget, SyntheticSource
+    from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
     from sync.executor import PlanExecutor, wait_all
     from sync.tensors import as_bits
     from sync.transport import standalone_transport
 
-    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s)
     is_trainer = rank < plan.num_trainer
-    source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
+    if is_trainer and run.source == "megatron":
+        source = _megatron_source(plan, run, rank, trainer_port)
+    else:
+        source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
+    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s)
     target = None if is_trainer else BufferTarget(plan, rank)
     executors = {}
     if run.executor == "plan" or run.both:
@@ -132,8 +151,9 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, An
     stats: dict[str, list] = {name: [] for name in executors}
     tensors = []
     for version in run.versions:
-        if source is not None:
-            source.set_version(version)
+        if source is not None:  # new weights: the same seeded HF weights every rank derives
+            fill_from_full(plan, rank, source.local_tensors(),
+                           lambda tid: synthetic_tensor(plan.tensors[tid], tid, run.seed, version))
         for name, ex in executors.items():
             if target is not None:
                 for t in target.local_tensors().values():
@@ -148,6 +168,6 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int) -> dict[str, An
 
 def run_local(plan: SyncPlan, run: LocalRun, allow_failures: bool = False):
     """Run ``run`` on every rank of ``plan`` as local processes; returns (results, errors) by rank."""
-    return spawn_ranks(plan.num_ranks, _worker, (plan, run, free_port()),
+    return spawn_ranks(plan.num_ranks, _worker, (plan, run, free_port(), free_port()),
                        timeout_s=run.timeout_s * (len(run.versions) * (2 if run.both else 1) + 2),
                        allow_failures=allow_failures, grace_s=run.timeout_s)

@@ -13,7 +13,7 @@ import torch
 
 from planners.buckets import stage2_origin
 from planners.plan import SyncPlan
-from sync.tensors import block, checksum_block, checksum_flat
+from sync.tensors import TORCH_DTYPES, block, checksum_block, checksum_flat
 
 __all__ = ["Verifier"]
 
@@ -38,6 +38,7 @@ class Verifier:
             lo, hi = int(c["lo"][row]), int(c["hi"][row])
             data = block(flats[int(c["src_local"][origin])], int(c["src_base"][origin]), t.outer, int(c["src_dim"][origin]),
                          t.inner, int(c["src_off"][origin]) + lo - int(c["lo"][origin]), hi - lo)
+            data = data.to(TORCH_DTYPES[t.dtype])  # what the engine receives (a wider source is cast)
             s0, s1 = checksum_block(data, int(c["dst_base"][row]), int(c["dst_dim"][row]), int(c["dst_off"][row]))
             out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([s0, s1])
         return out
