@@ -89,7 +89,10 @@ def test_a_source_that_does_not_match_the_plan_is_refused():
     plan = build_plan(job)
     src = SyntheticSource(plan, 0).local_tensors()
     name = next(iter(src))
-    src[name] = src[name].to(torch.float32)
+    src[name] = src[name].to(torch.int16)
     del src[sorted(src)[-1]]
-    with pytest.raises(EndpointError, match="dtype torch.float32, plan expects bfloat16.*missing"):
+    with pytest.raises(EndpointError, match="dtype torch.int16, plan expects bfloat16.*missing"):
         check_locals(plan, 0, src, "source")
+    src = SyntheticSource(plan, 0).local_tensors()
+    src[name] = src[name].to(torch.float32)  # a wider float source is fine: cast on the way
+    check_locals(plan, 0, src, "source")
