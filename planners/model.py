@@ -66,6 +66,10 @@ class ModelSpec:
     num_experts_per_tok: int = 0
     n_group: int = 1
     topk_group: int = 1
+    norm_topk_prob: bool = False
+    # What a forward pass needs (no tensors of their own)
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
     model_type: str = ""
 
     def __post_init__(self) -> None:
@@ -136,6 +140,9 @@ class ModelSpec:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             dtype=str(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))).replace("torch.", ""),
             num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", family == "mixtral")),
+            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         )
         if family == "llama":
             return cls(

@@ -110,7 +110,10 @@ class LocalRun:
     stall_rank: int | None = None  # fault injection: this rank stops responding before syncing
     both: bool = False  # alternate plan and broadcast executors on each version (benchmarks)
     source: str = "synthetic"  # trainer ranks: "synthetic" shards, or a real megatron-core GPTModel
-    job: Any = None  # the JobSpec (needed to build megatron-core models)
+    job: Any = None  # the JobSpec (needed to build megatron-core models and reference engines)
+    engine: str = "buffer"  # engine ranks: plain buffers, or "reference" engines that run a forward pass
+    full_weights: list[dict[str, Any]] | None = None  # per version, HF weights (numpy) instead of seeded ones
+    tokens: list[int] | None = None  # reference engines run these after each sync and return the logits
 
 
 def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, port: int):
@@ -141,6 +144,11 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
         source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
     transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s)
     target = None if is_trainer else BufferTarget(plan, rank)
+    if run.engine == "reference":
+        from sync.engines.reference import ReferenceEngine, engine_groups
+
+        groups = engine_groups(plan, run.job, transport, rank)
+        target = None if is_trainer else ReferenceEngine(plan, run.job, rank, *groups)
     executors = {}
     if run.executor == "plan" or run.both:
         executors["plan"] = PlanExecutor(plan, rank, transport, run.bucket_bytes, run.timeout_s)
@@ -149,11 +157,16 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
     if rank == run.stall_rank:
         time.sleep(run.timeout_s * 10)  # a hung peer: never answers
     stats: dict[str, list] = {name: [] for name in executors}
-    tensors = []
-    for version in run.versions:
-        if source is not None:  # new weights: the same seeded HF weights every rank derives
-            fill_from_full(plan, rank, source.local_tensors(),
-                           lambda tid: synthetic_tensor(plan.tensors[tid], tid, run.seed, version))
+    tensors, logits = [], []
+    for i, version in enumerate(run.versions):
+        if source is not None:  # new weights: the same seeded (or given) HF weights every rank derives
+            if run.full_weights is not None:
+                weights = run.full_weights[i]
+                fill_from_full(plan, rank, source.local_tensors(),
+                               lambda tid: torch.from_numpy(weights[plan.tensors[tid].name]))
+            else:
+                fill_from_full(plan, rank, source.local_tensors(),
+                               lambda tid: synthetic_tensor(plan.tensors[tid], tid, run.seed, version))
         for name, ex in executors.items():
             if target is not None:
                 for t in target.local_tensors().values():
@@ -163,7 +176,10 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
             stats[name].append(ex.sync(source, target, verify=run.verify))
         if run.return_tensors and target is not None:  # as bit patterns: numpy has no bfloat16
             tensors.append({k: as_bits(v).numpy() for k, v in target.local_tensors().items()})
-    return {"stats": stats, "tensors": tensors}
+        if run.tokens is not None and target is not None:
+            logits.append(target.forward(torch.tensor(run.tokens)).float().numpy())
+    return {"stats": stats, "tensors": tensors, "logits": logits,
+            "slot_counts": getattr(target, "slot_counts", None)}
 
 
 def run_local(plan: SyncPlan, run: LocalRun, allow_failures: bool = False):

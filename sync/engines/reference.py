@@ -1,0 +1,156 @@
+"""A reference inference engine: vLLM-layout shards and a real forward pass on them (not a server).
+
+One :class:`ReferenceEngine` per engine rank holds the rank's parameters (a sync target) and runs
+the model's forward pass for a batch of token ids the way a TP/EP engine would: vocabulary-parallel
+embedding, TP attention with GQA (KV heads replicated when tp > kv heads), RMSNorm, RoPE, gated MLP,
+MoE with top-k routing where each (token, expert) goes to one of the expert's physical replicas
+(spread over them, from ``log2phy``), and sums over the TP group (attention, MLP) and the engine's
+DP x TP group (experts). Every DP rank runs the same tokens. It counts tokens per physical slot for
+EPLB statistics. Families: llama/qwen2/qwen3 and qwen3_moe; one pipeline stage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from planners.job import JobSpec
+from planners.plan import SyncPlan
+from sync.endpoints import BufferTarget
+from sync.transport import Transport
+
+__all__ = ["ReferenceEngine", "engine_groups"]
+
+
+def engine_groups(plan: SyncPlan, job: JobSpec, transport: Transport, rank: int) -> tuple[Transport, Transport]:
+    """(TP group, DP x TP group) of engine ``rank``; every rank of the sync group must call this."""
+    lay, T = job.inference, plan.num_trainer
+    mine_tp = mine_ep = None
+    for group in lay.grid.groups("tp"):
+        g = transport.subgroup([T + r for r in group])
+        mine_tp = g or mine_tp
+    for group in lay.grid.groups("tp-dp"):
+        g = transport.subgroup([T + r for r in group])
+        mine_ep = g or mine_ep
+    return mine_tp, mine_ep
+
+
+class ReferenceEngine(BufferTarget):
+    def __init__(self, plan: SyncPlan, job: JobSpec, rank: int, tp_group: Transport, ep_group: Transport) -> None:
+        super().__init__(plan, rank)
+        if job.inference.pp != 1 or job.model.is_mla or job.model.family == "mixtral":
+            raise NotImplementedError("the reference engine runs llama/qwen and qwen3_moe models with pp=1")
+        self.job, self.spec, self.lay = job, job.model, job.inference
+        self.coords = self.lay.coords(rank - plan.num_trainer)
+        self.tp_group, self.ep_group = tp_group, ep_group
+        self.placement = plan.placement
+        self.slot_counts: np.ndarray | None = None  # [moe layers, slots] tokens served per physical slot
+
+    def set_placement(self, placement) -> None:
+        self.placement = placement
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _sum(self, x: torch.Tensor, group: Transport) -> torch.Tensor:
+        group.all_reduce(x).wait()
+        return x
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)).to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        inv = 1.0 / (self.spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+        freqs = positions[:, None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
+        half = torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+        return x * cos + half * sin
+
+    # -- forward ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[seq, vocab]`` for one sequence of token ids (every rank returns them)."""
+        W, spec = self.tensors, self.spec
+        tp, tp_rank = self.lay.tp, self.coords.tp
+        seq = tokens.shape[0]
+        emb = W["model.embed_tokens.weight"]
+        vp = emb.shape[0]
+        local = tokens - tp_rank * vp
+        mask = (local >= 0) & (local < vp)
+        x = emb[local.clamp(0, vp - 1)] * mask[:, None].to(emb.dtype)
+        x = self._sum(x, self.tp_group)
+        positions = torch.arange(seq)
+        moe_layers = list(spec.moe_layers)
+        counts = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}"
+            x = x + self._attention(self._rms(x, W[f"{p}.input_layernorm.weight"]), p, positions)
+            h = self._rms(x, W[f"{p}.post_attention_layernorm.weight"])
+            if i in moe_layers:
+                out, served = self._moe(h, p, moe_layers.index(i))
+                counts.append(served)
+            else:
+                gate_up = h @ W[f"{p}.mlp.gate_up_proj.weight"].T
+                g, u = gate_up.chunk(2, dim=-1)
+                out = self._sum(torch.nn.functional.silu(g) * u @ W[f"{p}.mlp.down_proj.weight"].T, self.tp_group)
+            x = x + out
+        x = self._rms(x, W["model.norm.weight"])
+        head = W["model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"]
+        logits = torch.zeros(seq, vp * tp, dtype=x.dtype)
+        logits[:, tp_rank * vp:(tp_rank + 1) * vp] = x @ head.T
+        self.slot_counts = np.stack(counts) if counts else None
+        return self._sum(logits, self.tp_group)[:, : spec.vocab_size]
+
+    def _attention(self, h: torch.Tensor, p: str, positions: torch.Tensor) -> torch.Tensor:
+        W, spec, tp = self.tensors, self.spec, self.lay.tp
+        d = spec.head_dim
+        nq = spec.num_heads // tp
+        nkv = max(spec.num_kv_heads // tp, 1)
+        qkv = h @ W[f"{p}.self_attn.qkv_proj.weight"].T
+        if spec.qkv_bias:
+            qkv = qkv + W[f"{p}.self_attn.qkv_proj.bias"]
+        q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+        seq = h.shape[0]
+        q, k, v = q.view(seq, nq, d), k.view(seq, nkv, d), v.view(seq, nkv, d)
+        if spec.qk_norm:
+            q, k = self._rms(q, W[f"{p}.self_attn.q_norm.weight"]), self._rms(k, W[f"{p}.self_attn.k_norm.weight"])
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        k = k.repeat_interleave(nq // nkv, dim=1)
+        v = v.repeat_interleave(nq // nkv, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * d ** -0.5
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1).to(q.dtype)
+        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(seq, nq * d)
+        return self._sum(attn @ W[f"{p}.self_attn.o_proj.weight"].T, self.tp_group)
+
+    def _moe(self, h: torch.Tensor, p: str, moe_layer: int) -> tuple[torch.Tensor, np.ndarray]:
+        W, spec, lay = self.tensors, self.spec, self.lay
+        probs = torch.softmax((h @ W[f"{p}.mlp.gate.weight"].T).float(), dim=-1)
+        weight, expert = torch.topk(probs, spec.num_experts_per_tok, dim=-1)
+        if spec.norm_topk_prob:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        weight = weight.to(h.dtype)
+        phy2log = self.placement.phy2log[moe_layer] if self.placement is not None else np.arange(spec.num_experts)
+        P = len(phy2log)
+        log2phy = [np.flatnonzero(phy2log == e) for e in range(spec.num_experts)]
+        group_rank = self.coords.ep_rank(lay.tp)
+        w13, w2 = W[f"{p}.mlp.experts.w13_weight"], W[f"{p}.mlp.experts.w2_weight"]
+        if lay.enable_ep:
+            base, rem = divmod(P, lay.ep_size)
+            first = group_rank * base + min(group_rank, rem)
+        else:
+            first = 0
+        out = torch.zeros_like(h)
+        served = np.zeros(P, dtype=np.int64)
+        for t in range(h.shape[0]):
+            for j in range(spec.num_experts_per_tok):
+                e = int(expert[t, j])
+                slot = int(log2phy[e][(t + j) % len(log2phy[e])])  # spread tokens over the replicas
+                served[slot] += 1
+                s = slot - first
+                if not 0 <= s < w13.shape[0]:
+                    continue  # another EP rank serves this replica
+                g, u = (h[t] @ w13[s].T).chunk(2, dim=-1)
+                out[t] += weight[t, j] * ((torch.nn.functional.silu(g) * u) @ w2[s].T)
+        return self._sum(out, self.ep_group), served
