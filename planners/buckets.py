@@ -37,6 +37,7 @@ class Bucket:
     offset: np.ndarray  # [n] byte offset in the bucket
     nbytes: int  # bucket size in bytes (padded)
     direct: bool = False  # one contiguous chunk sent from and received into the tensors themselves
+    payload: int = 0  # bytes of tensor data (nbytes less alignment padding)
 
 
 def bucketize(plan: SyncPlan, bucket_bytes: int, rank: int | None = None, direct_bytes: int = 1 << 18) -> list[Bucket]:
@@ -77,19 +78,20 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
     buckets: list[Bucket] = []
     items: list[tuple[int, int, int, int]] = []  # packed (chunk, lo, hi, offset) of this round
     packed = 0  # bytes in this round's packed bucket
+    payload = 0
     used = 0  # bytes in this round, packed and direct
     round_index = 0
 
     def close() -> None:
-        nonlocal items, packed, used, round_index
+        nonlocal items, packed, used, round_index, payload
         if items:
             arr = np.array(items, dtype=np.int64)
             r0 = c[arr[0, 0]]
             buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), round_index, arr[:, 0],
-                                  arr[:, 1], arr[:, 2], arr[:, 3], packed))
+                                  arr[:, 1], arr[:, 2], arr[:, 3], packed, payload=payload))
         if used:
             round_index += 1
-        items, packed, used = [], 0, 0
+        items, packed, used, payload = [], 0, 0, 0
 
     for i, alone in zip(rows.tolist(), direct.tolist()):
         rb = int(row_bytes[c["tensor"][i]])
@@ -99,7 +101,7 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
                 close()
             buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), round_index, np.array([i]),
                                   np.array([r0["lo"]]), np.array([r0["hi"]]), np.zeros(1, dtype=np.int64),
-                                  int(r0["nbytes"]), direct=True))
+                                  int(r0["nbytes"]), direct=True, payload=int(r0["nbytes"])))
             used += int(r0["nbytes"])
             if used >= bucket_bytes:
                 close()
@@ -117,6 +119,7 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
             items.append((i, lo, lo + take, packed))
             size = -(-(take * rb) // ALIGN) * ALIGN
             packed += size
+            payload += take * rb
             used += size
             lo += take
             if used >= bucket_bytes:

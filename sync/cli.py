@@ -204,6 +204,28 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0 if r["verified"] else 1
 
 
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from sync.ray_run import run_job
+
+    job = JobSpec.from_yaml(args.job)
+    report = run_job(job, iterations=args.iterations, report_dir=args.report, address=args.address,
+                     trainer=args.trainer, console=console)
+    table = Table(title=f"{job.name}: {len(report['iterations'])} iterations on Ray", title_justify="left")
+    for col in ("iteration", "sync s", "predicted s", "bound s", "MB", "GB/s", "balancedness", "verified"):
+        table.add_column(col, justify="right")
+    for r in report["iterations"]:
+        b = r["balancedness"]
+        table.add_row(str(r["iteration"]), f"{r['sync_seconds']:.3f}", f"{r['predicted_seconds'] * 1e3:.3f} ms",
+                      f"{r['bound_seconds'] * 1e3:.3f} ms", f"{r['bytes'] / 1e6:.2f}",
+                      f"{r['bytes'] / r['sync_seconds'] / 1e9:.2f}",
+                      f"{b.get('before', 1):.3f} -> {b.get('after', b.get('before', 1)):.3f}" if b else "-",
+                      "[green]yes[/]" if r["verified"] else "[red]NO[/]")
+    console.print(table)
+    console.print(f"wall {report['wall_seconds']:.1f} s; report in {args.report}" if args.report else
+                  f"wall {report['wall_seconds']:.1f} s")
+    return 0 if report["verified"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlsync", description="Trainer -> inference weight sync planner and runner")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--policy", choices=["default", "deepseek"], default=None)
     e.add_argument("--out", metavar="PATH", help="write the placement (phy2log, log2phy, logcnt) as JSON")
     e.add_argument("--png", metavar="PATH", help="draw per-GPU load before/after")
+    r = sub.add_parser("run", help="the refresh loop on Ray: trainer and engine actors, one sync per iteration")
+    r.add_argument("job", help="YAML job spec")
+    r.add_argument("--iterations", type=int, default=3)
+    r.add_argument("--report", metavar="DIR", default="out/report", help="report folder (report.json, PNGs)")
+    r.add_argument("--address", default=None, help="join a Ray cluster (default: start Ray locally)")
+    r.add_argument("--trainer", choices=["megatron", "synthetic"], default="megatron",
+                   help="trainer ranks: megatron-core GPTModels or synthetic shards")
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     bs = bsub.add_parser("sync", help="plan executor vs rank-0 broadcast on local processes")
@@ -237,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
-        return {"plan": cmd_plan, "eplb": cmd_eplb, "bench": cmd_bench}[args.command](args, console)
+        return {"plan": cmd_plan, "eplb": cmd_eplb, "bench": cmd_bench, "run": cmd_run}[args.command](args, console)
     except (JobError, PlanError) as e:
         console.print(f"[red]error:[/] {e}")
         return 2

@@ -47,6 +47,7 @@ class SyncStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_copied: int = 0
+    sent_to: dict[int, int] = field(default_factory=dict)  # tensor bytes this rank sent to each peer
     pack_seconds: float = 0.0  # copying into send buckets and local copies
     wait_seconds: float = 0.0  # waiting for the network
     unpack_seconds: float = 0.0  # copying out of receive buckets
@@ -177,6 +178,7 @@ class PlanExecutor:
                           f"{'to' if sending else 'from'} rank {peer}")
             if sending:
                 stats.bytes_sent += b.nbytes
+                stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
             else:
                 stats.bytes_received += b.nbytes
         return ops, labels, recvs
