@@ -208,14 +208,15 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from sync.ray_run import run_job
 
     job = JobSpec.from_yaml(args.job)
+    schedule = [int(x) for x in args.engines.split(",")] if args.engines else None
     report = run_job(job, iterations=args.iterations, report_dir=args.report, address=args.address,
-                     trainer=args.trainer, console=console)
+                     trainer=args.trainer, console=console, engines_schedule=schedule)
     table = Table(title=f"{job.name}: {len(report['iterations'])} iterations on Ray", title_justify="left")
-    for col in ("iteration", "sync s", "predicted s", "bound s", "MB", "GB/s", "balancedness", "verified"):
+    for col in ("iteration", "engines", "sync s", "predicted s", "bound s", "MB", "GB/s", "balancedness", "verified"):
         table.add_column(col, justify="right")
     for r in report["iterations"]:
         b = r["balancedness"]
-        table.add_row(str(r["iteration"]), f"{r['sync_seconds']:.3f}", f"{r['predicted_seconds'] * 1e3:.3f} ms",
+        table.add_row(str(r["iteration"]), str(r["engines"]), f"{r['sync_seconds']:.3f}", f"{r['predicted_seconds'] * 1e3:.3f} ms",
                       f"{r['bound_seconds'] * 1e3:.3f} ms", f"{r['bytes'] / 1e6:.2f}",
                       f"{r['bytes'] / r['sync_seconds'] / 1e9:.2f}",
                       f"{b.get('before', 1):.3f} -> {b.get('after', b.get('before', 1)):.3f}" if b else "-",
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--address", default=None, help="join a Ray cluster (default: start Ray locally)")
     r.add_argument("--trainer", choices=["megatron", "synthetic"], default="megatron",
                    help="trainer ranks: megatron-core GPTModels or synthetic shards")
+    r.add_argument("--engines", metavar="N,N,...", help="engines per iteration (elastic), e.g. 2,1,3")
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     bs = bsub.add_parser("sync", help="plan executor vs rank-0 broadcast on local processes")

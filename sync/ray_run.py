@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,25 @@ class RankActor:
 
         from sync.endpoints import SyntheticSource
         from sync.launch import LocalRun, _megatron_source
-        from sync.transport import standalone_transport
 
         torch.set_num_threads(1)
-        self.job, self.plan, self.rank = job, plan, rank
-        self.is_trainer = rank < plan.num_trainer
-        timeout = job.sync.timeout_s
-        if self.is_trainer:
+        if rank < plan.num_trainer:
             if trainer == "megatron":
-                self.source = _megatron_source(plan, LocalRun(timeout_s=timeout, job=job), rank, trainer_port)
+                self.source = _megatron_source(plan, LocalRun(timeout_s=job.sync.timeout_s, job=job), rank, trainer_port)
             else:
                 self.source = SyntheticSource(plan, rank)
-        self.transport = standalone_transport(rank, plan.num_ranks, host, port, timeout)
+        self.join(job, plan, rank, host, port)
+        return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def join(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int) -> None:
+        """Join (or rejoin, when the set of engines changed) the sync group and build this rank's end."""
         from sync.endpoints import BufferTarget
         from sync.engines.reference import ReferenceEngine, engine_groups
+        from sync.transport import standalone_transport
 
+        self.job, self.plan, self.rank = job, plan, rank
+        self.is_trainer = rank < plan.num_trainer
+        self.transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s)
         groups = engine_groups(plan, job, self.transport, rank)  # every rank takes part
         self.target = None
         if not self.is_trainer:
@@ -62,7 +67,6 @@ class RankActor:
             except NotImplementedError:  # families the reference engine cannot run: weights only
                 self.target = BufferTarget(plan, rank)
         self._executor(plan)
-        return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
 
     def _executor(self, plan: SyncPlan) -> None:
         from sync.executor import PlanExecutor
@@ -103,8 +107,13 @@ def _node_resources(ray) -> set[str]:
 
 
 def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = None, address: str | None = None,
-            trainer: str = "megatron", tokens: int = 16, console=None) -> dict[str, Any]:
-    """Run the refresh loop; returns the report (also written to ``report_dir/report.json``)."""
+            trainer: str = "megatron", tokens: int = 16, console=None,
+            engines_schedule: list[int] | None = None) -> dict[str, Any]:
+    """Run the refresh loop; returns the report (also written to ``report_dir/report.json``).
+
+    ``engines_schedule[i]`` is the number of engines in iteration i+1 (elastic engines): when it
+    changes, engines start or stop, every rank joins a new sync group, and the next sync plans for
+    the new set (new engines get every weight like the others)."""
     import ray
 
     from sync.launch import free_port
@@ -115,19 +124,35 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     window = ExpertLoadWindow(len(job.model.moe_layers), job.model.num_experts, job.eplb.window) if job.model.is_moe else None
     plan = build_plan(job).validate()
     pinned = _node_resources(ray)
-    nodes = plan.devices // plan.gpus_per_node
     Actor = ray.remote(num_cpus=0)(RankActor)
-    actors = []
-    for rank in range(plan.num_ranks):
-        key = f"rlsync_node_{int(nodes[rank])}"
-        opts = {"resources": {key: 0.001}} if key in pinned else {}
-        actors.append(Actor.options(**opts).remote())
-    host, port, trainer_port = "127.0.0.1" if address is None else ray.util.get_node_ip_address(), free_port(), free_port()
+    host = "127.0.0.1" if address is None else ray.util.get_node_ip_address()
+    trainer_port = free_port()
+
+    def start(rank: int):
+        key = f"rlsync_node_{int(plan.devices[rank] // plan.gpus_per_node)}"
+        return Actor.options(**({"resources": {key: 0.001}} if key in pinned else {})).remote()
+
+    actors = [start(r) for r in range(plan.num_ranks)]
+    port = free_port()
     placed = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) for r, a in enumerate(actors)])
     rng = np.random.default_rng(0)
     iterations_out = []
     before_loads = after_loads = None
     for it in range(1, iterations + 1):
+        engines = engines_schedule[(it - 1) % len(engines_schedule)] if engines_schedule else job.inference.engines
+        if engines != job.inference.engines:  # elastic engines: a new set, a new group, a new plan
+            job = replace(job, inference=replace(job.inference, engines=engines))
+            plan = build_plan(job, window.load() if window is not None and job.eplb.enabled else None).validate()
+            for a in actors[plan.num_ranks:]:
+                ray.kill(a)
+            fresh = list(range(len(actors), plan.num_ranks))
+            actors = actors[: plan.num_ranks] + [start(r) for r in fresh]
+            port = free_port()
+            joined = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in fresh
+                              else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
+            placed = [p for p in placed if p["rank"] < plan.num_ranks] + [j for j in joined if j is not None]
+            if console is not None:
+                console.print(f"iteration {it}: now {engines} engine(s), {plan.num_ranks} ranks")
         ray.get([a.update.remote(it) for a in actors])
         ids = rng.integers(0, job.model.vocab_size, tokens).tolist()
         counts = ray.get([a.generate.remote(ids) for a in actors])
@@ -150,7 +175,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
         results = ray.get([a.sync.remote() for a in actors])
         seconds = max(r["seconds"] for r in results)
         verified = all(r["verified"] is not False for r in results)
-        row = dict(iteration=it, sync_seconds=seconds, bytes=int(plan.chunks["nbytes"].sum()),
+        row = dict(iteration=it, engines=job.inference.engines, sync_seconds=seconds, bytes=int(plan.chunks["nbytes"].sum()),
                    predicted_seconds=plan.predicted_time(), bound_seconds=plan.lower_bound(), verified=verified,
                    balancedness=balance)
         iterations_out.append(row)

@@ -31,6 +31,7 @@ class Transport:
             rank if self.standalone else dist.get_rank())
         self.store, self.timeout_s = store, timeout_s
         self._local = {g: i for i, g in enumerate(self.ranks)}
+        self._subgroups = 0  # subgroups made so far: every rank makes them in the same order
 
     @property
     def rank_global(self) -> int:
@@ -65,12 +66,13 @@ class Transport:
         return self.group.barrier() if self.standalone else dist.barrier(group=self.group, async_op=True)
 
     def subgroup(self, ranks: list[int]) -> "Transport | None":
-        """A transport over some global ranks (every member must call it; None for non-members)."""
+        """A transport over some global ranks (every rank must call it, in the same order; None for non-members)."""
         ranks = sorted(ranks)
         if not self.standalone:
             group = dist.new_group(ranks)  # every rank of the default group takes part
             return Transport(group, ranks=ranks, timeout_s=self.timeout_s) if self.rank_global in ranks else None
-        tag = "-".join(map(str, ranks))
+        self._subgroups += 1
+        tag = f"{self._subgroups}:" + "-".join(map(str, ranks))  # two groups of the same ranks need two stores
         if self.rank_global not in ranks:
             return None
         me = ranks.index(self.rank_global)

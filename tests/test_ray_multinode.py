@@ -39,3 +39,19 @@ def test_two_node_job_lands_where_planned(two_nodes):
         assert p["node_id"] == want, p
     assert report["cross_node_bytes_planned"] > 0
     assert report["cross_node_bytes_sent"] == report["cross_node_bytes_planned"]
+
+
+def test_elastic_engines_join_and_leave():
+    from sync.ray_run import run_job
+
+    job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
+                                 inference=dict(tp=2, enable_ep=True, engines=1),
+                                 eplb=dict(enabled=True, num_redundant_experts=2), sync=dict(timeout_s=60)))
+    try:
+        report = run_job(job, iterations=3, trainer="synthetic", engines_schedule=[1, 3, 2])
+    finally:
+        ray.shutdown()
+    assert [r["engines"] for r in report["iterations"]] == [1, 3, 2]
+    assert report["verified"]
+    sizes = [r["bytes"] for r in report["iterations"]]
+    assert sizes[1] > sizes[2] > sizes[0]  # every engine gets every weight
