@@ -11,11 +11,10 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from planners.plan import SyncPlan
 from sync.endpoints import check_locals
-from sync.executor import SyncStats, wait_all
+from sync.executor import SyncStats, finish_sync, wait_all
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
@@ -67,12 +66,7 @@ class BroadcastExecutor:
                         block(full, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n))
         stats.seconds = time.perf_counter() - t0
         stats.stage_seconds = {1: stats.seconds}
-        if verify:
-            stats.mismatched, total = self.verifier.check(flats, self.transport, self._wait)
-            stats.verified = total == 0
-        elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-        self._wait(self.transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
-        stats.global_seconds = float(elapsed.item())
+        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device)
         return stats
 
     def _gather(self, tid, t, flats, full, device, stats) -> None:

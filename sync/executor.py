@@ -24,7 +24,7 @@ from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
 
-__all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all"]
+__all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync"]
 
 
 class SyncError(RuntimeError):
@@ -68,6 +68,16 @@ def wait_all(works: list, what: list[str], timeout_s: float) -> None:
             raise kind(f"{label}: {'no answer within ' + f'{timeout_s:g} s' if kind is SyncTimeout else e}") from e
         if ok is False:
             raise SyncTimeout(f"{label}: no answer within {timeout_s:g} s")
+
+
+def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: Transport, wait, device) -> None:
+    """After the bytes moved: verify (when asked) and learn the slowest rank's time, on every rank."""
+    if verifier is not None:
+        stats.mismatched, total = verifier.check(flats, transport, wait)
+        stats.verified = total == 0
+    elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
+    wait(transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
+    stats.global_seconds = float(elapsed.item())
 
 
 class PlanExecutor:
@@ -127,12 +137,7 @@ class PlanExecutor:
             self._run_stage(flats, stage, device, stats)
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
-        if verify:
-            stats.mismatched, total = self.verifier.check(flats, self.transport, self._wait)
-            stats.verified = total == 0
-        elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-        self._wait(self.transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
-        stats.global_seconds = float(elapsed.item())
+        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device)
         if target is not None and self.plan.placement is not None and hasattr(target, "set_placement"):
             target.set_placement(self.plan.placement)
         return stats
