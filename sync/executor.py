@@ -10,6 +10,7 @@ Chunks between two tensors of one rank are plain copies. Works with gloo (CPU te
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -91,6 +92,10 @@ class PlanExecutor:
         self.is_trainer = rank < plan.num_trainer
         self._chunks = plan.chunks
         self.verifier = Verifier(plan, rank)
+        self._written: set[int] = set()
+        self._direct_dst: set[int] = set()
+        self.corrupt_stage: int | None = None  # fault injection: flip a byte of the first bucket sent in this stage
+        self.exit_at_stage: int | None = None  # fault injection: the process exits when this stage starts
 
     # -- tensors ----------------------------------------------------------------------
     def _views(self, source, target) -> dict[int, torch.Tensor]:
@@ -117,18 +122,42 @@ class PlanExecutor:
         return buf
 
     def _unpack(self, flats, b: Bucket, buf: torch.Tensor) -> None:
+        self._written.update(int(self._chunks["dst_local"][r]) for r in b.chunk.tolist())
         for row, lo, hi, off in zip(b.chunk.tolist(), b.lo.tolist(), b.hi.tolist(), b.offset.tolist()):
             dst = self._view(flats, "dst", row, lo, hi)
             dst.copy_(buf[off: off + dst.numel() * dst.element_size()].view(dst.dtype).view(dst.shape))
 
     def _copy(self, flats, b: Bucket) -> None:
+        self._written.update(int(self._chunks["dst_local"][r]) for r in b.chunk.tolist())
         for row, lo, hi in zip(b.chunk.tolist(), b.lo.tolist(), b.hi.tolist()):
             self._view(flats, "dst", row, lo, hi).copy_(self._view(flats, "src", row, lo, hi))
 
     # -- the sync -----------------------------------------------------------------------
-    def sync(self, source=None, target=None, verify: bool = True) -> SyncStats:
-        """Move this rank's part of the plan; with ``verify``, check every engine tensor's checksum."""
+    def sync(self, source=None, target=None, verify: bool = True, version: int = 0) -> SyncStats:
+        """Move this rank's part of the plan; with ``verify``, check every engine tensor's checksum.
+
+        A versioned target (``begin``/``commit``/``abort``) is told how the sync ended: committed only
+        when verified (or when verification is off), aborted -- naming what was written -- otherwise."""
+        versioned = target is not None and hasattr(target, "begin")
+        if versioned:
+            target.begin(version)
+        written: set[int] = set()
+        try:
+            stats = self._sync(source, target, verify, written)
+        except BaseException as e:
+            if versioned:
+                target.abort(str(e), sorted(self.plan.local_name[i] for i in written))
+            raise
+        if versioned:
+            if stats.verified is False:
+                target.abort(f"verification failed: {stats.mismatched[:5]}", stats.mismatched)
+            else:
+                target.commit(version)
+        return stats
+
+    def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
         stats = SyncStats(self.rank)
+        self._written = written
         flats = self._views(source, target)
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
         t_start = time.perf_counter()
@@ -144,6 +173,8 @@ class PlanExecutor:
 
     def _run_stage(self, flats, stage: int, device, stats: SyncStats) -> None:
         """Rounds in order; round k+1 is packed while round k is on the wire (two rounds of buffers)."""
+        if self.exit_at_stage == stage:  # fault injection: this rank dies here
+            os._exit(17)
         rounds: dict[int, list[Bucket]] = {}
         for b in self.buckets:
             if b.stage == stage:
@@ -169,12 +200,17 @@ class PlanExecutor:
                 continue
             sending = b.src == self.rank
             peer = b.dst if sending else b.src
+            if b.direct and not sending:
+                self._direct_dst.add(int(self._chunks["dst_local"][int(b.chunk[0])]))
             if b.direct:  # one contiguous chunk: straight from the source / into the destination
                 buf = self._view(flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
                 wire = TORCH_DTYPES[self.plan.tensors[self._chunks["tensor"][int(b.chunk[0])]].dtype]
                 buf = buf.reshape(-1).to(wire).view(torch.uint8)  # .to() casts only a wider source
             elif sending:
                 buf = self._pack(flats, b, device)
+                if self.corrupt_stage == stage:  # fault injection (tests, chaos runs)
+                    buf[0] ^= 0xFF
+                    self.corrupt_stage = None
             else:
                 buf = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
                 recvs.append((b, buf))
@@ -198,6 +234,8 @@ class PlanExecutor:
 
     def _finish(self, flats, works, labels, recvs, stats: SyncStats) -> None:
         t0 = time.perf_counter()
+        self._written.update(self._direct_dst)
+        self._direct_dst = set()
         wait_all(works, labels, self.timeout_s)
         t1 = time.perf_counter()
         for b, buf in recvs:

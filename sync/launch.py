@@ -114,6 +114,10 @@ class LocalRun:
     engine: str = "buffer"  # engine ranks: plain buffers, or "reference" engines that run a forward pass
     full_weights: list[dict[str, Any]] | None = None  # per version, HF weights (numpy) instead of seeded ones
     tokens: list[int] | None = None  # reference engines run these after each sync and return the logits
+    versioned: bool = False  # engines track the version they serve; failed syncs are reported, not raised
+    staging: bool = False  # versioned engines receive into staging copies and swap after verification
+    corrupt: tuple[int, int, int] | None = None  # fault: (rank, stage, version) flips a byte it sends
+    kill: tuple[int, int, int] | None = None  # fault: (rank, stage, version) exits as that stage starts
 
 
 def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, port: int):
@@ -133,7 +137,7 @@ def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, port: int):
 def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: int) -> dict[str, Any]:
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
-    from sync.executor import PlanExecutor, wait_all
+    from sync.executor import PlanExecutor, SyncError, wait_all
     from sync.tensors import as_bits
     from sync.transport import standalone_transport
 
@@ -144,6 +148,10 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
         source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
     transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s)
     target = None if is_trainer else BufferTarget(plan, rank)
+    if run.versioned and target is not None:
+        from sync.versioned import VersionedTarget
+
+        target = VersionedTarget(target, staging=run.staging)
     if run.engine == "reference":
         from sync.engines.reference import ReferenceEngine, engine_groups
 
@@ -157,7 +165,7 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
     if rank == run.stall_rank:
         time.sleep(run.timeout_s * 10)  # a hung peer: never answers
     stats: dict[str, list] = {name: [] for name in executors}
-    tensors, logits = [], []
+    tensors, logits, states = [], [], []
     for i, version in enumerate(run.versions):
         if source is not None:  # new weights: the same seeded (or given) HF weights every rank derives
             if run.full_weights is not None:
@@ -168,17 +176,30 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
                 fill_from_full(plan, rank, source.local_tensors(),
                                lambda tid: synthetic_tensor(plan.tensors[tid], tid, run.seed, version))
         for name, ex in executors.items():
-            if target is not None:
+            if target is not None and not run.versioned:
                 for t in target.local_tensors().values():
                     t.zero_()
+            for fault, attr in ((run.corrupt, "corrupt_stage"), (run.kill, "exit_at_stage")):
+                if fault is not None and fault[0] == rank and fault[2] == version:
+                    setattr(ex, attr, fault[1])
             # start together, so times measure the sync, not the preparation
             wait_all([transport.barrier()], ["barrier before the sync"], run.timeout_s)
-            stats[name].append(ex.sync(source, target, verify=run.verify))
+            if not run.versioned:
+                stats[name].append(ex.sync(source, target, verify=run.verify))
+                continue
+            try:
+                stats[name].append(ex.sync(source, target, verify=run.verify, version=version))
+            except SyncError as e:
+                stats[name].append(str(e))
+            if target is not None:
+                states.append(dict(vars(target.state)))
+            if isinstance(stats[name][-1], str):
+                return {"stats": stats, "tensors": tensors, "logits": logits, "states": states}
         if run.return_tensors and target is not None:  # as bit patterns: numpy has no bfloat16
             tensors.append({k: as_bits(v).numpy() for k, v in target.local_tensors().items()})
         if run.tokens is not None and target is not None:
             logits.append(target.forward(torch.tensor(run.tokens)).float().numpy())
-    return {"stats": stats, "tensors": tensors, "logits": logits,
+    return {"stats": stats, "tensors": tensors, "logits": logits, "states": states,
             "slot_counts": getattr(target, "slot_counts", None)}
 
 

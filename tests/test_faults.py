@@ -1,0 +1,54 @@
+"""Faults mid-sync: corrupted bytes are caught, dead peers end the sync with an error naming them,
+and every engine knows which version it serves (in place: none after a failure; staged: the old one)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from planners import JobSpec, build_plan
+from sync.launch import LocalRun, run_local
+
+JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
+           deployment=dict(gpus_per_node=2))
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return build_plan(JobSpec.from_dict(JOB))
+
+
+@pytest.mark.parametrize("staging", [False, True])
+def test_corrupted_bucket_is_caught_and_engines_know_their_version(plan, staging):
+    run = LocalRun(versions=[1, 2], timeout_s=20, versioned=True, staging=staging, corrupt=(0, 1, 2),
+                   bucket_bytes=4 << 10)
+    results, errors = run_local(plan, run, allow_failures=True)
+    assert not errors
+    for rank in plan.inference_ranks:
+        first, second = results[rank]["states"]
+        assert first["serving"] == 1 and first["complete"]
+        assert "verification failed" in second["error"]
+        if staging:  # the old version was never touched
+            assert second["serving"] == 1 and second["complete"]
+        else:
+            assert second["serving"] is None and not second["complete"]
+    assert results[0]["stats"]["plan"][1].verified is False
+
+
+def test_a_killed_sender_ends_the_sync_and_engines_are_marked_incomplete(plan):
+    t0 = time.monotonic()
+    run = LocalRun(versions=[1, 2], timeout_s=5, versioned=True, kill=(1, 1, 2), bucket_bytes=4 << 10)
+    results, errors = run_local(plan, run, allow_failures=True)
+    assert time.monotonic() - t0 < 60
+    assert 1 in errors  # the killed rank
+    for rank in plan.inference_ranks:
+        if rank in errors:
+            continue
+        first, second = results[rank]["states"]
+        assert first["serving"] == 1
+        assert second["serving"] is None and not second["complete"] and second["error"]
+        assert "rank" in second["error"] or "stage" in second["error"] or "checksums" in second["error"]
+    # a fresh group afterwards works
+    again, _ = run_local(plan, LocalRun(versions=[3], timeout_s=20))
+    assert all(r["stats"]["plan"][0].verified for r in again.values())
