@@ -1,0 +1,68 @@
+"""Placement-change soak: many successive EPLB placements (and redundant-slot counts), a verified
+sync after each, on one set of local processes.
+
+Every rank derives the same sequence of jobs and plans from the seed, so no driver is needed:
+iteration i draws a skew and a redundant-slot count, computes the placement from a synthetic load,
+plans, and syncs new weights; every engine tensor's checksum must match every time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from planners import JobSpec, build_plan
+from planners.eplb_stats import synthetic_load
+
+__all__ = ["soak_jobs", "run_soak"]
+
+
+def soak_jobs(job: JobSpec, iterations: int, seed: int = 0):
+    """(job, load) of every iteration: the same on every rank."""
+    rng = np.random.default_rng(seed)
+    ep = job.inference.ep_size
+    for i in range(iterations):
+        redundant = int(rng.integers(0, 3)) * ep  # keeps slots divisible by the EP size
+        j = replace(job, eplb=job.eplb.model_copy(update=dict(enabled=True, num_redundant_experts=redundant)))
+        load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, float(rng.uniform(0, 1.5)),
+                              seed=seed * 100003 + i)
+        yield j, load
+
+
+def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, timeout_s: float) -> dict[str, Any]:
+    from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+    from sync.executor import PlanExecutor
+    from sync.transport import standalone_transport
+
+    world = job.trainer.world_size + job.inference.world_size
+    transport = standalone_transport(rank, world, "127.0.0.1", port, timeout_s)
+    source = None
+    verified, placements = 0, set()
+    for i, (j, load) in enumerate(soak_jobs(job, iterations, seed)):
+        plan = build_plan(j, load)
+        placements.add(plan.placement.phy2log.tobytes())
+        if rank < plan.num_trainer:
+            if source is None:
+                source = SyntheticSource(plan, rank, seed, i)
+            else:
+                fill_from_full(plan, rank, source.local_tensors(),
+                               lambda tid: synthetic_tensor(plan.tensors[tid], tid, seed, i))
+            target = None
+        else:
+            target = BufferTarget(plan, rank)  # the slot count may have changed
+        stats = PlanExecutor(plan, rank, transport, 64 << 10, timeout_s).sync(source, target, verify=True)
+        if not stats.verified:
+            raise AssertionError(f"iteration {i}: verification failed on some rank: {stats.mismatched}")
+        verified += 1
+    return {"verified": verified, "distinct_placements": len(placements)}
+
+
+def run_soak(job: JobSpec, iterations: int, seed: int = 0, timeout_s: float = 60.0) -> dict[str, Any]:
+    from sync.launch import free_port, spawn_ranks
+
+    world = job.trainer.world_size + job.inference.world_size
+    results, _ = spawn_ranks(world, _worker, (job, iterations, seed, free_port(), timeout_s),
+                             timeout_s=timeout_s * (iterations + 2))
+    return results[0]
