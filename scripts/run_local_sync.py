@@ -25,6 +25,10 @@ def main() -> int:
     parser.add_argument("--syncs", type=int, default=3)
     parser.add_argument("--baseline", action="store_true", help="also run the rank-0 broadcast baseline each time")
     parser.add_argument("--bucket-mb", type=float, default=None)
+    parser.add_argument("--fault", metavar="KIND:RANK[:STAGE:VERSION]",
+                        help="chaos: corrupt:R:S:V flips a byte rank R sends in stage S of sync V; "
+                             "kill:R:S:V exits rank R as stage S of sync V starts; stall:R hangs rank R")
+    parser.add_argument("--staging", action="store_true", help="engines keep the old version until verified")
     args = parser.parse_args()
     console = Console(width=140)
     try:
@@ -34,14 +38,31 @@ def main() -> int:
         return 2
     plan = build_plan(job).validate()
     run = LocalRun(versions=list(range(1, args.syncs + 1)), both=args.baseline, timeout_s=job.sync.timeout_s,
-                   bucket_bytes=int((args.bucket_mb or job.sync.bucket_mb) * (1 << 20)))
+                   bucket_bytes=int((args.bucket_mb or job.sync.bucket_mb) * (1 << 20)), versioned=True,
+                   staging=args.staging)
+    if args.fault:
+        kind, *nums = args.fault.split(":")
+        if kind == "stall":
+            run.stall_rank = int(nums[0])
+        elif kind in ("corrupt", "kill") and len(nums) == 3:
+            setattr(run, kind, tuple(int(n) for n in nums))
+        else:
+            console.print(f"[red]error:[/] --fault {args.fault!r}: use corrupt:R:S:V, kill:R:S:V or stall:R")
+            return 2
     console.print(f"{job.name}: {plan.num_trainer} trainer + {len(plan.inference_ranks)} engine processes (gloo), "
                   f"{args.syncs} syncs, {int(plan.chunks['nbytes'].sum()) / 1e6:.1f} MB per sync")
     t0 = time.perf_counter()
     try:
-        results, _ = run_local(plan, run)
+        results, errors = run_local(plan, run, allow_failures=bool(args.fault))
     except RankFailure as e:
         console.print(f"[red]sync failed:[/] {e}")
+        return 1
+    if errors or any(isinstance(s, str) for r in results.values() for v in r["stats"].values() for s in v):
+        for rank, err in sorted(errors.items()):
+            console.print(f"rank {rank}: [red]{err.strip().splitlines()[-1]}[/]")
+        for rank in plan.inference_ranks:
+            if rank in results:
+                console.print(f"engine rank {rank}: {results[rank]['states'][-1]}")
         return 1
     table = Table(title="syncs", title_justify="left")
     for col in ("version", "executor", "seconds (slowest rank)", "MB sent (all ranks)", "verified"):

@@ -49,6 +49,7 @@ class SyncStats:
     bytes_received: int = 0
     bytes_copied: int = 0
     sent_to: dict[int, int] = field(default_factory=dict)  # tensor bytes this rank sent to each peer
+    peak_buffer_bytes: int = 0  # most bucket memory held at once (two rounds in flight at most)
     pack_seconds: float = 0.0  # copying into send buckets and local copies
     wait_seconds: float = 0.0  # waiting for the network
     unpack_seconds: float = 0.0  # copying out of receive buckets
@@ -179,14 +180,16 @@ class PlanExecutor:
         for b in self.buckets:
             if b.stage == stage:
                 rounds.setdefault(b.index, []).append(b)
-        in_flight = None
+        in_flight, held = None, 0
         for k in sorted(rounds):
             t0 = time.perf_counter()
             ops, labels, recvs = self._prepare(flats, stage, k, rounds[k], device, stats)
             stats.pack_seconds += time.perf_counter() - t0
+            buffered = sum(b.nbytes for b in rounds[k] if not b.direct and b.src != b.dst)
+            stats.peak_buffer_bytes = max(stats.peak_buffer_bytes, held + buffered)
             if in_flight is not None:
                 self._finish(flats, *in_flight, stats)
-            in_flight = (self._post(ops, labels), labels, recvs)
+            in_flight, held = (self._post(ops, labels), labels, recvs), buffered
         if in_flight is not None:
             self._finish(flats, *in_flight, stats)
 

@@ -36,12 +36,13 @@ def test_corrupted_bucket_is_caught_and_engines_know_their_version(plan, staging
     assert results[0]["stats"]["plan"][1].verified is False
 
 
-def test_a_killed_sender_ends_the_sync_and_engines_are_marked_incomplete(plan):
+@pytest.mark.parametrize("victim", [1, 5], ids=["sender", "receiver"])
+def test_a_killed_rank_ends_the_sync_and_engines_are_marked_incomplete(plan, victim):
     t0 = time.monotonic()
-    run = LocalRun(versions=[1, 2], timeout_s=5, versioned=True, kill=(1, 1, 2), bucket_bytes=4 << 10)
+    run = LocalRun(versions=[1, 2], timeout_s=5, versioned=True, kill=(victim, 1, 2), bucket_bytes=4 << 10)
     results, errors = run_local(plan, run, allow_failures=True)
     assert time.monotonic() - t0 < 60
-    assert 1 in errors  # the killed rank
+    assert victim in errors  # the killed rank
     for rank in plan.inference_ranks:
         if rank in errors:
             continue
@@ -52,3 +53,13 @@ def test_a_killed_sender_ends_the_sync_and_engines_are_marked_incomplete(plan):
     # a fresh group afterwards works
     again, _ = run_local(plan, LocalRun(versions=[3], timeout_s=20))
     assert all(r["stats"]["plan"][0].verified for r in again.values())
+
+
+def test_bucket_memory_stays_within_two_rounds_per_peer(plan):
+    bucket = 4 << 10
+    results, _ = run_local(plan, LocalRun(versions=[1], timeout_s=20, bucket_bytes=bucket))
+    for rank, r in results.items():
+        stats = r["stats"]["plan"][0]
+        peers = len({p for p in stats.sent_to} | {c for c in plan.chunks["src"][plan.chunks["dst"] == rank].tolist()} - {rank})
+        assert 0 < stats.peak_buffer_bytes <= 2 * bucket * max(peers, 1), (rank, stats.peak_buffer_bytes, peers)
+        assert stats.peak_buffer_bytes < plan.chunks["nbytes"][(plan.chunks["src"] == rank) | (plan.chunks["dst"] == rank)].sum()
