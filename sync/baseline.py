@@ -14,7 +14,7 @@ import torch
 
 from planners.plan import SyncPlan
 from sync.endpoints import check_locals
-from sync.executor import SyncStats, finish_sync, wait_all
+from sync.executor import SyncStats, finish_sync, versioned_sync, wait_all
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
@@ -40,7 +40,11 @@ class BroadcastExecutor:
     def _wait(self, work, label: str) -> None:
         wait_all([work], [label], self.timeout_s)
 
-    def sync(self, source=None, target=None, verify: bool = True) -> SyncStats:
+    def sync(self, source=None, target=None, verify: bool = True, version: int = 0) -> SyncStats:
+        written = [] if self.is_trainer else [self.plan.local_name[i] for i in self.plan.locals_of(self.rank)]
+        return versioned_sync(target, version, lambda: self._sync(source, target, verify), lambda: written)
+
+    def _sync(self, source, target, verify: bool) -> SyncStats:
         plan, rank = self.plan, self.rank
         stats = SyncStats(rank)
         ids = plan.locals_of(rank)

@@ -25,7 +25,7 @@ from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
 
-__all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync"]
+__all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync", "versioned_sync"]
 
 
 class SyncError(RuntimeError):
@@ -80,6 +80,26 @@ def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: T
     elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
     wait(transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
     stats.global_seconds = float(elapsed.item())
+
+
+def versioned_sync(target, version: int, body, written) -> SyncStats:
+    """Run ``body()`` (a sync); a versioned target (``begin``/``commit``/``abort``) learns how it ended:
+    committed when verified (or unverified by choice), aborted -- naming ``written()`` -- otherwise."""
+    versioned = target is not None and hasattr(target, "begin")
+    if versioned:
+        target.begin(version)
+    try:
+        stats = body()
+    except BaseException as e:
+        if versioned:
+            target.abort(str(e), written())
+        raise
+    if versioned:
+        if stats.verified is False:
+            target.abort(f"verification failed: {stats.mismatched[:5]}", stats.mismatched)
+        else:
+            target.commit(version)
+    return stats
 
 
 class PlanExecutor:
@@ -139,22 +159,9 @@ class PlanExecutor:
 
         A versioned target (``begin``/``commit``/``abort``) is told how the sync ended: committed only
         when verified (or when verification is off), aborted -- naming what was written -- otherwise."""
-        versioned = target is not None and hasattr(target, "begin")
-        if versioned:
-            target.begin(version)
         written: set[int] = set()
-        try:
-            stats = self._sync(source, target, verify, written)
-        except BaseException as e:
-            if versioned:
-                target.abort(str(e), sorted(self.plan.local_name[i] for i in written))
-            raise
-        if versioned:
-            if stats.verified is False:
-                target.abort(f"verification failed: {stats.mismatched[:5]}", stats.mismatched)
-            else:
-                target.commit(version)
-        return stats
+        return versioned_sync(target, version, lambda: self._sync(source, target, verify, written),
+                              lambda: sorted(self.plan.local_name[i] for i in written))
 
     def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
         stats = SyncStats(self.rank)
