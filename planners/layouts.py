@@ -224,6 +224,15 @@ class InferenceLayout:
         """vLLM flattens DP into the MoE tensor-parallel group when EP is off."""
         return 1 if self.enable_ep else self.dp * self.tp
 
+    def expert_slots(self, num_physical: int, group_rank: int) -> range:
+        """Physical expert slots of EP rank ``group_rank``: vLLM's linear placement (``P // ep`` each,
+        one more for the first ``P % ep`` ranks); every slot without EP."""
+        if not self.enable_ep:
+            return range(num_physical)
+        base, rem = divmod(num_physical, self.ep_size)
+        start = group_rank * base + min(group_rank, rem)
+        return range(start, start + base + (group_rank < rem))
+
     def coords(self, rank: int) -> InferenceCoords:
         c = self.grid.coords(rank)
         return InferenceCoords(engine=c["engine"], dp=c["dp"], pp=c["pp"], tp=c["tp"])

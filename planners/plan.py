@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, stage_time
-from planners.model import DTYPES, LogicalTensor
+from planners.model import LogicalTensor
 from planners.placement import Placement
 
 __all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
@@ -214,6 +214,3 @@ class SyncPlan:
     @classmethod
     def from_json(cls, path: str | Path) -> "SyncPlan":
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-    def itemsize(self, tensor: int) -> int:
-        return DTYPES[self.tensors[tensor].dtype]

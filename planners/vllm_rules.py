@@ -163,14 +163,8 @@ def _experts(spec, cat, layout, placement, moe_layer, layer, group_rank, local, 
     """FusedMoE stacks: this rank's physical slots, each filled from its logical expert."""
     H, Im = spec.hidden_size, spec.moe_intermediate_size
     P = placement.num_physical if placement is not None else spec.num_experts
-    if layout.enable_ep:
-        mtp, mtp_rank = 1, 0
-        base, rem = divmod(P, layout.ep_size)  # vLLM's linear placement: the remainder goes to the first ranks
-        start = group_rank * base + min(group_rank, rem)
-        slots = range(start, start + base + (group_rank < rem))
-    else:
-        mtp, mtp_rank = layout.moe_tp_size, group_rank
-        slots = range(P)
+    mtp, mtp_rank = (1, 0) if layout.enable_ep else (layout.moe_tp_size, group_rank)
+    slots = layout.expert_slots(P, group_rank)
     ims = Im // mtp
     w13, w2 = [], []
     for s, slot in enumerate(slots):

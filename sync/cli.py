@@ -112,8 +112,6 @@ def _explain(plan, name: str, console: Console) -> None:
 def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    import numpy as np
-
     from planners.eplb import EplbError, balance_report, rebalance
     from planners.eplb_stats import read_load, synthetic_load
     from planners.placement import Placement
@@ -167,7 +165,6 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
         plot_gpu_loads(gpu_loads(load, initial.phy2log, gpus), gpu_loads(load, placement.phy2log, gpus), args.png,
                        title=f"per-GPU expert load, {policy} policy")
         console.print(f"picture written to {args.png}")
-    del np
     return 0
 
 

@@ -15,7 +15,6 @@ from planners.eplb import EplbError, balance_report, gpu_loads, rebalance
 from planners.eplb_loop import rebalance_loop
 from planners.eplb_stability import moved_slots
 from planners.eplb_stats import ExpertLoadWindow, read_load, synthetic_load
-from planners.placement import Placement
 
 
 def test_deepseek_readme_example():

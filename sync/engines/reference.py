@@ -136,11 +136,7 @@ class ReferenceEngine(BufferTarget):
         log2phy = [np.flatnonzero(phy2log == e) for e in range(spec.num_experts)]
         group_rank = self.coords.ep_rank(lay.tp)
         w13, w2 = W[f"{p}.mlp.experts.w13_weight"], W[f"{p}.mlp.experts.w2_weight"]
-        if lay.enable_ep:
-            base, rem = divmod(P, lay.ep_size)
-            first = group_rank * base + min(group_rank, rem)
-        else:
-            first = 0
+        first = lay.expert_slots(P, group_rank).start
         out = torch.zeros_like(h)
         served = np.zeros(P, dtype=np.int64)
         for t in range(h.shape[0]):
