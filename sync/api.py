@@ -44,10 +44,11 @@ class Synchronizer:
 
     @classmethod
     def from_job(cls, job: JobSpec, rank: int, source=None, target=None, host: str = "127.0.0.1",
-                 port: int = 29555, backend: str = "gloo") -> "Synchronizer":
-        """Join the sync group (rank 0 hosts its store at host:port) and plan the job."""
+                 port: int = 29555, backend: str = "gloo", store_on_rank0: bool = True) -> "Synchronizer":
+        """Join the sync group (rank 0 hosts its store at host:port unless the launcher does) and plan the job."""
         world = job.trainer.world_size + job.inference.world_size
-        return cls(job, rank, standalone_transport(rank, world, host, port, job.sync.timeout_s, backend), source, target)
+        transport = standalone_transport(rank, world, host, port, job.sync.timeout_s, backend, store_on_rank0)
+        return cls(job, rank, transport, source, target)
 
     def _executor(self) -> None:
         self.executor = PlanExecutor(self.plan, self.rank, self.transport, int(self.job.sync.bucket_mb * (1 << 20)),

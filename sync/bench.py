@@ -69,7 +69,7 @@ def _worker(rank: int, plan: SyncPlan, reps: int, bucket_bytes: int, timeout_s: 
     from sync.executor import PlanExecutor
     from sync.transport import standalone_transport
 
-    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, timeout_s)
+    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, timeout_s, store_on_rank0=False)
     is_trainer = rank < plan.num_trainer
     source = SyntheticSource(plan, rank, 0, 1) if is_trainer else None
     target = None if is_trainer else BufferTarget(plan, rank)
@@ -98,9 +98,11 @@ def _worker(rank: int, plan: SyncPlan, reps: int, bucket_bytes: int, timeout_s: 
 
 
 def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, timeout_s: float = 300.0) -> dict[str, Any]:
-    from sync.launch import free_port, spawn_ranks
+    from sync.launch import host_store, spawn_ranks
 
-    results, _ = spawn_ranks(plan.num_ranks, _worker, (plan, reps, bucket_bytes, timeout_s, free_port()),
+    store = host_store(timeout_s=timeout_s)
+
+    results, _ = spawn_ranks(plan.num_ranks, _worker, (plan, reps, bucket_bytes, timeout_s, store.port),
                              timeout_s=timeout_s * (3 * reps + 2))
     r0 = results[0]
     sync_s, base_s, raw_s = (statistics.median(r0[k]) for k in ("plan", "broadcast", "raw"))

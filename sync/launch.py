@@ -10,7 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch.distributed as dist
 
 from planners.plan import SyncPlan
 
-__all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "free_port", "RankFailure"]
+__all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "host_store", "RankFailure"]
 
 
 class RankFailure(RuntimeError):
@@ -34,15 +33,19 @@ class RankFailure(RuntimeError):
         super().__init__(f"{len(errors)} rank(s) failed; rank {first}: {errors[first].strip().splitlines()[-1]}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def host_store(host: str = "127.0.0.1", timeout_s: float = 60.0) -> dist.TCPStore:
+    """A rendezvous store that this process hosts for the ranks it starts; they join it as clients.
+    The OS picks the port while the store already listens on it. Probing for a free port and
+    letting rank 0 bind it later races with every other process on the machine (EADDRINUSE)."""
+    return dist.TCPStore(host, 0, None, True, timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def init_group(rank: int, world_size: int, port: int, timeout_s: float, backend: str = "gloo") -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+def init_group(rank: int, world_size: int, host: str, port: int, timeout_s: float, backend: str = "gloo") -> None:
+    """Join the default process group through a store hosted by the launcher (:func:`host_store`)."""
+    if host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    store = dist.TCPStore(host, port, world_size, False, timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s))
 
 
@@ -120,14 +123,14 @@ class LocalRun:
     kill: tuple[int, int, int] | None = None  # fault: (rank, stage, version) exits as that stage starts
 
 
-def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, port: int):
+def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: int):
     """Build this trainer rank's GPTModel: Megatron gets the default group (trainer ranks only)."""
     from megatron.core import parallel_state as ps
 
     from sync.megatron import MegatronSource, build_gpt_model
 
     lay = run.job.trainer
-    init_group(rank, plan.num_trainer, port, run.timeout_s)
+    init_group(rank, plan.num_trainer, host, port, run.timeout_s)
     ps.initialize_model_parallel(tensor_model_parallel_size=lay.tp, pipeline_model_parallel_size=lay.pp,
                                  expert_model_parallel_size=lay.ep, expert_tensor_parallel_size=lay.etp,
                                  context_parallel_size=lay.cp, order=lay.order, create_gloo_process_groups=False)
@@ -143,10 +146,10 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
 
     is_trainer = rank < plan.num_trainer
     if is_trainer and run.source == "megatron":
-        source = _megatron_source(plan, run, rank, trainer_port)
+        source = _megatron_source(plan, run, rank, "127.0.0.1", trainer_port)
     else:
         source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
-    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s)
+    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s, store_on_rank0=False)
     target = None if is_trainer else BufferTarget(plan, rank)
     if run.versioned and target is not None:
         from sync.versioned import VersionedTarget
@@ -205,6 +208,7 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
 
 def run_local(plan: SyncPlan, run: LocalRun, allow_failures: bool = False):
     """Run ``run`` on every rank of ``plan`` as local processes; returns (results, errors) by rank."""
-    return spawn_ranks(plan.num_ranks, _worker, (plan, run, free_port(), free_port()),
+    stores = [host_store(timeout_s=run.timeout_s) for _ in range(2)]  # held open until the ranks finish
+    return spawn_ranks(plan.num_ranks, _worker, (plan, run, stores[0].port, stores[1].port),
                        timeout_s=run.timeout_s * (len(run.versions) * (2 if run.both else 1) + 2),
                        allow_failures=allow_failures, grace_s=run.timeout_s)

@@ -44,7 +44,8 @@ class RankActor:
         torch.set_num_threads(1)
         if rank < plan.num_trainer:
             if trainer == "megatron":
-                self.source = _megatron_source(plan, LocalRun(timeout_s=job.sync.timeout_s, job=job), rank, trainer_port)
+                run = LocalRun(timeout_s=job.sync.timeout_s, job=job)
+                self.source = _megatron_source(plan, run, rank, host, trainer_port)
             else:
                 self.source = SyntheticSource(plan, rank)
         self.join(job, plan, rank, host, port)
@@ -58,7 +59,7 @@ class RankActor:
 
         self.job, self.plan, self.rank = job, plan, rank
         self.is_trainer = rank < plan.num_trainer
-        self.transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s)
+        self.transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s, store_on_rank0=False)
         groups = engine_groups(plan, job, self.transport, rank)  # every rank takes part
         self.target = None
         if not self.is_trainer:
@@ -116,7 +117,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     the new set (new engines get every weight like the others)."""
     import ray
 
-    from sync.launch import free_port
+    from sync.launch import host_store
 
     started = time.perf_counter()
     if not ray.is_initialized():
@@ -126,14 +127,17 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     pinned = _node_resources(ray)
     Actor = ray.remote(num_cpus=0)(RankActor)
     host = "127.0.0.1" if address is None else ray.util.get_node_ip_address()
-    trainer_port = free_port()
+    # the driver hosts the rendezvous stores (actors join as clients), so no port is chosen and bound apart
+    trainer_store = host_store(host, job.sync.timeout_s)
+    trainer_port = trainer_store.port
 
     def start(rank: int):
         key = f"rlsync_node_{int(plan.devices[rank] // plan.gpus_per_node)}"
         return Actor.options(**({"resources": {key: 0.001}} if key in pinned else {})).remote()
 
     actors = [start(r) for r in range(plan.num_ranks)]
-    port = free_port()
+    store = host_store(host, job.sync.timeout_s)
+    port = store.port
     placed = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) for r, a in enumerate(actors)])
     rng = np.random.default_rng(0)
     iterations_out = []
@@ -147,7 +151,8 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
                 ray.kill(a)
             fresh = list(range(len(actors), plan.num_ranks))
             actors = actors[: plan.num_ranks] + [start(r) for r in fresh]
-            port = free_port()
+            store = host_store(host, job.sync.timeout_s)
+            port = store.port
             joined = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in fresh
                               else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
             placed = [p for p in placed if p["rank"] < plan.num_ranks] + [j for j in joined if j is not None]

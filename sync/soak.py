@@ -37,7 +37,7 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
     from sync.transport import standalone_transport
 
     world = job.trainer.world_size + job.inference.world_size
-    transport = standalone_transport(rank, world, "127.0.0.1", port, timeout_s)
+    transport = standalone_transport(rank, world, "127.0.0.1", port, timeout_s, store_on_rank0=False)
     source = None
     verified, placements = 0, set()
     for i, (j, load) in enumerate(soak_jobs(job, iterations, seed)):
@@ -60,9 +60,11 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
 
 
 def run_soak(job: JobSpec, iterations: int, seed: int = 0, timeout_s: float = 60.0) -> dict[str, Any]:
-    from sync.launch import free_port, spawn_ranks
+    from sync.launch import host_store, spawn_ranks
+
+    store = host_store(timeout_s=timeout_s)
 
     world = job.trainer.world_size + job.inference.world_size
-    results, _ = spawn_ranks(world, _worker, (job, iterations, seed, free_port(), timeout_s),
+    results, _ = spawn_ranks(world, _worker, (job, iterations, seed, store.port, timeout_s),
                              timeout_s=timeout_s * (iterations + 2))
     return results[0]

@@ -82,9 +82,10 @@ class Transport:
 
 
 def standalone_transport(rank: int, world_size: int, host: str, port: int, timeout_s: float,
-                         backend: str = "gloo") -> Transport:
-    """Join the sync group: rank 0 hosts the TCP store at ``host:port``."""
-    store = dist.TCPStore(host, port, world_size, rank == 0, timedelta(seconds=timeout_s))
+                         backend: str = "gloo", store_on_rank0: bool = True) -> Transport:
+    """Join the sync group through the TCP store at ``host:port``: rank 0 hosts it, or, with
+    ``store_on_rank0=False``, the launcher already does (``sync.launch.host_store``)."""
+    store = dist.TCPStore(host, port, world_size, store_on_rank0 and rank == 0, timedelta(seconds=timeout_s))
     prefixed = dist.PrefixStore("rlsync", store)
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timedelta(seconds=timeout_s))

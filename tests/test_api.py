@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from planners import JobSpec
 from planners.eplb_stats import synthetic_load
-from sync.launch import free_port, spawn_ranks
+from sync.launch import host_store, spawn_ranks
 
 JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
            eplb=dict(enabled=True, num_redundant_experts=4), sync=dict(timeout_s=30))
@@ -15,7 +15,7 @@ def _rank(rank: int, port: int):
     from sync.endpoints import BufferTarget, SyntheticSource
 
     job = JobSpec.from_dict(JOB)
-    sync = Synchronizer.from_job(job, rank, port=port)
+    sync = Synchronizer.from_job(job, rank, port=port, store_on_rank0=False)
     if rank < job.trainer.world_size:
         sync.source = SyntheticSource(sync.plan, rank, version=1)
     else:
@@ -35,7 +35,8 @@ def build(job, load):
 
 
 def test_training_loop_api_syncs_and_replans():
-    results, _ = spawn_ranks(8, _rank, (free_port(),), timeout_s=120)
+    store = host_store()
+    results, _ = spawn_ranks(8, _rank, (store.port,), timeout_s=120)
     for rank, (v1, v2, replicas_after, replicas_before) in results.items():
         assert v1 and v2, rank
         assert replicas_after > replicas_before  # hot experts got replicas from the loads
