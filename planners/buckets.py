@@ -1,8 +1,8 @@
 """How a plan's chunks travel: bounded flat buckets per (stage, src, dst) pair, and stage-2 origins.
 
 Both ends of a pair derive the same buckets from the plan, so only payload crosses the wire. A
-pair's chunks are packed back to back in plan order, each starting on an 8-byte boundary (so any
-dtype can be viewed in place); a chunk larger than a bucket is split along its split dimension.
+pair's chunks are packed back to back in plan order, each starting on a 16-byte boundary (so any
+dtype can be viewed in place, with wide loads); a chunk larger than a bucket is split along its split dimension.
 Bucket ``k`` of every pair of a stage travels in round ``k``, so a rank holds at most one send and
 one receive bucket per peer at a time.
 
@@ -22,7 +22,7 @@ from planners.validate import match_containing
 
 __all__ = ["Bucket", "bucketize", "stage2_origin", "ALIGN"]
 
-ALIGN = 8
+ALIGN = 16  # bytes: any dtype views in place, and copy kernels use 16-byte vector loads
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,19 @@ class Bucket:
     payload: int = 0  # bytes of tensor data (nbytes less alignment padding)
 
 
-def bucketize(plan: SyncPlan, bucket_bytes: int, rank: int | None = None, direct_bytes: int = 1 << 18) -> list[Bucket]:
-    """Buckets of every pair (or only those ``rank`` sends or receives), in (stage, round, src, dst) order."""
+def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 1 << 18) -> list[Bucket]:
+    """Buckets of every pair, in (stage, round, src, dst) order; or only those that cross the
+    boundary of ``rank`` (one plan rank, or a list hosted by one process that copies the chunks
+    among them locally)."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
     row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.int64)
-    rows = np.arange(len(c)) if rank is None else np.flatnonzero((c["src"] == rank) | (c["dst"] == rank))
+    if rank is None:
+        rows = np.arange(len(c))
+    else:
+        hosted = np.isin(np.arange(plan.num_ranks), rank)
+        rows = np.flatnonzero(hosted[c["src"]] != hosted[c["dst"]])
     out: list[Bucket] = []
     start = 0
     while start < len(rows):

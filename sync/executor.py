@@ -1,11 +1,16 @@
 """Run a sync plan over torch.distributed: bounded buckets, batched async send/recv, verification.
 
-Every process (trainer or inference rank) builds a :class:`PlanExecutor` from the same plan and
-calls :meth:`PlanExecutor.sync`. Stage 1 then stage 2; inside a stage, bucket ``k`` of every pair
-travels in round ``k`` (all sends and receives of a round posted as one batch, then waited with a
-deadline); round k+1 is packed while round k is on the wire, so a rank holds at most two rounds of
-buckets per peer. Large contiguous chunks go straight from and into the tensors (no bucket copy).
-Chunks between two tensors of one rank are plain copies. Works with gloo (CPU tensors) and NCCL (CUDA tensors).
+Every process builds a :class:`PlanExecutor` from the same plan for the plan ranks it hosts (one
+trainer or inference rank; or, colocated in one process, a trainer rank and the engine rank on its
+GPU; or every rank, on one device) and calls :meth:`PlanExecutor.sync`. Stage 1 then stage 2.
+Chunks between two hosted ranks are device-local copies: no transport, no host round trip. The rest
+travels in rounds: bucket ``k`` of every pair in round ``k``, all sends and receives of a round
+posted as one batch and waited with a deadline; round k+1 is packed while round k is on the wire,
+into the other half of a persistent two-round arena. Large contiguous chunks go straight from and
+into the tensors. Copies (local, pack, unpack) are run tables (``planners.runs``) bound once to the
+tensors: one Triton launch per alignment class on CUDA, one ``_foreach_copy_`` elsewhere
+(``sync.copier``); ``batched=False`` keeps one ``copy_`` per slice, the unbatched baseline.
+Works with gloo (CPU tensors) and NCCL (CUDA tensors).
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from planners.buckets import Bucket, bucketize
+from planners.buckets import ALIGN, Bucket, bucketize
 from planners.plan import SyncPlan
+from planners.runs import BUFFER, chunk_runs
+from sync.copier import CopyProgram
 from sync.endpoints import check_locals
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
@@ -47,10 +55,11 @@ class SyncStats:
     stage_seconds: dict[int, float] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
-    bytes_copied: int = 0
+    bytes_copied: int = 0  # between hosted ranks (device-local)
     sent_to: dict[int, int] = field(default_factory=dict)  # tensor bytes this rank sent to each peer
     peak_buffer_bytes: int = 0  # most bucket memory held at once (two rounds in flight at most)
-    pack_seconds: float = 0.0  # copying into send buckets and local copies
+    pack_seconds: float = 0.0  # copying into send buckets and local copies (launch time on CUDA)
+    bind_seconds: float = 0.0  # validating the endpoints' tensors and building copy programs (first sync)
     wait_seconds: float = 0.0  # waiting for the network
     unpack_seconds: float = 0.0  # copying out of receive buckets
     verified: bool | None = None
@@ -102,30 +111,196 @@ def versioned_sync(target, version: int, body, written) -> SyncStats:
     return stats
 
 
+class _EveryTarget:
+    """The versioned targets of several hosted engine ranks, told together."""
+
+    def __init__(self, targets) -> None:
+        self.targets = targets
+
+    def begin(self, version: int) -> None:
+        for t in self.targets:
+            t.begin(version)
+
+    def commit(self, version: int) -> None:
+        for t in self.targets:
+            t.commit(version)
+
+    def abort(self, reason: str, written) -> None:
+        for t in self.targets:
+            t.abort(reason, written)
+
+
+class SliceCopies:
+    """One ``copy_`` per slice through strided views: casts a wider source; the unbatched baseline."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.pairs = pairs
+        self.nbytes = sum(d.numel() * d.element_size() for d, _ in pairs)
+
+    def __call__(self) -> None:
+        for dst, src in self.pairs:
+            dst.copy_(src)
+
+
+@dataclass
+class _Round:
+    """One round of a stage: the hosted ranks' buckets and where each packed one sits in the arena."""
+
+    buckets: list[Bucket]
+    arena_off: list[int]  # byte offset of each bucket in its arena half (send or receive), -1 if direct
+    send_bytes: int = 0
+    recv_bytes: int = 0
+
+
+@dataclass
+class _Binding:
+    """Copy programs bound to one set of tensors (rebuilt when the endpoints' tensors move)."""
+
+    key: tuple
+    flats: dict[int, torch.Tensor]
+    local: dict[int, list]  # stage -> programs
+    pack: dict[tuple[int, int], list]  # (stage, round) -> programs
+    unpack: dict[tuple[int, int], list]
+    device: torch.device
+
+
 class PlanExecutor:
-    def __init__(self, plan: SyncPlan, rank: int, transport: Transport | None = None,
-                 bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18) -> None:
-        """``direct_bytes``: contiguous chunks at least this large skip the bucket copy."""
-        self.plan, self.rank = plan, rank
+    def __init__(self, plan: SyncPlan, rank, transport: Transport | None = None,
+                 bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18,
+                 process_of=None, batched: bool = True, tile_bytes: int = 64 << 10) -> None:
+        """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
+        ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
+        ``direct_bytes``: contiguous chunks at least this large skip the bucket copy.
+        ``batched``: run table copies (default) or one ``copy_`` per slice."""
+        self.plan = plan
+        self.ranks = [int(rank)] if np.ndim(rank) == 0 else sorted(int(r) for r in rank)
+        self.rank = self.ranks[0]
         self.transport = transport or Transport()
         self.timeout_s = timeout_s
-        self.buckets = bucketize(plan, bucket_bytes, rank, direct_bytes)
-        self.is_trainer = rank < plan.num_trainer
-        self._chunks = plan.chunks
-        self.verifier = Verifier(plan, rank)
+        self.batched, self.tile_bytes = batched, tile_bytes
+        self.process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
+        self.hosted = np.zeros(plan.num_ranks, dtype=bool)
+        self.hosted[self.ranks] = True
+        self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes)
+        self._chunks = c = plan.chunks
+        local = self.hosted[c["src"]] & self.hosted[c["dst"]]
+        self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
+        self.rounds = self._rounds()
+        self.verifier = Verifier(plan, self.ranks)
+        self._binding: _Binding | None = None
+        self._arena: dict[str, torch.Tensor] = {}
         self._written: set[int] = set()
-        self._direct_dst: set[int] = set()
         self.corrupt_stage: int | None = None  # fault injection: flip a byte of the first bucket sent in this stage
         self.exit_at_stage: int | None = None  # fault injection: the process exits when this stage starts
 
-    # -- tensors ----------------------------------------------------------------------
-    def _views(self, source, target) -> dict[int, torch.Tensor]:
-        """Flat views of this rank's local tensors, by plan local id."""
+    def _rounds(self) -> dict[tuple[int, int], _Round]:
+        out: dict[tuple[int, int], _Round] = {}
+        for b in self.buckets:
+            r = out.setdefault((b.stage, b.index), _Round([], []))
+            r.buckets.append(b)
+            if b.direct:
+                r.arena_off.append(-1)
+            elif self.hosted[b.src]:
+                r.arena_off.append(r.send_bytes)
+                r.send_bytes += -(-b.nbytes // ALIGN) * ALIGN
+            else:
+                r.arena_off.append(r.recv_bytes)
+                r.recv_bytes += -(-b.nbytes // ALIGN) * ALIGN
+        return out
+
+    # -- binding tensors and copy programs -------------------------------------------------
+    def _endpoint_tensors(self, sources, targets) -> list[tuple[int, dict[str, torch.Tensor], str]]:
+        out = []
+        for r in self.ranks:
+            trainer = r < self.plan.num_trainer
+            ends = sources if trainer else targets
+            ep = ends.get(r) if isinstance(ends, dict) else ends
+            if ep is None:
+                raise ValueError(f"rank {r} needs a {'source' if trainer else 'target'} to sync")
+            out.append((r, ep.local_tensors(), "source" if trainer else "target"))
+        return out
+
+    def _bind(self, sources, targets, stats: SyncStats) -> _Binding:
+        """Views of the hosted ranks' tensors by plan local id, and the copy programs over them;
+        reused while the endpoints hand over the same tensors at the same addresses."""
+        given = self._endpoint_tensors(sources, targets)
+        key = tuple((id(d), tuple(t.data_ptr() for t in d.values())) for _, d, _ in given)
+        if self._binding is not None and self._binding.key == key:
+            return self._binding
+        t0 = time.perf_counter()
         plan = self.plan
-        ids = plan.locals_of(self.rank)
-        tensors = check_locals(plan, self.rank, (source if self.is_trainer else target).local_tensors(),
-                               "source" if self.is_trainer else "target")
-        return {int(i): t.view(-1) for i, t in zip(ids, tensors)}
+        flats: dict[int, torch.Tensor] = {}
+        for r, tensors, side in given:
+            ids = plan.locals_of(r)
+            flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
+        device = next(iter(flats.values())).device if flats else torch.device("cpu")
+        for side, size in (("send", max((r.send_bytes for r in self.rounds.values()), default=0)),
+                           ("recv", max((r.recv_bytes for r in self.rounds.values()), default=0))):
+            arena = self._arena.get(side)
+            if arena is None or arena.device != device or arena.shape[1] < size:
+                self._arena[side] = torch.empty((2, size), dtype=torch.uint8, device=device)
+        wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
+        cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
+        binding = _Binding(key, flats, {}, {}, {}, device)
+        for s, rows in self.local_rows.items():
+            binding.local[s] = self._programs(flats, rows, None, None, cast)
+        for (s, k), rnd in self.rounds.items():
+            rows, lo, hi, off = self._items(rnd, sending=True)
+            binding.pack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("dst", self._arena["send"][k % 2]), off)
+            rows, lo, hi, off = self._items(rnd, sending=False)
+            binding.unpack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("src", self._arena["recv"][k % 2]), off)
+        self._binding = binding
+        stats.bind_seconds = time.perf_counter() - t0
+        return binding
+
+    def _items(self, rnd: _Round, sending: bool):
+        """(chunk rows, lo, hi, arena offsets) of the round's packed buckets this process sends or receives."""
+        rows, lo, hi, off = [], [], [], []
+        for b, base in zip(rnd.buckets, rnd.arena_off):
+            if base >= 0 and bool(self.hosted[b.src]) == sending:
+                rows.append(b.chunk), lo.append(b.lo), hi.append(b.hi), off.append(b.offset + base)
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
+        return cat(rows), cat(lo), cat(hi), cat(off)
+
+    def _programs(self, flats, rows, lo, hi, cast, buffer=None, off=None) -> list:
+        """Copies for chunk items: one batched program, plus one ``copy_`` per item whose source is
+        wider than the wire (a cast) or for every item when unbatched. ``buffer``: (the end that is
+        a flat buffer, "src" or "dst"; the buffer); ``off``: each item's byte offset in it."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return []
+        c = self._chunks
+        lo = c["lo"][rows] if lo is None else lo
+        hi = c["hi"][rows] if hi is None else hi
+        slices = cast[c["src_local"][rows]] | (not self.batched)
+        out: list = []
+        if (~slices).any():
+            m = ~slices
+            kw = {f"{buffer[0]}_buffer": off[m]} if buffer is not None else {}
+            runs = chunk_runs(self.plan, rows[m], lo[m], hi[m], **kw)
+            ends = dict(flats)
+            if buffer is not None:
+                ends[BUFFER] = buffer[1]
+            out.append(CopyProgram(runs, ends, self.tile_bytes))
+        if slices.any():
+            pairs = []
+            for row, a, b, o in zip(rows[slices].tolist(), lo[slices].tolist(), hi[slices].tolist(),
+                                    (off[slices] if off is not None else np.zeros(slices.sum(), dtype=np.int64)).tolist()):
+                ends = {"src": None, "dst": None}
+                for side in ("src", "dst"):
+                    if buffer is not None and buffer[0] == side:
+                        ends[side] = self._buffer_view(buffer[1], row, a, b, o)
+                    else:
+                        ends[side] = self._view(flats, side, row, a, b)
+                pairs.append((ends["dst"], ends["src"]))
+            out.append(SliceCopies(pairs))
+        return out
+
+    def _buffer_view(self, buf: torch.Tensor, row: int, lo: int, hi: int, off: int) -> torch.Tensor:
+        t = self.plan.tensors[self._chunks["tensor"][row]]
+        dt = TORCH_DTYPES[t.dtype]
+        n = hi - lo
+        return buf[off: off + t.outer * n * t.inner * dt.itemsize].view(dt).view(t.outer, n, t.inner)
 
     def _view(self, flats, side: str, row: int, lo: int, hi: int) -> torch.Tensor:
         c = self._chunks[row]
@@ -134,97 +309,84 @@ class PlanExecutor:
         return block(flats[int(c[f"{side}_local"])], int(c[f"{side}_base"]), t.outer, int(c[f"{side}_dim"]), t.inner,
                      off, hi - lo)
 
-    def _pack(self, flats, b: Bucket, device) -> torch.Tensor:
-        buf = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
-        for row, lo, hi, off in zip(b.chunk.tolist(), b.lo.tolist(), b.hi.tolist(), b.offset.tolist()):
-            src = self._view(flats, "src", row, lo, hi)
-            dt = TORCH_DTYPES[self.plan.tensors[self._chunks["tensor"][row]].dtype]
-            buf[off: off + src.numel() * dt.itemsize].view(dt).view(src.shape).copy_(src)  # casts a wider source
-        return buf
-
-    def _unpack(self, flats, b: Bucket, buf: torch.Tensor) -> None:
-        self._written.update(int(self._chunks["dst_local"][r]) for r in b.chunk.tolist())
-        for row, lo, hi, off in zip(b.chunk.tolist(), b.lo.tolist(), b.hi.tolist(), b.offset.tolist()):
-            dst = self._view(flats, "dst", row, lo, hi)
-            dst.copy_(buf[off: off + dst.numel() * dst.element_size()].view(dst.dtype).view(dst.shape))
-
-    def _copy(self, flats, b: Bucket) -> None:
-        self._written.update(int(self._chunks["dst_local"][r]) for r in b.chunk.tolist())
-        for row, lo, hi in zip(b.chunk.tolist(), b.lo.tolist(), b.hi.tolist()):
-            self._view(flats, "dst", row, lo, hi).copy_(self._view(flats, "src", row, lo, hi))
-
     # -- the sync -----------------------------------------------------------------------
     def sync(self, source=None, target=None, verify: bool = True, version: int = 0) -> SyncStats:
-        """Move this rank's part of the plan; with ``verify``, check every engine tensor's checksum.
+        """Move the hosted ranks' part of the plan; with ``verify``, check every engine tensor's checksum.
+        ``source``/``target``: the endpoint of the hosted rank, or ``{plan rank: endpoint}``.
 
         A versioned target (``begin``/``commit``/``abort``) is told how the sync ended: committed only
         when verified (or when verification is off), aborted -- naming what was written -- otherwise."""
         written: set[int] = set()
-        return versioned_sync(target, version, lambda: self._sync(source, target, verify, written),
+        targets = list(target.values()) if isinstance(target, dict) else [target]
+        versioned = [t for t in targets if t is not None and hasattr(t, "begin")]
+        told = targets[0] if len(targets) == 1 else (_EveryTarget(versioned) if versioned else None)
+        return versioned_sync(told, version, lambda: self._sync(source, target, verify, written),
                               lambda: sorted(self.plan.local_name[i] for i in written))
 
     def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
         stats = SyncStats(self.rank)
         self._written = written
-        flats = self._views(source, target)
-        device = next(iter(flats.values())).device if flats else torch.device("cpu")
         t_start = time.perf_counter()
+        binding = self._bind(source, target, stats)
         for stage in (1, 2):
             t0 = time.perf_counter()
-            self._run_stage(flats, stage, device, stats)
+            self._run_stage(binding, stage, stats)
+            if binding.device.type == "cuda":
+                torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
-        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device)
-        if target is not None and self.plan.placement is not None and hasattr(target, "set_placement"):
-            target.set_placement(self.plan.placement)
+        stats.peak_buffer_bytes = sum(a.numel() for a in self._arena.values())
+        finish_sync(stats, binding.flats, self.verifier if verify else None, self.transport, self._wait, binding.device)
+        for t in (target.values() if isinstance(target, dict) else [target]):
+            if t is not None and self.plan.placement is not None and hasattr(t, "set_placement"):
+                t.set_placement(self.plan.placement)
         return stats
 
-    def _run_stage(self, flats, stage: int, device, stats: SyncStats) -> None:
-        """Rounds in order; round k+1 is packed while round k is on the wire (two rounds of buffers)."""
+    def _run_stage(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
+        """Local copies first (they overlap the network), then rounds in order; round k+1 is packed
+        while round k is on the wire."""
         if self.exit_at_stage == stage:  # fault injection: this rank dies here
             os._exit(17)
-        rounds: dict[int, list[Bucket]] = {}
-        for b in self.buckets:
-            if b.stage == stage:
-                rounds.setdefault(b.index, []).append(b)
-        in_flight, held = None, 0
-        for k in sorted(rounds):
+        t0 = time.perf_counter()
+        for program in binding.local.get(stage, []):
+            program()
+            stats.bytes_copied += program.nbytes
+        self._written.update(int(x) for x in np.unique(self._chunks["dst_local"][self.local_rows[stage]]))
+        stats.pack_seconds += time.perf_counter() - t0
+        in_flight = None
+        for k in sorted(k for s, k in self.rounds if s == stage):
             t0 = time.perf_counter()
-            ops, labels, recvs = self._prepare(flats, stage, k, rounds[k], device, stats)
+            ops, labels, recv_keys = self._prepare(binding, stage, k, stats)
             stats.pack_seconds += time.perf_counter() - t0
-            buffered = sum(b.nbytes for b in rounds[k] if not b.direct and b.src != b.dst)
-            stats.peak_buffer_bytes = max(stats.peak_buffer_bytes, held + buffered)
             if in_flight is not None:
-                self._finish(flats, *in_flight, stats)
-            in_flight, held = (self._post(ops, labels), labels, recvs), buffered
+                self._finish(binding, *in_flight, stats)
+            in_flight = (self._post(ops, labels), labels, recv_keys)
         if in_flight is not None:
-            self._finish(flats, *in_flight, stats)
+            self._finish(binding, *in_flight, stats)
 
-    def _prepare(self, flats, stage: int, k: int, buckets: list[Bucket], device, stats: SyncStats):
-        """Pack the send buckets and allocate the receive buckets of round ``k``; local copies now."""
-        ops, labels, recvs = [], [], []
-        for b in buckets:
-            if b.src == b.dst:
-                self._copy(flats, b)
-                stats.bytes_copied += b.nbytes
-                continue
-            sending = b.src == self.rank
+    def _prepare(self, binding: _Binding, stage: int, k: int, stats: SyncStats):
+        """Pack round ``k``'s send buckets into the arena; the ops that send and receive it."""
+        rnd = self.rounds[(stage, k)]
+        for program in binding.pack.get((stage, k), []):
+            program()
+        ops, labels = [], []
+        direct_dst: set[int] = set()
+        corrupt = self.corrupt_stage == stage
+        for b, base in zip(rnd.buckets, rnd.arena_off):
+            sending = bool(self.hosted[b.src])
             peer = b.dst if sending else b.src
-            if b.direct and not sending:
-                self._direct_dst.add(int(self._chunks["dst_local"][int(b.chunk[0])]))
             if b.direct:  # one contiguous chunk: straight from the source / into the destination
-                buf = self._view(flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
+                buf = self._view(binding.flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
                 wire = TORCH_DTYPES[self.plan.tensors[self._chunks["tensor"][int(b.chunk[0])]].dtype]
                 buf = buf.reshape(-1).to(wire).view(torch.uint8)  # .to() casts only a wider source
-            elif sending:
-                buf = self._pack(flats, b, device)
-                if self.corrupt_stage == stage:  # fault injection (tests, chaos runs)
-                    buf[0] ^= 0xFF
-                    self.corrupt_stage = None
+                if not sending:
+                    direct_dst.add(int(self._chunks["dst_local"][int(b.chunk[0])]))
             else:
-                buf = torch.empty(b.nbytes, dtype=torch.uint8, device=device)
-                recvs.append((b, buf))
-            ops.append((sending, buf, peer))
+                buf = self._arena["send" if sending else "recv"][k % 2][base: base + b.nbytes]
+                if sending and corrupt:  # fault injection (tests, chaos runs)
+                    buf[0] ^= 0xFF
+                    corrupt = self.corrupt_stage = None
+            ops.append((sending, buf, int(self.process_of[peer])))
             labels.append(f"stage {stage}: {'sending' if sending else 'receiving'} bucket {k} "
                           f"{'to' if sending else 'from'} rank {peer}")
             if sending:
@@ -232,7 +394,7 @@ class PlanExecutor:
                 stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
             else:
                 stats.bytes_received += b.nbytes
-        return ops, labels, recvs
+        return ops, labels, ((stage, k), direct_dst)
 
     def _post(self, ops, labels) -> list:
         if not ops:
@@ -242,17 +404,19 @@ class PlanExecutor:
         except RuntimeError as e:
             raise SyncError(f"{labels[0]}: {e}") from e
 
-    def _finish(self, flats, works, labels, recvs, stats: SyncStats) -> None:
+    def _finish(self, binding: _Binding, works, labels, recv, stats: SyncStats) -> None:
+        key, direct_dst = recv
         t0 = time.perf_counter()
-        self._written.update(self._direct_dst)
-        self._direct_dst = set()
+        self._written.update(direct_dst)
         wait_all(works, labels, self.timeout_s)
         t1 = time.perf_counter()
-        for b, buf in recvs:
-            self._unpack(flats, b, buf)
+        rnd = self.rounds[key]
+        self._written.update(int(self._chunks["dst_local"][r]) for b in rnd.buckets if not b.direct
+                             and self.hosted[b.dst] for r in b.chunk.tolist())
+        for program in binding.unpack.get(key, []):
+            program()
         stats.wait_seconds += t1 - t0
         stats.unpack_seconds += time.perf_counter() - t1
 
     def _wait(self, work, label: str) -> None:
         wait_all([work], [label], self.timeout_s)
-

@@ -19,12 +19,14 @@ __all__ = ["Verifier"]
 
 
 class Verifier:
-    def __init__(self, plan: SyncPlan, rank: int) -> None:
-        self.plan, self.rank = plan, rank
+    def __init__(self, plan: SyncPlan, rank) -> None:
+        """``rank``: the plan rank this process checks, or a list of them (hosted together)."""
+        self.plan = plan
+        ranks = [int(rank)] if np.ndim(rank) == 0 else [int(r) for r in rank]
         c = plan.chunks
         self.inf_first = int(np.searchsorted(plan.local_rank, plan.num_trainer))
         origin = stage2_origin(plan)
-        mine = np.flatnonzero((c["stage"] == 1) & (c["src"] == rank))
+        mine = np.flatnonzero((c["stage"] == 1) & np.isin(c["src"], ranks))
         fed = np.flatnonzero(np.isin(origin, mine))
         # (chunk whose destination gets the bytes, chunk whose source holds them)
         self.work = [(r, r) for r in mine.tolist()] + [(r, int(origin[r])) for r in fed.tolist()]
@@ -50,11 +52,10 @@ class Verifier:
         expected = self.expected(flats).to(device)
         wait(transport.all_reduce(expected), "sharing checksums")
         bad = []
-        if self.rank >= self.plan.num_trainer:
-            want = expected.cpu()
-            for lid, flat in flats.items():
-                if tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat):
-                    bad.append(self.plan.local_name[lid])
+        want = expected.cpu()
+        for lid, flat in flats.items():
+            if lid >= self.inf_first and tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat):
+                bad.append(self.plan.local_name[lid])
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
         wait(transport.all_reduce(count), "agreeing on verification")
         return bad, int(count.item())

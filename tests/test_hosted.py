@@ -1,0 +1,89 @@
+"""One process hosting several plan ranks: chunks among them are local batched copies, bit-exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from planners import JobSpec, build_plan
+from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+from sync.executor import PlanExecutor
+from sync.launch import host_store, spawn_ranks
+from sync.tensors import as_bits
+from sync.transport import SoloTransport
+
+JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
+           deployment=dict(mode="colocated", gpus_per_node=4), eplb=dict(num_redundant_experts=4))
+
+
+def _expected(plan, rank, version):
+    want = BufferTarget(plan, rank)
+    fill_from_full(plan, rank, want.tensors, lambda tid: synthetic_tensor(plan.tensors[tid], tid, 0, version))
+    return want.tensors
+
+
+def _endpoints(plan, ranks, version, device="cpu"):
+    sources = {r: SyntheticSource(plan, r, version=version, device=device) for r in ranks if r < plan.num_trainer}
+    targets = {r: BufferTarget(plan, r, device=device) for r in ranks if r >= plan.num_trainer}
+    return sources, targets
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_one_process_hosting_every_rank_syncs_bit_exactly(batched):
+    plan = build_plan(JobSpec.from_dict(JOB)).validate()
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), bucket_bytes=4096, batched=batched)
+    for version in (1, 2):
+        sources, targets = _endpoints(plan, range(plan.num_ranks), version)
+        stats = ex.sync(sources, targets)
+        assert stats.verified and stats.bytes_sent == 0 and stats.bytes_copied == plan.chunks["nbytes"].sum()
+        for r, target in targets.items():
+            for name, want in _expected(plan, r, version).items():
+                assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
+
+
+def test_bound_programs_are_reused_until_the_tensors_move():
+    plan = build_plan(JobSpec.from_dict(JOB)).validate()
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
+    sources, targets = _endpoints(plan, range(plan.num_ranks), 1)
+    first = ex.sync(sources, targets)
+    binding = ex._binding
+    for s in sources.values():
+        s.set_version(2)  # in place: same tensors, new values
+    second = ex.sync(sources, targets)
+    assert ex._binding is binding and first.bind_seconds > 0 and second.bind_seconds == 0 and second.verified
+    moved = next(iter(targets.values()))
+    name = next(iter(moved.tensors))
+    moved.tensors[name] = moved.tensors[name].clone()  # a new tensor under the same name
+    third = ex.sync(sources, targets)
+    assert ex._binding is not binding and third.verified
+
+
+def _per_device(rank: int, plan, port: int, groups: list[list[int]], version: int):
+    from sync.transport import standalone_transport
+
+    process_of = np.zeros(plan.num_ranks, dtype=np.int64)
+    for p, ranks in enumerate(groups):
+        process_of[ranks] = p
+    transport = standalone_transport(rank, len(groups), "127.0.0.1", port, 60, store_on_rank0=False)
+    ex = PlanExecutor(plan, groups[rank], transport, bucket_bytes=2048, timeout_s=60, process_of=process_of)
+    sources, targets = _endpoints(plan, groups[rank], version)
+    stats = ex.sync(sources, targets)
+    return stats.verified, stats.bytes_copied, stats.bytes_sent, {
+        r: {k: as_bits(v).numpy() for k, v in t.tensors.items()} for r, t in targets.items()}
+
+
+def test_colocated_one_process_per_device_copies_locally_and_sends_the_rest():
+    plan = build_plan(JobSpec.from_dict(JOB)).validate()
+    groups = [np.flatnonzero(plan.devices == d).tolist() for d in np.unique(plan.devices)]
+    assert all(len(g) == 2 for g in groups)  # a trainer rank and an engine rank on each GPU
+    store = host_store()
+    results, _ = spawn_ranks(len(groups), _per_device, (plan, store.port, groups, 3), timeout_s=120)
+    same_device = plan.devices[plan.chunks["src"]] == plan.devices[plan.chunks["dst"]]
+    assert sum(r[1] for r in results.values()) == plan.chunks["nbytes"][same_device].sum() > 0
+    assert sum(r[2] for r in results.values()) > 0
+    for verified, _, _, tensors in results.values():
+        assert verified
+        for r, got in tensors.items():
+            for name, want in _expected(plan, r, 3).items():
+                np.testing.assert_array_equal(got[name], as_bits(want).numpy(), err_msg=f"rank {r} {name}")
