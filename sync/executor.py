@@ -9,7 +9,7 @@ posted as one batch and waited with a deadline; round k+1 is packed while round 
 into the other half of a persistent two-round arena. Large contiguous chunks go straight from and
 into the tensors. Copies (local, pack, unpack) are run tables (``planners.runs``) bound once to the
 tensors: one Triton launch per alignment class on CUDA, one ``_foreach_copy_`` elsewhere
-(``sync.copier``); ``batched=False`` keeps one ``copy_`` per slice, the unbatched baseline.
+(``sync.copier``); ``copies="slices"`` keeps one ``copy_`` per slice, the unbatched baseline.
 Works with gloo (CPU tensors) and NCCL (CUDA tensors).
 """
 
@@ -29,6 +29,7 @@ from planners.plan import SyncPlan
 from planners.runs import BUFFER, chunk_runs
 from sync.copier import CopyProgram
 from sync.endpoints import check_locals
+from sync.ipc import IpcChannels
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
@@ -147,9 +148,16 @@ class _Round:
     """One round of a stage: the hosted ranks' buckets and where each packed one sits in the arena."""
 
     buckets: list[Bucket]
-    arena_off: list[int]  # byte offset of each bucket in its arena half (send or receive), -1 if direct
+    route: list[str]  # "direct" (from/into the tensors), "packed" (through the arena) or "ipc" (same GPU)
+    arena_off: list[int]  # byte offset of each packed bucket in its arena half (send or receive); -1 if none
     send_bytes: int = 0
     recv_bytes: int = 0
+
+    def ipc_key(self, i: int) -> tuple:
+        """Names bucket ``i`` the same way in the sending and the receiving process."""
+        b = self.buckets[i]
+        same = [j for j, o in enumerate(self.buckets) if (o.src, o.dst) == (b.src, b.dst)]
+        return (b.stage, b.index, b.src, b.dst, same.index(i))
 
 
 @dataclass
@@ -162,25 +170,33 @@ class _Binding:
     pack: dict[tuple[int, int], list]  # (stage, round) -> programs
     unpack: dict[tuple[int, int], list]
     device: torch.device
+    ipc_unpack: dict[tuple[int, int], dict[int, list]] = field(default_factory=dict)  # (stage, round) -> process -> programs
 
 
 class PlanExecutor:
     def __init__(self, plan: SyncPlan, rank, transport: Transport | None = None,
                  bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18,
-                 process_of=None, batched: bool = True, tile_bytes: int = 64 << 10) -> None:
+                 process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, ipc: bool = False) -> None:
         """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
         ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
         ``direct_bytes``: contiguous chunks at least this large skip the bucket copy.
-        ``batched``: run table copies (default) or one ``copy_`` per slice."""
+        ``copies``: how local, pack and unpack copies run: "auto" (batched: Triton kernels on CUDA
+        when Triton is there, else ``_foreach_copy_``), "foreach", or "slices" (one ``copy_`` per slice).
+        ``ipc``: buckets between processes on one GPU (``plan.devices``) travel by CUDA IPC of the
+        flat send arena (``sync.ipc``) instead of the transport."""
+        if copies not in ("auto", "foreach", "slices"):
+            raise ValueError(f"copies must be 'auto', 'foreach' or 'slices', got {copies!r}")
         self.plan = plan
         self.ranks = [int(rank)] if np.ndim(rank) == 0 else sorted(int(r) for r in rank)
         self.rank = self.ranks[0]
         self.transport = transport or Transport()
         self.timeout_s = timeout_s
-        self.batched, self.tile_bytes = batched, tile_bytes
+        self.copies, self.tile_bytes = copies, tile_bytes
         self.process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
         self.hosted = np.zeros(plan.num_ranks, dtype=bool)
         self.hosted[self.ranks] = True
+        self.me = int(self.process_of[self.rank])
+        self.ipc = ipc
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes)
         self._chunks = c = plan.chunks
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
@@ -190,16 +206,30 @@ class PlanExecutor:
         self._binding: _Binding | None = None
         self._arena: dict[str, torch.Tensor] = {}
         self._written: set[int] = set()
+        self._syncs = 0
+        self._ipc: IpcChannels | None = None
+        self._ipc_arenas: dict[int, tuple[torch.Tensor, dict]] = {}  # sending process -> (its arena, offsets)
+        self._pending_done: dict[int, set[tuple[str, int]]] = {0: set(), 1: set()}  # arena half -> (round, receiver)
+        if ipc and any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route):
+            store = self.transport.store or dist.distributed_c10d._get_default_store()
+            self._ipc = IpcChannels(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s)
         self.corrupt_stage: int | None = None  # fault injection: flip a byte of the first bucket sent in this stage
         self.exit_at_stage: int | None = None  # fault injection: the process exits when this stage starts
+
+    def _route(self, b: Bucket) -> str:
+        same_gpu = self.plan.devices[b.src] == self.plan.devices[b.dst]
+        if self.ipc and same_gpu and self.process_of[b.src] != self.process_of[b.dst]:
+            return "ipc"
+        return "direct" if b.direct else "packed"
 
     def _rounds(self) -> dict[tuple[int, int], _Round]:
         out: dict[tuple[int, int], _Round] = {}
         for b in self.buckets:
-            r = out.setdefault((b.stage, b.index), _Round([], []))
+            r = out.setdefault((b.stage, b.index), _Round([], [], []))
             r.buckets.append(b)
-            if b.direct:
-                r.arena_off.append(-1)
+            r.route.append(self._route(b))
+            if r.route[-1] == "direct" or (r.route[-1] == "ipc" and not self.hosted[b.src]):
+                r.arena_off.append(-1)  # a receiver of IPC reads the sender's arena
             elif self.hosted[b.src]:
                 r.arena_off.append(r.send_bytes)
                 r.send_bytes += -(-b.nbytes // ALIGN) * ALIGN
@@ -237,8 +267,12 @@ class PlanExecutor:
         for side, size in (("send", max((r.send_bytes for r in self.rounds.values()), default=0)),
                            ("recv", max((r.recv_bytes for r in self.rounds.values()), default=0))):
             arena = self._arena.get(side)
-            if arena is None or arena.device != device or arena.shape[1] < size:
+            if arena is not None and arena.device != device:
+                raise ValueError(f"the endpoints' tensors moved from {arena.device} to {device}; build a new executor")
+            if arena is None:
                 self._arena[side] = torch.empty((2, size), dtype=torch.uint8, device=device)
+        if self._ipc is not None and not self._ipc_arenas:
+            self._open_ipc()
         wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
         cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         binding = _Binding(key, flats, {}, {}, {}, device)
@@ -249,18 +283,46 @@ class PlanExecutor:
             binding.pack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("dst", self._arena["send"][k % 2]), off)
             rows, lo, hi, off = self._items(rnd, sending=False)
             binding.unpack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("src", self._arena["recv"][k % 2]), off)
+            for p, (arena, offsets) in self._ipc_arenas.items():
+                rows, lo, hi, off = self._ipc_items(rnd, p, offsets)
+                if len(rows):
+                    binding.ipc_unpack.setdefault((s, k), {})[p] = self._programs(flats, rows, lo, hi, cast,
+                                                                                  ("src", arena[k % 2]), off)
         self._binding = binding
         stats.bind_seconds = time.perf_counter() - t0
         return binding
 
+    def _open_ipc(self) -> None:
+        """Share the send arena with every process on this GPU that receives from it; map theirs."""
+        sends: dict[int, dict] = {}
+        receives: set[int] = set()
+        for rnd in self.rounds.values():
+            for i, (b, route) in enumerate(zip(rnd.buckets, rnd.route)):
+                if route == "ipc" and self.hosted[b.src]:
+                    sends.setdefault(int(self.process_of[b.dst]), {})[rnd.ipc_key(i)] = rnd.arena_off[i]
+                elif route == "ipc":
+                    receives.add(int(self.process_of[b.src]))
+        for q, offsets in sends.items():
+            self._ipc.share(self._arena["send"], q, offsets)
+        self._ipc_arenas = {p: self._ipc.open(p) for p in sorted(receives)}
+
     def _items(self, rnd: _Round, sending: bool):
         """(chunk rows, lo, hi, arena offsets) of the round's packed buckets this process sends or receives."""
-        rows, lo, hi, off = [], [], [], []
-        for b, base in zip(rnd.buckets, rnd.arena_off):
-            if base >= 0 and bool(self.hosted[b.src]) == sending:
-                rows.append(b.chunk), lo.append(b.lo), hi.append(b.hi), off.append(b.offset + base)
+        picked = [(b, base) for b, base in zip(rnd.buckets, rnd.arena_off)
+                  if base >= 0 and bool(self.hosted[b.src]) == sending]
+        return self._cat(picked)
+
+    def _ipc_items(self, rnd: _Round, process: int, offsets: dict):
+        """Like :meth:`_items` for the buckets this process reads from ``process``'s shared arena."""
+        picked = [(b, offsets[rnd.ipc_key(i)]) for i, (b, route) in enumerate(zip(rnd.buckets, rnd.route))
+                  if route == "ipc" and not self.hosted[b.src] and self.process_of[b.src] == process]
+        return self._cat(picked)
+
+    @staticmethod
+    def _cat(picked):
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-        return cat(rows), cat(lo), cat(hi), cat(off)
+        return (cat([b.chunk for b, _ in picked]), cat([b.lo for b, _ in picked]), cat([b.hi for b, _ in picked]),
+                cat([b.offset + base for b, base in picked]))
 
     def _programs(self, flats, rows, lo, hi, cast, buffer=None, off=None) -> list:
         """Copies for chunk items: one batched program, plus one ``copy_`` per item whose source is
@@ -272,7 +334,7 @@ class PlanExecutor:
         c = self._chunks
         lo = c["lo"][rows] if lo is None else lo
         hi = c["hi"][rows] if hi is None else hi
-        slices = cast[c["src_local"][rows]] | (not self.batched)
+        slices = cast[c["src_local"][rows]] | (self.copies == "slices")
         out: list = []
         if (~slices).any():
             m = ~slices
@@ -281,7 +343,7 @@ class PlanExecutor:
             ends = dict(flats)
             if buffer is not None:
                 ends[BUFFER] = buffer[1]
-            out.append(CopyProgram(runs, ends, self.tile_bytes))
+            out.append(CopyProgram(runs, ends, self.tile_bytes, use_triton=False if self.copies == "foreach" else None))
         if slices.any():
             pairs = []
             for row, a, b, o in zip(rows[slices].tolist(), lo[slices].tolist(), hi[slices].tolist(),
@@ -326,6 +388,7 @@ class PlanExecutor:
     def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
         stats = SyncStats(self.rank)
         self._written = written
+        self._syncs += 1
         t_start = time.perf_counter()
         binding = self._bind(source, target, stats)
         for stage in (1, 2):
@@ -363,19 +426,42 @@ class PlanExecutor:
             in_flight = (self._post(ops, labels), labels, recv_keys)
         if in_flight is not None:
             self._finish(binding, *in_flight, stats)
+        for half in (0, 1):  # IPC receivers are done with the arena before the next stage reuses it
+            self._await_done(half)
+
+    def _await_done(self, half: int) -> None:
+        for seq, q in sorted(self._pending_done[half]):
+            self._ipc.wait("done", seq, self.me, q)
+        self._pending_done[half] = set()
 
     def _prepare(self, binding: _Binding, stage: int, k: int, stats: SyncStats):
         """Pack round ``k``'s send buckets into the arena; the ops that send and receive it."""
         rnd = self.rounds[(stage, k)]
+        ipc_to = {int(self.process_of[b.dst]) for b, r in zip(rnd.buckets, rnd.route) if r == "ipc" and self.hosted[b.src]}
+        if ipc_to:
+            self._await_done(k % 2)  # the receivers of two rounds ago have read this half
         for program in binding.pack.get((stage, k), []):
             program()
+        seq = f"{self._syncs}/{stage}/{k}"
+        if ipc_to:
+            torch.cuda.current_stream(binding.device).synchronize()  # packed before the receivers read
+            for q in sorted(ipc_to):
+                self._ipc.signal("ready", seq, self.me, q)
+                self._pending_done[k % 2].add((seq, q))
         ops, labels = [], []
         direct_dst: set[int] = set()
         corrupt = self.corrupt_stage == stage
-        for b, base in zip(rnd.buckets, rnd.arena_off):
+        for b, base, route in zip(rnd.buckets, rnd.arena_off, rnd.route):
             sending = bool(self.hosted[b.src])
             peer = b.dst if sending else b.src
-            if b.direct:  # one contiguous chunk: straight from the source / into the destination
+            if route == "ipc":
+                if sending:
+                    stats.bytes_sent += b.nbytes
+                    stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
+                else:
+                    stats.bytes_received += b.nbytes
+                continue
+            if route == "direct":  # one contiguous chunk: straight from the source / into the destination
                 buf = self._view(binding.flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
                 wire = TORCH_DTYPES[self.plan.tensors[self._chunks["tensor"][int(b.chunk[0])]].dtype]
                 buf = buf.reshape(-1).to(wire).view(torch.uint8)  # .to() casts only a wider source
@@ -394,7 +480,7 @@ class PlanExecutor:
                 stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
             else:
                 stats.bytes_received += b.nbytes
-        return ops, labels, ((stage, k), direct_dst)
+        return ops, labels, ((stage, k), direct_dst, seq)
 
     def _post(self, ops, labels) -> list:
         if not ops:
@@ -405,16 +491,26 @@ class PlanExecutor:
             raise SyncError(f"{labels[0]}: {e}") from e
 
     def _finish(self, binding: _Binding, works, labels, recv, stats: SyncStats) -> None:
-        key, direct_dst = recv
+        key, direct_dst, seq = recv
         t0 = time.perf_counter()
         self._written.update(direct_dst)
         wait_all(works, labels, self.timeout_s)
+        ipc_from = binding.ipc_unpack.get(key, {})
+        for p in ipc_from:
+            self._ipc.wait("ready", seq, p, self.me)
         t1 = time.perf_counter()
         rnd = self.rounds[key]
-        self._written.update(int(self._chunks["dst_local"][r]) for b in rnd.buckets if not b.direct
-                             and self.hosted[b.dst] for r in b.chunk.tolist())
+        self._written.update(int(self._chunks["dst_local"][r]) for b, route in zip(rnd.buckets, rnd.route)
+                             if route != "direct" and self.hosted[b.dst] for r in b.chunk.tolist())
         for program in binding.unpack.get(key, []):
             program()
+        for p, programs in ipc_from.items():
+            for program in programs:
+                program()
+        if ipc_from:
+            torch.cuda.current_stream(binding.device).synchronize()  # read before the sender packs again
+            for p in ipc_from:
+                self._ipc.signal("done", seq, p, self.me)
         stats.wait_seconds += t1 - t0
         stats.unpack_seconds += time.perf_counter() - t1
 

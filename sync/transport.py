@@ -32,6 +32,12 @@ class Transport:
         self.store, self.timeout_s = store, timeout_s
         self._local = {g: i for i, g in enumerate(self.ranks)}
         self._subgroups = 0  # subgroups made so far: every rank makes them in the same order
+        self._tags = 0
+
+    def tag(self) -> int:
+        """A number every member draws in the same order (names store keys of one executor)."""
+        self._tags += 1
+        return self._tags
 
     @property
     def rank_global(self) -> int:
@@ -100,7 +106,7 @@ class SoloTransport(Transport):
 
     def __init__(self, timeout_s: float = 120.0) -> None:
         self.group, self.standalone, self.size, self.ranks, self.rank = None, True, 1, [0], 0
-        self.store, self.timeout_s, self._local, self._subgroups = None, timeout_s, {0: 0}, 0
+        self.store, self.timeout_s, self._local, self._subgroups, self._tags = None, timeout_s, {0: 0}, 0, 0
 
     def batch(self, ops):
         if ops:

@@ -29,10 +29,10 @@ def _endpoints(plan, ranks, version, device="cpu"):
     return sources, targets
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_one_process_hosting_every_rank_syncs_bit_exactly(batched):
+@pytest.mark.parametrize("copies", ["auto", "slices"])
+def test_one_process_hosting_every_rank_syncs_bit_exactly(copies):
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
-    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), bucket_bytes=4096, batched=batched)
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), bucket_bytes=4096, copies=copies)
     for version in (1, 2):
         sources, targets = _endpoints(plan, range(plan.num_ranks), version)
         stats = ex.sync(sources, targets)
