@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -138,12 +139,16 @@ def launch_count(program) -> int:
 
 
 def snapshot(targets) -> list[torch.Tensor]:
-    return [t.clone() for tg in targets.values() for t in tg.tensors.values()]
+    """The engine tensors' bytes: on the GPU when they fit with room to spare, else in host memory."""
+    tensors = [t for tg in targets.values() for t in tg.tensors.values()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    device = "cuda" if torch.cuda.mem_get_info()[0] > need + (8 << 30) else "cpu"
+    return [t.view(-1).view(torch.uint8).to(device, copy=True) for t in tensors]
 
 
 def same(targets, ref: list[torch.Tensor]) -> bool:
     got = [t for tg in targets.values() for t in tg.tensors.values()]
-    return all(torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)) for a, b in zip(got, ref))
+    return all(torch.equal(a.view(-1).view(torch.uint8).to(b.device), b) for a, b in zip(got, ref))
 
 
 def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
@@ -160,6 +165,7 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     rows = []
     ref = None
     for copies in ("slices", "foreach", "auto"):
+        print(f"{name}: {copies} ...", file=sys.stderr, flush=True)
         r = time_variant(plan, copies, sources, targets, slices_reps if copies == "slices" else reps)
         if ref is None:
             ref = snapshot(targets)

@@ -17,6 +17,7 @@ __all__ = ["CopyProgram", "addresses", "triton_available"]
 
 _CLASSES = (16, 8, 4, 2, 1)  # alignment (bytes) shared by a run's source, destination and length
 _WORD = {16: (torch.int32, 4), 8: (torch.int32, 2), 4: (torch.int32, 1), 2: (torch.int16, 1), 1: (torch.uint8, 1)}
+_WIDE_ROW = 8 << 10  # bytes: a strided run's rows at least this long are copied as contiguous runs
 
 
 def triton_available() -> bool:
@@ -41,7 +42,7 @@ class CopyProgram:
 
     def __init__(self, runs: np.ndarray, ends: dict[int, torch.Tensor], tile_bytes: int = 64 << 10,
                  use_triton: bool | None = None) -> None:
-        self.nbytes = int(runs["nbytes"].sum()) if len(runs) else 0
+        self.nbytes = int((runs["nbytes"] * runs["rows"]).sum()) if len(runs) else 0
         self.num_runs = len(runs)
         devices = {t.device for t in ends.values()}
         if len(devices) > 1:
@@ -53,44 +54,92 @@ class CopyProgram:
         self.pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if not len(runs):
             return
+        ids = sorted(ends)
+        size = np.array([ends[i].numel() * ends[i].element_size() for i in ids], dtype=np.int64)
+        for side in ("src", "dst"):
+            last = runs[f"{side}_off"] + (runs["rows"] - 1) * runs[f"{side}_stride"] + runs["nbytes"]
+            if (last > size[np.searchsorted(ids, runs[side])]).any() or (runs[f"{side}_off"] < 0).any():
+                raise ValueError(f"a run reaches outside its {side} tensor")
         if use_triton:
-            self._tiles(runs, ends, tile_bytes)
+            self._tiles(runs, ends, ids, tile_bytes)
         else:
             flat = {k: _bytes(t) for k, t in ends.items()}
-            self.pairs = ([flat[int(d)][o: o + n] for d, o, n in zip(runs["dst"], runs["dst_off"], runs["nbytes"])],
-                          [flat[int(s)][o: o + n] for s, o, n in zip(runs["src"], runs["src_off"], runs["nbytes"])])
+            # as_strided counts its offset from the storage's start, not the view's
+            view = lambda t, off, rows, n, stride: (t[off: off + n] if rows == 1  # noqa: E731
+                                                    else t.as_strided((rows, n), (stride, 1), t.storage_offset() + off))
+            self.pairs = tuple([view(flat[int(r[side])], int(r[f"{side}_off"]), int(r["rows"]), int(r["nbytes"]),
+                                     int(r[f"{side}_stride"])) for r in runs] for side in ("dst", "src"))
 
-    def _tiles(self, runs: np.ndarray, ends: dict[int, torch.Tensor], tile_bytes: int) -> None:
-        ids = sorted(ends)
+    def _tiles(self, runs: np.ndarray, ends: dict[int, torch.Tensor], ids: list[int], tile_bytes: int) -> None:
         ptr = np.array([ends[i].data_ptr() for i in ids], dtype=np.int64)
-        size = np.array([ends[i].numel() * ends[i].element_size() for i in ids], dtype=np.int64)
-        slot_s, slot_d = np.searchsorted(ids, runs["src"]), np.searchsorted(ids, runs["dst"])
-        if (runs["src_off"] + runs["nbytes"] > size[slot_s]).any() or (runs["dst_off"] + runs["nbytes"] > size[slot_d]).any():
-            raise ValueError("a run reaches past the end of its tensor")
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)  # every address is an offset from here
         base = self._base.data_ptr()
-        src, dst, n = ptr[slot_s] + runs["src_off"] - base, ptr[slot_d] + runs["dst_off"] - base, runs["nbytes"]
-        bits = src | dst | n
-        align = np.minimum(bits & -bits, 16)  # lowest set bit: the widest unit all three are multiples of
+        src = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - base
+        dst = ptr[np.searchsorted(ids, runs["dst"])] + runs["dst_off"] - base
+        n, rows, s_stride, d_stride = runs["nbytes"], runs["rows"], runs["src_stride"], runs["dst_stride"]
+        # rows long enough to fill tiles on their own become contiguous runs, one per row
+        wide = (rows > 1) & (n >= _WIDE_ROW)
+        each = np.repeat(np.flatnonzero(wide), rows[wide])
+        row = np.arange(len(each)) - np.repeat(np.cumsum(rows[wide]) - rows[wide], rows[wide])
+        flat = rows == 1
+        self._contiguous(np.concatenate([src[flat], src[each] + row * s_stride[each]]),
+                         np.concatenate([dst[flat], dst[each] + row * d_stride[each]]),
+                         np.concatenate([n[flat], n[each]]), tile_bytes)
+        strided = (rows > 1) & ~wide
+        self._strided(src[strided], dst[strided], n[strided], rows[strided], s_stride[strided], d_stride[strided],
+                      tile_bytes)
+
+    def _contiguous(self, src, dst, n, tile_bytes: int) -> None:
+        align = _align(src | dst | n)
         for k in _CLASSES:
             m = align == k
             if not m.any():
                 continue
-            tile = max(tile_bytes // k, 1)  # units per tile
+            tile = max(tile_bytes // k, 1)  # units of k bytes per tile
             s, d, u = src[m] // k, dst[m] // k, n[m] // k
             count = -(-u // tile)
             run = np.repeat(np.arange(len(u)), count)
             t = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * tile
-            tables = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-                      for x in (s[run] + t, d[run] + t, np.minimum(u[run] - t, tile))]
+            table = np.stack([s[run] + t, d[run] + t, np.minimum(u[run] - t, tile)], axis=1)
             word, vec = _WORD[k]
-            self.launches.append((self._base.view(word), *tables, vec, len(run)))
+            self.launches.append(("flat", self._base.view(word), self._upload(table), vec, 0, len(run)))
+
+    def _strided(self, src, dst, n, rows, s_stride, d_stride, tile_bytes: int) -> None:
+        align = _align(src | dst | n | s_stride | d_stride)
+        for k in _CLASSES:
+            m = align == k
+            if not m.any():
+                continue
+            word, vec = _WORD[k]
+            width = n[m] // k  # units per row
+            cb = 1 << np.ceil(np.log2(width * vec)).astype(np.int64)  # words per row, padded to a power of two
+            per_tile = np.maximum(tile_bytes // n[m], 1)  # rows per tile
+            for block in np.unique(cb):
+                sel = np.flatnonzero(cb == block)
+                count = -(-rows[m][sel] // per_tile[sel])
+                run = np.repeat(sel, count)
+                first = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * per_tile[run]
+                ss, ds = s_stride[m][run] // k, d_stride[m][run] // k
+                table = np.stack([src[m][run] // k + first * ss, dst[m][run] // k + first * ds,
+                                  np.minimum(rows[m][run] - first, per_tile[run]), width[run], ss, ds], axis=1)
+                self.launches.append(("rows", self._base.view(word), self._upload(table), vec, int(block), len(run)))
+
+    def _upload(self, table: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(self.device)
 
     def __call__(self) -> None:
         if self.launches:
-            from sync.copy_kernel import copy_tiles
+            from sync.copy_kernel import copy_rows, copy_tiles
 
-            for base, src, dst, length, vec, tiles in self.launches:
-                copy_tiles(base, src, dst, length, vec, tiles)
+            for kind, base, table, vec, block, tiles in self.launches:
+                if kind == "flat":
+                    copy_tiles(base, table, vec, tiles)
+                else:
+                    copy_rows(base, table, vec, block, tiles)
         elif self.pairs[0]:
             torch._foreach_copy_(*self.pairs)
+
+
+def _align(bits: np.ndarray) -> np.ndarray:
+    """The widest unit (of 16, 8, 4, 2, 1 bytes) that divides every value: its lowest set bit."""
+    return np.minimum(bits & -bits, 16)

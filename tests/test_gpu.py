@@ -10,35 +10,18 @@ import pytest
 import torch
 
 from planners import JobSpec, build_plan
-from planners.runs import RUN_DTYPE, apply_runs
+from planners.runs import apply_runs
 from sync.copier import CopyProgram, triton_available
 from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
 from sync.executor import PlanExecutor
 from sync.tensors import as_bits
 from sync.transport import SoloTransport
+from test_copier import random_runs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
            deployment=dict(mode="colocated", gpus_per_node=4), eplb=dict(num_redundant_experts=4))
-
-
-def _random_runs(rng, sizes: list[int], n: int) -> np.ndarray:
-    """Non-overlapping destination ranges, sources anywhere, odd offsets and lengths included."""
-    runs = np.zeros(n, dtype=RUN_DTYPE)
-    dst_cursor = {i: 0 for i in range(len(sizes))}
-    for j in range(n):
-        d = int(rng.integers(len(sizes)))
-        length = int(rng.choice([1, 2, 3, 16, 100, 4096, 70001, 262144]))
-        align = int(rng.choice([1, 2, 4, 16]))
-        start = -(-dst_cursor[d] // align) * align + int(rng.choice([0, 0, 1, 2]))
-        if start + length > sizes[d]:
-            length = 0
-        s = int(rng.integers(len(sizes)))
-        src_off = int(rng.integers(0, max(sizes[s] - length, 1)))
-        runs[j] = (s + 100, src_off, d + 200, start, length)
-        dst_cursor[d] = start + length
-    return runs[runs["nbytes"] > 0]
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs Triton")
@@ -48,7 +31,8 @@ def test_triton_program_equals_reference_on_random_runs(seed):
     sizes = [1 << 20, (1 << 20) + 3, 5 << 20]
     src = {i + 100: torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda") for i, n in enumerate(sizes)}
     dst = {i + 200: torch.full((n,), 0xA5, dtype=torch.uint8, device="cuda") for i, n in enumerate(sizes)}
-    runs = _random_runs(rng, sizes, 400)
+    runs = random_runs(rng, sizes, 400)
+    assert (runs["rows"] > 1).any()
     want = {k: v.cpu().numpy().copy() for k, v in {**src, **dst}.items()}
     apply_runs(runs, want)
     for tile in (4096, 65536):

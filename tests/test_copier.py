@@ -1,0 +1,86 @@
+"""Copy programs: the foreach path and the Triton tile tables (replayed on the CPU) copy exactly the runs."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from planners.runs import RUN_DTYPE, apply_runs
+from sync.copier import CopyProgram
+
+
+def random_runs(rng, sizes: list[int], n: int) -> np.ndarray:
+    """Non-overlapping destination blocks, sources anywhere; odd offsets, lengths and strides included."""
+    runs = np.zeros(n, dtype=RUN_DTYPE)
+    cursor = [0] * len(sizes)
+    for j in range(n):
+        d, s = int(rng.integers(len(sizes))), int(rng.integers(len(sizes)))
+        length = int(rng.choice([1, 2, 3, 16, 100, 4096, 9000, 70001, 262144]))
+        rows = int(rng.choice([1, 1, 3, 64]))
+        src_stride = length + int(rng.choice([0, 2, 16, 1000]))
+        dst_stride = length + int(rng.choice([0, 16, 48]))
+        align = int(rng.choice([1, 2, 4, 16]))
+        start = -(-cursor[d] // align) * align + int(rng.choice([0, 0, 1, 2]))
+        if start + (rows - 1) * dst_stride + length > sizes[d]:
+            continue
+        src_room = sizes[s] - (rows - 1) * src_stride - length
+        if src_room <= 0:
+            continue
+        runs[j] = (s + 100, int(rng.integers(0, src_room)), d + 200, start, length, rows, src_stride, dst_stride)
+        cursor[d] = start + (rows - 1) * dst_stride + length
+    return runs[runs["nbytes"] > 0]
+
+
+def _ends(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    src = {i + 100: torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g) for i, n in enumerate(sizes)}
+    dst = {i + 200: torch.full((n,), 0xA5, dtype=torch.uint8) for i, n in enumerate(sizes)}
+    return src, dst
+
+
+def _replay(program: CopyProgram) -> None:
+    """What the two Triton kernels do with each tile, by memmove at the tables' addresses."""
+    for kind, base, table, vec, _, _ in program.launches:
+        unit = base.element_size() * vec
+        addr = base.data_ptr()
+        for row in table.numpy().tolist():
+            if kind == "flat":
+                s, d, n = row
+                ctypes.memmove(addr + d * unit, addr + s * unit, n * unit)
+            else:
+                s, d, rows, width, ss, ds = row
+                for r in range(rows):
+                    ctypes.memmove(addr + (d + r * ds) * unit, addr + (s + r * ss) * unit, width * unit)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("path", ["foreach", "tiles"])
+def test_programs_copy_exactly_the_runs(seed, path):
+    rng = np.random.default_rng(seed)
+    sizes = [1 << 20, (1 << 20) + 3, 5 << 20]
+    runs = random_runs(rng, sizes, 300)
+    assert (runs["rows"] > 1).any() and (runs["rows"] == 1).any()
+    src, dst = _ends(sizes, seed)
+    want = {k: v.numpy().copy() for k, v in {**src, **dst}.items()}
+    apply_runs(runs, want)
+    for tile in (4096, 65536):
+        for t in dst.values():
+            t.fill_(0xA5)
+        program = CopyProgram(runs, {**src, **dst}, tile_bytes=tile, use_triton=path == "tiles")
+        if path == "tiles":
+            assert program.launches and {k for k, *_ in program.launches} == {"flat", "rows"}
+            _replay(program)
+        else:
+            program()
+        for k, t in dst.items():
+            np.testing.assert_array_equal(t.numpy(), want[k], err_msg=f"tensor {k}, tile {tile}")
+        assert program.nbytes == int((runs["nbytes"] * runs["rows"]).sum())
+
+
+def test_a_run_outside_its_tensor_is_refused():
+    runs = np.array([(0, 10, 1, 0, 8, 1, 8, 8)], dtype=RUN_DTYPE)
+    with pytest.raises(ValueError, match="outside its src"):
+        CopyProgram(runs, {0: torch.zeros(16, dtype=torch.uint8), 1: torch.zeros(16, dtype=torch.uint8)})
