@@ -88,7 +88,7 @@ def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu():
     from sync.launch import host_store, spawn_ranks
 
     job = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=1), inference=dict(tp=1),
-               deployment=dict(mode="colocated"), eplb=dict(num_redundant_experts=2))
+               deployment=dict(mode="colocated"))
     plan = build_plan(JobSpec.from_dict(job)).validate()
     assert plan.num_ranks == 2 and plan.devices[0] == plan.devices[1]
     store = host_store()
