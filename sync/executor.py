@@ -186,9 +186,10 @@ class PlanExecutor:
         when Triton is there, else ``_foreach_copy_``), "foreach", or "slices" (one ``copy_`` per slice).
         ``ipc``: buckets between processes on one GPU (``plan.devices``) travel by CUDA IPC of the
         flat send arena (``sync.ipc``) instead of the transport.
-        ``recheck``: before each sync, check that the endpoints' tensors are still where the copy
-        programs were bound (one pass over every tensor); with False, a binding is reused while
-        the endpoints hand over the same dict objects (for endpoints whose tensors never move)."""
+        ``recheck``: each sync checks that the endpoints' tensors are still where the copy programs
+        were bound (one pass over every tensor, while the first local copies run on the GPU) and
+        rebinds if not; with False, a binding is reused while the endpoints hand over the same dict
+        objects (for endpoints whose tensors never move)."""
         if copies not in ("auto", "foreach", "slices"):
             raise ValueError(f"copies must be 'auto', 'foreach' or 'slices', got {copies!r}")
         self.plan = plan
@@ -256,17 +257,13 @@ class PlanExecutor:
             out.append((r, ep.local_tensors(), "source" if trainer else "target"))
         return out
 
-    def _bind(self, sources, targets, stats: SyncStats) -> _Binding:
-        """Views of the hosted ranks' tensors by plan local id, and the copy programs over them;
-        reused while the endpoints hand over the same tensors at the same addresses."""
-        given = self._endpoint_tensors(sources, targets)
-        key = [id(d) for _, d, _ in given]
-        if self.recheck or self._binding is None or self._binding.key[0] != key:
-            key = (key, [list(map(torch.Tensor.data_ptr, d.values())) for _, d, _ in given])
-        else:
-            key = self._binding.key
-        if self._binding is not None and self._binding.key == key:
-            return self._binding
+    @staticmethod
+    def _key(given) -> tuple:
+        """Which dicts the endpoints handed over and where their tensors are."""
+        return [id(d) for _, d, _ in given], [list(map(torch.Tensor.data_ptr, d.values())) for _, d, _ in given]
+
+    def _bind(self, given, key: tuple, stats: SyncStats) -> _Binding:
+        """Views of the hosted ranks' tensors by plan local id, and the copy programs over them."""
         t0 = time.perf_counter()
         plan = self.plan
         flats: dict[int, torch.Tensor] = {}
@@ -400,10 +397,26 @@ class PlanExecutor:
         self._written = written
         self._syncs += 1
         t_start = time.perf_counter()
-        binding = self._bind(source, target, stats)
+        given = self._endpoint_tensors(source, target)
+        binding = self._binding
+        if binding is None or binding.key[0] != [id(d) for _, d, _ in given]:  # new endpoints: bind first
+            binding = self._bind(given, self._key(given), stats)
+            unchecked = False
+        else:  # the same dicts: check their tensors while the first copies run (one pass over them all)
+            unchecked = self.recheck
         for stage in (1, 2):
             t0 = time.perf_counter()
-            self._run_stage(binding, stage, stats)
+            if self.exit_at_stage == stage:  # fault injection: this rank dies here
+                os._exit(17)
+            self._local_copies(binding, stage, stats)
+            if unchecked:
+                unchecked, key = False, self._key(given)
+                if key != binding.key:
+                    # a tensor moved: those copies went to (or came from) memory the old binding still
+                    # holds, harmlessly; copy again where the tensors are now, before anything is sent
+                    binding = self._bind(given, key, stats)
+                    self._local_copies(binding, stage, None)
+            self._run_rounds(binding, stage, stats)
             if binding.device.type == "cuda":
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
@@ -415,17 +428,19 @@ class PlanExecutor:
                 t.set_placement(self.plan.placement)
         return stats
 
-    def _run_stage(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
-        """Local copies first (they overlap the network), then rounds in order; round k+1 is packed
-        while round k is on the wire."""
-        if self.exit_at_stage == stage:  # fault injection: this rank dies here
-            os._exit(17)
+    def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None) -> None:
+        """Copies between hosted ranks (launched first: they overlap the network)."""
         t0 = time.perf_counter()
         for program in binding.local.get(stage, []):
             program()
-            stats.bytes_copied += program.nbytes
+            if stats is not None:
+                stats.bytes_copied += program.nbytes
         self._written |= self._local_dst[stage]
-        stats.pack_seconds += time.perf_counter() - t0
+        if stats is not None:
+            stats.pack_seconds += time.perf_counter() - t0
+
+    def _run_rounds(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
+        """Rounds in order; round k+1 is packed while round k is on the wire."""
         in_flight = None
         for k in sorted(k for s, k in self.rounds if s == stage):
             t0 = time.perf_counter()

@@ -66,6 +66,22 @@ def test_cuda_sync_hosting_every_rank_is_bit_exact(copies):
                 assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want)), (r, name)
 
 
+def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
+    plan = build_plan(JobSpec.from_dict(JOB)).validate()
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
+    sources = {r: SyntheticSource(plan, r, version=1, device="cuda") for r in range(plan.num_trainer)}
+    targets = {r: BufferTarget(plan, r, device="cuda") for r in range(plan.num_trainer, plan.num_ranks)}
+    assert ex.sync(sources, targets).verified
+    rank, target = next(iter(targets.items()))
+    name = next(iter(target.tensors))
+    target.tensors[name] = torch.zeros_like(target.tensors[name])  # the engine reallocated one weight
+    for s in sources.values():
+        s.set_version(2)
+    assert ex.sync(sources, targets).verified
+    want = _expected(plan, rank, 2)[name]
+    assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want))
+
+
 def _ipc_rank(rank: int, plan, port: int, versions: list[int]):
     from sync.transport import standalone_transport
 
