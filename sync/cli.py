@@ -171,6 +171,12 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     import json
 
+    if args.bench == "gpu":
+        from sync.bench_gpu import main as bench_gpu
+
+        bench_gpu(args.rest)
+        return 0
+
     from sync.bench import bench_sync
 
     from dataclasses import replace
@@ -262,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--json", action="store_true", help="print one JSON object")
     bs.add_argument("--job-links", action="store_true",
                     help="plan with the job's link bandwidths instead of this machine's (all links alike)")
+    bg = bsub.add_parser("gpu", help="colocated refresh on one CUDA GPU: batched copies vs per-slice copy_ "
+                                     "vs a flat copy (options: rlsync bench gpu -- --help)")
+    bg.add_argument("rest", nargs=argparse.REMAINDER, help="options of sync/bench_gpu.py")
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:

@@ -1,0 +1,268 @@
+"""Colocated refresh on one GPU: batched copies vs per-slice ``copy_`` vs a flat device copy.
+
+Runs on a CUDA machine in one call (``rlsync bench gpu`` or ``python scripts/bench_gpu.py``) and
+prints a table last. Each case is a colocated sync plan whose every rank this one process hosts on one
+GPU, so every chunk is a device-local copy: (a) a ~1.7B dense model, trainer TP1 -> engine TP1 (one
+GPU, as deployed) and trainer TP2 x DP2 -> engine TP4 (a 4-GPU layout folded onto one: the same
+resharding copies); (b) a DeepSeek-V3-like tensor mix (61 layers, 256 routed experts: ~45,000
+expert tensors, scaled down to fit) from trainer TP2 x EP4 to an engine DP8 x EP8 with 32
+redundant slots placed by EPLB from a skewed load. For each, payload GB/s of:
+
+- ``flat``: one contiguous device-to-device copy of the same number of bytes (the ceiling);
+- ``triton``: ``PlanExecutor`` with batched copy programs (the default on CUDA);
+- ``foreach``: the same runs through ``torch._foreach_copy_``;
+- ``slices``: one ``copy_`` per chunk slice (what a per-tensor loader does);
+- ``triton (trusted)``: as ``triton``, without the per-sync check that every tensor is still where
+  the copy programs were bound (``recheck=False``; one Python pass over ~80,000 tensors in (b)).
+
+``sync GB/s`` times the whole ``PlanExecutor.sync`` call; ``kernel GB/s`` the copy launches alone.
+
+``--ipc`` adds the dense TP1 -> TP1 case as two processes on the GPU (a trainer process and an
+engine process, as when the engine runs in its own process): buckets travel by CUDA IPC of the
+flat send arena, packed by the sender and unpacked by the receiver (two copies), checked by checksums.
+
+Every variant's engine tensors are compared bit for bit with the ``slices`` result, after poisoning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from planners import JobSpec, build_plan
+from planners.eplb_stats import synthetic_load
+from sync.copier import CopyProgram
+from sync.executor import PlanExecutor
+from sync.tensors import TORCH_DTYPES
+from sync.transport import SoloTransport
+
+DENSE = dict(model_type="qwen3", hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+             head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True, torch_dtype="bfloat16")
+DSV3_LIKE = dict(model_type="deepseek_v3", hidden_size=1024, num_hidden_layers=61, first_k_dense_replace=3,
+                 num_attention_heads=16, intermediate_size=2048, moe_intermediate_size=128, n_routed_experts=256,
+                 n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, q_lora_rank=384,
+                 kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, vocab_size=129280,
+                 tie_word_embeddings=False, torch_dtype="bfloat16")
+CASES = {
+    "dense 1.7B tp1->tp1": dict(model=dict(hf_config=DENSE), trainer=dict(tp=1), inference=dict(tp=1),
+                                deployment=dict(mode="colocated")),
+    "dense 1.7B tp2dp2->tp4": dict(model=dict(hf_config=DENSE), trainer=dict(tp=2, dp=2), inference=dict(tp=4),
+                                   deployment=dict(mode="colocated")),
+    "dsv3-like tp2ep4->dp8ep8+32": dict(model=dict(hf_config=DSV3_LIKE), trainer=dict(tp=2, dp=4, ep=4, etp=1),
+                                        inference=dict(tp=1, dp=8, enable_ep=True), deployment=dict(mode="colocated"),
+                                        eplb=dict(enabled=True, num_redundant_experts=32)),
+}
+
+
+class Tensors:
+    """An endpoint over given tensors."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+
+def endpoints(plan, ranks=None):
+    """Random bytes in the trainer ranks' tensors, empty engine tensors (all ranks, or ``ranks``)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sources, targets = {}, {}
+    for r in range(plan.num_ranks) if ranks is None else ranks:
+        ids = plan.locals_of(r)
+        tensors = {plan.local_name[i]: torch.empty(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]],
+                                                   device="cuda") for i in ids}
+        if r < plan.num_trainer:
+            for t in tensors.values():
+                t.view(-1).view(torch.uint8).random_(0, 256, generator=gen)  # any bit pattern must survive
+            sources[r] = Tensors(tensors)
+        else:
+            targets[r] = Tensors(tensors)
+    return sources, targets
+
+
+def poison(targets) -> None:
+    flat = [t.view(-1).view(torch.uint8) for tg in targets.values() for t in tg.tensors.values()]
+    torch._foreach_zero_(flat)
+    torch._foreach_add_(flat, 0xA5)
+
+
+def flat_copy_gbps(nbytes: int, reps: int) -> float:
+    nbytes = min(nbytes, 4 << 30)
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 256)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times[2:]) / 1e9
+
+
+def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) -> dict:
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), copies=copies, recheck=recheck)
+    t0 = time.perf_counter()
+    first = ex.sync(sources, targets, verify=False)  # binds: validates tensors, builds copy programs
+    first_s = time.perf_counter() - t0
+    programs = [p for s in (1, 2) for p in ex._binding.local[s]]
+    walls, kernels = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stats = ex.sync(sources, targets, verify=False)
+        walls.append(time.perf_counter() - t0)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for p in programs:
+            p()
+        b.record()
+        torch.cuda.synchronize()
+        kernels.append(a.elapsed_time(b) / 1e3)
+    poison(targets)
+    ex.sync(sources, targets, verify=False)
+    torch.cuda.synchronize()
+    launches = sum(launch_count(p) for p in programs)
+    runs = sum(getattr(p, "num_runs", 0) for p in programs)
+    return dict(copies=copies, recheck=recheck, first_s=first_s, bind_s=first.bind_seconds, wall_s=statistics.median(walls),
+                kernel_s=statistics.median(kernels), launches=launches, runs=runs,
+                copied=stats.bytes_copied)
+
+
+def launch_count(program) -> int:
+    """Kernel launches one run of a copy program makes (a foreach call counts as one)."""
+    if isinstance(program, CopyProgram):
+        return len(program.launches) or int(bool(program.pairs[0]))
+    return len(program.pairs)
+
+
+def snapshot(targets) -> list[torch.Tensor]:
+    """The engine tensors' bytes: on the GPU when they fit with room to spare, else in host memory."""
+    tensors = [t for tg in targets.values() for t in tg.tensors.values()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    device = "cuda" if torch.cuda.mem_get_info()[0] > need + (8 << 30) else "cpu"
+    return [t.view(-1).view(torch.uint8).to(device, copy=True) for t in tensors]
+
+
+def same(targets, ref: list[torch.Tensor]) -> bool:
+    got = [t for tg in targets.values() for t in tg.tensors.values()]
+    return all(torch.equal(a.view(-1).view(torch.uint8).to(b.device), b) for a, b in zip(got, ref))
+
+
+def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
+    job = JobSpec.from_dict(spec)
+    t0 = time.perf_counter()
+    load = None
+    if job.model.is_moe:
+        load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=0)
+    plan = build_plan(job, load).validate()
+    plan_s = time.perf_counter() - t0
+    payload = int(plan.chunks["nbytes"].sum())
+    sources, targets = endpoints(plan)
+    flat = flat_copy_gbps(payload, reps)
+    rows = []
+    ref = None
+    for copies, recheck in (("slices", True), ("foreach", True), ("auto", True), ("auto", False)):
+        print(f"{name}: {copies} ...", file=sys.stderr, flush=True)
+        r = time_variant(plan, copies, recheck, sources, targets, slices_reps if copies == "slices" else reps)
+        if ref is None:
+            ref = snapshot(targets)
+            r["exact"] = True
+        else:
+            r["exact"] = same(targets, ref)
+        r.update(case=name, payload=payload, chunks=len(plan.chunks), plan_s=plan_s, flat_gbps=flat,
+                 engine_tensors=sum(len(t.tensors) for t in targets.values()))
+        r["gbps"] = payload / r["wall_s"] / 1e9
+        r["kernel_gbps"] = payload / r["kernel_s"] / 1e9
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    del ref, sources, targets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int) -> dict:
+    from sync.transport import standalone_transport
+
+    torch.cuda.set_device(0)
+    plan = build_plan(JobSpec.from_dict(spec)).validate()
+    transport = standalone_transport(rank, 2, "127.0.0.1", port, 300, store_on_rank0=False)  # gloo: control only
+    ex = PlanExecutor(plan, rank, transport, bucket_bytes=bucket_bytes, timeout_s=300, ipc=True)
+    sources, targets = endpoints(plan, [rank])
+    source, target = sources.get(rank), targets.get(rank)
+    ex.sync(source, target, verify=False)
+    times = []
+    for _ in range(reps):
+        transport.barrier().wait()
+        times.append(ex.sync(source, target, verify=False).global_seconds)
+    if target is not None:
+        poison(targets)
+    last = ex.sync(source, target, verify=True)
+    return dict(seconds=statistics.median(times), verified=bool(last.verified), peak=last.peak_buffer_bytes)
+
+
+def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int) -> dict:
+    from sync.launch import host_store, spawn_ranks
+
+    plan = build_plan(JobSpec.from_dict(spec)).validate()
+    payload = int(plan.chunks["nbytes"].sum())
+    store = host_store(timeout_s=300)
+    results, _ = spawn_ranks(2, _ipc_worker, (spec, store.port, reps, bucket_mb << 20), timeout_s=600)
+    seconds = max(r["seconds"] for r in results.values())
+    flat = flat_copy_gbps(payload, reps)
+    return dict(case=f"{name}, 2 processes", copies="ipc", recheck=True, payload=payload, chunks=len(plan.chunks),
+                engine_tensors=len(plan.locals_of(1)), runs=0, launches=0, wall_s=seconds, gbps=payload / seconds / 1e9,
+                kernel_gbps=None, flat_gbps=flat, bind_s=0.0, exact=all(r["verified"] for r in results.values()),
+                bucket_mb=bucket_mb, arena_bytes=results[0]["peak"])
+
+
+def print_table(rows: list[dict], card: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"colocated refresh on one {card} (payload GB/s; ratio to a flat copy of the same bytes)")
+    for col in ("case", "payload GB", "tensors", "runs", "variant", "launches", "sync GB/s", "x flat",
+                "kernel GB/s", "flat GB/s", "bind s", "exact"):
+        table.add_column(col)
+    for r in rows:
+        variant = {"auto": "triton", "foreach": "foreach", "slices": "per-slice copy_",
+                   "ipc": f"CUDA IPC, {r.get('bucket_mb')} MB buckets"}[r["copies"]]
+        variant += "" if r["recheck"] else " (trusted)"
+        kernel = "-" if r["kernel_gbps"] is None else f"{r['kernel_gbps']:.0f}"
+        table.add_row(r["case"], f"{r['payload'] / 1e9:.2f}", str(r["engine_tensors"]), str(r["runs"] or r["chunks"]),
+                      variant, str(r["launches"]), f"{r['gbps']:.0f}", f"{r['gbps'] / r['flat_gbps']:.2f}",
+                      kernel, f"{r['flat_gbps']:.0f}", f"{r['bind_s']:.1f}", str(r["exact"]))
+    (console or Console(width=200)).print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--slices-reps", type=int, default=2)
+    ap.add_argument("--ipc", action="store_true", help="add the two-process CUDA IPC case")
+    ap.add_argument("--ipc-bucket-mb", type=int, nargs="*", default=[256, 1024])
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the GPU benchmark needs a CUDA device")
+    card = torch.cuda.get_device_name()
+    rows = [r for name in args.cases for r in run_case(name, CASES[name], args.reps, args.slices_reps)]
+    if args.ipc:
+        name = "dense 1.7B tp1->tp1"
+        for mb in args.ipc_bucket_mb:
+            rows.append(run_ipc(name, CASES[name], args.reps, mb))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(card=card, rows=rows), indent=1))
+    print_table(rows, card)
