@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--slices-reps", type=int, default=2)
     ap.add_argument("--ipc", action="store_true", help="add the two-process CUDA IPC case")
-    ap.add_argument("--ipc-bucket-mb", type=int, nargs="*", default=[256, 1024])
+    ap.add_argument("--ipc-bucket-mb", type=int, nargs="*", default=[256, 4096])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

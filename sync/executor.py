@@ -34,6 +34,10 @@ from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
 
+# checks many tensors' addresses in one C++ loop: private, but what torch's CUDA graph trees use to
+# check their static inputs; CPU builds lack it (then a Python pass does the same)
+_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+
 __all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync", "versioned_sync"]
 
 
@@ -260,7 +264,18 @@ class PlanExecutor:
     @staticmethod
     def _key(given) -> tuple:
         """Which dicts the endpoints handed over and where their tensors are."""
-        return [id(d) for _, d, _ in given], [list(map(torch.Tensor.data_ptr, d.values())) for _, d, _ in given]
+        tensors = [t for _, d, _ in given for t in d.values()]
+        return [id(d) for _, d, _ in given], list(map(torch.Tensor.data_ptr, tensors)), list(range(len(tensors)))
+
+    @staticmethod
+    def _moved(given, key: tuple) -> bool:
+        """Whether any tensor of the same dicts is no longer where ``key`` says."""
+        tensors = [t for _, d, _ in given for t in d.values()]
+        if len(tensors) != len(key[1]):
+            return True
+        if _PTRS_EQUAL is not None:  # CUDA builds: one C++ loop (what CUDA graph trees use)
+            return not _PTRS_EQUAL(tensors, key[1], key[2])
+        return list(map(torch.Tensor.data_ptr, tensors)) != key[1]
 
     def _bind(self, given, key: tuple, stats: SyncStats) -> _Binding:
         """Views of the hosted ranks' tensors by plan local id, and the copy programs over them."""
@@ -410,8 +425,9 @@ class PlanExecutor:
                 os._exit(17)
             self._local_copies(binding, stage, stats)
             if unchecked:
-                unchecked, key = False, self._key(given)
-                if key != binding.key:
+                unchecked = False
+                if self._moved(given, binding.key):
+                    key = self._key(given)
                     # a tensor moved: those copies went to (or came from) memory the old binding still
                     # holds, harmlessly; copy again where the tensors are now, before anything is sent
                     binding = self._bind(given, key, stats)
