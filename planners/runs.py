@@ -17,7 +17,7 @@ import numpy as np
 
 from planners.plan import SyncPlan
 
-__all__ = ["RUN_DTYPE", "BUFFER", "chunk_runs", "merge_runs", "apply_runs"]
+__all__ = ["RUN_DTYPE", "BUFFER", "chunk_runs", "block_runs", "merge_runs", "apply_runs"]
 
 RUN_DTYPE = np.dtype([("src", "i8"), ("src_off", "i8"), ("dst", "i8"), ("dst_off", "i8"), ("nbytes", "i8"),
                       ("rows", "i8"), ("src_stride", "i8"), ("dst_stride", "i8")])
@@ -30,8 +30,13 @@ def chunk_runs(plan: SyncPlan, rows: np.ndarray, lo: np.ndarray | None = None, h
 
     ``src_buffer``/``dst_buffer``: that end is the packed buffer, each item starting at the given
     byte offset, instead of the chunk's local tensor."""
-    rows = np.asarray(rows, dtype=np.int64)
-    c = plan.chunks[rows]
+    return block_runs(plan, plan.chunks[np.asarray(rows, dtype=np.int64)], lo, hi, src_buffer, dst_buffer)
+
+
+def block_runs(plan: SyncPlan, c: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
+               src_buffer: np.ndarray | None = None, dst_buffer: np.ndarray | None = None) -> np.ndarray:
+    """:func:`chunk_runs` of chunk records ``c`` (``CHUNK_DTYPE``; they need not be the plan's own rows)."""
+    rows = np.arange(len(c))
     lo = c["lo"].astype(np.int64) if lo is None else np.asarray(lo, dtype=np.int64)
     hi = c["hi"].astype(np.int64) if hi is None else np.asarray(hi, dtype=np.int64)
     itemsize = np.array([t.nbytes // max(t.numel, 1) for t in plan.tensors], dtype=np.int64)[c["tensor"]]

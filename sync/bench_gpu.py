@@ -130,12 +130,18 @@ def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) 
         torch.cuda.synchronize()
         kernels.append(a.elapsed_time(b) / 1e3)
     poison(targets)
-    ex.sync(sources, targets, verify=False)
     torch.cuda.synchronize()
+    verify_s = []
+    for _ in range(2):  # the first builds the checksum programs
+        t0 = time.perf_counter()
+        checked = ex.sync(sources, targets, verify=True)  # also checks every engine tensor's checksum
+        verify_s.append(time.perf_counter() - t0 - checked.seconds)
     launches = sum(launch_count(p) for p in programs)
     runs = sum(getattr(p, "num_runs", 0) for p in programs)
     return dict(copies=copies, recheck=recheck, first_s=first_s, bind_s=first.bind_seconds, wall_s=statistics.median(walls),
-                kernel_s=statistics.median(kernels), launches=launches, runs=runs,
+                kernel_s=statistics.median(kernels), launches=launches, runs=runs, verify_s=verify_s[1],
+                verify_first_s=verify_s[0],
+                verified=bool(checked.verified),
                 copied=stats.bytes_copied)
 
 
@@ -232,7 +238,7 @@ def print_table(rows: list[dict], card: str, console=None) -> None:
 
     table = Table(title=f"colocated refresh on one {card} (payload GB/s; ratio to a flat copy of the same bytes)")
     for col in ("case", "payload GB", "tensors", "runs", "variant", "launches", "sync GB/s", "x flat",
-                "kernel GB/s", "flat GB/s", "bind s", "exact"):
+                "kernel GB/s", "flat GB/s", "bind s", "verify s", "exact"):
         table.add_column(col)
     for r in rows:
         variant = {"auto": "triton", "foreach": "foreach", "slices": "per-slice copy_",
@@ -241,7 +247,8 @@ def print_table(rows: list[dict], card: str, console=None) -> None:
         kernel = "-" if r["kernel_gbps"] is None else f"{r['kernel_gbps']:.0f}"
         table.add_row(r["case"], f"{r['payload'] / 1e9:.2f}", str(r["engine_tensors"]), str(r["runs"] or r["chunks"]),
                       variant, str(r["launches"]), f"{r['gbps']:.0f}", f"{r['gbps'] / r['flat_gbps']:.2f}",
-                      kernel, f"{r['flat_gbps']:.0f}", f"{r['bind_s']:.1f}", str(r["exact"]))
+                      kernel, f"{r['flat_gbps']:.0f}", f"{r['bind_s']:.1f}", f"{r.get('verify_s', 0):.2f}",
+                      str(r["exact"] and r.get("verified", True)))
     (console or Console(width=200)).print(table)
 
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_DTYPES", "block", "checksum_block", "checksum_flat", "as_bits"]
+__all__ = ["TORCH_DTYPES", "MIX_K1", "MIX_K2", "block", "checksum_block", "checksum_flat", "as_bits"]
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn}
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_K1, _K2 = 0x9E3779B97F4A7C15 - (1 << 64), 0x5BD1E995
+MIX_K1, MIX_K2 = 0x9E3779B97F4A7C15 - (1 << 64), 0x5BD1E995  # h(x) = x * K1 + x * x * K2
 
 
 def block(flat: torch.Tensor, base: int, outer: int, dim: int, inner: int, off: int, n: int) -> torch.Tensor:
@@ -31,7 +31,7 @@ def as_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mix(bits: torch.Tensor) -> torch.Tensor:
-    return bits * _K1 + bits * bits * _K2
+    return bits * MIX_K1 + bits * bits * MIX_K2
 
 
 def checksum_block(x: torch.Tensor, base: int, dim: int, off: int) -> tuple[int, int]:

@@ -13,6 +13,8 @@ import torch
 
 from planners.buckets import stage2_origin
 from planners.plan import SyncPlan
+from planners.runs import RUN_DTYPE, block_runs
+from sync.copier import triton_available
 from sync.tensors import TORCH_DTYPES, block, checksum_block, checksum_flat
 
 __all__ = ["Verifier"]
@@ -30,12 +32,26 @@ class Verifier:
         fed = np.flatnonzero(np.isin(origin, mine))
         # (chunk whose destination gets the bytes, chunk whose source holds them)
         self.work = [(r, r) for r in mine.tolist()] + [(r, int(origin[r])) for r in fed.tolist()]
+        self._prepared: dict | None = None
 
     def expected(self, flats: dict[int, torch.Tensor]) -> torch.Tensor:
         """[engine locals, 2] this rank's contributions to every engine tensor's (S0, S1)."""
+        if not _batched(flats):
+            return self._expected_slices(flats, self.work)
+        prepared = self._prepare(flats)
+        out = prepared["sent"]() if prepared["sent"] is not None else self._zeros(flats)
+        if prepared["cast"]:  # wider sources: cast chunk by chunk, as the engine receives them
+            out += self._expected_slices(flats, prepared["cast"]).to(out.device)
+        return out
+
+    def _zeros(self, flats) -> torch.Tensor:
+        device = next(iter(flats.values())).device
+        return torch.zeros((len(self.plan.local_name) - self.inf_first, 2), dtype=torch.int64, device=device)
+
+    def _expected_slices(self, flats: dict[int, torch.Tensor], work) -> torch.Tensor:
         plan, c = self.plan, self.plan.chunks
         out = torch.zeros((len(plan.local_name) - self.inf_first, 2), dtype=torch.int64)
-        for row, origin in self.work:
+        for row, origin in work:
             t = plan.tensors[c["tensor"][row]]
             lo, hi = int(c["lo"][row]), int(c["hi"][row])
             data = block(flats[int(c["src_local"][origin])], int(c["src_base"][origin]), t.outer, int(c["src_dim"][origin]),
@@ -45,6 +61,38 @@ class Verifier:
             out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([s0, s1])
         return out
 
+    def _prepare(self, flats: dict[int, torch.Tensor]) -> dict:
+        """Batched checksum programs over these tensors (built once per set of tensors)."""
+        if self._prepared is not None and self._prepared["flats"] is flats:
+            return self._prepared
+        from sync.checksums import RunSums
+
+        plan, c = self.plan, self.plan.chunks
+        n_dst = len(plan.local_name) - self.inf_first
+        rows = np.array([r for r, _ in self.work], dtype=np.int64)
+        origins = np.array([o for _, o in self.work], dtype=np.int64)
+        wire = np.array([TORCH_DTYPES[plan.tensors[t].dtype] for t in c["tensor"][rows]], dtype=object)
+        have = np.array([flats[int(l)].dtype for l in c["src_local"][origins]], dtype=object)
+        cast = wire != have
+        rec = c[rows[~cast]].copy()  # each destination chunk, reading from where its bytes come from
+        o = c[origins[~cast]]
+        for f in ("src_local", "src_base", "src_dim"):
+            rec[f] = o[f]
+        rec["src_off"] = o["src_off"] + rec["lo"] - o["lo"]
+        sums = lambda runs: RunSums(runs, _itemsize(plan, runs["dst"]), runs["dst"] - self.inf_first, n_dst,  # noqa: E731
+                                    {int(i): flats[int(i)] for i in np.unique(runs["src"])})
+        runs = block_runs(plan, rec)
+        engine = np.array(sorted(lid for lid in flats if lid >= self.inf_first), dtype=np.int64)
+        whole = np.zeros(len(engine), dtype=RUN_DTYPE)  # each engine tensor, summed where it is
+        whole["src"] = whole["dst"] = engine
+        whole["nbytes"] = whole["src_stride"] = whole["dst_stride"] = [flats[int(i)].numel() * flats[int(i)].element_size()
+                                                                        for i in engine]
+        whole["rows"] = 1
+        self._prepared = dict(flats=flats, sent=sums(runs) if len(runs) else None,
+                              cast=[w for w, k in zip(self.work, cast) if k], engine=engine,
+                              held=sums(whole) if len(whole) else None)
+        return self._prepared
+
     def check(self, flats: dict[int, torch.Tensor], transport, wait) -> tuple[list[str], int]:
         """Names of this rank's engine tensors whose checksum differs; ``wait(work, label)`` waits
         with the caller's deadline. Returns (local mismatches, total mismatches over all ranks)."""
@@ -52,10 +100,27 @@ class Verifier:
         expected = self.expected(flats).to(device)
         wait(transport.all_reduce(expected), "sharing checksums")
         bad = []
-        want = expected.cpu()
-        for lid, flat in flats.items():
-            if lid >= self.inf_first and tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat):
-                bad.append(self.plan.local_name[lid])
+        if _batched(flats):
+            prepared = self._prepare(flats)
+            if prepared["held"] is not None:
+                rows = torch.from_numpy(prepared["engine"] - self.inf_first).to(device)
+                differ = (prepared["held"]()[rows] != expected[rows]).any(dim=1).cpu().numpy()
+                bad = [self.plan.local_name[int(lid)] for lid in prepared["engine"][differ]]
+        else:
+            want = expected.cpu()
+            for lid, flat in flats.items():
+                if lid >= self.inf_first and tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat):
+                    bad.append(self.plan.local_name[lid])
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
         wait(transport.all_reduce(count), "agreeing on verification")
         return bad, int(count.item())
+
+
+def _batched(flats: dict[int, torch.Tensor]) -> bool:
+    """CUDA tensors and Triton: checksums by :class:`sync.checksums.RunSums`."""
+    return bool(flats) and next(iter(flats.values())).device.type == "cuda" and triton_available()
+
+
+def _itemsize(plan: SyncPlan, lids: np.ndarray) -> np.ndarray:
+    sizes = np.array([TORCH_DTYPES[d].itemsize for d in plan.local_dtype], dtype=np.int64)
+    return sizes[lids]

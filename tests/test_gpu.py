@@ -66,6 +66,22 @@ def test_cuda_sync_hosting_every_rank_is_bit_exact(copies):
                 assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want)), (r, name)
 
 
+def test_batched_checksums_equal_chunk_by_chunk_ones_and_catch_a_flipped_byte():
+    plan = build_plan(JobSpec.from_dict(JOB)).validate()
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
+    sources = {r: SyntheticSource(plan, r, version=1, device="cuda") for r in range(plan.num_trainer)}
+    targets = {r: BufferTarget(plan, r, device="cuda") for r in range(plan.num_trainer, plan.num_ranks)}
+    assert ex.sync(sources, targets).verified
+    flats = ex._binding.flats
+    batched = ex.verifier.expected(flats)
+    assert torch.equal(batched.cpu(), ex.verifier._expected_slices(flats, ex.verifier.work))
+    rank, target = next(iter(targets.items()))
+    name = sorted(target.tensors)[3]
+    target.tensors[name].view(-1).view(torch.uint8)[5] ^= 0x10
+    bad, total = ex.verifier.check(flats, SoloTransport(), lambda work, label: work.wait())
+    assert bad == [name] and total == 1
+
+
 def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())

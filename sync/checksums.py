@@ -1,0 +1,90 @@
+"""Checksums of many blocks at once on CUDA: what ``sync.verify`` computes chunk by chunk elsewhere.
+
+A run (``planners.runs``) read as elements says where the elements are (its source) and where they
+land (its destination byte offsets, read as positions). :class:`RunSums` cuts runs into tiles like
+the copy programs do, one Triton launch per element size (and padded row width, for strided runs)
+sums ``h(x)`` and ``h(x)`` times the position inside the tile, and the tile's starting position is
+added on the device; per-destination totals come from one ``index_add_``. The result equals the
+position-weighted checksums of ``sync.tensors`` bit for bit (int64 arithmetic wraps the same way).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["RunSums"]
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_WIDE_ROW = 4096  # elements: longer rows of a strided run are summed as contiguous runs, one per row
+
+
+class RunSums:
+    """(S0, S1) added by ``runs`` to ``num_dst`` destinations: run ``i`` holds elements of
+    ``itemsize[i]`` bytes and adds to destination ``dst_index[i]`` at the positions its ``dst_off``
+    and ``dst_stride`` (bytes) give; sources are ``ends[run["src"]]`` (CUDA tensors)."""
+
+    def __init__(self, runs: np.ndarray, itemsize: np.ndarray, dst_index: np.ndarray, num_dst: int,
+                 ends: dict[int, torch.Tensor], tile_elems: int = 1 << 15) -> None:
+        self.num_dst = num_dst
+        self.device = next(iter(ends.values())).device
+        self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
+        self.launches: list[tuple] = []  # (kind, base view, table, start positions, destination, width)
+        ids = sorted(ends)
+        ptr = np.array([ends[i].data_ptr() for i in ids], dtype=np.int64)
+        addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - self._base.data_ptr()
+        for size in np.unique(itemsize).tolist():
+            m = itemsize == size
+            r = runs[m]
+            self._group(int(size), addr[m] // size, r["nbytes"] // size, r["rows"], r["src_stride"] // size,
+                        r["dst_off"] // size, r["dst_stride"] // size, dst_index[m], tile_elems)
+
+    def _group(self, size, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
+        base = self._base.view(_BITS[size])
+        wide = (rows > 1) & (n >= _WIDE_ROW)
+        each = np.repeat(np.flatnonzero(wide), rows[wide])
+        row = np.arange(len(each)) - np.repeat(np.cumsum(rows[wide]) - rows[wide], rows[wide])
+        flat = rows == 1
+        f_src = np.concatenate([src[flat], src[each] + row * s_stride[each]])
+        f_n = np.concatenate([n[flat], n[each]])
+        f_pos = np.concatenate([d0[flat], d0[each] + row * d_stride[each]])
+        f_dst = np.concatenate([dst[flat], dst[each]])
+        count = -(-f_n // tile)
+        run = np.repeat(np.arange(len(f_n)), count)
+        t = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * tile
+        if len(run):
+            self._add("flat", base, np.stack([f_src[run] + t, np.minimum(f_n[run] - t, tile)], axis=1),
+                      f_pos[run] + t, f_dst[run], 0)
+        strided = (rows > 1) & ~wide
+        if not strided.any():
+            return
+        src, n, rows, s_stride, d0, d_stride, dst = (x[strided] for x in (src, n, rows, s_stride, d0, d_stride, dst))
+        width = 1 << np.ceil(np.log2(n)).astype(np.int64)
+        per_tile = np.maximum(tile // n, 1)
+        for w in np.unique(width).tolist():
+            sel = np.flatnonzero(width == w)
+            count = -(-rows[sel] // per_tile[sel])
+            run = np.repeat(sel, count)
+            first = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * per_tile[run]
+            table = np.stack([src[run] + first * s_stride[run], np.minimum(rows[run] - first, per_tile[run]), n[run],
+                              s_stride[run], d_stride[run]], axis=1)
+            self._add("rows", base, table, d0[run] + first * d_stride[run], dst[run], int(w))
+
+    def _add(self, kind, base, table, start, dst, width) -> None:
+        up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device)  # noqa: E731
+        self.launches.append((kind, base, up(table), up(start), up(dst), width))
+
+    def __call__(self) -> torch.Tensor:
+        """[num_dst, 2] int64 (S0, S1) on the device."""
+        from sync.checksum_kernel import tile_sums_flat, tile_sums_rows
+
+        total = torch.zeros((self.num_dst, 2), dtype=torch.int64, device=self.device)
+        for kind, base, table, start, dst, width in self.launches:
+            out = torch.empty((table.shape[0], 2), dtype=torch.int64, device=self.device)
+            if kind == "flat":
+                tile_sums_flat(base, table, out)
+            else:
+                tile_sums_rows(base, table, out, width)
+            s1 = start * out[:, 0] + out[:, 1]  # the tile's first position, added (wrapping like the CPU sums)
+            total.index_add_(0, dst, torch.stack([out[:, 0], s1], dim=1))
+        return total

@@ -1,0 +1,74 @@
+"""Batched checksums: RunSums' tile tables, replayed on the CPU, give the chunk-by-chunk checksums."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+
+from planners.runs import RUN_DTYPE
+from sync.checksums import RunSums
+from sync.tensors import MIX_K1, MIX_K2, checksum_block
+
+_NP = {torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+
+
+def _read(addr: int, count: int, dtype) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * (count * size)).from_address(addr), dtype=dtype).astype(np.int64)
+
+
+def _replay(sums: RunSums) -> np.ndarray:
+    """What the two Triton kernels and the final index_add do, in numpy (int64 wraps the same way)."""
+    total = np.zeros((sums.num_dst, 2), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        for kind, base, table, start, dst, _ in sums.launches:
+            dt, size = _NP[base.dtype], base.element_size()
+            for row, first, d in zip(table.numpy(), start.numpy(), dst.numpy()):
+                if kind == "flat":
+                    src, n = row
+                    x, pos = _read(base.data_ptr() + int(src) * size, int(n), dt), np.arange(n, dtype=np.int64)
+                else:
+                    src, rows, width, ss, ds = (int(v) for v in row)
+                    x = np.concatenate([_read(base.data_ptr() + (src + r * ss) * size, width, dt) for r in range(rows)])
+                    pos = (np.arange(rows, dtype=np.int64)[:, None] * ds + np.arange(width)).reshape(-1)
+                h = x * np.int64(MIX_K1) + x * x * np.int64(MIX_K2)
+                a, w = h.sum(), (h * pos).sum()
+                total[d] += [a, np.int64(first) * a + w]
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_tile_sums_equal_block_checksums(dtype):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(1 << 16, generator=g).to(dtype)
+    size = src.element_size()
+    # (src element offset, rows, width, src stride, destination, dst element offset, dst stride)
+    blocks = [(0, 1, 5000, 5000, 0, 7, 5000), (100, 3, 64, 200, 1, 0, 64), (9000, 8, 4100, 4200, 1, 500, 9000),
+              (300, 40, 33, 50, 2, 11, 40), (60000, 1, 1, 1, 2, 3, 1)]
+    runs = np.zeros(len(blocks), dtype=RUN_DTYPE)
+    for i, (so, rows, width, ss, d, do, ds) in enumerate(blocks):
+        runs[i] = (0, so * size, d, do * size, width * size, rows, ss * size, ds * size)
+    sums = RunSums(runs, np.full(len(runs), size), runs["dst"], 3, {0: src}, tile_elems=1024)
+    assert {k for k, *_ in sums.launches} == {"flat", "rows"}
+    want = np.zeros((3, 2), dtype=np.int64)
+    for so, rows, width, ss, d, do, ds in blocks:
+        want[d] += _by_position(torch.as_strided(src, (rows, width), (ss, 1), so), do, ds)
+    np.testing.assert_array_equal(_replay(sums), want)
+
+
+def _by_position(x: torch.Tensor, first: int, stride: int) -> tuple[int, int]:
+    """(S0, S1) of rows landing ``stride`` elements apart from position ``first``, element by element."""
+    bits = x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32}[x.element_size()]).to(torch.int64)
+    rows, width = bits.shape
+    pos = first + torch.arange(rows)[:, None] * stride + torch.arange(width)
+    h = bits * MIX_K1 + bits * bits * MIX_K2
+    return int(h.sum()), int((h * pos).sum())
+
+
+def test_the_position_reference_agrees_with_block_checksums():
+    x = torch.randn(6, 10).to(torch.bfloat16)
+    # a [6, 1, 10] block whose rows land 30 apart from position 4 (split dimension of 3, index 0)
+    assert _by_position(x, 4, 30) == checksum_block(x.reshape(6, 1, 10), 4, 3, 0)
