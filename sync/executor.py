@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from itertools import chain
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -264,13 +265,13 @@ class PlanExecutor:
     @staticmethod
     def _key(given) -> tuple:
         """Which dicts the endpoints handed over and where their tensors are."""
-        tensors = [t for _, d, _ in given for t in d.values()]
+        tensors = list(chain.from_iterable(d.values() for _, d, _ in given))
         return [id(d) for _, d, _ in given], list(map(torch.Tensor.data_ptr, tensors)), list(range(len(tensors)))
 
     @staticmethod
     def _moved(given, key: tuple) -> bool:
         """Whether any tensor of the same dicts is no longer where ``key`` says."""
-        tensors = [t for _, d, _ in given for t in d.values()]
+        tensors = list(chain.from_iterable(d.values() for _, d, _ in given))
         if len(tensors) != len(key[1]):
             return True
         if _PTRS_EQUAL is not None:  # CUDA builds: one C++ loop (what CUDA graph trees use)
