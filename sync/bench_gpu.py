@@ -136,11 +136,18 @@ def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) 
         t0 = time.perf_counter()
         checked = ex.sync(sources, targets, verify=True)  # also checks every engine tensor's checksum
         verify_s.append(time.perf_counter() - t0 - checked.seconds)
+    slices_verify_s = None
+    if copies == "auto" and recheck:  # what the chunk-by-chunk checksums (CPU path) would cost here
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ex.verifier._expected_slices(ex._binding.flats, ex.verifier.work)
+        torch.cuda.synchronize()
+        slices_verify_s = time.perf_counter() - t0
     launches = sum(launch_count(p) for p in programs)
     runs = sum(getattr(p, "num_runs", 0) for p in programs)
     return dict(copies=copies, recheck=recheck, first_s=first_s, bind_s=first.bind_seconds, wall_s=statistics.median(walls),
                 kernel_s=statistics.median(kernels), launches=launches, runs=runs, verify_s=verify_s[1],
-                verify_first_s=verify_s[0],
+                verify_first_s=verify_s[0], slices_expected_s=slices_verify_s,
                 verified=bool(checked.verified),
                 copied=stats.bytes_copied)
 
