@@ -27,6 +27,7 @@ Every variant's engine tensors are compared bit for bit with the ``slices`` resu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -116,6 +117,7 @@ def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) 
     first = ex.sync(sources, targets, verify=False)  # binds: validates tensors, builds copy programs
     first_s = time.perf_counter() - t0
     programs = [p for s in (1, 2) for p in ex._binding.local[s]]
+    gc.collect()  # the previous variant's garbage is not this one's time
     walls, kernels = [], []
     for _ in range(reps):
         torch.cuda.synchronize()

@@ -418,23 +418,26 @@ class PlanExecutor:
         if binding is None or binding.key[0] != [id(d) for _, d, _ in given]:  # new endpoints: bind first
             binding = self._bind(given, self._key(given), stats)
             unchecked = False
-        else:  # the same dicts: check their tensors while the first copies run (one pass over them all)
+        else:  # the same dicts: check their tensors while the local copies run (one pass over them all)
             unchecked = self.recheck
+        launched: list[int] = []
         for stage in (1, 2):
             t0 = time.perf_counter()
             if self.exit_at_stage == stage:  # fault injection: this rank dies here
                 os._exit(17)
             self._local_copies(binding, stage, stats)
-            if unchecked:
+            launched.append(stage)
+            remote = any(s == stage for s, _ in self.rounds)
+            if unchecked and (remote or stage == 2):  # before anything is sent, or once all copies are launched
                 unchecked = False
                 if self._moved(given, binding.key):
-                    key = self._key(given)
                     # a tensor moved: those copies went to (or came from) memory the old binding still
                     # holds, harmlessly; copy again where the tensors are now, before anything is sent
-                    binding = self._bind(given, key, stats)
-                    self._local_copies(binding, stage, None)
+                    binding = self._bind(given, self._key(given), stats)
+                    for s in launched:
+                        self._local_copies(binding, s, None)
             self._run_rounds(binding, stage, stats)
-            if binding.device.type == "cuda":
+            if binding.device.type == "cuda" and (remote or stage == 2):  # local copies alone run on into stage 2
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
