@@ -1,10 +1,13 @@
 """``rlsync bench sync``: the plan executor against the rank-0 broadcast baseline, side by side.
 
-All ranks run as local processes. Each repetition runs, in turn, the plan executor, the baseline and
-a *raw* exchange: the plan's bytes between each pair sent as plain bucket-sized messages, with no
-packing, at the same concurrency (every rank shares this machine's cores, so a single-pair figure
-would flatter the bound). The raw exchange gives the bandwidth a rank gets here; the bound
-is the plan's lower bound with that bandwidth on every link class. Medians over the repetitions.
+All ranks run as local processes: one per rank, or (``hosted``) one per device hosting the ranks on
+it, as colocated GPUs must (NCCL cannot join two processes of one GPU). With ``backend="nccl"``
+each process works on its GPU (``plan.devices`` modulo the GPUs here). Each repetition runs, in
+turn, the plan executor, the baseline (not with ``hosted``) and a *raw* exchange: the plan's bytes
+between each pair of processes sent as plain bucket-sized messages, with no packing, at the same
+concurrency. The raw exchange gives the bandwidth a process gets here; the bound is the plan's lower
+bound with that bandwidth on every link between devices (and, on GPUs, a measured device copy for
+same-device chunks). Medians over the repetitions.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -23,19 +27,22 @@ from planners.plan import SyncPlan
 __all__ = ["bench_sync"]
 
 
-def _raw_plan(plan: SyncPlan, rank: int, bucket_bytes: int) -> list[tuple[int, int, int, int]]:
-    """(stage, round, peer, nbytes) messages of this rank: every pair's bytes of a stage, in
-    bucket-sized messages, message k of every pair in round k -- the plan's traffic without packing."""
+def _raw_plan(plan: SyncPlan, ranks: list[int], bucket_bytes: int, process_of) -> list[tuple[int, int, int, int]]:
+    """(stage, round, peer process, nbytes) messages of the process hosting ``ranks``: every pair's
+    bytes of a stage, in bucket-sized messages, message k of every pair in round k -- the plan's
+    traffic between processes without packing."""
     c = plan.chunks
+    hosted = np.isin(np.arange(plan.num_ranks), ranks)
+    me = int(process_of[ranks[0]])
     out = []
     for stage in (1, 2):
-        s = c[(c["stage"] == stage) & (c["src"] != c["dst"]) & ((c["src"] == rank) | (c["dst"] == rank))]
+        s = c[(c["stage"] == stage) & (hosted[c["src"]] != hosted[c["dst"]])]
         pairs: dict[tuple[int, int], int] = {}
-        for src, dst, n in zip(s["src"].tolist(), s["dst"].tolist(), s["nbytes"].tolist()):
+        for src, dst, n in zip(process_of[s["src"]].tolist(), process_of[s["dst"]].tolist(), s["nbytes"].tolist()):
             pairs[(src, dst)] = pairs.get((src, dst), 0) + n
         for (src, dst), total in sorted(pairs.items()):
-            peer = dst if src == rank else src
-            sign = 1 if src == rank else -1  # + send, - receive
+            peer = dst if src == me else src
+            sign = 1 if src == me else -1  # + send, - receive
             for k, start in enumerate(range(0, total, bucket_bytes)):
                 out.append((stage, k, peer, sign * min(bucket_bytes, total - start)))
     return sorted(out)
@@ -57,72 +64,119 @@ def _raw_exchange(transport, messages, buffer: torch.Tensor, timeout_s: float) -
     return time.perf_counter() - t0
 
 
-def _max_seconds(transport, seconds: float) -> float:
-    t = torch.tensor([seconds], dtype=torch.float64)
+def _max_seconds(transport, seconds: float, device) -> float:
+    t = torch.tensor([seconds], dtype=torch.float64, device=device)
     transport.all_reduce(t, dist.ReduceOp.MAX).wait()
     return float(t.item())
 
 
-def _worker(rank: int, plan: SyncPlan, reps: int, bucket_bytes: int, timeout_s: float, port: int) -> dict[str, Any]:
+def _copy_gbps(device, nbytes: int = 1 << 30) -> float:
+    """A flat device-to-device copy's payload bandwidth (what same-device chunks can reach)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucket_bytes: int, timeout_s: float,
+            port: int, backend: str, gpus: int) -> dict[str, Any]:
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource
     from sync.executor import PlanExecutor
     from sync.transport import standalone_transport
 
-    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, timeout_s, store_on_rank0=False)
-    is_trainer = rank < plan.num_trainer
-    source = SyntheticSource(plan, rank, 0, 1) if is_trainer else None
-    target = None if is_trainer else BufferTarget(plan, rank)
-    plan_ex = PlanExecutor(plan, rank, transport, bucket_bytes, timeout_s)
-    base_ex = BroadcastExecutor(plan, rank, transport, timeout_s)
-    messages = _raw_plan(plan, rank, bucket_bytes)
+    ranks = groups[proc]
+    process_of = np.zeros(plan.num_ranks, dtype=np.int64)
+    for p, g in enumerate(groups):
+        process_of[g] = p
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(plan.devices[ranks[0]]) % gpus)
+        torch.cuda.set_device(device)
+    transport = standalone_transport(proc, len(groups), "127.0.0.1", port, timeout_s, backend, store_on_rank0=False)
+    sources = {r: SyntheticSource(plan, r, 0, 1, device=str(device)) for r in ranks if r < plan.num_trainer}
+    targets = {r: BufferTarget(plan, r, device=str(device)) for r in ranks if r >= plan.num_trainer}
+    alone = len(ranks) == 1
+    one = lambda d: (next(iter(d.values())) if d else None) if alone else d  # noqa: E731
+    plan_ex = PlanExecutor(plan, ranks, transport, bucket_bytes, timeout_s, process_of=process_of)
+    base_ex = BroadcastExecutor(plan, ranks[0], transport, timeout_s) if alone and len(groups) == plan.num_ranks else None
+    messages = _raw_plan(plan, ranks, bucket_bytes, process_of)
     per_round: dict[tuple[int, int], int] = {}
     for stage, k, _, n in messages:
         per_round[(stage, k)] = per_round.get((stage, k), 0) + abs(n)
-    buffer = torch.empty(max(per_round.values(), default=1), dtype=torch.uint8)
-    out: dict[str, Any] = {"plan": [], "broadcast": [], "raw": [], "verified": True, "sent": 0, "received": 0}
+    buffer = torch.empty(max(per_round.values(), default=1), dtype=torch.uint8, device=device)
+    modes = ["plan", "raw"] + (["broadcast"] if base_ex is not None else [])
+    out: dict[str, Any] = {m: [] for m in modes}
+    out.update(verified=True, sent=0, received=0, sent_to={},
+               copy_gbps=_copy_gbps(device) if device.type == "cuda" else None)
     for i in range(reps):
-        for mode in ("plan", "broadcast", "raw") if i % 2 == 0 else ("raw", "broadcast", "plan"):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
             transport.barrier().wait()
             if mode == "raw":
-                out["raw"].append(_max_seconds(transport, _raw_exchange(transport, messages, buffer, timeout_s)))
+                raw = _raw_exchange(transport, messages, buffer, timeout_s)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                out["raw"].append(_max_seconds(transport, raw, device))
                 continue
             ex = plan_ex if mode == "plan" else base_ex
-            stats = ex.sync(source, target, verify=i == 0)
+            stats = ex.sync(one(sources), one(targets), verify=i == 0)
             out[mode].append(stats.global_seconds)
             if i == 0:
                 out["verified"] &= bool(stats.verified)
                 if mode == "plan":
-                    out["sent"], out["received"] = stats.bytes_sent, stats.bytes_received
+                    out["sent"], out["received"], out["sent_to"] = stats.bytes_sent, stats.bytes_received, stats.sent_to
     return out
 
 
-def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, timeout_s: float = 300.0) -> dict[str, Any]:
+def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, timeout_s: float = 300.0,
+               backend: str = "gloo", hosted: bool = False, gpus: int | None = None) -> dict[str, Any]:
+    """``hosted``: one process per device hosting its ranks (no broadcast baseline then)."""
     from sync.launch import host_store, spawn_ranks
 
+    if backend == "nccl":
+        gpus = gpus or torch.cuda.device_count()
+        if not gpus:
+            raise ValueError("backend 'nccl' needs CUDA GPUs")
+    groups = ([np.flatnonzero(plan.devices == d).tolist() for d in np.unique(plan.devices)] if hosted
+              else [[r] for r in range(plan.num_ranks)])
     store = host_store(timeout_s=timeout_s)
-
-    results, _ = spawn_ranks(plan.num_ranks, _worker, (plan, reps, bucket_bytes, timeout_s, store.port),
-                             timeout_s=timeout_s * (3 * reps + 2))
+    results, _ = spawn_ranks(len(groups), _worker, (plan, groups, reps, bucket_bytes, timeout_s, store.port, backend,
+                                                    gpus or 1), timeout_s=timeout_s * (3 * reps + 2))
     r0 = results[0]
-    sync_s, base_s, raw_s = (statistics.median(r0[k]) for k in ("plan", "broadcast", "raw"))
+    sync_s, raw_s = statistics.median(r0["plan"]), statistics.median(r0["raw"])
+    base_s = statistics.median(r0["broadcast"]) if "broadcast" in r0 else None
     per_rank = max(max(r["sent"], r["received"]) for r in results.values())
-    gbps = per_rank / raw_s / 1e9  # what one rank moves per second here, all ranks at once
-    measured = Links(same_device_gbps=gbps, nvlink_gbps=gbps, nic_gbps=gbps)
+    gbps = per_rank / raw_s / 1e9 if raw_s > 0 else float("inf")  # what one process moves per second, all at once
+    copy = min((r["copy_gbps"] for r in results.values() if r["copy_gbps"]), default=gbps)
+    measured = Links(same_device_gbps=copy, nvlink_gbps=gbps, nic_gbps=gbps)
     bound = replace(plan, links=measured).lower_bound()
     moved = int(plan.chunks["nbytes"].sum())
+    links = {}
+    for p, r in results.items():  # achieved GB/s of each sending process to each peer rank
+        for peer, n in r["sent_to"].items():
+            links[f"{groups[p]}->{peer}"] = n / sync_s / 1e9
     return {
         "sync_seconds": sync_s,
         "baseline_seconds": base_s,
         "raw_seconds": raw_s,
+        "copy_gbps": copy,
+        "link_gbps": links,
         "bound_seconds": bound,
         "measured_gbps_per_rank": gbps,
         "bytes_moved": moved,
         "max_bytes_per_rank": per_rank,
         "sync_gbps": moved / sync_s / 1e9,
         "sync_over_bound": sync_s / bound if bound else float("nan"),
-        "baseline_over_sync": base_s / sync_s,
+        "baseline_over_sync": base_s / sync_s if base_s is not None else None,
         "verified": all(r["verified"] for r in results.values()),
         "ranks": plan.num_ranks,
+        "processes": len(groups),
+        "backend": backend,
         "repetitions": reps,
     }

@@ -91,8 +91,14 @@ class Transport:
         if self.rank_global not in ranks:
             return None
         me = ranks.index(self.rank_global)
-        pg = dist.ProcessGroupGloo(dist.PrefixStore(f"sub:{tag}", self.store), me, len(ranks),
-                                   timedelta(seconds=self.timeout_s))
+        store = dist.PrefixStore(f"sub:{tag}", self.store)
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if nccl is not None and isinstance(self.group, nccl):  # a subgroup of an NCCL group speaks NCCL too
+            opts = nccl.Options()
+            opts._timeout = timedelta(seconds=self.timeout_s)
+            pg = nccl(store, me, len(ranks), opts)
+        else:
+            pg = dist.ProcessGroupGloo(store, me, len(ranks), timedelta(seconds=self.timeout_s))
         return Transport(pg, me, len(ranks), self.store, self.timeout_s, ranks)
 
 

@@ -36,3 +36,14 @@ def test_bench_sync_json(capsys):
     for key in ("sync_seconds", "baseline_seconds", "bound_seconds", "bytes_moved", "verified"):
         assert key in out
     assert out["verified"] is True and out["bytes_moved"] > 0 and out["bound_seconds"] > 0
+
+
+def test_bench_sync_hosted_runs_one_process_per_device(capsys):
+    import json
+
+    job = ROOT / "examples/tiny_moe_colocated.yaml"
+    assert main(["bench", "sync", str(job), "--reps", "1", "--hosted", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["verified"] is True and out["baseline_seconds"] is None
+    assert out["processes"] < out["ranks"]  # a trainer rank and an engine rank share each process
+    assert out["link_gbps"] and all(v > 0 for v in out["link_gbps"].values())
