@@ -152,8 +152,12 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
     sync_s, raw_s = statistics.median(r0["plan"]), statistics.median(r0["raw"])
     base_s = statistics.median(r0["broadcast"]) if "broadcast" in r0 else None
     per_rank = max(max(r["sent"], r["received"]) for r in results.values())
-    gbps = per_rank / raw_s / 1e9 if raw_s > 0 else float("inf")  # what one process moves per second, all at once
-    copy = min((r["copy_gbps"] for r in results.values() if r["copy_gbps"]), default=gbps)
+    copy = min((r["copy_gbps"] for r in results.values() if r["copy_gbps"]), default=None)
+    if per_rank and raw_s > 0:
+        gbps = per_rank / raw_s / 1e9  # what one process moves per second, all processes at once
+    else:  # nothing crosses between processes: only same-device copies are bounded
+        gbps = copy or 1.0
+    copy = copy or gbps
     measured = Links(same_device_gbps=copy, nvlink_gbps=gbps, nic_gbps=gbps)
     bound = replace(plan, links=measured).lower_bound()
     moved = int(plan.chunks["nbytes"].sum())
