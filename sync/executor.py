@@ -368,16 +368,14 @@ class PlanExecutor:
                 ends[BUFFER] = buffer[1]
             out.append(CopyProgram(runs, ends, self.tile_bytes, use_triton=False if self.copies == "foreach" else None))
         if slices.any():
-            pairs = []
-            for row, a, b, o in zip(rows[slices].tolist(), lo[slices].tolist(), hi[slices].tolist(),
-                                    (off[slices] if off is not None else np.zeros(slices.sum(), dtype=np.int64)).tolist()):
-                ends = {"src": None, "dst": None}
-                for side in ("src", "dst"):
-                    if buffer is not None and buffer[0] == side:
-                        ends[side] = self._buffer_view(buffer[1], row, a, b, o)
-                    else:
-                        ends[side] = self._view(flats, side, row, a, b)
-                pairs.append((ends["dst"], ends["src"]))
+            def end(side: str, row: int, a: int, b: int, o: int) -> torch.Tensor:
+                if buffer is not None and buffer[0] == side:
+                    return self._buffer_view(buffer[1], row, a, b, o)
+                return self._view(flats, side, row, a, b)
+
+            offsets = off[slices] if off is not None else np.zeros(int(slices.sum()), dtype=np.int64)
+            pairs = [(end("dst", *item), end("src", *item)) for item in
+                     zip(rows[slices].tolist(), lo[slices].tolist(), hi[slices].tolist(), offsets.tolist())]
             out.append(SliceCopies(pairs))
         return out
 
