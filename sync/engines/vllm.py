@@ -80,7 +80,10 @@ class RLSyncWorkerExtension:
     """Methods mixed into vLLM's GPU worker (``self`` is the worker: ``self.model_runner.model``)."""
 
     def rlsync_init(self, plan_json: dict[str, Any], engine_index: int, host: str, port: int,
-                    timeout_s: float = 120.0, backend: str = "nccl") -> int:
+                    timeout_s: float = 120.0, backend: str = "nccl", ipc: bool = False) -> int:
+        """Join the sync group. ``ipc``: trainer processes share this worker's GPU (colocated, separate
+        processes): their buckets arrive by CUDA IPC; use ``backend="gloo"`` then, for control only
+        (NCCL cannot join two processes of one GPU)."""
         from vllm.distributed import parallel_state as vps
 
         from sync.executor import PlanExecutor
@@ -92,7 +95,7 @@ class RLSyncWorkerExtension:
                                   vps.get_pp_group().rank_in_group, vps.get_tp_group().rank_in_group)
         self._rlsync_target = ParamTarget(plan, rank, self.model_runner.model)
         transport = standalone_transport(rank, plan.num_ranks, host, port, timeout_s, backend)
-        self._rlsync = PlanExecutor(plan, rank, transport, timeout_s=timeout_s)
+        self._rlsync = PlanExecutor(plan, rank, transport, timeout_s=timeout_s, ipc=ipc)
         return rank
 
     def rlsync_sync(self, plan_json: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -100,7 +103,8 @@ class RLSyncWorkerExtension:
 
         if plan_json is not None:  # e.g. a new EPLB placement: same group, new plan
             old = self._rlsync
-            self._rlsync = PlanExecutor(SyncPlan.from_dict(plan_json), old.rank, old.transport, timeout_s=old.timeout_s)
+            self._rlsync = PlanExecutor(SyncPlan.from_dict(plan_json), old.rank, old.transport, timeout_s=old.timeout_s,
+                                        ipc=old.ipc)
         stats = self._rlsync.sync(source=None, target=self._rlsync_target, verify=True)
         return {"rank": stats.rank, "seconds": stats.global_seconds, "verified": stats.verified,
                 "bytes_received": stats.bytes_received, "mismatched": stats.mismatched}
