@@ -40,10 +40,11 @@ class Bucket:
     payload: int = 0  # bytes of tensor data (nbytes less alignment padding)
 
 
-def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 1 << 18) -> list[Bucket]:
+def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 1 << 18,
+              skip: np.ndarray | None = None) -> list[Bucket]:
     """Buckets of every pair, in (stage, round, src, dst) order; or only those that cross the
     boundary of ``rank`` (one plan rank, or a list hosted by one process that copies the chunks
-    among them locally)."""
+    among them locally). ``skip``: chunk rows that travel some other way (a boolean mask)."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
@@ -53,6 +54,8 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
     else:
         hosted = np.isin(np.arange(plan.num_ranks), rank)
         rows = np.flatnonzero(hosted[c["src"]] != hosted[c["dst"]])
+    if skip is not None:
+        rows = rows[~skip[rows]]
     out: list[Bucket] = []
     start = 0
     while start < len(rows):

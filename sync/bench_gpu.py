@@ -206,13 +206,13 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     return rows
 
 
-def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int) -> dict:
+def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int, mode: str) -> dict:
     from sync.transport import standalone_transport
 
     torch.cuda.set_device(0)
     plan = build_plan(JobSpec.from_dict(spec)).validate()
     transport = standalone_transport(rank, 2, "127.0.0.1", port, 300, store_on_rank0=False)  # gloo: control only
-    ex = PlanExecutor(plan, rank, transport, bucket_bytes=bucket_bytes, timeout_s=300, ipc=True)
+    ex = PlanExecutor(plan, rank, transport, bucket_bytes=bucket_bytes, timeout_s=300, ipc=mode)
     sources, targets = endpoints(plan, [rank])
     source, target = sources.get(rank), targets.get(rank)
     ex.sync(source, target, verify=False)
@@ -226,16 +226,16 @@ def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int) 
     return dict(seconds=statistics.median(times), verified=bool(last.verified), peak=last.peak_buffer_bytes)
 
 
-def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int) -> dict:
+def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int, mode: str = "arena") -> dict:
     from sync.launch import host_store, spawn_ranks
 
     plan = build_plan(JobSpec.from_dict(spec)).validate()
     payload = int(plan.chunks["nbytes"].sum())
     store = host_store(timeout_s=300)
-    results, _ = spawn_ranks(2, _ipc_worker, (spec, store.port, reps, bucket_mb << 20), timeout_s=600)
+    results, _ = spawn_ranks(2, _ipc_worker, (spec, store.port, reps, bucket_mb << 20, mode), timeout_s=600)
     seconds = max(r["seconds"] for r in results.values())
     flat = flat_copy_gbps(payload, reps)
-    return dict(case=f"{name}, 2 processes", copies="ipc", recheck=True, payload=payload, chunks=len(plan.chunks),
+    return dict(case=f"{name}, 2 processes", copies=f"ipc {mode}", recheck=True, payload=payload, chunks=len(plan.chunks),
                 engine_tensors=len(plan.locals_of(1)), runs=0, launches=0, wall_s=seconds, gbps=payload / seconds / 1e9,
                 kernel_gbps=None, flat_gbps=flat, bind_s=0.0, exact=all(r["verified"] for r in results.values()),
                 bucket_mb=bucket_mb, arena_bytes=results[0]["peak"])
@@ -251,7 +251,8 @@ def print_table(rows: list[dict], card: str, console=None) -> None:
         table.add_column(col)
     for r in rows:
         variant = {"auto": "triton", "foreach": "foreach", "slices": "per-slice copy_",
-                   "ipc": f"CUDA IPC, {r.get('bucket_mb')} MB buckets"}[r["copies"]]
+                   "ipc arena": f"CUDA IPC arena, {r.get('bucket_mb')} MB buckets",
+                   "ipc direct": "CUDA IPC direct (one copy)"}[r["copies"]]
         variant += "" if r["recheck"] else " (trusted)"
         kernel = "-" if r["kernel_gbps"] is None else f"{r['kernel_gbps']:.0f}"
         table.add_row(r["case"], f"{r['payload'] / 1e9:.2f}", str(r["engine_tensors"]), str(r["runs"] or r["chunks"]),
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         for mb in args.ipc_bucket_mb:
             rows.append(run_ipc(name, CASES[name], args.reps, mb))
             print(json.dumps(rows[-1]), flush=True)
+        rows.append(run_ipc(name, CASES[name], args.reps, args.ipc_bucket_mb[0], "direct"))
+        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(card=card, rows=rows), indent=1))
     print_table(rows, card)

@@ -182,15 +182,17 @@ class _Binding:
 class PlanExecutor:
     def __init__(self, plan: SyncPlan, rank, transport: Transport | None = None,
                  bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18,
-                 process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, ipc: bool = False,
+                 process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, ipc: bool | str = False,
                  recheck: bool = True) -> None:
         """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
         ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
         ``direct_bytes``: contiguous chunks at least this large skip the bucket copy.
         ``copies``: how local, pack and unpack copies run: "auto" (batched: Triton kernels on CUDA
         when Triton is there, else ``_foreach_copy_``), "foreach", or "slices" (one ``copy_`` per slice).
-        ``ipc``: buckets between processes on one GPU (``plan.devices``) travel by CUDA IPC of the
-        flat send arena (``sync.ipc``) instead of the transport.
+        ``ipc``: chunks between processes on one GPU (``plan.devices``) travel by CUDA IPC instead of
+        the transport (``sync.ipc``): ``True`` or "arena" packs them into the sender's shared send
+        arena and the receiver unpacks (two copies); "direct" lets the receiver map the sender's
+        tensors (their allocation blocks) and copy straight from them into its own (one copy).
         ``recheck``: each sync checks that the endpoints' tensors are still where the copy programs
         were bound (one pass over every tensor, while the first local copies run on the GPU) and
         rebinds if not; with False, a binding is reused while the endpoints hand over the same dict
@@ -207,9 +209,18 @@ class PlanExecutor:
         self.hosted = np.zeros(plan.num_ranks, dtype=bool)
         self.hosted[self.ranks] = True
         self.me = int(self.process_of[self.rank])
-        self.ipc = ipc
-        self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes)
+        if ipc not in (False, True, "arena", "direct"):
+            raise ValueError(f"ipc must be False, True, 'arena' or 'direct', got {ipc!r}")
+        self.ipc = "arena" if ipc is True else ipc
         self._chunks = c = plan.chunks
+        shared_gpu = (plan.devices[c["src"]] == plan.devices[c["dst"]]) & (self.process_of[c["src"]] != self.process_of[c["dst"]])
+        pulled = shared_gpu & self.hosted[c["dst"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
+        lent = shared_gpu & self.hosted[c["src"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
+        self.pulled_rows = {s: np.flatnonzero(pulled & (c["stage"] == s)) for s in (1, 2)}  # read from a lender's memory
+        self.lent_to = {s: sorted(set(self.process_of[c["dst"][lent & (c["stage"] == s)]].tolist())) for s in (1, 2)}
+        self._lent_locals = {q: sorted(set(c["src_local"][lent & (self.process_of[c["dst"]] == q)].tolist()))
+                             for q in set(self.lent_to[1]) | set(self.lent_to[2])}
+        self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent)
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
         self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
         self._local_dst = {s: set(np.unique(c["dst_local"][rows]).tolist()) for s, rows in self.local_rows.items()}
@@ -222,7 +233,11 @@ class PlanExecutor:
         self._ipc: IpcChannels | None = None
         self._ipc_arenas: dict[int, tuple[torch.Tensor, dict]] = {}  # sending process -> (its arena, offsets)
         self._pending_done: dict[int, set[tuple[str, int]]] = {0: set(), 1: set()}  # arena half -> (round, receiver)
-        if ipc and any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route):
+        self._lent_gen = 0  # bumps whenever this process's lent tensors are bound anew
+        self._borrowed: dict[int, tuple[int, dict[int, torch.Tensor]]] = {}  # lender -> (its generation, tensors)
+        self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage)
+        uses_ipc = any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route) or pulled.any() or lent.any()
+        if uses_ipc:
             store = self.transport.store or dist.distributed_c10d._get_default_store()
             self._ipc = IpcChannels(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s)
         self.corrupt_stage: int | None = None  # fault injection: flip a byte of the first bucket sent in this stage
@@ -230,7 +245,7 @@ class PlanExecutor:
 
     def _route(self, b: Bucket) -> str:
         same_gpu = self.plan.devices[b.src] == self.plan.devices[b.dst]
-        if self.ipc and same_gpu and self.process_of[b.src] != self.process_of[b.dst]:
+        if self.ipc == "arena" and same_gpu and self.process_of[b.src] != self.process_of[b.dst]:
             return "ipc"
         return "direct" if b.direct else "packed"
 
@@ -296,6 +311,10 @@ class PlanExecutor:
                 self._arena[side] = torch.empty((2, size), dtype=torch.uint8, device=device)
         if self._ipc is not None and not self._ipc_arenas:
             self._open_ipc()
+        if self._lent_locals:  # the tensors that processes on this GPU read directly, as they are now
+            self._lent_gen += 1
+            for q, lids in self._lent_locals.items():
+                self._ipc.share_tensors({lid: flats[lid] for lid in lids}, q, self._lent_gen)
         wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
         cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given])
@@ -434,7 +453,10 @@ class PlanExecutor:
                     binding = self._bind(given, self._key(given), stats)
                     for s in launched:
                         self._local_copies(binding, s, None)
+            self._lend(binding, stage, stats)
+            self._pull_from_lenders(binding, stage, stats)
             self._run_rounds(binding, stage, stats)
+            self._await_borrowers(stage)
             if binding.device.type == "cuda" and (remote or stage == 2):  # local copies alone run on into stage 2
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
@@ -445,6 +467,52 @@ class PlanExecutor:
             if t is not None and self.plan.placement is not None and hasattr(t, "set_placement"):
                 t.set_placement(self.plan.placement)
         return stats
+
+    def _lend(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
+        """Tell the processes that read this stage's chunks from our tensors that they are ready."""
+        if not self.lent_to[stage]:
+            return
+        torch.cuda.current_stream(binding.device).synchronize()  # whatever wrote them has finished
+        for q in self.lent_to[stage]:
+            self._ipc.signal("lent", f"{self._syncs}/{stage}", self.me, q, str(self._lent_gen).encode())
+        c = self._chunks
+        rows = np.flatnonzero((c["stage"] == stage) & self.hosted[c["src"]] & np.isin(self.process_of[c["dst"]], self.lent_to[stage])
+                              & (self.plan.devices[c["src"]] == self.plan.devices[c["dst"]]))
+        stats.bytes_sent += int(c["nbytes"][rows].sum())
+        for peer, n in zip(c["dst"][rows].tolist(), c["nbytes"][rows].tolist()):
+            stats.sent_to[peer] = stats.sent_to.get(peer, 0) + n
+
+    def _await_borrowers(self, stage: int) -> None:
+        """Our lent tensors may change again once every reader of this stage is done."""
+        for q in self.lent_to[stage]:
+            self._ipc.wait("pulled", f"{self._syncs}/{stage}", q, self.me)
+
+    def _pull_from_lenders(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
+        """Copy this stage's chunks straight out of the tensors of other processes on this GPU."""
+        rows = self.pulled_rows[stage]
+        if not len(rows):
+            return
+        c = self._chunks
+        lenders = sorted(set(self.process_of[c["src"][rows]].tolist()))
+        seq = f"{self._syncs}/{stage}"
+        generations = {p: int(self._ipc.wait("lent", seq, p, self.me)) for p in lenders}
+        for p, gen in generations.items():
+            if self._borrowed.get(p, (None,))[0] != gen:  # the lender bound anew: map its tensors again
+                self._borrowed[p] = (gen, self._ipc.open_tensors(p, gen))
+        if self._pull is None or self._pull[0] is not binding or self._pull[1] != generations:
+            ends = dict(binding.flats)
+            for _, tensors in self._borrowed.values():
+                ends.update(tensors)
+            programs = {s: self._programs(ends, r, None, None, np.zeros(len(self.plan.local_name), dtype=bool))
+                        for s, r in self.pulled_rows.items() if len(r)}
+            self._pull = (binding, generations, programs)
+        for program in self._pull[2][stage]:
+            program()
+        torch.cuda.current_stream(binding.device).synchronize()  # read before the lenders move on
+        for p in lenders:
+            self._ipc.signal("pulled", seq, p, self.me)
+        self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
+        stats.bytes_received += int(c["nbytes"][rows].sum())
 
     def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None) -> None:
         """Copies between hosted ranks (launched first: they overlap the network)."""

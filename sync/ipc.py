@@ -1,11 +1,16 @@
 """CUDA IPC between processes on one GPU (a trainer process and an engine process, colocated).
 
 NCCL cannot put two processes of one GPU in a communicator, and a trip through host memory would
-cost two PCIe crossings. Instead each process shares its send arena (the two round halves of flat
-buckets; never per-tensor handles) once, as a CUDA IPC handle passed over the rendezvous store, and
-a receiver maps it and unpacks straight from the sender's memory. Per round the sender says
-*ready* once its packing kernels have finished, and the receiver says *done* once its unpacking
-kernels have finished, after which the sender may pack into that half again.
+cost two PCIe crossings. Two ways, both over handles passed through the rendezvous store:
+
+- *arena*: each process shares its send arena (the two round halves of flat buckets) once; a
+  receiver maps it and unpacks straight from the sender's memory. Per round the sender says
+  *ready* once its packing kernels have finished, and the receiver says *done* once its unpacking
+  kernels have finished, after which the sender may pack into that half again. Two copies.
+- *direct*: a sender shares the tensors that others read (torch shares their CUDA allocation
+  blocks: a Megatron trainer's parameters sit in a few flat buffers), again after each rebinding;
+  per stage it says *lent* (with its binding's generation), the reader copies straight from them
+  into its own tensors and says *pulled*. One copy.
 """
 
 from __future__ import annotations
@@ -41,10 +46,24 @@ class IpcChannels:
         (rebuild, args), offsets = pickle.loads(self.store.get(key))
         return rebuild(*args), offsets
 
-    def signal(self, what: str, seq: str, src: int, dst: int) -> None:
-        self.store.set(f"{self.prefix}/{what}/{seq}/{src}->{dst}", b"1")
+    def share_tensors(self, tensors: dict[int, torch.Tensor], to: int, generation: int) -> None:
+        """Publish tensors for process ``to`` to read in place. Torch shares each tensor's CUDA
+        allocation block (a reader opens each block once, however many tensors it holds)."""
+        from torch.multiprocessing.reductions import reduce_tensor
 
-    def wait(self, what: str, seq: str, src: int, dst: int) -> None:
+        shared = {lid: reduce_tensor(t) for lid, t in tensors.items()}
+        self.store.set(f"{self.prefix}/tensors/{generation}/{self.me}->{to}", pickle.dumps(shared))
+
+    def open_tensors(self, frm: int, generation: int) -> dict[int, torch.Tensor]:
+        key = f"{self.prefix}/tensors/{generation}/{frm}->{self.me}"
+        self.store.wait([key], self.timeout)
+        return {lid: rebuild(*args) for lid, (rebuild, args) in pickle.loads(self.store.get(key)).items()}
+
+    def signal(self, what: str, seq: str, src: int, dst: int, value: bytes = b"1") -> None:
+        self.store.set(f"{self.prefix}/{what}/{seq}/{src}->{dst}", value)
+
+    def wait(self, what: str, seq: str, src: int, dst: int) -> bytes:
+        """Wait for a signal; returns its value."""
         key = f"{self.prefix}/{what}/{seq}/{src}->{dst}"
         try:
             self.store.wait([key], self.timeout)
@@ -52,4 +71,6 @@ class IpcChannels:
             from sync.executor import SyncTimeout
 
             raise SyncTimeout(f"CUDA IPC: no '{what}' for round {seq} from process {src} to {dst}: {e}") from e
+        value = self.store.get(key)
         self.store.delete_key(key)
+        return value

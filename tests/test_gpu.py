@@ -98,25 +98,29 @@ def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
     assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want))
 
 
-def _ipc_rank(rank: int, plan, port: int, versions: list[int]):
+def _ipc_rank(rank: int, plan, port: int, versions: list[int], mode: str):
     from sync.transport import standalone_transport
 
     torch.cuda.set_device(0)
     transport = standalone_transport(rank, 2, "127.0.0.1", port, 60, store_on_rank0=False)
-    ex = PlanExecutor(plan, rank, transport, bucket_bytes=1 << 16, timeout_s=60, ipc=True)
+    ex = PlanExecutor(plan, rank, transport, bucket_bytes=1 << 16, timeout_s=60, ipc=mode)
     source = SyntheticSource(plan, rank, device="cuda") if rank < plan.num_trainer else None
     target = BufferTarget(plan, rank, device="cuda") if rank >= plan.num_trainer else None
     out = []
-    for v in versions:
+    for i, v in enumerate(versions):
         if source is not None:
             source.set_version(v)
+            if i == 2:  # the trainer reallocated one weight: the engine must read the new one
+                name = next(iter(source.tensors))
+                source.tensors[name] = source.tensors[name].clone()
         stats = ex.sync(source, target)
         out.append((stats.verified, stats.bytes_sent, stats.bytes_received,
                     None if target is None else {k: as_bits(t.cpu()).numpy() for k, t in target.tensors.items()}))
     return out
 
 
-def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu():
+@pytest.mark.parametrize("mode", ["arena", "direct"])
+def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu(mode):
     from sync.launch import host_store, spawn_ranks
 
     job = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=1), inference=dict(tp=1),
@@ -124,8 +128,8 @@ def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu():
     plan = build_plan(JobSpec.from_dict(job)).validate()
     assert plan.num_ranks == 2 and plan.devices[0] == plan.devices[1]
     store = host_store()
-    results, _ = spawn_ranks(2, _ipc_rank, (plan, store.port, [1, 2]), timeout_s=180)
-    for i, v in enumerate([1, 2]):
+    results, _ = spawn_ranks(2, _ipc_rank, (plan, store.port, [1, 2, 3], mode), timeout_s=180)
+    for i, v in enumerate([1, 2, 3]):
         assert results[0][i][0] and results[1][i][0]
         assert results[0][i][1] == results[1][i][2] > 0  # bytes the trainer shared = bytes the engine read
         for name, want in _expected(plan, 1, v).items():
