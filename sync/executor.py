@@ -510,7 +510,7 @@ class PlanExecutor:
             program()
         torch.cuda.current_stream(binding.device).synchronize()  # read before the lenders move on
         for p in lenders:
-            self._ipc.signal("pulled", seq, p, self.me)
+            self._ipc.signal("pulled", seq, self.me, p)
         self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
         stats.bytes_received += int(c["nbytes"][rows].sum())
 
