@@ -18,8 +18,9 @@ redundant slots placed by EPLB from a skewed load. For each, payload GB/s of:
 ``sync GB/s`` times the whole ``PlanExecutor.sync`` call; ``kernel GB/s`` the copy launches alone.
 
 ``--ipc`` adds the dense TP1 -> TP1 case as two processes on the GPU (a trainer process and an
-engine process, as when the engine runs in its own process): buckets travel by CUDA IPC of the
-flat send arena, packed by the sender and unpacked by the receiver (two copies), checked by checksums.
+engine process, as when the engine runs in its own process), checked by checksums: buckets by CUDA
+IPC of the flat send arena, packed by the sender and unpacked by the receiver (two copies), and the
+direct mode, where the engine copies straight from the trainer's shared tensors (one copy).
 
 Every variant's engine tensors are compared bit for bit with the ``slices`` result, after poisoning.
 """
