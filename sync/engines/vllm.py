@@ -80,9 +80,10 @@ class RLSyncWorkerExtension:
     """Methods mixed into vLLM's GPU worker (``self`` is the worker: ``self.model_runner.model``)."""
 
     def rlsync_init(self, plan_json: dict[str, Any], engine_index: int, host: str, port: int,
-                    timeout_s: float = 120.0, backend: str = "nccl", ipc: bool = False) -> int:
+                    timeout_s: float = 120.0, backend: str = "nccl", ipc: bool | str = False) -> int:
         """Join the sync group. ``ipc``: trainer processes share this worker's GPU (colocated, separate
-        processes): their buckets arrive by CUDA IPC; use ``backend="gloo"`` then, for control only
+        processes): their chunks arrive by CUDA IPC ("arena" or "direct", see ``PlanExecutor``); use
+        ``backend="gloo"`` then, for control only
         (NCCL cannot join two processes of one GPU)."""
         from vllm.distributed import parallel_state as vps
 
