@@ -302,6 +302,9 @@ class PlanExecutor:
             ids = plan.locals_of(r)
             flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
+        if self._ipc is not None and device.type != "cuda":
+            raise ValueError(f"ipc={self.ipc!r} moves CUDA tensors between processes on one GPU, but rank "
+                             f"{self.rank}'s tensors are on {device}: pass ipc=False, or host those ranks in one process")
         for side, size in (("send", max((r.send_bytes for r in self.rounds.values()), default=0)),
                            ("recv", max((r.recv_bytes for r in self.rounds.values()), default=0))):
             arena = self._arena.get(side)

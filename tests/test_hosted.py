@@ -87,3 +87,21 @@ def test_colocated_one_process_per_device_copies_locally_and_sends_the_rest():
         for r, got in tensors.items():
             for name, want in _expected(plan, r, 3).items():
                 np.testing.assert_array_equal(got[name], as_bits(want).numpy(), err_msg=f"rank {r} {name}")
+
+
+@pytest.mark.parametrize("mode", ["arena", "direct"])
+def test_cuda_ipc_on_cpu_tensors_is_refused_before_any_byte_moves(mode):
+    job = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=1), inference=dict(tp=1),
+               deployment=dict(mode="colocated"))
+    plan = build_plan(JobSpec.from_dict(job)).validate()
+
+    class Store:  # the executor wants a store for IPC signals; this test never gets that far
+        pass
+
+    transport = SoloTransport()
+    transport.store = Store()
+    ex = PlanExecutor(plan, 1, transport, process_of=[0, 1], ipc=mode)
+    target = BufferTarget(plan, 1)
+    with pytest.raises(ValueError, match="ipc=.*CUDA tensors.*ipc=False"):
+        ex.sync(None, target)
+    assert all(not t.any() for t in target.tensors.values())
