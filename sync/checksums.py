@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sync.copier import expand
+
 __all__ = ["RunSums"]
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -42,16 +44,15 @@ class RunSums:
     def _group(self, size, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
         base = self._base.view(_BITS[size])
         wide = (rows > 1) & (n >= _WIDE_ROW)
-        each = np.repeat(np.flatnonzero(wide), rows[wide])
-        row = np.arange(len(each)) - np.repeat(np.cumsum(rows[wide]) - rows[wide], rows[wide])
+        each, row = expand(rows[wide], np.flatnonzero(wide))
         flat = rows == 1
         f_src = np.concatenate([src[flat], src[each] + row * s_stride[each]])
         f_n = np.concatenate([n[flat], n[each]])
         f_pos = np.concatenate([d0[flat], d0[each] + row * d_stride[each]])
         f_dst = np.concatenate([dst[flat], dst[each]])
         count = -(-f_n // tile)
-        run = np.repeat(np.arange(len(f_n)), count)
-        t = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * tile
+        run, t = expand(count)
+        t = t * tile
         if len(run):
             self._add("flat", base, np.stack([f_src[run] + t, np.minimum(f_n[run] - t, tile)], axis=1),
                       f_pos[run] + t, f_dst[run], 0)
@@ -64,8 +65,8 @@ class RunSums:
         for w in np.unique(width).tolist():
             sel = np.flatnonzero(width == w)
             count = -(-rows[sel] // per_tile[sel])
-            run = np.repeat(sel, count)
-            first = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * per_tile[run]
+            run, first = expand(count, sel)
+            first = first * per_tile[run]
             table = np.stack([src[run] + first * s_stride[run], np.minimum(rows[run] - first, per_tile[run]), n[run],
                               s_stride[run], d_stride[run]], axis=1)
             self._add("rows", base, table, d0[run] + first * d_stride[run], dst[run], int(w))

@@ -5,7 +5,7 @@ memory bandwidth. :class:`CopyProgram` binds a run table to the tensors at its e
 with Triton it cuts the runs into tiles and copies them all with one kernel launch per alignment
 class, driven by per-tile (source, destination, length) tables that live on the device. Elsewhere
 (CPU, or no Triton) it is one ``torch._foreach_copy_`` over byte views built at bind time. A
-program stays valid while the tensors stay where they are (check :func:`addresses`).
+program stays valid while the tensors stay where they are.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CopyProgram", "addresses", "triton_available"]
+__all__ = ["CopyProgram", "expand", "triton_available"]
 
 _CLASSES = (16, 8, 4, 2, 1)  # alignment (bytes) shared by a run's source, destination and length
 _WORD = {16: (torch.int32, 4), 8: (torch.int32, 2), 4: (torch.int32, 1), 2: (torch.int16, 1), 1: (torch.uint8, 1)}
@@ -26,11 +26,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def addresses(ends: dict[int, torch.Tensor]) -> tuple[int, ...]:
-    """Where the tensors are: a program built for other addresses must be rebuilt."""
-    return tuple(t.data_ptr() for t in ends.values())
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -79,8 +74,7 @@ class CopyProgram:
         n, rows, s_stride, d_stride = runs["nbytes"], runs["rows"], runs["src_stride"], runs["dst_stride"]
         # rows long enough to fill tiles on their own become contiguous runs, one per row
         wide = (rows > 1) & (n >= _WIDE_ROW)
-        each = np.repeat(np.flatnonzero(wide), rows[wide])
-        row = np.arange(len(each)) - np.repeat(np.cumsum(rows[wide]) - rows[wide], rows[wide])
+        each, row = expand(rows[wide], np.flatnonzero(wide))
         flat = rows == 1
         self._contiguous(np.concatenate([src[flat], src[each] + row * s_stride[each]]),
                          np.concatenate([dst[flat], dst[each] + row * d_stride[each]]),
@@ -98,8 +92,8 @@ class CopyProgram:
             tile = max(tile_bytes // k, 1)  # units of k bytes per tile
             s, d, u = src[m] // k, dst[m] // k, n[m] // k
             count = -(-u // tile)
-            run = np.repeat(np.arange(len(u)), count)
-            t = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * tile
+            run, t = expand(count)
+            t = t * tile
             table = np.stack([s[run] + t, d[run] + t, np.minimum(u[run] - t, tile)], axis=1)
             word, vec = _WORD[k]
             self.launches.append(("flat", self._base.view(word), self._upload(table), vec, 0, len(run)))
@@ -117,8 +111,8 @@ class CopyProgram:
             for block in np.unique(cb):
                 sel = np.flatnonzero(cb == block)
                 count = -(-rows[m][sel] // per_tile[sel])
-                run = np.repeat(sel, count)
-                first = (np.arange(len(run)) - np.repeat(np.cumsum(count) - count, count)) * per_tile[run]
+                run, first = expand(count, sel)
+                first = first * per_tile[run]
                 ss, ds = s_stride[m][run] // k, d_stride[m][run] // k
                 table = np.stack([src[m][run] // k + first * ss, dst[m][run] // k + first * ds,
                                   np.minimum(rows[m][run] - first, per_tile[run]), width[run], ss, ds], axis=1)
@@ -138,6 +132,14 @@ class CopyProgram:
                     copy_rows(base, table, vec, block, tiles)
         elif self.pairs[0]:
             torch._foreach_copy_(*self.pairs)
+
+
+def expand(counts: np.ndarray, items: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Item ``i`` repeated ``counts[i]`` times: (the item of each entry, its index 0..count-1 within the item).
+    ``items`` names the items (default ``0..len(counts)-1``)."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    index = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return (owner if items is None else np.asarray(items)[owner]), index
 
 
 def _align(bits: np.ndarray) -> np.ndarray:

@@ -217,7 +217,8 @@ class PlanExecutor:
         pulled = shared_gpu & self.hosted[c["dst"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
         lent = shared_gpu & self.hosted[c["src"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
         self.pulled_rows = {s: np.flatnonzero(pulled & (c["stage"] == s)) for s in (1, 2)}  # read from a lender's memory
-        self.lent_to = {s: sorted(set(self.process_of[c["dst"][lent & (c["stage"] == s)]].tolist())) for s in (1, 2)}
+        self._lent_rows = {s: np.flatnonzero(lent & (c["stage"] == s)) for s in (1, 2)}  # others read from us
+        self.lent_to = {s: sorted(set(self.process_of[c["dst"][rows]].tolist())) for s, rows in self._lent_rows.items()}
         self._lent_locals = {q: sorted(set(c["src_local"][lent & (self.process_of[c["dst"]] == q)].tolist()))
                              for q in set(self.lent_to[1]) | set(self.lent_to[2])}
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent)
@@ -478,9 +479,7 @@ class PlanExecutor:
         torch.cuda.current_stream(binding.device).synchronize()  # whatever wrote them has finished
         for q in self.lent_to[stage]:
             self._ipc.signal("lent", f"{self._syncs}/{stage}", self.me, q, str(self._lent_gen).encode())
-        c = self._chunks
-        rows = np.flatnonzero((c["stage"] == stage) & self.hosted[c["src"]] & np.isin(self.process_of[c["dst"]], self.lent_to[stage])
-                              & (self.plan.devices[c["src"]] == self.plan.devices[c["dst"]]))
+        c, rows = self._chunks, self._lent_rows[stage]
         stats.bytes_sent += int(c["nbytes"][rows].sum())
         for peer, n in zip(c["dst"][rows].tolist(), c["nbytes"][rows].tolist()):
             stats.sent_to[peer] = stats.sent_to.get(peer, 0) + n

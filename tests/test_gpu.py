@@ -12,11 +12,12 @@ import torch
 from planners import JobSpec, build_plan
 from planners.runs import apply_runs
 from sync.copier import CopyProgram, triton_available
-from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+from sync.endpoints import BufferTarget, SyntheticSource
 from sync.executor import PlanExecutor
 from sync.tensors import as_bits
 from sync.transport import SoloTransport
 from test_copier import random_runs
+from test_hosted import _endpoints, _expected
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -46,19 +47,12 @@ def test_triton_program_equals_reference_on_random_runs(seed):
             np.testing.assert_array_equal(t.cpu().numpy(), want[k], err_msg=f"tensor {k}, tile {tile}")
 
 
-def _expected(plan, rank, version):
-    want = BufferTarget(plan, rank)
-    fill_from_full(plan, rank, want.tensors, lambda tid: synthetic_tensor(plan.tensors[tid], tid, 0, version))
-    return want.tensors
-
-
 @pytest.mark.parametrize("copies", ["auto", "foreach", "slices"])
 def test_cuda_sync_hosting_every_rank_is_bit_exact(copies):
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), copies=copies)
     for version in (1, 2):
-        sources = {r: SyntheticSource(plan, r, version=version, device="cuda") for r in range(plan.num_trainer)}
-        targets = {r: BufferTarget(plan, r, device="cuda") for r in range(plan.num_trainer, plan.num_ranks)}
+        sources, targets = _endpoints(plan, range(plan.num_ranks), version, "cuda")
         stats = ex.sync(sources, targets)
         assert stats.verified
         for r, target in targets.items():
@@ -69,8 +63,7 @@ def test_cuda_sync_hosting_every_rank_is_bit_exact(copies):
 def test_batched_checksums_equal_chunk_by_chunk_ones_and_catch_a_flipped_byte():
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
-    sources = {r: SyntheticSource(plan, r, version=1, device="cuda") for r in range(plan.num_trainer)}
-    targets = {r: BufferTarget(plan, r, device="cuda") for r in range(plan.num_trainer, plan.num_ranks)}
+    sources, targets = _endpoints(plan, range(plan.num_ranks), 1, "cuda")
     assert ex.sync(sources, targets).verified
     flats = ex._binding.flats
     batched = ex.verifier.expected(flats)
@@ -85,8 +78,7 @@ def test_batched_checksums_equal_chunk_by_chunk_ones_and_catch_a_flipped_byte():
 def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
-    sources = {r: SyntheticSource(plan, r, version=1, device="cuda") for r in range(plan.num_trainer)}
-    targets = {r: BufferTarget(plan, r, device="cuda") for r in range(plan.num_trainer, plan.num_ranks)}
+    sources, targets = _endpoints(plan, range(plan.num_ranks), 1, "cuda")
     assert ex.sync(sources, targets).verified
     rank, target = next(iter(targets.items()))
     name = next(iter(target.tensors))
