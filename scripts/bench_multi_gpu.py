@@ -39,6 +39,15 @@ MOE = dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=16, num_a
 
 def jobs(gpus: int, model: dict) -> dict[str, dict]:
     half = gpus // 2
+    if gpus == 2:  # one GPU a side: TP1 trainer and engine (EP over one rank, with redundant slots)
+        return {
+            "disaggregated 1+1 GPUs": dict(
+                model=model, trainer=dict(tp=1), inference=dict(tp=1, enable_ep=True),
+                eplb=dict(enabled=True, num_redundant_experts=4), deployment=dict(mode="disaggregated", gpus_per_node=2)),
+            "colocated on 2 GPUs": dict(
+                model=model, trainer=dict(tp=2, ep=2, etp=1), inference=dict(tp=2, enable_ep=True),
+                eplb=dict(enabled=True, num_redundant_experts=2), deployment=dict(mode="colocated", gpus_per_node=2)),
+        }
     return {
         f"disaggregated {half}+{half} GPUs": dict(
             model=model, trainer=dict(tp=2, dp=half // 2, ep=half // 2 if half > 2 else 2, etp=1),
@@ -57,13 +66,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--cpu", action="store_true", help="dry run: CPU processes over gloo, tiny model")
+    ap.add_argument("--layers", type=int, default=MOE["num_hidden_layers"], help="fewer layers: a shorter run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpus = args.gpus or (4 if args.cpu else torch.cuda.device_count())
-    if gpus not in (4, 8):
-        raise SystemExit(f"this run needs 4 or 8 GPUs, got {gpus}")
+    if gpus not in (2, 4, 8):
+        raise SystemExit(f"this run needs 2, 4 or 8 GPUs, got {gpus}")
     backend = "gloo" if args.cpu else "nccl"
-    model = dict(preset="tiny_qwen3_moe") if args.cpu else dict(hf_config=MOE)
+    model = dict(preset="tiny_qwen3_moe") if args.cpu else dict(hf_config={**MOE, "num_hidden_layers": args.layers})
     card = "CPU (gloo)" if args.cpu else torch.cuda.get_device_name()
     rows = []
     for name, spec in jobs(gpus, model).items():
