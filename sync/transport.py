@@ -53,11 +53,10 @@ class Transport:
         nccl = getattr(dist, "ProcessGroupNCCL", None)
         if nccl is not None and isinstance(self.group, nccl):
             # one NCCL group call: posted one by one, a pair's send and receive could wait on each other
-            device = ops[0][1].device
-            self.group._start_coalescing(device)
+            self.group._start_coalescing()  # a backend object coalesces on its own device
             for send, t, peer in ops:
                 (self.group.send if send else self.group.recv)([t], self._local[peer], 0)
-            work = self.group._end_coalescing(device)
+            work = self.group._end_coalescing()
             return [work] * len(ops)
         return [self.group.send([t], self._local[peer], 0) if send else self.group.recv([t], self._local[peer], 0)
                 for send, t, peer in ops]
