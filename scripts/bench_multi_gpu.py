@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=int, default=256)
     ap.add_argument("--cpu", action="store_true", help="dry run: CPU processes over gloo, tiny model")
     ap.add_argument("--layers", type=int, default=MOE["num_hidden_layers"], help="fewer layers: a shorter run")
+    ap.add_argument("--direct-mb", type=float, nargs="*", default=None,
+                    help="contiguous chunks of at least this many MB travel as messages of their own (default: the "
+                         "executor's for the backend); several values: one run of each case for each")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpus = args.gpus or (4 if args.cpu else torch.cuda.device_count())
@@ -82,20 +85,22 @@ def main() -> None:
             job = replace(job, links=Links(same_device_gbps=1.0, nvlink_gbps=1.0, nic_gbps=1.0))
         load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=0)
         plan = build_plan(job, load).validate()
-        r = bench_sync(plan, reps=args.reps, bucket_bytes=args.bucket_mb << 20, timeout_s=job.sync.timeout_s,
-                       backend=backend, hosted=job.deployment.mode == "colocated", gpus=None if args.cpu else gpus)
-        r["case"] = name
-        rows.append(r)
-        print(json.dumps(r), flush=True)
+        for direct_mb in args.direct_mb or [None]:
+            r = bench_sync(plan, reps=args.reps, bucket_bytes=args.bucket_mb << 20, timeout_s=job.sync.timeout_s,
+                           backend=backend, hosted=job.deployment.mode == "colocated", gpus=None if args.cpu else gpus,
+                           direct_bytes=None if direct_mb is None else int(direct_mb * (1 << 20)))
+            r["case"] = name if direct_mb is None else f"{name}, direct >= {direct_mb:g} MB"
+            rows.append(r)
+            print(json.dumps(r), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(dict(card=card, gpus=gpus, rows=rows), indent=1))
     table = Table(title=f"sync on {gpus} x {card}, {backend}, medians of {args.reps}")
-    for col in ("case", "processes", "payload MB", "sync s", "GB/s", "broadcast s", "broadcast / sync", "raw s",
+    for col in ("case", "processes", "messages", "payload MB", "sync s", "GB/s", "broadcast s", "broadcast / sync", "raw s",
                 "bound s", "sync / bound", "link GB/s min-max", "verified"):
         table.add_column(col)
     for r in rows:
         links = list(r["link_gbps"].values()) or [0.0]
-        table.add_row(r["case"], str(r["processes"]), f"{r['bytes_moved'] / 1e6:.1f}", f"{r['sync_seconds']:.4f}",
+        table.add_row(r["case"], str(r["processes"]), str(r["messages_per_process"]), f"{r['bytes_moved'] / 1e6:.1f}", f"{r['sync_seconds']:.4f}",
                       f"{r['sync_gbps']:.2f}", "-" if r["baseline_seconds"] is None else f"{r['baseline_seconds']:.4f}",
                       "-" if r["baseline_over_sync"] is None else f"{r['baseline_over_sync']:.2f}",
                       f"{r['raw_seconds']:.4f}", f"{r['bound_seconds']:.4f}", f"{r['sync_over_bound']:.2f}",

@@ -84,8 +84,11 @@ def _copy_gbps(device, nbytes: int = 1 << 30) -> float:
     return nbytes / statistics.median(times[1:]) / 1e9
 
 
+_PARTS = ("seconds", "pack_seconds", "wait_seconds", "unpack_seconds")
+
+
 def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucket_bytes: int, timeout_s: float,
-            port: int, backend: str, gpus: int) -> dict[str, Any]:
+            port: int, backend: str, gpus: int, direct_bytes: int | None) -> dict[str, Any]:
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource
     from sync.executor import PlanExecutor
@@ -104,7 +107,7 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
     targets = {r: BufferTarget(plan, r, device=str(device)) for r in ranks if r >= plan.num_trainer}
     alone = len(ranks) == 1
     one = lambda d: (next(iter(d.values())) if d else None) if alone else d  # noqa: E731
-    plan_ex = PlanExecutor(plan, ranks, transport, bucket_bytes, timeout_s, process_of=process_of)
+    plan_ex = PlanExecutor(plan, ranks, transport, bucket_bytes, timeout_s, direct_bytes, process_of=process_of)
     base_ex = BroadcastExecutor(plan, ranks[0], transport, timeout_s) if alone and len(groups) == plan.num_ranks else None
     messages = _raw_plan(plan, ranks, bucket_bytes, process_of)
     per_round: dict[tuple[int, int], int] = {}
@@ -113,7 +116,7 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
     buffer = torch.empty(max(per_round.values(), default=1), dtype=torch.uint8, device=device)
     modes = ["plan", "raw"] + (["broadcast"] if base_ex is not None else [])
     out: dict[str, Any] = {m: [] for m in modes}
-    out.update(verified=True, sent=0, received=0, sent_to={},
+    out.update(verified=True, sent=0, received=0, sent_to={}, parts=[], messages=len(plan_ex.buckets),
                copy_gbps=_copy_gbps(device) if device.type == "cuda" else None)
     for i in range(reps):
         for mode in modes if i % 2 == 0 else modes[::-1]:
@@ -127,6 +130,8 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
             ex = plan_ex if mode == "plan" else base_ex
             stats = ex.sync(one(sources), one(targets), verify=i == 0)
             out[mode].append(stats.global_seconds)
+            if mode == "plan" and i > 0:  # where this process's time went (the first sync also binds)
+                out["parts"].append({k: getattr(stats, k) for k in _PARTS})
             if i == 0:
                 out["verified"] &= bool(stats.verified)
                 if mode == "plan":
@@ -135,8 +140,10 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
 
 
 def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, timeout_s: float = 300.0,
-               backend: str = "gloo", hosted: bool = False, gpus: int | None = None) -> dict[str, Any]:
-    """``hosted``: one process per device hosting its ranks (no broadcast baseline then)."""
+               backend: str = "gloo", hosted: bool = False, gpus: int | None = None,
+               direct_bytes: int | None = None) -> dict[str, Any]:
+    """``hosted``: one process per device hosting its ranks (no broadcast baseline then).
+    ``direct_bytes``: the executor's (default: its backend's)."""
     from sync.launch import host_store, spawn_ranks
 
     if backend == "nccl":
@@ -147,7 +154,7 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
               else [[r] for r in range(plan.num_ranks)])
     store = host_store(timeout_s=timeout_s)
     results, _ = spawn_ranks(len(groups), _worker, (plan, groups, reps, bucket_bytes, timeout_s, store.port, backend,
-                                                    gpus or 1), timeout_s=timeout_s * (3 * reps + 2))
+                                                    gpus or 1, direct_bytes), timeout_s=timeout_s * (3 * reps + 2))
     r0 = results[0]
     sync_s, raw_s = statistics.median(r0["plan"]), statistics.median(r0["raw"])
     base_s = statistics.median(r0["broadcast"]) if "broadcast" in r0 else None
@@ -179,6 +186,10 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
         "sync_over_bound": sync_s / bound if bound else float("nan"),
         "baseline_over_sync": base_s / sync_s if base_s is not None else None,
         "verified": all(r["verified"] for r in results.values()),
+        "messages_per_process": max(r["messages"] for r in results.values()),
+        # the slowest process's median of each part of a sync after the first
+        "parts_seconds": {k: max(statistics.median(p[k] for p in r["parts"]) for r in results.values())
+                          for k in _PARTS} if reps > 1 else None,
         "ranks": plan.num_ranks,
         "processes": len(groups),
         "backend": backend,

@@ -39,6 +39,13 @@ from sync.verify import Verifier
 # check their static inputs; CPU builds lack it (then a Python pass does the same)
 _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
+# Below these sizes a contiguous chunk is packed into a bucket rather than sent as a message of its
+# own. Gloo copies on the CPU, so it skips the copy early. On GPUs packing and unpacking run at
+# device-copy speed (~1.4 TB/s on an H100) while each NCCL message in a group call costs tens of
+# microseconds: on 2 H100s, 794 messages (1 MB expert chunks sent one by one) took 6x the raw NCCL
+# time for 1.5 GB, six messages (chunks of 4 MB or more direct) 1.15-1.4x (results/multi_gpu_*).
+DIRECT_BYTES = {"gloo": 1 << 18, "nccl": 32 << 20, "solo": 1 << 18}
+
 __all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync", "versioned_sync"]
 
 
@@ -181,12 +188,13 @@ class _Binding:
 
 class PlanExecutor:
     def __init__(self, plan: SyncPlan, rank, transport: Transport | None = None,
-                 bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int = 1 << 18,
+                 bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int | None = None,
                  process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, ipc: bool | str = False,
                  recheck: bool = True) -> None:
         """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
         ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
-        ``direct_bytes``: contiguous chunks at least this large skip the bucket copy.
+        ``direct_bytes``: contiguous chunks at least this large skip the bucket copy and travel as
+        messages of their own (default: ``DIRECT_BYTES`` of the transport's backend).
         ``copies``: how local, pack and unpack copies run: "auto" (batched: Triton kernels on CUDA
         when Triton is there, else ``_foreach_copy_``), "foreach", or "slices" (one ``copy_`` per slice).
         ``ipc``: chunks between processes on one GPU (``plan.devices``) travel by CUDA IPC instead of
@@ -221,6 +229,8 @@ class PlanExecutor:
         self.lent_to = {s: sorted(set(self.process_of[c["dst"][rows]].tolist())) for s, rows in self._lent_rows.items()}
         self._lent_locals = {q: sorted(set(c["src_local"][lent & (self.process_of[c["dst"]] == q)].tolist()))
                              for q in set(self.lent_to[1]) | set(self.lent_to[2])}
+        if direct_bytes is None:
+            direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent)
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
         self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}

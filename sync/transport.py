@@ -40,6 +40,14 @@ class Transport:
         return self._tags
 
     @property
+    def backend(self) -> str:
+        """"nccl" or "gloo" (what the group speaks)."""
+        nccl = getattr(dist, "ProcessGroupNCCL", None)
+        if not self.standalone:
+            return str(dist.get_backend(self.group))
+        return "nccl" if nccl is not None and isinstance(self.group, nccl) else "gloo"
+
+    @property
     def rank_global(self) -> int:
         return self.ranks[self.rank]
 
@@ -50,8 +58,7 @@ class Transport:
         if not self.standalone:
             return dist.batch_isend_irecv([dist.P2POp(dist.isend if send else dist.irecv, t, peer, self.group)
                                            for send, t, peer in ops])
-        nccl = getattr(dist, "ProcessGroupNCCL", None)
-        if nccl is not None and isinstance(self.group, nccl):
+        if self.backend == "nccl":
             # one NCCL group call: posted one by one, a pair's send and receive could wait on each other
             self.group._start_coalescing()  # a backend object coalesces on its own device
             for send, t, peer in ops:
@@ -91,11 +98,10 @@ class Transport:
             return None
         me = ranks.index(self.rank_global)
         store = dist.PrefixStore(f"sub:{tag}", self.store)
-        nccl = getattr(dist, "ProcessGroupNCCL", None)
-        if nccl is not None and isinstance(self.group, nccl):  # a subgroup of an NCCL group speaks NCCL too
-            opts = nccl.Options()
+        if self.backend == "nccl":  # a subgroup of an NCCL group speaks NCCL too
+            opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timedelta(seconds=self.timeout_s)
-            pg = nccl(store, me, len(ranks), opts)
+            pg = dist.ProcessGroupNCCL(store, me, len(ranks), opts)
         else:
             pg = dist.ProcessGroupGloo(store, me, len(ranks), timedelta(seconds=self.timeout_s))
         return Transport(pg, me, len(ranks), self.store, self.timeout_s, ranks)
@@ -112,6 +118,8 @@ class SoloTransport(Transport):
     def __init__(self, timeout_s: float = 120.0) -> None:
         self.group, self.standalone, self.size, self.ranks, self.rank = None, True, 1, [0], 0
         self.store, self.timeout_s, self._local, self._subgroups, self._tags = None, timeout_s, {0: 0}, 0, 0
+
+    backend = "solo"
 
     def batch(self, ops):
         if ops:

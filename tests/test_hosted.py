@@ -8,7 +8,7 @@ import torch
 
 from planners import JobSpec, build_plan
 from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
-from sync.executor import PlanExecutor
+from sync.executor import DIRECT_BYTES, PlanExecutor
 from sync.launch import host_store, spawn_ranks
 from sync.tensors import as_bits
 from sync.transport import SoloTransport
@@ -105,3 +105,18 @@ def test_cuda_ipc_on_cpu_tensors_is_refused_before_any_byte_moves(mode):
     with pytest.raises(ValueError, match="ipc=.*CUDA tensors.*ipc=False"):
         ex.sync(None, target)
     assert all(not t.any() for t in target.tensors.values())
+
+
+class _NcclLike(SoloTransport):
+    backend = "nccl"  # only what bucketing looks at; nothing is sent
+
+
+def test_direct_messages_depend_on_the_backend(monkeypatch):
+    # NCCL pays per message, so mid-size chunks are packed there; gloo sends them as they are
+    plan = build_plan(JobSpec.from_dict({**JOB, "deployment": dict(mode="disaggregated", gpus_per_node=8)})).validate()
+    monkeypatch.setitem(DIRECT_BYTES, "solo", 1024)  # this tiny model's chunks are at most 16 KB
+    assert DIRECT_BYTES["solo"] <= plan.chunks["nbytes"].max() < DIRECT_BYTES["nccl"]
+    gloo = PlanExecutor(plan, 0, SoloTransport())
+    nccl = PlanExecutor(plan, 0, _NcclLike())
+    assert any(b.direct for b in gloo.buckets) and not any(b.direct for b in nccl.buckets)
+    assert sum(b.nbytes for b in gloo.buckets) == sum(b.nbytes for b in nccl.buckets)
