@@ -40,9 +40,10 @@ class BroadcastExecutor:
     def _wait(self, work, label: str) -> None:
         wait_all([work], [label], self.timeout_s)
 
-    def sync(self, source=None, target=None, verify: bool = True, version: int = 0) -> SyncStats:
+    def sync(self, source=None, target=None, verify: bool = True, version: int = 0, strict: bool = False) -> SyncStats:
         written = [] if self.is_trainer else [self.plan.local_name[i] for i in self.plan.locals_of(self.rank)]
-        return versioned_sync(target, version, lambda: self._sync(source, target, verify), lambda: written)
+        return versioned_sync(target, version, lambda: self._sync(source, target, verify), lambda: written,
+                              strict and verify)
 
     def _sync(self, source, target, verify: bool) -> SyncStats:
         plan, rank = self.plan, self.rank
@@ -70,7 +71,8 @@ class BroadcastExecutor:
                         block(full, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n))
         stats.seconds = time.perf_counter() - t0
         stats.stage_seconds = {1: stats.seconds}
-        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device)
+        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device, [target],
+                    plan.placement)
         return stats
 
     def _gather(self, tid, t, flats, full, device, stats) -> None:

@@ -94,19 +94,29 @@ def wait_all(works: list, what: list[str], timeout_s: float) -> None:
             raise SyncTimeout(f"{label}: no answer within {timeout_s:g} s")
 
 
-def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: Transport, wait, device) -> None:
-    """After the bytes moved: verify (when asked) and learn the slowest rank's time, on every rank."""
+def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: Transport, wait, device,
+                targets=(), placement=None) -> None:
+    """After the bytes moved: verify (when asked) and learn the slowest rank's time, on every rank.
+    Engine ``targets`` then get the plan's expert ``placement`` -- unless verification failed: an
+    engine whose weights did not all arrive must not route tokens by the new slots (a staged engine
+    keeps serving its old weights, and they belong to the old placement)."""
     if verifier is not None:
         stats.mismatched, total = verifier.check(flats, transport, wait)
         stats.verified = total == 0
     elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
     wait(transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
     stats.global_seconds = float(elapsed.item())
+    if placement is not None and stats.verified is not False:
+        for t in targets:
+            if t is not None and hasattr(t, "set_placement"):
+                t.set_placement(placement)
 
 
-def versioned_sync(target, version: int, body, written) -> SyncStats:
+def versioned_sync(target, version: int, body, written, strict: bool = False) -> SyncStats:
     """Run ``body()`` (a sync); a versioned target (``begin``/``commit``/``abort``) learns how it ended:
-    committed when verified (or unverified by choice), aborted -- naming ``written()`` -- otherwise."""
+    committed when verified (or unverified by choice), aborted -- naming ``written()`` -- otherwise.
+    ``strict``: a failed verification raises :class:`VerificationError` (on every rank: the count of
+    mismatches is global) instead of only being reported in the stats."""
     versioned = target is not None and hasattr(target, "begin")
     if versioned:
         target.begin(version)
@@ -121,6 +131,10 @@ def versioned_sync(target, version: int, body, written) -> SyncStats:
             target.abort(f"verification failed: {stats.mismatched[:5]}", stats.mismatched)
         else:
             target.commit(version)
+    if strict and stats.verified is False:
+        mine = f"; here (rank {stats.rank}): {', '.join(stats.mismatched[:5])}" if stats.mismatched else ""
+        more = f" and {len(stats.mismatched) - 5} more" if len(stats.mismatched) > 5 else ""
+        raise VerificationError(f"version {version}: engine tensors differ from what the trainer sent{mine}{more}")
     return stats
 
 
@@ -426,8 +440,9 @@ class PlanExecutor:
                      off, hi - lo)
 
     # -- the sync -----------------------------------------------------------------------
-    def sync(self, source=None, target=None, verify: bool = True, version: int = 0) -> SyncStats:
-        """Move the hosted ranks' part of the plan; with ``verify``, check every engine tensor's checksum.
+    def sync(self, source=None, target=None, verify: bool = True, version: int = 0, strict: bool = False) -> SyncStats:
+        """Move the hosted ranks' part of the plan; with ``verify``, check every engine tensor's checksum
+        (``strict``: a mismatch anywhere raises :class:`VerificationError` on every rank).
         ``source``/``target``: the endpoint of the hosted rank, or ``{plan rank: endpoint}``.
 
         A versioned target (``begin``/``commit``/``abort``) is told how the sync ended: committed only
@@ -437,7 +452,7 @@ class PlanExecutor:
         versioned = [t for t in targets if t is not None and hasattr(t, "begin")]
         told = targets[0] if len(targets) == 1 else (_EveryTarget(versioned) if versioned else None)
         return versioned_sync(told, version, lambda: self._sync(source, target, verify, written),
-                              lambda: sorted(self.plan.local_name[i] for i in written))
+                              lambda: sorted(self.plan.local_name[i] for i in written), strict and verify)
 
     def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
         stats = SyncStats(self.rank)
@@ -476,10 +491,8 @@ class PlanExecutor:
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
         stats.peak_buffer_bytes = sum(a.numel() for a in self._arena.values())
-        finish_sync(stats, binding.flats, self.verifier if verify else None, self.transport, self._wait, binding.device)
-        for t in (target.values() if isinstance(target, dict) else [target]):
-            if t is not None and self.plan.placement is not None and hasattr(t, "set_placement"):
-                t.set_placement(self.plan.placement)
+        finish_sync(stats, binding.flats, self.verifier if verify else None, self.transport, self._wait, binding.device,
+                    target.values() if isinstance(target, dict) else [target], self.plan.placement)
         return stats
 
     def _lend(self, binding: _Binding, stage: int, stats: SyncStats) -> None:

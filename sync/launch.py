@@ -108,6 +108,7 @@ class LocalRun:
     bucket_bytes: int = 256 << 20
     timeout_s: float = 60.0
     verify: bool = True
+    strict: bool = False  # a failed verification raises VerificationError (naming tensors) on every rank
     seed: int = 0
     return_tensors: bool = False  # engine ranks send their tensors back (small jobs, for tests)
     stall_rank: int | None = None  # fault injection: this rank stops responding before syncing
@@ -188,10 +189,10 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
             # start together, so times measure the sync, not the preparation
             wait_all([transport.barrier()], ["barrier before the sync"], run.timeout_s)
             if not run.versioned:
-                stats[name].append(ex.sync(source, target, verify=run.verify))
+                stats[name].append(ex.sync(source, target, verify=run.verify, strict=run.strict))
                 continue
             try:
-                stats[name].append(ex.sync(source, target, verify=run.verify, version=version))
+                stats[name].append(ex.sync(source, target, verify=run.verify, version=version, strict=run.strict))
             except SyncError as e:
                 stats[name].append(str(e))
             if target is not None:

@@ -63,3 +63,32 @@ def test_bucket_memory_stays_within_two_rounds_per_peer(plan):
         peers = len({p for p in stats.sent_to} | {c for c in plan.chunks["src"][plan.chunks["dst"] == rank].tolist()} - {rank})
         assert 0 < stats.peak_buffer_bytes <= 2 * bucket * max(peers, 1), (rank, stats.peak_buffer_bytes, peers)
         assert stats.peak_buffer_bytes < plan.chunks["nbytes"][(plan.chunks["src"] == rank) | (plan.chunks["dst"] == rank)].sum()
+
+
+class _Recorder:
+    def __init__(self):
+        self.placements = []
+
+    def set_placement(self, placement):
+        self.placements.append(placement)
+
+
+class _Verdict:  # a verifier that reports a given number of mismatches
+    def __init__(self, bad):
+        self.bad = bad
+
+    def check(self, flats, transport, wait):
+        return (["model.layers.0.mlp.experts.w13_weight"] * self.bad, self.bad)
+
+
+@pytest.mark.parametrize("bad", [0, 1])
+def test_engines_get_the_new_placement_only_after_a_verified_sync(bad):
+    import torch
+
+    from sync.executor import SyncStats, finish_sync
+    from sync.transport import SoloTransport
+
+    target, stats = _Recorder(), SyncStats(0)
+    finish_sync(stats, {}, _Verdict(bad), SoloTransport(), lambda w, what: None, torch.device("cpu"), [target], "new")
+    assert stats.verified is (bad == 0)
+    assert target.placements == ([] if bad else ["new"])
