@@ -252,13 +252,17 @@ def gpu_loads(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarra
 
 
 def _check(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str) -> np.ndarray:
-    load = np.asarray(load, dtype=np.float64)
+    try:
+        load = np.asarray(load, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise EplbError(f"load must be a numeric array [layers, experts], got {type(load).__name__}") from None
     if load.ndim != 2:
         raise EplbError(f"load must be [layers, experts], got shape {load.shape}")
-    if not np.isfinite(load).all():
-        raise EplbError("load holds NaN or infinite values; expert loads are token counts")
-    if (load < 0).any():
-        raise EplbError("load holds negative values; expert loads are token counts")
+    for bad, what in ((~np.isfinite(load), "NaN or infinite"), (load < 0, "negative")):
+        if bad.any():
+            layer, expert = (int(x) for x in np.argwhere(bad)[0])
+            raise EplbError(f"load holds {what} values (load[{layer}, {expert}] = {float(load[layer, expert])!r}); "
+                            "expert loads are token counts")
     L, E = load.shape
     for name, v in (("num_physical", num_physical), ("num_groups", num_groups), ("num_nodes", num_nodes),
                     ("num_gpus", num_gpus)):

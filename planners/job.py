@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from planners.buckets import ALIGN
 from planners.cost import Links
+from planners.eplb import EplbError
 from planners.layouts import Deployment, InferenceLayout, LayoutError, TrainerLayout
 from planners.megatron_rules import check_trainer
 from planners.model import ModelError, ModelSpec
@@ -55,6 +58,7 @@ class _Model(_Strict):
 
 
 class _Trainer(_Strict):
+    # positivity, divisibility and the order's tokens are the layout's own checks (LayoutError)
     tp: int = 1
     pp: int = 1
     ep: int = 1
@@ -79,29 +83,38 @@ class _Inference(_Strict):
 class _Deployment(_Strict):
     mode: Literal["colocated", "disaggregated"] = "disaggregated"
     gpus_per_node: int = 8
-    nodes: int | None = None
+    nodes: int | None = Field(None, ge=1)
+
+
+def _finite(default: float, **bounds: float) -> Any:
+    """A float field that must be a finite number within ``bounds`` (ints are accepted)."""
+    return Field(default, allow_inf_nan=False, **bounds)
 
 
 class _Links(_Strict):
-    model_config = ConfigDict(extra="forbid", strict=False)
-    same_device_gbps: float = 1500.0
-    nvlink_gbps: float = 450.0
-    nic_gbps: float = 50.0
+    same_device_gbps: float = _finite(1500.0, gt=0)
+    nvlink_gbps: float = _finite(450.0, gt=0)
+    nic_gbps: float = _finite(50.0, gt=0)
+
+
+MAX_RANKS = 1 << 20  # GPUs of one job; beyond this a layout is a typo, and device tables would not fit
+MAX_TIMEOUT_S = 30 * 86400.0  # torch's timedelta-based timeouts overflow far beyond this
+MAX_BUCKET_MB = float(1 << 20)  # 1 TiB
 
 
 class SyncSettings(_Strict):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
-    bucket_mb: float = Field(256.0, gt=0)
-    timeout_s: float = Field(120.0, gt=0)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    bucket_mb: float = _finite(256.0, ge=ALIGN / (1 << 20), le=MAX_BUCKET_MB)  # at least one aligned tile
+    timeout_s: float = _finite(120.0, gt=0, le=MAX_TIMEOUT_S)
     verify: bool = True
 
 
 class EplbSettings(_Strict):
     """Expert placement: with ``enabled``, every sync recomputes it from the engines' expert loads."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     enabled: bool = False
-    num_redundant_experts: int = Field(0, ge=0)
+    num_redundant_experts: int = Field(0, ge=0, le=1 << 16)
     policy: Literal["default", "deepseek"] = "default"
     num_groups: int | None = Field(None, ge=1)  # expert groups for hierarchical packing; default: model's n_group
     window: int = Field(1000, ge=1)  # forward passes of load statistics kept
@@ -118,15 +131,35 @@ class _Job(_Strict):
     eplb: EplbSettings = Field(default_factory=EplbSettings)
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
+    """The keys the schema allows in the section holding ``loc`` (None if it is not a section)."""
+    model: Any = _Job
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return sorted(model.model_fields) if model is not None else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _pydantic_message(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "job"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
+            keys = _fields_at(e["loc"])
+            msg = "unknown key; remove it or check its spelling" + (f" (valid keys: {', '.join(keys)})" if keys else "")
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] not in ("value_error", "assertion_error"):
+            msg = f"{msg}, got {_short(e['input'])}"
         lines.append(f"{where}: {msg}")
     return "invalid job spec:\n  " + "\n  ".join(lines)
 
@@ -163,10 +196,15 @@ class JobSpec:
             raw = _Job.model_validate(data)
         except ValidationError as e:
             raise JobError(_pydantic_message(e)) from None
+        m = raw.model
+        if m.preset is not None and m.preset not in PRESETS:
+            raise JobError(f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
         try:
-            cfg = preset(raw.model.preset) if raw.model.preset else dict(raw.model.hf_config)
-            cfg.update(raw.model.overrides)
-            model = ModelSpec.from_hf_config(cfg)
+            if m.preset is not None:
+                model = ModelSpec.from_hf_config(preset(m.preset), where=f"model.preset[{m.preset}]",
+                                                 overrides=m.overrides)
+            else:
+                model = ModelSpec.from_hf_config(m.hf_config, overrides=m.overrides)
             job = cls(
                 name=raw.name,
                 model=model,
@@ -178,18 +216,22 @@ class JobSpec:
                 eplb=raw.eplb,
                 nodes=raw.deployment.nodes,
             )
-        except (KeyError, TypeError, ModelError, LayoutError, ValueError) as e:
-            raise JobError(str(e).strip("'\"")) from None
+        except (ModelError, LayoutError, ValueError) as e:
+            raise JobError(str(e)) from None
         job.check()
         return job
 
     def check(self) -> None:
         """Raise JobError unless the model's shapes divide over both layouts and the job fits."""
+        ranks = self.trainer.world_size + self.inference.world_size
+        if ranks > MAX_RANKS:
+            raise JobError(f"trainer and inference world sizes ({self.trainer.world_size} + {self.inference.world_size} "
+                           f"ranks) exceed {MAX_RANKS}; check trainer.tp/pp/cp/dp and inference.tp/pp/dp/engines")
         try:
             check_trainer(self.model, self.trainer)
             check_inference(self.model, self.inference, self.placement())
             n = self.deployment.num_nodes(self.trainer, self.inference)
-        except (ShardError, LayoutError, PlacementError) as e:
+        except (ShardError, LayoutError, PlacementError, ModelError) as e:
             raise JobError(str(e)) from None
         if self.nodes is not None and n > self.nodes:
             raise JobError(
@@ -212,12 +254,31 @@ class JobSpec:
         EPLB enabled and ``load [moe_layers, experts]`` given, a balanced one computed from it."""
         if not self.model.is_moe:
             return None
+        if load is not None:
+            load = self.check_load(load)
         if load is None or not self.eplb.enabled:
             return Placement.identity(len(self.model.moe_layers), self.model.num_experts, self.num_physical_experts)
         from planners.eplb import rebalance
 
         groups, nodes, gpus = self.eplb_shape()
         return rebalance(load, self.num_physical_experts, groups, nodes, gpus, policy=self.eplb.policy)
+
+    def check_load(self, load: Any) -> np.ndarray:
+        """``load`` as a float array ``[moe_layers, experts]`` of finite, non-negative token counts;
+        EplbError naming the load (its shape, or the first bad entry) otherwise."""
+        L, E = len(self.model.moe_layers), self.model.num_experts
+        want = f"[{L} MoE layers, {E} experts] of finite, non-negative token counts"
+        try:
+            arr = np.asarray(load, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise EplbError(f"load must be a numeric array {want}; got {type(load).__name__}") from None
+        if arr.shape != (L, E):
+            raise EplbError(f"load has shape {arr.shape}; expected {want}")
+        bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
+        if len(bad):
+            layer, expert = (int(x) for x in bad[0])
+            raise EplbError(f"load[{layer}, {expert}] is {float(arr[layer, expert])!r} ({len(bad)} bad entries); expected {want}")
+        return arr
 
     def eplb_shape(self) -> tuple[int, int, int]:
         """(expert groups, nodes, GPUs) of one engine's EP group, as the placement sees them."""

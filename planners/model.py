@@ -11,10 +11,11 @@ left out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import math
 from math import prod
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["ModelSpec", "LogicalTensor", "Catalog", "catalog", "ModelError", "DTYPES"]
+__all__ = ["ModelSpec", "LogicalTensor", "Catalog", "catalog", "ModelError", "DTYPES", "hf_keys"]
 
 
 class ModelError(ValueError):
@@ -32,6 +33,104 @@ _FAMILY_ALIASES = {
     "deepseek_v3": "deepseek_v3",
     "kimi_k2": "deepseek_v3",
 }
+
+
+# -- Hugging Face config keys: what each must be ---------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# kind -> (what a valid value is, in words; test)
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "pos_int": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "nonneg_int": ("a non-negative integer", lambda v: _is_int(v) and v >= 0),
+    "bool": ("a boolean (true or false)", lambda v: isinstance(v, bool)),
+    "pos_float": ("a positive finite number", lambda v: _is_number(v) and math.isfinite(v) and v > 0),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "mapping": ("a mapping", lambda v: isinstance(v, dict)),
+    "layer_list": ("a list of layer indices (non-negative integers)",
+                   lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) and x >= 0 for x in v)),
+}
+REQUIRED = object()  # default of a key that must be given
+
+# HF key -> (kind, default); a null value counts as absent (the default applies)
+_COMMON_KEYS: dict[str, tuple[str, Any]] = {
+    "hidden_size": ("pos_int", REQUIRED),
+    "num_hidden_layers": ("pos_int", REQUIRED),
+    "num_attention_heads": ("pos_int", REQUIRED),
+    "vocab_size": ("pos_int", REQUIRED),
+    "num_key_value_heads": ("pos_int", None),  # None: num_attention_heads (no GQA)
+    "head_dim": ("pos_int", None),  # None: hidden_size // num_attention_heads
+    "intermediate_size": ("nonneg_int", 0),  # required (positive) where a layer has a dense MLP
+    "tie_word_embeddings": ("bool", False),
+    "torch_dtype": ("str", None),
+    "dtype": ("str", None),  # transformers >= 4.56 writes dtype instead of torch_dtype
+    "num_experts_per_tok": ("nonneg_int", 0),
+    "norm_topk_prob": ("bool", None),  # None: True for mixtral, else False
+    "rope_theta": ("pos_float", None),
+    "rope_parameters": ("mapping", None),  # transformers >= 5 keeps rope_theta in here
+    "rms_norm_eps": ("pos_float", 1e-6),
+}
+_FAMILY_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
+    "llama": {
+        "intermediate_size": ("pos_int", REQUIRED),
+        "attention_bias": ("bool", None),  # None: True for qwen2
+    },
+    "qwen3_moe": {
+        "attention_bias": ("bool", False),
+        "num_experts": ("nonneg_int", REQUIRED),
+        "moe_intermediate_size": ("pos_int", REQUIRED),
+        "decoder_sparse_step": ("pos_int", 1),
+        "mlp_only_layers": ("layer_list", ()),
+    },
+    "mixtral": {
+        "intermediate_size": ("pos_int", REQUIRED),  # the experts' width
+        "num_local_experts": ("pos_int", REQUIRED),
+    },
+    "deepseek_v3": {
+        "n_routed_experts": ("nonneg_int", REQUIRED),
+        "moe_intermediate_size": ("pos_int", REQUIRED),
+        "first_k_dense_replace": ("nonneg_int", 0),
+        "moe_layer_freq": ("pos_int", 1),
+        "n_shared_experts": ("nonneg_int", 0),
+        "topk_method": ("str", "noaux_tc"),
+        "q_lora_rank": ("pos_int", None),  # None: no q compression (q_proj)
+        "kv_lora_rank": ("pos_int", REQUIRED),
+        "qk_nope_head_dim": ("pos_int", REQUIRED),
+        "qk_rope_head_dim": ("pos_int", REQUIRED),
+        "v_head_dim": ("pos_int", REQUIRED),
+        "n_group": ("pos_int", 1),
+        "topk_group": ("pos_int", 1),
+    },
+}
+
+
+def hf_keys(family: str) -> dict[str, tuple[str, Any]]:
+    """The config.json keys the planner reads for ``family``: key -> (kind, default)."""
+    return {**_COMMON_KEYS, **_FAMILY_KEYS[family]}
+
+
+def _read_keys(cfg: dict[str, Any], table: dict[str, tuple[str, Any]], path: Callable[[str], str],
+               model_type: str) -> dict[str, Any]:
+    """Every key of ``table`` from ``cfg``, checked against its kind (defaults for absent keys)."""
+    out: dict[str, Any] = {}
+    for key, (kind, default) in table.items():
+        value = cfg.get(key)
+        what, ok = _KINDS[kind]
+        if value is None:
+            if default is REQUIRED:
+                raise ModelError(f"{path(key)} is required for model_type {model_type!r}; give {what}")
+            out[key] = default
+        elif not ok(value):
+            raise ModelError(f"{path(key)} must be {what}, got {value!r}")
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,90 +207,117 @@ class ModelSpec:
         return DTYPES[self.dtype]
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelSpec":
-        """Build a spec from a Hugging Face ``config.json`` dict."""
+    def from_hf_config(cls, cfg: dict[str, Any], where: str = "model.hf_config",
+                       overrides: dict[str, Any] | None = None, overrides_where: str = "model.overrides") -> "ModelSpec":
+        """Build a spec from a Hugging Face ``config.json`` dict (``overrides`` replace its keys).
+
+        Every key the planner reads is checked against :data:`HF_KEYS` before it is used; errors
+        name the key as ``{where}.{key}`` (``{overrides_where}.{key}`` for an override) and say what
+        would be valid. A null value counts as absent, as in Hugging Face configs.
+        """
         if not isinstance(cfg, dict):
-            raise ModelError(f"model config must be a mapping, got {type(cfg).__name__}")
+            raise ModelError(f"{where} must be a mapping of config.json keys, got {type(cfg).__name__}")
+        overrides = dict(overrides or {})
+        cfg = {**cfg, **overrides}
+
+        def path(key: str) -> str:
+            return f"{overrides_where}.{key}" if key in overrides else f"{where}.{key}"
+
         model_type = cfg.get("model_type")
-        if model_type not in _FAMILY_ALIASES:
-            raise ModelError(
-                f"model.model_type {model_type!r} is not supported; use one of {sorted(_FAMILY_ALIASES)}"
-            )
+        if not isinstance(model_type, str) or model_type not in _FAMILY_ALIASES:
+            got = "is required" if model_type is None else f"{model_type!r} is not supported"
+            raise ModelError(f"{path('model_type')} {got}; use one of {sorted(_FAMILY_ALIASES)}")
         family = _FAMILY_ALIASES[model_type]
+        table = hf_keys(family)
+        unknown = sorted(k for k in overrides if k not in table and k != "model_type")
+        if unknown:
+            raise ModelError(f"{overrides_where}.{unknown[0]}: unknown key for model_type {model_type!r}; "
+                             f"known keys: {', '.join(sorted(table))}")
+        v = _read_keys(cfg, table, path, model_type)
 
-        def need(key: str) -> Any:
-            if key not in cfg:
-                raise ModelError(f"model.{key} is required for model_type {model_type!r}")
-            return cfg[key]
-
-        hidden = need("hidden_size")
-        layers = need("num_hidden_layers")
-        heads = need("num_attention_heads")
+        layers, heads, hidden = v["num_hidden_layers"], v["num_attention_heads"], v["hidden_size"]
+        dtype_key = "torch_dtype" if v["torch_dtype"] is not None else "dtype"
+        dtype = (v[dtype_key] or "bfloat16").replace("torch.", "")
+        if dtype not in DTYPES:
+            raise ModelError(f"{path(dtype_key)} {v[dtype_key]!r} is not supported; use one of {sorted(DTYPES)}")
+        rope_theta = v["rope_theta"]
+        if rope_theta is None and v["rope_parameters"] is not None and "rope_theta" in v["rope_parameters"]:
+            rope_theta = v["rope_parameters"]["rope_theta"]
+            if not _KINDS["pos_float"][1](rope_theta):
+                raise ModelError(f"{path('rope_parameters')}.rope_theta must be {_KINDS['pos_float'][0]}, got {rope_theta!r}")
         common = dict(
             family=family,
             model_type=model_type,
             hidden_size=hidden,
             num_layers=layers,
-            vocab_size=need("vocab_size"),
+            vocab_size=v["vocab_size"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else 0),
-            intermediate_size=cfg.get("intermediate_size", 0),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            dtype=str(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))).replace("torch.", ""),
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", family == "mixtral")),
-            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            num_kv_heads=heads,
+            head_dim=0,
+            intermediate_size=v["intermediate_size"],
+            tie_word_embeddings=v["tie_word_embeddings"],
+            dtype=dtype,
+            num_experts_per_tok=v["num_experts_per_tok"],
+            norm_topk_prob=family == "mixtral" if v["norm_topk_prob"] is None else v["norm_topk_prob"],
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rms_norm_eps=float(v["rms_norm_eps"]),
         )
+
+        def need_dense_width(moe: tuple[int, ...]) -> None:
+            dense = [i for i in range(layers) if i not in set(moe)]
+            if dense and v["intermediate_size"] < 1:
+                raise ModelError(f"{path('intermediate_size')} must be a positive integer: layers "
+                                 f"{dense[:8]} are dense MLP layers, got {v['intermediate_size']!r}")
+
+        if family != "deepseek_v3":  # MLA has no GQA; every head has its own k/v
+            kv = heads if v["num_key_value_heads"] is None else v["num_key_value_heads"]
+            if heads % kv:
+                raise ModelError(f"{path('num_attention_heads')} ({heads}) must be a multiple of "
+                                 f"{path('num_key_value_heads')} ({kv})")
+            head_dim = v["head_dim"]
+            if head_dim is None:
+                head_dim = hidden // heads
+                if head_dim < 1:
+                    raise ModelError(f"{path('head_dim')} is required when {path('hidden_size')} ({hidden}) < "
+                                     f"{path('num_attention_heads')} ({heads}); give a positive integer")
+            common.update(num_kv_heads=kv, head_dim=head_dim)
+
         if family == "llama":
-            return cls(
-                **common,
-                qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-                qk_norm=model_type == "qwen3",
-            )
+            bias = v["attention_bias"]
+            return cls(**common, qkv_bias=model_type == "qwen2" if bias is None else bias, qk_norm=model_type == "qwen3")
         if family == "qwen3_moe":
-            experts = need("num_experts")
-            step = cfg.get("decoder_sparse_step", 1) or 1
-            dense_only = set(cfg.get("mlp_only_layers", []) or [])
+            experts, step, dense_only = v["num_experts"], v["decoder_sparse_step"], set(v["mlp_only_layers"])
+            outside = sorted(i for i in dense_only if i >= layers)
+            if outside:
+                raise ModelError(f"{path('mlp_only_layers')} holds layer indices {outside[:8]} outside "
+                                 f"[0, {layers}) ({path('num_hidden_layers')})")
             moe = tuple(i for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
-            return cls(
-                **common,
-                qkv_bias=bool(cfg.get("attention_bias", False)),
-                qk_norm=True,
-                num_experts=experts,
-                moe_intermediate_size=need("moe_intermediate_size"),
-                moe_layers=moe,
-            )
+            need_dense_width(moe)
+            return cls(**common, qkv_bias=v["attention_bias"], qk_norm=True, num_experts=experts,
+                       moe_intermediate_size=v["moe_intermediate_size"], moe_layers=moe)
         if family == "mixtral":
             common["intermediate_size"] = 0
-            return cls(
-                **common,
-                num_experts=need("num_local_experts"),
-                moe_intermediate_size=need("intermediate_size"),
-                moe_layers=tuple(range(layers)),
-            )
+            return cls(**common, num_experts=v["num_local_experts"], moe_intermediate_size=v["intermediate_size"],
+                       moe_layers=tuple(range(layers)))
         # deepseek_v3 / kimi_k2
-        first_dense = cfg.get("first_k_dense_replace", 0) or 0
-        freq = cfg.get("moe_layer_freq", 1) or 1
-        experts = need("n_routed_experts")
+        experts, first_dense, freq = v["n_routed_experts"], v["first_k_dense_replace"], v["moe_layer_freq"]
         moe = tuple(i for i in range(first_dense, layers) if experts and i % freq == 0)
-        common["num_kv_heads"] = heads  # MLA has no GQA; every head has its own k/v
-        common["head_dim"] = need("v_head_dim")
+        need_dense_width(moe)
+        common["head_dim"] = v["v_head_dim"]
         return cls(
             **common,
             num_experts=experts,
-            moe_intermediate_size=need("moe_intermediate_size"),
+            moe_intermediate_size=v["moe_intermediate_size"],
             moe_layers=moe,
-            num_shared_experts=cfg.get("n_shared_experts", 0) or 0,
-            router_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
-            q_lora_rank=cfg.get("q_lora_rank"),
-            kv_lora_rank=need("kv_lora_rank"),
-            qk_nope_head_dim=need("qk_nope_head_dim"),
-            qk_rope_head_dim=need("qk_rope_head_dim"),
-            v_head_dim=need("v_head_dim"),
-            n_group=cfg.get("n_group", 1) or 1,
-            topk_group=cfg.get("topk_group", 1) or 1,
+            num_shared_experts=v["n_shared_experts"],
+            router_bias=v["topk_method"] == "noaux_tc",
+            q_lora_rank=v["q_lora_rank"],
+            kv_lora_rank=v["kv_lora_rank"],
+            qk_nope_head_dim=v["qk_nope_head_dim"],
+            qk_rope_head_dim=v["qk_rope_head_dim"],
+            v_head_dim=v["v_head_dim"],
+            n_group=v["n_group"],
+            topk_group=v["topk_group"],
         )
 
 

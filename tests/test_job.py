@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from planners import JobError, JobSpec
@@ -35,10 +36,28 @@ def job(**changes):
     (dict(deployment=dict(mode="colocated"), inference__engines=2), r"colocated needs inference world size"),
     (dict(deployment=dict(mode="shared")), r"deployment.mode"),
     (dict(deployment=dict(gpus_per_node=4, nodes=1)), r"deployment.nodes=1 is too few"),
-    (dict(links=dict(nic_gbps=-1)), r"links.nic_gbps must be a positive"),
-    (dict(sync=dict(bucket_mb=0)), r"sync.bucket_mb"),
-    (dict(model=dict(hf_config=dict(model_type="gpt2"))), r"model.model_type 'gpt2' is not supported"),
-    (dict(model=dict(hf_config=dict(model_type="llama"))), r"model.hidden_size is required"),
+    (dict(links=dict(nic_gbps=-1)), r"links.nic_gbps: Input should be greater than 0, got -1"),
+    (dict(links=dict(nvlink_gbps=float("inf"))), r"links.nvlink_gbps: Input should be a finite number, got inf"),
+    (dict(links=dict(nic_gbps=float("nan"))), r"links.nic_gbps: Input should be a finite number"),
+    (dict(links=dict(nic_gbps="50")), r"links.nic_gbps: Input should be a valid number, got '50'"),
+    (dict(sync=dict(bucket_mb=0)), r"sync.bucket_mb: Input should be greater than or equal to"),
+    (dict(sync=dict(bucket_mb=float("nan"))), r"sync.bucket_mb: Input should be a finite number"),
+    (dict(sync=dict(timeout_s=float("inf"))), r"sync.timeout_s: Input should be a finite number, got inf"),
+    (dict(sync=dict(timeout_s=float("nan"))), r"sync.timeout_s: Input should be a finite number"),
+    (dict(sync=dict(timeout_s=-1)), r"sync.timeout_s: Input should be greater than 0, got -1"),
+    (dict(sync=dict(timeout_s=1e300)), r"sync.timeout_s: Input should be less than or equal to"),
+    (dict(sync=dict(verify="no")), r"sync.verify: Input should be a valid boolean, got 'no'"),
+    (dict(eplb=dict(enabled="yes")), r"eplb.enabled: Input should be a valid boolean, got 'yes'"),
+    (dict(eplb=dict(num_redundant_experts=4.0)), r"eplb.num_redundant_experts: Input should be a valid integer"),
+    (dict(eplb=dict(window=0)), r"eplb.window: Input should be greater than or equal to 1, got 0"),
+    (dict(deployment=dict(nodes=0)), r"deployment.nodes: Input should be greater than or equal to 1, got 0"),
+    (dict(inference__engines=1 << 20), r"exceed 1048576; check trainer.tp"),
+    (dict(trainer__tpp=2), r"valid keys: cp, dp, ep, etp, .*tp"),
+    (dict(model=dict(hf_config=dict(model_type="gpt2"))), r"model.hf_config.model_type 'gpt2' is not supported; use one of"),
+    (dict(model=dict(hf_config=dict(model_type=3))), r"model.hf_config.model_type 3 is not supported"),
+    (dict(model=dict(hf_config=dict(hidden_size=8))), r"model.hf_config.model_type is required; use one of"),
+    (dict(model=dict(hf_config=dict(model_type="llama"))),
+     r"model.hf_config.hidden_size is required for model_type 'llama'; give a positive integer"),
 ])
 def test_bad_jobs_name_the_field(changes, message):
     with pytest.raises(JobError, match=message):
@@ -69,3 +88,85 @@ def test_overrides_and_hf_config():
     j = job(model=dict(preset="tiny_qwen3_moe", overrides=dict(num_experts=16)))
     assert j.model.num_experts == 16
     assert j.placement().phy2log.shape == (4, 16)
+
+
+LLAMA = dict(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+             head_dim=8, vocab_size=256, intermediate_size=128)
+
+
+def hf(base, **changes):
+    return JobSpec.from_dict(dict(model=dict(hf_config={**base, **changes}), trainer=dict(tp=1), inference=dict(tp=1)))
+
+
+@pytest.mark.parametrize("model,message", [
+    # wrong types inside hf_config / overrides: the HF key named, and what would be valid
+    (dict(hf_config=dict(LLAMA, intermediate_size="128")),
+     r"^model.hf_config.intermediate_size must be a positive integer, got '128'$"),
+    (dict(hf_config=dict(LLAMA, num_key_value_heads="2")),
+     r"^model.hf_config.num_key_value_heads must be a positive integer, got '2'$"),
+    (dict(hf_config=dict(LLAMA, num_key_value_heads=True)), r"num_key_value_heads must be a positive integer, got True"),
+    (dict(hf_config=dict(LLAMA, hidden_size=64.0)), r"model.hf_config.hidden_size must be a positive integer, got 64.0"),
+    (dict(hf_config=dict(LLAMA, vocab_size=0)), r"model.hf_config.vocab_size must be a positive integer, got 0"),
+    (dict(hf_config=dict(LLAMA, tie_word_embeddings="no")),
+     r"model.hf_config.tie_word_embeddings must be a boolean \(true or false\), got 'no'"),
+    (dict(hf_config=dict(LLAMA, attention_bias=1)), r"model.hf_config.attention_bias must be a boolean"),
+    (dict(hf_config=dict(LLAMA, rope_theta=float("inf"))), r"model.hf_config.rope_theta must be a positive finite number"),
+    (dict(hf_config=dict(LLAMA, rms_norm_eps="1e-6")), r"model.hf_config.rms_norm_eps must be a positive finite number"),
+    (dict(hf_config=dict(LLAMA, rope_parameters=dict(rope_theta=-1.0))),
+     r"model.hf_config.rope_parameters.rope_theta must be a positive finite number, got -1.0"),
+    (dict(hf_config=dict(LLAMA, torch_dtype=16)), r"model.hf_config.torch_dtype must be a string, got 16"),
+    (dict(hf_config=dict(LLAMA, torch_dtype="int8")), r"model.hf_config.torch_dtype 'int8' is not supported; use one of"),
+    (dict(hf_config=dict(LLAMA, num_key_value_heads=3)),
+     r"model.hf_config.num_attention_heads \(8\) must be a multiple of model.hf_config.num_key_value_heads \(3\)"),
+    (dict(hf_config=dict(LLAMA, head_dim=None, hidden_size=4)), r"model.hf_config.head_dim is required when"),
+    (dict(preset="tiny_llama", overrides=dict(intermediate_size="128")),
+     r"model.overrides.intermediate_size must be a positive integer, got '128'"),
+    (dict(preset="tiny_qwen3_moe", overrides=dict(moe_intermediate_size="32")),
+     r"model.overrides.moe_intermediate_size must be a positive integer, got '32'"),
+    (dict(preset="tiny_qwen3_moe", overrides=dict(mlp_only_layers=[1, "2"])),
+     r"model.overrides.mlp_only_layers must be a list of layer indices"),
+    (dict(preset="tiny_qwen3_moe", overrides=dict(mlp_only_layers=[9])), r"model.overrides.mlp_only_layers holds layer indices \[9\]"),
+    (dict(preset="tiny_qwen3_moe", overrides=dict(decoder_sparse_step=2, intermediate_size=0)),
+     r"model.overrides.intermediate_size must be a positive integer: layers \[0, 2\] are dense"),
+    (dict(preset="tiny_qwen3_moe", overrides=dict(num_expert=16)),
+     r"model.overrides.num_expert: unknown key for model_type 'qwen3_moe'; known keys: .*num_experts"),
+    (dict(preset="tiny_deepseek_v3", overrides=dict(kv_lora_rank="16")),
+     r"model.overrides.kv_lora_rank must be a positive integer, got '16'"),
+    (dict(preset="tiny_deepseek_v3", overrides=dict(n_routed_experts="8")),
+     r"model.overrides.n_routed_experts must be a non-negative integer, got '8'"),
+    (dict(preset="tiny_deepseek_v3", overrides=dict(q_lora_rank=0)), r"model.overrides.q_lora_rank must be a positive integer"),
+    (dict(preset="tiny_deepseek_v3", overrides=dict(intermediate_size=None)),
+     r"model.overrides.intermediate_size must be a positive integer: layers \[0\] are dense"),
+    (dict(preset="tiny_mixtral", overrides=dict(num_local_experts=None)),
+     r"model.overrides.num_local_experts is required for model_type 'mixtral'; give a positive integer"),
+])
+def test_bad_hf_configs_name_the_key(model, message):
+    with pytest.raises(JobError, match=message):
+        JobSpec.from_dict(dict(model=model, trainer=dict(tp=1), inference=dict(tp=1)))
+
+
+def test_hf_config_nulls_and_defaults():
+    j = hf(LLAMA, num_key_value_heads=None, head_dim=None, tie_word_embeddings=None, rope_theta=None,
+           rope_parameters=dict(rope_type="default", rope_theta=5e5), dtype="torch.float16")
+    m = j.model
+    assert (m.num_kv_heads, m.head_dim, m.tie_word_embeddings, m.rope_theta, m.dtype) == (8, 8, False, 5e5, "float16")
+    assert hf(dict(LLAMA, model_type="qwen2")).model.qkv_bias
+    assert not hf(dict(LLAMA, model_type="qwen2", attention_bias=False)).model.qkv_bias
+
+
+@pytest.mark.parametrize("load,message", [
+    (np.ones((4, 6)), r"^load has shape \(4, 6\); expected \[4 MoE layers, 8 experts\]"),
+    (np.ones((3, 8)), r"^load has shape \(3, 8\); expected \[4 MoE layers, 8 experts\]"),
+    (np.ones(8), r"^load has shape \(8,\)"),
+    ("hot", r"^load must be a numeric array \[4 MoE layers, 8 experts\]"),
+    (np.where(np.eye(4, 8) > 0, np.nan, 1.0), r"^load\[0, 0\] is nan \(4 bad entries\)"),
+    (np.where(np.arange(32).reshape(4, 8) == 13, -2.0, 1.0), r"^load\[1, 5\] is -2.0 \(1 bad entries\)"),
+    (np.full((4, 8), np.inf), r"^load\[0, 0\] is inf"),
+])
+def test_bad_loads_name_the_load(load, message):
+    from planners import build_plan
+    from planners.eplb import EplbError
+
+    j = job(eplb=dict(enabled=True, num_redundant_experts=4))
+    with pytest.raises(EplbError, match=message):
+        build_plan(j, load)
