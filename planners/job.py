@@ -69,6 +69,7 @@ class _Trainer(_Strict):
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     vocab_divisible_by: int = 128
+    vpp: int = 1  # Megatron's virtual_pipeline_model_parallel_size (interleaved schedule); needs pp > 1
 
 
 class _Inference(_Strict):
@@ -295,7 +296,7 @@ class JobSpec:
         return {
             "name": self.name,
             "model": self.model.model_type,
-            "trainer": dict(tp=t.tp, pp=t.pp, ep=t.ep, etp=t.etp, cp=t.cp, dp=t.dp, edp=t.edp, order=t.order),
+            "trainer": dict(tp=t.tp, pp=t.pp, vpp=t.vpp, ep=t.ep, etp=t.etp, cp=t.cp, dp=t.dp, edp=t.edp, order=t.order),
             "inference": dict(tp=i.tp, pp=i.pp, dp=i.dp, enable_ep=i.enable_ep, engines=i.engines),
             "deployment": dict(mode=d.mode, gpus_per_node=d.gpus_per_node),
             "physical_experts": self.num_physical_experts if self.model.is_moe else 0,

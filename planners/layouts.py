@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import gcd
-from typing import Literal
+from typing import Literal, Sequence
 
 from planners.rankgrid import RankGrid
 
@@ -54,7 +54,9 @@ class TrainerLayout:
     """Megatron-core parallel degrees; ``dp=None`` picks the smallest DP that fits EP.
 
     ``first_stage_layers`` / ``last_stage_layers`` mirror Megatron's
-    ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``.
+    ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``; ``vpp`` is
+    Megatron's ``virtual_pipeline_model_parallel_size`` (interleaved schedule: each PP rank holds
+    ``vpp`` model chunks, see :meth:`chunk_layers`; 1 = no virtual pipeline).
     """
 
     tp: int
@@ -67,6 +69,7 @@ class TrainerLayout:
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
     vocab_divisible_by: int = 128
+    vpp: int = 1
 
     def __post_init__(self) -> None:
         _positive("trainer", tp=self.tp, pp=self.pp, ep=self.ep, cp=self.cp)
@@ -101,6 +104,20 @@ class TrainerLayout:
                 _positive("trainer", **{name: v})
                 if self.pp == 1:
                     raise LayoutError(f"trainer.{name} needs pp > 1")
+        _positive("trainer", vpp=self.vpp)
+        if self.vpp > 1:
+            if self.pp == 1:
+                raise LayoutError(
+                    f"trainer.vpp={self.vpp} needs pp > 1: Megatron's interleaved schedule splits each"
+                    " pipeline stage into vpp model chunks"
+                )
+            for name in ("first_stage_layers", "last_stage_layers"):
+                v = getattr(self, name)
+                if v is not None and v % self.vpp:
+                    raise LayoutError(
+                        f"trainer.{name}={v} must be divisible by trainer.vpp={self.vpp}"
+                        " (every model chunk of that stage gets the same number of layers)"
+                    )
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -134,8 +151,8 @@ class TrainerLayout:
         return [self.coords(r) for r in range(self.world_size)]
 
     # -- pipeline split --------------------------------------------------------------------
-    def stage_layers(self, num_layers: int) -> list[range]:
-        """Global layer indices of each PP stage (Megatron's even or first/last-uneven split)."""
+    def stage_layer_counts(self, num_layers: int) -> list[int]:
+        """Layers of each PP stage: Megatron's even or first/last-uneven split (all chunks together)."""
         counts = [0] * self.pp
         middle = list(range(self.pp))
         rest = num_layers
@@ -155,7 +172,36 @@ class TrainerLayout:
             )
         for s in middle:
             counts[s] = rest // len(middle)
-        return _ranges(counts)
+        if self.vpp > 1 and any(c % self.vpp for c in counts):
+            raise LayoutError(
+                f"trainer: {num_layers} layers over pp={self.pp} give {counts} layers per stage, not all"
+                f" divisible by vpp={self.vpp}; num_layers must be divisible by pp*vpp = {self.pp * self.vpp}"
+                " (or, with first_stage_layers/last_stage_layers, each stage's layers by vpp)"
+            )
+        return counts
+
+    def chunk_layers(self, num_layers: int) -> list[list[range]]:
+        """Global layer indices of each model chunk: ``[pp rank][virtual stage]``.
+
+        Megatron's interleaved assignment (``get_transformer_layer_offset``): a stage's layers are split
+        evenly over its ``vpp`` chunks; virtual stage ``v`` covers one chunk of every PP rank in order,
+        so chunk ``v`` of PP rank ``p`` starts at ``v * (layers per virtual stage) + (chunk sizes of
+        ranks < p)`` -- ``(v * pp + p) * num_layers / (pp * vpp)`` for an even split. Without VPP each
+        rank has one chunk: its stage.
+        """
+        per_chunk = [c // self.vpp for c in self.stage_layer_counts(num_layers)]
+        starts = [sum(per_chunk[:p]) for p in range(self.pp)]
+        span = sum(per_chunk)
+        return [[range(v * span + starts[p], v * span + starts[p] + per_chunk[p]) for v in range(self.vpp)]
+                for p in range(self.pp)]
+
+    def stage_layers(self, num_layers: int) -> list[Sequence[int]]:
+        """Global layer indices of each PP stage (a range without VPP; with VPP its chunks' layers, in
+        chunk order)."""
+        chunks = self.chunk_layers(num_layers)
+        if self.vpp == 1:
+            return [c[0] for c in chunks]
+        return [[i for r in c for i in r] for c in chunks]
 
 
 def _ranges(counts: list[int]) -> list[range]:

@@ -1,13 +1,18 @@
 """Trainer shard rules: what each Megatron-core rank holds, as pieces of logical tensors.
 
 Names are those of ``GPTModel`` built with the local (non-Transformer-Engine) layer spec, with
-layer indices local to the pipeline stage. Conventions followed:
+layer indices local to the model chunk. With virtual pipeline parallelism (``trainer.vpp > 1``) a
+rank holds ``vpp`` chunks (Megatron's list of models) and every name starts with its chunk's
+prefix ``model{v}.`` (Megatron-LM's checkpoint key of chunk ``v``); without it there is no prefix.
+Conventions followed:
 
 * ``linear_qkv``: per query group, ``[q heads of the group; k; v]``; TP splits query groups.
 * ``linear_fc1``: ``[gate shard; up shard]``; ``linear_proj``/``linear_fc2`` split on dim 1.
 * Vocabulary padded to a multiple of ``vocab_divisible_by * tp`` and split evenly over TP.
 * Routed experts ``mlp.experts.local_experts.{j}``, global id ``ep_rank * E/ep + j``, sharded by ETP.
 * Tied embeddings with PP > 1: the last stage keeps its own copy as ``output_layer.weight``.
+* Embedding on the first chunk of PP rank 0; final norm and output layer on the last chunk of the
+  last PP rank (layers of each chunk: :meth:`TrainerLayout.chunk_layers`).
 * MLA (local spec): ``linear_q_down_proj``/``linear_kv_down_proj`` are column-parallel too;
   ``q_layernorm``/``kv_layernorm`` replicated. (Transformer Engine's spec replicates the down
   projections and fuses the norms into ``linear_*_up_proj.layer_norm_weight``; a TE source
@@ -22,17 +27,28 @@ from planners.layouts import TrainerLayout
 from planners.model import Catalog, ModelSpec, expert_names, router_prefix
 from planners.shards import LocalTensor, Piece, ShardError, even_part, require_divides
 
-__all__ = ["trainer_locals", "trainer_template", "check_trainer", "padded_vocab"]
+__all__ = ["trainer_locals", "trainer_template", "trainer_chunk_layers", "chunk_prefix", "check_trainer",
+           "padded_vocab"]
 
 
 def padded_vocab(vocab: int, multiple: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
+def chunk_prefix(vpp: int, chunk: int) -> str:
+    """Name prefix of model chunk ``chunk`` under ``vpp`` virtual stages: ``model{chunk}.``, none without VPP."""
+    return f"model{chunk}." if vpp > 1 else ""
+
+
+def trainer_chunk_layers(spec: ModelSpec, layout: TrainerLayout, rank: int) -> list[range]:
+    """Global layer indices of each model chunk trainer ``rank`` holds (one chunk without VPP)."""
+    return layout.chunk_layers(spec.num_layers)[layout.coords(rank).pp]
+
+
 def check_trainer(spec: ModelSpec, layout: TrainerLayout) -> None:
     """Raise ShardError when the model's shapes do not divide over the trainer layout."""
     tp, etp, ep = layout.tp, layout.etp, layout.ep
-    layout.stage_layers(spec.num_layers)
+    layout.chunk_layers(spec.num_layers)
     if spec.is_mla:
         require_divides(tp, spec.num_heads, "trainer.tp must divide model.num_attention_heads")
         if spec.q_lora_rank is not None:
@@ -92,14 +108,24 @@ def _locals_for(spec: ModelSpec, cat: Catalog, layout: TrainerLayout, tp_rank: i
         pieces = [Piece(ix[logical], lo, hi, 0, vp, 0)] if hi > lo else []
         return (vp, H), pieces
 
-    stages = layout.stage_layers(spec.num_layers)
+    chunks = layout.chunk_layers(spec.num_layers)[pp_rank]
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    if first:
+    for v, layers in enumerate(chunks):
+        _chunk(spec, cat, layout, tp_rank, etp_rank, ep_rank, chunk_prefix(layout.vpp, v), layers,
+               first and v == 0, last and v == len(chunks) - 1, local, whole, column, vocab_rows)
+    return tuple(out)
+
+
+def _chunk(spec, cat, layout, tp_rank, etp_rank, ep_rank, prefix, layers, pre, post, local, whole, column,
+           vocab_rows) -> None:
+    """One model chunk: embedding (``pre``), the decoder layers ``layers``, final norm and output (``post``)."""
+    tp, H = layout.tp, spec.hidden_size
+    if pre:
         shape, pieces = vocab_rows("model.embed_tokens.weight")
-        local("embedding.word_embeddings.weight", shape, pieces)
+        local(f"{prefix}embedding.word_embeddings.weight", shape, pieces)
     moe = set(spec.moe_layers)
-    for j, i in enumerate(stages[pp_rank]):
-        hf, mg = f"model.layers.{i}", f"decoder.layers.{j}"
+    for j, i in enumerate(layers):
+        hf, mg = f"model.layers.{i}", f"{prefix}decoder.layers.{j}"
         local(f"{mg}.input_layernorm.weight", (H,), whole(f"{hf}.input_layernorm.weight"))
         if spec.is_mla:
             _mla(spec, cat, layout, tp_rank, hf, mg, local, whole, column)
@@ -124,15 +150,14 @@ def _locals_for(spec: ModelSpec, cat: Catalog, layout: TrainerLayout, tp_rank: i
                 _gated_mlp(cat, tp, tp_rank, f"{hf}.mlp.shared_experts", f"{mg}.mlp.shared_experts", H, local, column)
         else:
             _gated_mlp(cat, tp, tp_rank, f"{hf}.mlp", f"{mg}.mlp", H, local, column)
-    if last:
-        local("decoder.final_layernorm.weight", (H,), whole("model.norm.weight"))
+    if post:
+        local(f"{prefix}decoder.final_layernorm.weight", (H,), whole("model.norm.weight"))
         if not spec.tie_word_embeddings:
             shape, pieces = vocab_rows("lm_head.weight")
-            local("output_layer.weight", shape, pieces)
+            local(f"{prefix}output_layer.weight", shape, pieces)
         elif layout.pp > 1:
             shape, pieces = vocab_rows("model.embed_tokens.weight")
-            local("output_layer.weight", shape, pieces)
-    return tuple(out)
+            local(f"{prefix}output_layer.weight", shape, pieces)
 
 
 def _gated_mlp(cat, tp, tp_rank, hf, mg, H, local, column) -> None:

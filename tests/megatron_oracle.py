@@ -44,7 +44,14 @@ Layout arguments follow ``parallel_state.initialize_model_parallel``: world size
 tp*pp*cp*dp and must equal etp*ep*expert_dp*pp (megatron derives expert_dp itself).
 ``pp_first_stage_layers`` / ``pp_last_stage_layers`` map to TransformerConfig's
 ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``.
-Layer indices ``decoder.layers.{i}`` in the result are LOCAL to the pipeline stage.
+Layer indices ``decoder.layers.{i}`` in the result are LOCAL to the pipeline stage (model chunk).
+
+``vpp > 1`` is virtual pipeline parallelism (``virtual_pipeline_model_parallel_size``, interleaved
+schedule): the rank's model chunks are built the way Megatron-LM's ``get_model`` builds them (chunk
+``v`` with ``vp_stage=v``, ``pre_process``/``post_process`` from ``parallel_state`` with
+``ignore_virtual=False``), and chunk ``v``'s names are reported as ``model{v}.<name>`` (Megatron-LM's
+checkpoint key of chunk ``v``).  ``megatron_rank`` also reports each chunk's global layer indices
+(``TransformerLayer.layer_number - 1``, i.e. what ``get_transformer_layer_offset`` gave).
 """
 
 from __future__ import annotations
@@ -90,7 +97,7 @@ def padded_vocab_size(vocab_size: int, divisible_by: Optional[int], tp: int) -> 
 
 
 def _build_config(cfg: dict[str, Any], tp: int, pp: int, ep: int, etp: int,
-                  first: Optional[int], last: Optional[int]):
+                  first: Optional[int], last: Optional[int], vpp: Optional[int] = None):
     from megatron.core.transformer.transformer_config import (
         MLATransformerConfig,
         TransformerConfig,
@@ -111,6 +118,7 @@ def _build_config(cfg: dict[str, Any], tp: int, pp: int, ep: int, etp: int,
         activation_func=torch.nn.functional.silu,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
         # The local DotProductAttention asserts cp == 1 (only TE supports CP). CP never
@@ -178,9 +186,29 @@ def megatron_param_shapes(
     rank: int,
     pp_first_stage_layers: Optional[int] = None,
     pp_last_stage_layers: Optional[int] = None,
+    vpp: int = 1,
 ) -> dict[str, tuple[int, ...]]:
     """Return ``{name: shape}`` of megatron GPTModel params (+ ``*expert_bias`` buffers)
     held by global ``rank`` of the layout (tp, pp, ep, etp, cp, dp, order)."""
+    return megatron_rank(model_cfg, tp, pp, ep, etp, cp, dp, order, rank, pp_first_stage_layers,
+                         pp_last_stage_layers, vpp)[0]
+
+
+def megatron_rank(
+    model_cfg: dict,
+    tp: int,
+    pp: int,
+    ep: int,
+    etp: int,
+    cp: int,
+    dp: int,
+    order: str,
+    rank: int,
+    pp_first_stage_layers: Optional[int] = None,
+    pp_last_stage_layers: Optional[int] = None,
+    vpp: int = 1,
+) -> tuple[dict[str, tuple[int, ...]], list[list[int]]]:
+    """``({name: shape}, [global layer indices of each model chunk])`` of global ``rank``."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -195,6 +223,7 @@ def megatron_param_shapes(
         cfg["qk_layernorm"] = True  # DeepSeek's q_a_layernorm / kv_a_layernorm
     world = tp * pp * cp * dp
     assert 0 <= rank < world, (rank, world)
+    virtual = vpp if vpp > 1 else None
 
     if dist.is_initialized():
         raise RuntimeError("megatron_param_shapes needs torch.distributed to be uninitialized")
@@ -204,47 +233,56 @@ def megatron_param_shapes(
         ps.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=virtual,
             # The local DotProductAttention asserts cp == 1 (only TE supports CP). CP never
-        # changes parameter shapes; the process groups are still built with the real cp.
-        context_parallel_size=1,
+            # changes parameter shapes; the process groups are still built with the real cp.
+            context_parallel_size=1,
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=etp,
             order=order,
             create_gloo_process_groups=False,
         )
-        config = _build_config(cfg, tp, pp, ep, etp, pp_first_stage_layers, pp_last_stage_layers)
-        # Handles moe_layer_freq (dense/MoE pattern) and slices the layers of this PP stage
-        # (for a dense model every layer is get_gpt_layer_local_spec(num_experts=None)).
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
-                                          normalization=cfg["normalization"])
-        for layer_spec in spec.layer_specs:
-            attn = layer_spec.submodules.self_attention
-            if attn.module is MLASelfAttention:
-                attn.submodules.core_attention = _mla_core_attention()
+        config = _build_config(cfg, tp, pp, ep, etp, pp_first_stage_layers, pp_last_stage_layers, virtual)
         vocab = padded_vocab_size(cfg["vocab_size"], cfg["make_vocab_size_divisible_by"], tp)
-        # Workarounds (CPU-only torch, no TE): MLA's RotaryEmbedding and the router's
-        # expert_bias ignore use_cpu_initialization and ask CUDA for a device; tied
-        # embeddings with pp>1 do `weight.data.cuda()` before an all_reduce; and MLA's
-        # `HAVE_TE and isinstance(linear_proj, TELinear)` sees HAVE_TE=True with a MagicMock
-        # TELinear (megatron's TE-extension import shim), so isinstance raises.
-        with torch.device("meta"), \
-                mock.patch.object(torch.cuda, "current_device", lambda: "meta"), \
-                mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self), \
-                mock.patch.object(mla_module, "HAVE_TE", False):
-            model = GPTModel(
-                config=config,
-                transformer_layer_spec=spec,
-                vocab_size=vocab,
-                max_sequence_length=cfg["max_position_embeddings"],
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
-                share_embeddings_and_output_weights=cfg["share_embeddings_and_output_weights"],
-                position_embedding_type="rope",
-            )
-        out = {n: tuple(p.shape) for n, p in model.named_parameters()}
-        out.update({n: tuple(b.shape) for n, b in model.named_buffers()
-                    if n.endswith("expert_bias")})
-        return out
+        shapes: dict[str, tuple[int, ...]] = {}
+        layers: list[list[int]] = []
+        for v in range(vpp):
+            vp_stage = v if virtual else None
+            # Handles moe_layer_freq (dense/MoE pattern) and slices the layers of this PP stage
+            # and virtual stage (for a dense model every layer is get_gpt_layer_local_spec(num_experts=None)).
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
+                                              normalization=cfg["normalization"], vp_stage=vp_stage)
+            for layer_spec in spec.layer_specs:
+                attn = layer_spec.submodules.self_attention
+                if attn.module is MLASelfAttention:
+                    attn.submodules.core_attention = _mla_core_attention()
+            # Workarounds (CPU-only torch, no TE): MLA's RotaryEmbedding and the router's
+            # expert_bias ignore use_cpu_initialization and ask CUDA for a device; tied
+            # embeddings with pp>1 do `weight.data.cuda()` before an all_reduce; and MLA's
+            # `HAVE_TE and isinstance(linear_proj, TELinear)` sees HAVE_TE=True with a MagicMock
+            # TELinear (megatron's TE-extension import shim), so isinstance raises.
+            with torch.device("meta"), \
+                    mock.patch.object(torch.cuda, "current_device", lambda: "meta"), \
+                    mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self), \
+                    mock.patch.object(mla_module, "HAVE_TE", False):
+                model = GPTModel(
+                    config=config,
+                    transformer_layer_spec=spec,
+                    vocab_size=vocab,
+                    max_sequence_length=cfg["max_position_embeddings"],
+                    # as Megatron-LM's get_model: the first (last) virtual stage of the first (last) rank
+                    pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                    share_embeddings_and_output_weights=cfg["share_embeddings_and_output_weights"],
+                    position_embedding_type="rope",
+                    vp_stage=vp_stage,
+                )
+            prefix = f"model{v}." if virtual else ""
+            shapes.update({prefix + n: tuple(p.shape) for n, p in model.named_parameters()})
+            shapes.update({prefix + n: tuple(b.shape) for n, b in model.named_buffers()
+                           if n.endswith("expert_bias")})
+            layers.append([layer.layer_number - 1 for layer in model.decoder.layers])
+        return shapes, layers
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
