@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planners import JobError, JobSpec, build_plan
+from sync.faults import Fault, FaultError
 from sync.launch import LocalRun, RankFailure, run_local
 
 
@@ -29,9 +30,9 @@ def main() -> int:
     parser.add_argument("--syncs", type=int, default=3)
     parser.add_argument("--baseline", action="store_true", help="also run the rank-0 broadcast baseline each time")
     parser.add_argument("--bucket-mb", type=float, default=None)
-    parser.add_argument("--fault", metavar="KIND:RANK[:STAGE:VERSION]",
-                        help="chaos: corrupt:R:S:V flips a byte rank R sends in stage S of sync V; "
-                             "kill:R:S:V exits rank R as stage S of sync V starts; stall:R hangs rank R")
+    parser.add_argument("--fault", metavar="KIND:RANK:STAGE:SYNC[:BUCKET]",
+                        help="chaos: kill, stall or corrupt rank RANK in stage STAGE of sync SYNC (at bucket round "
+                             "BUCKET), e.g. kill:1:2:3 (see sync/faults.py)")
     parser.add_argument("--staging", action="store_true", help="engines keep the old version until verified")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                         help="--verify: a checksum mismatch raises on every rank, naming the tensors; "
@@ -49,13 +50,10 @@ def main() -> int:
                    staging=args.staging, verify=job.sync.verify if args.verify is None else args.verify,
                    strict=bool(args.verify))
     if args.fault:
-        kind, *nums = args.fault.split(":")
-        if kind == "stall":
-            run.stall_rank = int(nums[0])
-        elif kind in ("corrupt", "kill") and len(nums) == 3:
-            setattr(run, kind, tuple(int(n) for n in nums))
-        else:
-            console.print(f"[red]error:[/] --fault {args.fault!r}: use corrupt:R:S:V, kill:R:S:V or stall:R")
+        try:
+            run.fault = Fault.parse(args.fault)
+        except FaultError as e:
+            console.print(f"[red]error:[/] --fault: {e}")
             return 2
     console.print(f"{job.name}: {plan.num_trainer} trainer + {len(plan.inference_ranks)} engine processes (gloo), "
                   f"{args.syncs} syncs, {int(plan.chunks['nbytes'].sum()) / 1e6:.1f} MB per sync")

@@ -18,7 +18,7 @@ from planners.model import LogicalTensor
 from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
 
-__all__ = ["Source", "Target", "SyntheticSource", "BufferTarget", "synthetic_tensor", "check_locals",
+__all__ = ["Source", "Target", "SyntheticSource", "BufferTarget", "synthetic_tensor", "trained_tensor", "check_locals",
            "EndpointError", "fill_from_full"]
 
 
@@ -38,6 +38,17 @@ def synthetic_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> t
     """Deterministic full weights of logical tensor ``index`` for ``(seed, version)``."""
     rng = np.random.default_rng([seed, version, index])
     return torch.from_numpy(rng.standard_normal(t.shape, dtype=np.float32)).to(TORCH_DTYPES[t.dtype])
+
+
+def trained_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> torch.Tensor:
+    """Weights that look trained and change a little each step: seeded base weights (norms near 1,
+    matrices ~N(0, 0.1^2): activations stay finite through many layers) plus a seeded step of
+    N(0, 0.02^2) per version -- the trainer's update in ``rlsync run``."""
+    base = np.random.default_rng([seed, index]).standard_normal(t.shape, dtype=np.float32) * 0.1
+    if len(t.shape) == 1:
+        base += 1.0
+    step = np.random.default_rng([seed, index, version]).standard_normal(t.shape, dtype=np.float32) * 0.02
+    return torch.from_numpy(base + step).to(TORCH_DTYPES[t.dtype])
 
 
 def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],

@@ -15,7 +15,6 @@ Works with gloo (CPU tensors) and NCCL (CUDA tensors).
 
 from __future__ import annotations
 
-import os
 import time
 from itertools import chain
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from planners.plan import SyncPlan
 from planners.runs import BUFFER, chunk_runs
 from sync.copier import CopyProgram
 from sync.endpoints import check_locals
+from sync.faults import Fault
 from sync.ipc import IpcChannels
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
@@ -265,8 +265,7 @@ class PlanExecutor:
         if uses_ipc:
             store = self.transport.store or dist.distributed_c10d._get_default_store()
             self._ipc = IpcChannels(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s)
-        self.corrupt_stage: int | None = None  # fault injection: flip a byte of the first bucket sent in this stage
-        self.exit_at_stage: int | None = None  # fault injection: the process exits when this stage starts
+        self.fault: Fault | None = None  # fault injection (sync.faults): fires once, in the next sync
 
     def _route(self, b: Bucket) -> str:
         same_gpu = self.plan.devices[b.src] == self.plan.devices[b.dst]
@@ -469,8 +468,7 @@ class PlanExecutor:
         launched: list[int] = []
         for stage in (1, 2):
             t0 = time.perf_counter()
-            if self.exit_at_stage == stage:  # fault injection: this rank dies here
-                os._exit(17)
+            self._inject(stage, None)
             self._local_copies(binding, stage, stats)
             launched.append(stage)
             remote = any(s == stage for s, _ in self.rounds)
@@ -559,7 +557,10 @@ class PlanExecutor:
             stats.pack_seconds += time.perf_counter() - t0
             if in_flight is not None:
                 self._finish(binding, *in_flight, stats)
+            self._inject(stage, k)
             in_flight = (self._post(ops, labels), labels, recv_keys)
+        if self.fault is not None and self.fault.at(stage, self.fault.bucket):  # fewer rounds than the fault's bucket
+            self._inject(stage, self.fault.bucket)
         if in_flight is not None:
             self._finish(binding, *in_flight, stats)
         for half in (0, 1):  # IPC receivers are done with the arena before the next stage reuses it
@@ -586,7 +587,8 @@ class PlanExecutor:
                 self._pending_done[k % 2].add((seq, q))
         ops, labels = [], []
         direct_dst: set[int] = set()
-        corrupt = self.corrupt_stage == stage
+        f = self.fault
+        corrupt = f is not None and f.kind == "corrupt" and f.stage == stage and f.bucket in (None, k)
         for b, base, route in zip(rnd.buckets, rnd.arena_off, rnd.route):
             sending = bool(self.hosted[b.src])
             peer = b.dst if sending else b.src
@@ -603,11 +605,13 @@ class PlanExecutor:
                 buf = buf.reshape(-1).to(wire).view(torch.uint8)  # .to() casts only a wider source
                 if not sending:
                     direct_dst.add(int(self._chunks["dst_local"][int(b.chunk[0])]))
+                elif corrupt:
+                    buf = buf.clone()  # the fault corrupts the message, never the trainer's weights
             else:
                 buf = self._arena["send" if sending else "recv"][k % 2][base: base + b.nbytes]
-                if sending and corrupt:  # fault injection (tests, chaos runs)
-                    buf[0] ^= 0xFF
-                    corrupt = self.corrupt_stage = None
+            if sending and corrupt:  # fault injection (tests, chaos runs)
+                buf[0] ^= 0xFF
+                corrupt, self.fault = False, None
             ops.append((sending, buf, int(self.process_of[peer])))
             labels.append(f"stage {stage}: {'sending' if sending else 'receiving'} bucket {k} "
                           f"{'to' if sending else 'from'} rank {peer}")
@@ -617,6 +621,11 @@ class PlanExecutor:
             else:
                 stats.bytes_received += b.nbytes
         return ops, labels, ((stage, k), direct_dst, seq)
+
+    def _inject(self, stage: int, bucket: int | None) -> None:
+        if self.fault is not None and self.fault.at(stage, bucket):
+            fault, self.fault = self.fault, None
+            fault.fire(self.timeout_s)
 
     def _post(self, ops, labels) -> list:
         if not ops:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from planners.plan import SyncPlan
+from sync.faults import KILL_EXIT_CODE
 
 __all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "host_store", "RankFailure"]
 
@@ -80,17 +81,26 @@ def spawn_ranks(world_size: int, fn: Callable, args: tuple, timeout_s: float, al
     out: dict[int, Any] = {}
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
-    while len(out) + len(errors) < world_size:
+    exited: dict[int, float] = {}  # rank -> when its process was first seen gone without a result
+    while len(out) + len(errors) < world_size and time.monotonic() < deadline:
+        failed = False
         try:
-            rank, status, value = results.get(timeout=max(deadline - time.monotonic(), 0.01))
-        except queue.Empty:
-            break
-        (out if status == "ok" else errors)[rank] = value
-        if status != "ok" and grace_s is not None:
+            rank, status, value = results.get(timeout=min(max(deadline - time.monotonic(), 0.01), 0.5))
+            (out if status == "ok" else errors)[rank] = value
+            failed = status != "ok"
+        except queue.Empty:  # a process that died says nothing: notice it (a second after, for its last words)
+            for r, p in enumerate(procs):
+                if r in out or r in errors or p.exitcode is None:
+                    continue
+                if time.monotonic() - exited.setdefault(r, time.monotonic()) > 1.0:
+                    fault = " (a kill fault)" if p.exitcode == KILL_EXIT_CODE else ""
+                    errors[r] = f"rank {r} exited with code {p.exitcode} without a result{fault}"
+                    failed = True
+        if failed and grace_s is not None:
             deadline = min(deadline, time.monotonic() + grace_s)
     for r, p in enumerate(procs):
         if r not in out and r not in errors:
-            errors[r] = f"rank {r} gave no result within {timeout_s:g} s (killed)"
+            errors[r] = f"rank {r} gave no result within {timeout_s:g} s (stopped answering; killed)"
         if p.is_alive():
             p.kill()
         p.join(timeout=5)
@@ -111,7 +121,6 @@ class LocalRun:
     strict: bool = False  # a failed verification raises VerificationError (naming tensors) on every rank
     seed: int = 0
     return_tensors: bool = False  # engine ranks send their tensors back (small jobs, for tests)
-    stall_rank: int | None = None  # fault injection: this rank stops responding before syncing
     both: bool = False  # alternate plan and broadcast executors on each version (benchmarks)
     source: str = "synthetic"  # trainer ranks: "synthetic" shards, or a real megatron-core GPTModel
     job: Any = None  # the JobSpec (needed to build megatron-core models and reference engines)
@@ -120,8 +129,7 @@ class LocalRun:
     tokens: list[int] | None = None  # reference engines run these after each sync and return the logits
     versioned: bool = False  # engines track the version they serve; failed syncs are reported, not raised
     staging: bool = False  # versioned engines receive into staging copies and swap after verification
-    corrupt: tuple[int, int, int] | None = None  # fault: (rank, stage, version) flips a byte it sends
-    kill: tuple[int, int, int] | None = None  # fault: (rank, stage, version) exits as that stage starts
+    fault: Any = None  # a sync.faults.Fault: kill, stall or corrupt one rank in the sync of its version
 
 
 def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: int):
@@ -166,8 +174,6 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
         executors["plan"] = PlanExecutor(plan, rank, transport, run.bucket_bytes, run.timeout_s)
     if run.executor == "broadcast" or run.both:
         executors["broadcast"] = BroadcastExecutor(plan, rank, transport, run.timeout_s)
-    if rank == run.stall_rank:
-        time.sleep(run.timeout_s * 10)  # a hung peer: never answers
     stats: dict[str, list] = {name: [] for name in executors}
     tensors, logits, states = [], [], []
     for i, version in enumerate(run.versions):
@@ -183,9 +189,8 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
             if target is not None and not run.versioned:
                 for t in target.local_tensors().values():
                     t.zero_()
-            for fault, attr in ((run.corrupt, "corrupt_stage"), (run.kill, "exit_at_stage")):
-                if fault is not None and fault[0] == rank and fault[2] == version:
-                    setattr(ex, attr, fault[1])
+            if run.fault is not None and run.fault.rank == rank and run.fault.sync == version:
+                ex.fault = run.fault
             # start together, so times measure the sync, not the preparation
             wait_all([transport.barrier()], ["barrier before the sync"], run.timeout_s)
             if not run.versioned:

@@ -45,6 +45,7 @@ class ReferenceEngine(BufferTarget):
         self.tp_group, self.ep_group = tp_group, ep_group
         self.placement = plan.placement
         self.slot_counts: np.ndarray | None = None  # [moe layers, slots] tokens served per physical slot
+        self._w = self.tensors  # the weights the forward pass computes with
 
     def set_placement(self, placement) -> None:
         self.placement = placement
@@ -69,9 +70,11 @@ class ReferenceEngine(BufferTarget):
 
     # -- forward ----------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits ``[seq, vocab]`` for one sequence of token ids (every rank returns them)."""
-        W, spec = self.tensors, self.spec
+    def forward(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Logits ``[seq, vocab]`` for one sequence of token ids (every rank returns them); ``dtype``:
+        compute in it (float32 to compare with a reference) instead of the weights' own."""
+        self._w = self.tensors if dtype is None else {k: v.to(dtype) for k, v in self.tensors.items()}
+        W, spec = self._w, self.spec
         tp, tp_rank = self.lay.tp, self.coords.tp
         seq = tokens.shape[0]
         emb = W["model.embed_tokens.weight"]
@@ -103,7 +106,7 @@ class ReferenceEngine(BufferTarget):
         return self._sum(logits, self.tp_group)[:, : spec.vocab_size]
 
     def _attention(self, h: torch.Tensor, p: str, positions: torch.Tensor) -> torch.Tensor:
-        W, spec, tp = self.tensors, self.spec, self.lay.tp
+        W, spec, tp = self._w, self.spec, self.lay.tp
         d = spec.head_dim
         nq = spec.num_heads // tp
         nkv = max(spec.num_kv_heads // tp, 1)
@@ -125,7 +128,7 @@ class ReferenceEngine(BufferTarget):
         return self._sum(attn @ W[f"{p}.self_attn.o_proj.weight"].T, self.tp_group)
 
     def _moe(self, h: torch.Tensor, p: str, moe_layer: int) -> tuple[torch.Tensor, np.ndarray]:
-        W, spec, lay = self.tensors, self.spec, self.lay
+        W, spec, lay = self._w, self.spec, self.lay
         probs = torch.softmax((h @ W[f"{p}.mlp.gate.weight"].T).float(), dim=-1)
         weight, expert = torch.topk(probs, spec.num_experts_per_tok, dim=-1)
         if spec.norm_topk_prob:

@@ -1,0 +1,77 @@
+"""An independent reference for engine logits: a Hugging Face ``transformers`` model holding the full
+weights the trainer holds (``sync.verify: logits``).
+
+Checksums prove that every byte landed where the plan says; this proves that the plan says the right
+thing: an engine that runs its shards (fused QKV, gate/up, expert slots of the placement) must give
+the logits of the unsharded model. Both sides compute in float32 from the same (possibly bf16) values,
+so they agree to float32 rounding. Small models only: the reference holds every weight in one process.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from planners.model import ModelSpec
+
+__all__ = ["hf_config", "hf_logits", "logits_agree"]
+
+FAMILIES = ("llama", "qwen3_moe")  # what the reference engine runs, too
+
+
+def hf_config(spec: ModelSpec) -> dict:
+    """The ``config.json`` fields of ``spec`` that shape the model."""
+    if spec.family not in FAMILIES:
+        raise NotImplementedError(f"logits verification runs llama/qwen and qwen3_moe models, not {spec.model_type}")
+    cfg = dict(model_type=spec.model_type, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+               num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+               vocab_size=spec.vocab_size, intermediate_size=spec.intermediate_size or 1,
+               tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=spec.rms_norm_eps,
+               rope_theta=spec.rope_theta, max_position_embeddings=4096)
+    if spec.model_type != "qwen2":  # qwen2 always has q/k/v biases
+        cfg["attention_bias"] = spec.qkv_bias
+    if spec.family == "qwen3_moe":
+        cfg.update(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                   moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(spec.num_layers) if i not in spec.moe_layers])
+    return cfg
+
+
+def _fused_experts(weights: dict[str, torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:
+    """Checkpoint names (one tensor per expert) -> the model's own: transformers 5 keeps a layer's
+    experts as ``gate_up_proj [E, 2I, H]`` (gate rows, then up) and ``down_proj [E, H, I]``."""
+    out = dict(weights)
+    for key in keys:
+        if key.endswith(".mlp.experts.gate_up_proj"):
+            prefix = key[: -len("gate_up_proj")]
+            count = sum(1 for k in weights if k.startswith(prefix) and k.endswith(".gate_proj.weight"))
+            out[key] = torch.stack([torch.cat([out.pop(f"{prefix}{e}.gate_proj.weight"),
+                                               out.pop(f"{prefix}{e}.up_proj.weight")]) for e in range(count)])
+            out[f"{prefix}down_proj"] = torch.stack([out.pop(f"{prefix}{e}.down_proj.weight") for e in range(count)])
+    return out
+
+
+def hf_logits(spec: ModelSpec, weights: dict[str, torch.Tensor], tokens: list[int]) -> np.ndarray:
+    """Float32 logits ``[len(tokens), vocab]`` of the HF model holding ``weights`` (HF checkpoint names)."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**hf_config(spec))
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    own = model.state_dict()
+    state = _fused_experts({k: v.float() for k, v in weights.items()}, set(own))
+    if spec.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    missing = {k for k in missing if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit transformers' {type(model).__name__}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def logits_agree(got: np.ndarray, want: np.ndarray, tol: float = 1e-4) -> float | None:
+    """None when ``got`` matches ``want`` to ``tol`` relative to the logits' scale; else the worst gap."""
+    gap = float(np.max(np.abs(got - want)))
+    return None if gap <= tol * max(1.0, float(np.max(np.abs(want)))) else gap
