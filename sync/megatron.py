@@ -2,7 +2,9 @@
 read its parameters in place as a sync source.
 
 ``MegatronSource(model)`` presents the model's parameters (and the router's ``expert_bias`` buffer)
-under the local-spec names the plan's trainer shard rules use, so the executor checks names, shapes
+under the local-spec names the plan's trainer shard rules use (``MegatronSource(chunks)``: the list of
+model chunks Megatron builds under virtual pipeline parallelism, chunk ``v``'s names prefixed
+``model{v}.``), so the executor checks names, shapes
 and dtypes against the plan before any byte moves. Transformer Engine names are mapped onto them
 (``linear_qkv.layer_norm_weight`` -> ``input_layernorm.weight``, ``mlp.linear_fc1.layer_norm_weight``
 -> ``pre_mlp_layernorm.weight``, grouped-GEMM ``mlp.experts.linear_fc1.weight{j}`` ->
@@ -21,7 +23,7 @@ from unittest import mock
 import torch
 
 from planners.layouts import TrainerLayout
-from planners.megatron_rules import padded_vocab
+from planners.megatron_rules import chunk_prefix, padded_vocab
 from planners.model import ModelSpec
 from sync.tensors import TORCH_DTYPES
 
@@ -47,7 +49,10 @@ def local_name(name: str) -> str:
 
 def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu") -> Any:
     """A GPTModel for this process's rank (``megatron.core.parallel_state`` must be initialized with
-    ``layout``), local layer spec, parameters in the model's dtype on ``device``."""
+    ``layout``), local layer spec, parameters in the model's dtype on ``device``. With ``layout.vpp > 1``
+    the list of this rank's ``vpp`` model chunks instead, as Megatron's ``get_model`` builds them
+    (chunk ``v`` with ``vp_stage=v``; embedding on chunk 0 of the first stage, output on the last chunk
+    of the last stage)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -63,6 +68,7 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
         add_qkv_bias=spec.qkv_bias, add_bias_linear=False, qk_layernorm=spec.qk_norm, normalization="RMSNorm",
         gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp, context_parallel_size=1,
         sequence_parallel=False, num_layers_in_first_pipeline_stage=layout.first_stage_layers,
         num_layers_in_last_pipeline_stage=layout.last_stage_layers, use_cpu_initialization=True,
@@ -77,33 +83,76 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
                   moe_router_enable_expert_bias=spec.router_bias,
                   moe_router_score_function="sigmoid" if spec.router_bias else "softmax")
     config = TransformerConfig(**kw)
-    layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
-    with ExitStack() as stack:
-        stack.enter_context(torch.device(device))
-        # CPU-only torch: the router's expert_bias asks CUDA for a device; tied embeddings under PP call .cuda()
-        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: device))
-        stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
-        return GPTModel(
-            config=config, transformer_layer_spec=layer_spec,
-            vocab_size=padded_vocab(spec.vocab_size, layout.vocab_divisible_by * layout.tp),
-            max_sequence_length=4096, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=True),
-            share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="rope",
-        )
+    first = ps.is_pipeline_first_stage(ignore_virtual=True)
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    chunks = []
+    for v in range(layout.vpp):
+        vp_stage = v if layout.vpp > 1 else None
+        layer_spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm",
+                                                vp_stage=vp_stage)
+        with ExitStack() as stack:
+            stack.enter_context(torch.device(device))
+            # CPU-only torch: the router's expert_bias asks CUDA for a device; tied embeddings under PP call .cuda()
+            stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: device))
+            stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
+            chunks.append(GPTModel(
+                config=config, transformer_layer_spec=layer_spec,
+                vocab_size=padded_vocab(spec.vocab_size, layout.vocab_divisible_by * layout.tp),
+                max_sequence_length=4096, pre_process=first and v == 0, post_process=last and v == layout.vpp - 1,
+                share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="rope",
+                vp_stage=vp_stage,
+            ))
+    return chunks if layout.vpp > 1 else chunks[0]
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / Float16Module wrappers (their ``.module``)."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
 
 
 class MegatronSource:
-    """A trainer rank's Megatron model chunks as a sync source (parameters read in place)."""
+    """A trainer rank's Megatron model as a sync source (parameters read in place).
 
-    def __init__(self, *chunks: torch.nn.Module) -> None:
-        self.chunks = chunks
+    ``MegatronSource(model)`` for one model; ``MegatronSource(chunks)`` (or ``MegatronSource(*chunks)``)
+    for the list of model chunks Megatron builds with virtual pipeline parallelism, in virtual-stage
+    order: chunk ``v``'s names get the plan's prefix ``model{v}.``. Two parameters that map to one
+    name raise a ``ValueError`` naming both.
+    """
+
+    def __init__(self, *models: torch.nn.Module | list[torch.nn.Module] | tuple[torch.nn.Module, ...]) -> None:
+        chunks: list[torch.nn.Module] = []
+        for m in models:
+            chunks.extend(m if isinstance(m, (list, tuple, torch.nn.ModuleList)) else [m])
+        if not chunks:
+            raise ValueError("MegatronSource needs a model or a list of model chunks")
+        for v, chunk in enumerate(chunks):
+            if not isinstance(chunk, torch.nn.Module):
+                raise TypeError(f"MegatronSource: model chunk {v} is a {type(chunk).__name__}, not a torch module")
+            stage = getattr(_unwrap(chunk), "vp_stage", None)
+            if len(chunks) > 1 and stage is not None and stage != v:
+                raise ValueError(
+                    f"MegatronSource: model chunk {v} was built for vp_stage={stage}; pass the chunks in "
+                    "virtual-stage order, as Megatron's get_model returns them"
+                )
+        self.chunks = tuple(chunks)
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for chunk in self.chunks:
-            for name, p in chunk.named_parameters():
-                out[local_name(name)] = p.data
-            for name, b in chunk.named_buffers():
-                if name.endswith("router.expert_bias"):
-                    out[local_name(name)] = b
+        origin: dict[str, str] = {}
+        vpp = len(self.chunks)
+        for v, chunk in enumerate(self.chunks):
+            prefix = chunk_prefix(vpp, v)
+            tensors = [(n, p.data) for n, p in chunk.named_parameters()]
+            tensors += [(n, b) for n, b in chunk.named_buffers() if n.endswith("router.expert_bias")]
+            for name, t in tensors:
+                key = prefix + local_name(name)
+                where = f"{name!r} of chunk {v}" if vpp > 1 else repr(name)
+                if key in out:
+                    raise ValueError(
+                        f"MegatronSource: {where} and {origin[key]} both map to {key!r}; "
+                        "each plan name must come from exactly one parameter"
+                    )
+                out[key], origin[key] = t, where
         return out

@@ -10,7 +10,7 @@ from planners.megatron_rules import trainer_locals
 from planners.model import catalog
 from sync.endpoints import EndpointError, check_locals
 from sync.launch import LocalRun, run_local
-from sync.megatron import local_name
+from sync.megatron import MegatronSource, local_name
 from test_executor import expected_engine
 
 pytest.importorskip("megatron.core")
@@ -19,6 +19,10 @@ CASES = {
     "moe_tp2_ep2_to_ep_engine": dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
                                      inference=dict(tp=2, dp=2, enable_ep=True), eplb=dict(num_redundant_experts=4)),
     "dense_pp2_to_tp2": dict(model=dict(preset="tiny_qwen3"), trainer=dict(tp=1, pp=2), inference=dict(tp=2)),
+    # virtual pipeline: each trainer rank builds its 2 model chunks (tied embeddings: chunk 0 of rank 0 and
+    # chunk 1 of rank 1), MegatronSource reads the list
+    "dense_pp2_vpp2_to_tp2": dict(model=dict(preset="tiny_qwen3"), trainer=dict(tp=1, pp=2, vpp=2),
+                                  inference=dict(tp=2)),
 }
 
 
@@ -54,3 +58,51 @@ def test_a_model_built_for_another_layout_is_refused_before_any_transfer():
                      for t in trainer_locals(tp2.model, catalog(tp2.model), tp2.trainer, 0)}
     with pytest.raises(EndpointError, match=r"linear_qkv.weight: shape \(48, 64\), plan expects \(96, 64\)"):
         check_locals(tp1, 0, model_tensors, "source")
+
+
+def _module(*names):
+    import torch
+
+    m = torch.nn.Module()
+    for i, name in enumerate(names):
+        parent = m
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.register_parameter(leaf, torch.nn.Parameter(torch.full((2,), float(i))))
+    return m
+
+
+def test_model_chunks_get_their_prefix_and_are_read_in_place():
+    a, b = _module("decoder.layers.0.input_layernorm.weight"), _module("decoder.layers.0.input_layernorm.weight")
+    for src in (MegatronSource([a, b]), MegatronSource(a, b)):
+        got = src.local_tensors()
+        assert sorted(got) == ["model0.decoder.layers.0.input_layernorm.weight",
+                               "model1.decoder.layers.0.input_layernorm.weight"]
+        assert got["model1.decoder.layers.0.input_layernorm.weight"].data_ptr() == \
+            dict(b.named_parameters())["decoder.layers.0.input_layernorm.weight"].data_ptr()
+    # one model, or Megatron's list of one: no prefix
+    assert sorted(MegatronSource([a]).local_tensors()) == sorted(MegatronSource(a).local_tensors()) == \
+        ["decoder.layers.0.input_layernorm.weight"]
+
+
+def test_two_parameters_with_one_plan_name_are_refused():
+    """A Transformer Engine norm fused into linear_qkv and a separate input_layernorm both map to one name."""
+    m = _module("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.0.input_layernorm.weight")
+    with pytest.raises(ValueError, match=r"input_layernorm.weight.*layer_norm_weight.*both map to "
+                                         r"'decoder.layers.0.input_layernorm.weight'"):
+        MegatronSource(m).local_tensors()
+    with pytest.raises(ValueError, match=r"of chunk 1 .* of chunk 1 both map to 'model1.decoder.layers.0"):
+        MegatronSource([_module("decoder.layers.0.input_layernorm.weight"), m]).local_tensors()
+
+
+def test_chunks_out_of_virtual_stage_order_are_refused():
+    a, b = _module("embedding.word_embeddings.weight"), _module("decoder.final_layernorm.weight")
+    a.vp_stage, b.vp_stage = 0, 1
+    with pytest.raises(ValueError, match=r"chunk 0 was built for vp_stage=1"):
+        MegatronSource([b, a])
+    wrapped = _module("x")
+    wrapped.module = b  # DDP / Float16Module wrapper
+    MegatronSource([a, wrapped])
