@@ -52,11 +52,14 @@ Each FusedMoE layer keeps views (row ``layer``) of the last two, taken once at l
 for routing, so the adapter overwrites all three in place (their own dtype and device; the -1
 padding kept to W) for the MoE layers of the worker's pipeline stage; it never rebinds them.
 
-Names checked against vLLM source (stored snapshots): the single-state ``EplbState`` with its
-three map fields (``parallel_config.eplb_window_size``/``eplb_step_interval`` era, vLLM 0.10 line),
-the per-model ``EplbState.model_states`` of ``EplbModelState`` (``eplb_config`` with ``use_async`` and
-``policy``), ``GPUModelRunner.eplb_state`` / ``get_model()``, model runner v2's ``EPLBController``
-(``eplb.state``), and ``FusedMoE.set_eplb_state`` (per-layer row views). Parameter names: vLLM 0.11
+Names checked against vLLM source snapshots (vllm-project/vllm, not tied to release tags here): the
+single-state ``EplbState`` with the three maps as its own fields (commit 0014ec6c, settings
+``parallel_config.eplb_window_size``/``eplb_step_interval``: the vLLM 0.10 line; a later single-state
+version reads ``parallel_config.eplb_config``), the per-model ``EplbState.model_states`` of
+``EplbModelState`` (commit 50feac95: ``eplb_config`` with ``use_async`` and ``policy``),
+``GPUModelRunner.eplb_state`` (None unless ``enable_eplb``) and ``get_model()``, model runner v2's
+``EPLBController`` (``eplb.state``), ``FusedMoE.set_eplb_state`` (per-layer row views) and
+``ParallelConfig.expert_placement_strategy`` ("linear" | "round_robin"). Parameter names: vLLM 0.11
 to 0.23 (``mlp.experts.w13_weight``) and 0.24+ (``mlp.experts.routed_experts.w13_weight``).
 Unquantized weights with the default Triton MoE backend (FlashInfer and AITER re-layout expert
 weights after loading: a sync must then rerun the model's ``process_weights_after_loading``, which
