@@ -118,6 +118,11 @@ class TrainerLayout:
                         f"trainer.{name}={v} must be divisible by trainer.vpp={self.vpp}"
                         " (every model chunk of that stage gets the same number of layers)"
                     )
+            if self.pp == 2 and self.first_stage_layers is not None and self.last_stage_layers is not None:
+                raise LayoutError(
+                    f"trainer.vpp={self.vpp} with both first_stage_layers and last_stage_layers needs pp > 2:"
+                    " megatron-core (0.16.1 get_transformer_layer_offset) divides by the number of middle stages"
+                )
 
     # -- sizes ---------------------------------------------------------------------------
     @property
@@ -164,18 +169,19 @@ class TrainerLayout:
             counts[-1] = self.last_stage_layers
             middle.remove(self.pp - 1)
             rest -= self.last_stage_layers
-        if rest < 0 or (middle and rest % len(middle)) or (not middle and rest):
+        if rest < 0 or (middle and (rest == 0 or rest % len(middle))) or (not middle and rest):
             raise LayoutError(
                 f"trainer: {num_layers} layers do not split over pp={self.pp}"
                 f" (first_stage_layers={self.first_stage_layers}, last_stage_layers={self.last_stage_layers});"
-                " make the remaining layers divisible by the remaining stages"
+                " make the remaining layers (at least one per stage, as Megatron requires) divisible by the"
+                " remaining stages"
             )
         for s in middle:
             counts[s] = rest // len(middle)
         if self.vpp > 1 and any(c % self.vpp for c in counts):
             raise LayoutError(
                 f"trainer: {num_layers} layers over pp={self.pp} give {counts} layers per stage, not all"
-                f" divisible by vpp={self.vpp}; num_layers must be divisible by pp*vpp = {self.pp * self.vpp}"
+                f" divisible by trainer.vpp={self.vpp}; num_layers must be divisible by pp*vpp = {self.pp * self.vpp}"
                 " (or, with first_stage_layers/last_stage_layers, each stage's layers by vpp)"
             )
         return counts
