@@ -107,7 +107,14 @@ class SyncSettings(_Strict):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     bucket_mb: float = _finite(256.0, ge=ALIGN / (1 << 20), le=MAX_BUCKET_MB)  # at least one aligned tile
     timeout_s: float = _finite(120.0, gt=0, le=MAX_TIMEOUT_S)
-    verify: bool = True
+    # True: checksums of every engine tensor; "logits": also compare engine logits with a Hugging Face
+    # model holding the trainer's weights (small models: ``rlsync run``)
+    verify: bool | Literal["logits"] = True
+    # engines receive into a copy of their weights and swap it in only after verification, so a failed
+    # sync leaves the served version intact (costs one copy of each engine rank's weights) ...
+    staging: bool = False
+    # ... at most this many MB per engine rank; a larger engine rank is refused before any byte moves
+    staging_max_mb: float | None = _finite(None, gt=0)
 
 
 class EplbSettings(_Strict):

@@ -12,6 +12,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from planners import JobError, JobSpec, PlanError, build_plan
@@ -210,26 +211,63 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0 if r["verified"] else 1
 
 
+def _iteration_table(title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("iteration", "engines", "sync s", "predicted ms", "bound ms", "MB", "GB/s", "balancedness",
+                "engines serve", "verified"):
+        table.add_column(col, justify="right")
+    return table
+
+
+def _iteration_row(r: dict) -> list[str]:
+    b, secs = r["balancedness"], r["sync_seconds"]
+    served = sorted({str(s["serving"]) if s["complete"] or s["serving"] is not None else "incomplete"
+                     for s in r["engine_states"].values()})
+    verdict = "[green]yes[/]" if r["verified"] else "[red]NO[/]"
+    if r["errors"]:
+        verdict = f"[red]failed:[/] {escape('; '.join(list(r['errors'].values())[:2])[:160])}"
+    elif r.get("logits_gap"):
+        verdict += " (logits match HF)" if r["verified"] else " (logits differ from HF)"
+    return [str(r["iteration"]), str(r["engines"]), "-" if secs is None else f"{secs:.3f}",
+            f"{r['predicted_seconds'] * 1e3:.3f}", f"{r['bound_seconds'] * 1e3:.3f}", f"{r['bytes'] / 1e6:.2f}",
+            "-" if not secs else f"{r['bytes'] / secs / 1e9:.2f}",
+            f"{b.get('before', 1):.3f} -> {b.get('after', b.get('before', 1)):.3f}" if b else "-",
+            "v" + ", v".join(served) if served else "-", verdict]
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sync.faults import Fault, FaultError
     from sync.ray_run import run_job
 
     job = JobSpec.from_yaml(args.job)
     schedule = [int(x) for x in args.engines.split(",")] if args.engines else None
-    report = run_job(job, iterations=args.iterations, report_dir=args.report, address=args.address,
-                     trainer=args.trainer, console=console, engines_schedule=schedule)
-    table = Table(title=f"{job.name}: {len(report['iterations'])} iterations on Ray", title_justify="left")
-    for col in ("iteration", "engines", "sync s", "predicted s", "bound s", "MB", "GB/s", "balancedness", "verified"):
-        table.add_column(col, justify="right")
-    for r in report["iterations"]:
-        b = r["balancedness"]
-        table.add_row(str(r["iteration"]), str(r["engines"]), f"{r['sync_seconds']:.3f}", f"{r['predicted_seconds'] * 1e3:.3f} ms",
-                      f"{r['bound_seconds'] * 1e3:.3f} ms", f"{r['bytes'] / 1e6:.2f}",
-                      f"{r['bytes'] / r['sync_seconds'] / 1e9:.2f}",
-                      f"{b.get('before', 1):.3f} -> {b.get('after', b.get('before', 1)):.3f}" if b else "-",
-                      "[green]yes[/]" if r["verified"] else "[red]NO[/]")
-    console.print(table)
+    try:
+        fault = Fault.parse(args.fault) if args.fault else None
+    except FaultError as e:
+        console.print(f"[red]error:[/] --fault: {e}")
+        return 2
+    table = _iteration_table(f"{job.name} on Ray: one sync per iteration")
+    progress = Progress(TextColumn("iterations"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    task = progress.add_task("run", total=args.iterations)
+
+    def on_iteration(row: dict) -> None:
+        table.add_row(*_iteration_row(row))
+        progress.advance(task)
+
+    with Live(Group(table, progress), console=console, refresh_per_second=4, transient=False):
+        report = run_job(job, iterations=args.iterations, report_dir=args.report, address=args.address,
+                         trainer=args.trainer, console=console, engines_schedule=schedule, fault=fault,
+                         on_iteration=on_iteration)
+    console.print()
     console.print(f"wall {report['wall_seconds']:.1f} s; report in {args.report}" if args.report else
                   f"wall {report['wall_seconds']:.1f} s")
+    if not report["verified"]:
+        console.print("[red]verification failed[/] in iteration(s) "
+                      + ", ".join(str(r["iteration"]) for r in report["iterations"] if not r["verified"]))
     return 0 if report["verified"] else 1
 
 
@@ -262,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--trainer", choices=["megatron", "synthetic"], default="megatron",
                    help="trainer ranks: megatron-core GPTModels or synthetic shards")
     r.add_argument("--engines", metavar="N,N,...", help="engines per iteration (elastic), e.g. 2,1,3")
+    r.add_argument("--fault", metavar="KIND:RANK:STAGE:ITERATION[:BUCKET]",
+                   help="chaos: kill, stall or corrupt one rank in one iteration's sync (see sync/faults.py); "
+                        "the run restarts what failed and goes on")
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     bs = bsub.add_parser("sync", help="plan executor vs rank-0 broadcast on local processes")

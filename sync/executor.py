@@ -15,6 +15,7 @@ Works with gloo (CPU tensors) and NCCL (CUDA tensors).
 
 from __future__ import annotations
 
+import re
 import time
 from itertools import chain
 from dataclasses import dataclass, field
@@ -89,7 +90,8 @@ def wait_all(works: list, what: list[str], timeout_s: float) -> None:
             ok = work.wait(timeout=timedelta(seconds=remaining))
         except RuntimeError as e:
             kind = SyncTimeout if "imeout" in str(e) or "imed out" in str(e) else SyncError
-            raise kind(f"{label}: {'no answer within ' + f'{timeout_s:g} s' if kind is SyncTimeout else e}") from e
+            said = re.sub(r"\[/\S+\] ", "", str(e))  # gloo prefixes its source path
+            raise kind(f"{label}: {'no answer within ' + f'{timeout_s:g} s' if kind is SyncTimeout else said}") from e
         if ok is False:
             raise SyncTimeout(f"{label}: no answer within {timeout_s:g} s")
 

@@ -1,16 +1,27 @@
 """``rlsync run``: the RLHF refresh loop on Ray -- trainer and engine actors, one sync per iteration.
 
 One Ray actor per rank. Trainer actors build megatron-core ``GPTModel`` s (or synthetic shards),
-engine actors :class:`~sync.engines.reference.ReferenceEngine` s; all join the sync's standalone gloo
-group through a TCP store on the driver's host. Each iteration: the trainer's weights change (new
-seeded weights loaded in place), the engines run a forward pass on a few tokens and count tokens per
-expert slot, the driver folds the counts into the load window and (with EPLB on) recomputes the
-placement and the plan, then every rank syncs and verifies. A report folder gets ``report.json``, the
-traffic matrix and the per-GPU expert load before/after rebalancing as PNGs.
+engine actors :class:`~sync.engines.reference.ReferenceEngine` s wrapped as versioned targets; all
+join the sync's standalone gloo group through a TCP store on the driver's host. Each iteration:
 
-Actors are pinned to Ray nodes by custom resources: an actor for a rank on plan node ``n`` asks for
-``{"rlsync_node_<n>": 0.001}`` when the cluster has such resources, so the job's node layout maps
-onto the cluster's nodes (``scripts/ray_cluster.sh`` starts nodes with them).
+1. the trainer steps: seeded weights of the next version, written into the model in place;
+2. engines generate a few tokens (greedy) and count the tokens each expert slot served;
+3. the driver folds the counts into the load window and (EPLB on) recomputes placement and plan;
+4. every rank syncs version ``iteration``; checksums verify every engine tensor, and with
+   ``sync.verify: logits`` engine logits are compared with a Hugging Face model holding the trainer's
+   weights.
+
+**Where actors land.** One placement group per node of the job's deployment, a bundle per GPU slot
+(``{"CPU": 0.01}``, plus a GPU where the cluster has them, plus ``rlsync_node_<n>`` where the cluster
+advertises it: ``scripts/ray_cluster.sh``), packed onto one Ray node. The ranks on plan device ``d``
+share bundle ``d % gpus_per_node`` of node ``d // gpus_per_node``: colocated trainer and engine ranks
+share their GPU's bundle, disaggregated ranks get bundles of their own. Compute stays on the CPU over
+gloo here (the GPU executor is ``rlsync bench`` and the vLLM extension); GPUs are only reserved.
+
+**Faults** (``fault=``, :mod:`sync.faults`): the faulty rank kills, stalls or corrupts in the sync of
+its iteration. The driver names the ranks that died or stopped answering, records what each engine
+says it serves, restarts those actors (all trainer actors when a megatron one died: their model
+group is built together), and every rank joins a new sync group before the next iteration.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,6 +39,9 @@ from planners.eplb import balance_report
 from planners.eplb_stats import ExpertLoadWindow
 
 __all__ = ["run_job", "RankActor"]
+
+SEED = 0
+BUNDLE_CPU = 0.01  # a token CPU share per GPU slot: Ray packs and pins by it, 2 cores can hold every rank
 
 
 class RankActor:
@@ -49,24 +63,35 @@ class RankActor:
             else:
                 self.source = SyntheticSource(plan, rank)
         self.join(job, plan, rank, host, port)
-        return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id()}
+        ctx = ray.get_runtime_context()
+        return {"rank": rank, "node_id": ctx.get_node_id(), "placement_group": ctx.get_placement_group_id(),
+                "device": int(plan.devices[rank])}
 
     def join(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int) -> None:
-        """Join (or rejoin, when the set of engines changed) the sync group and build this rank's end."""
+        """Join (or rejoin: new engines, or after a fault) the sync group; an engine keeps its weights
+        and what it knows of the version it serves."""
         from sync.endpoints import BufferTarget
         from sync.engines.reference import ReferenceEngine, engine_groups
         from sync.transport import standalone_transport
+        from sync.versioned import VersionedTarget
 
         self.job, self.plan, self.rank = job, plan, rank
         self.is_trainer = rank < plan.num_trainer
         self.transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s, store_on_rank0=False)
         groups = engine_groups(plan, job, self.transport, rank)  # every rank takes part
-        self.target = None
         if not self.is_trainer:
+            old = getattr(self, "target", None)
             try:
-                self.target = ReferenceEngine(plan, job, rank, *groups)
+                engine = ReferenceEngine(plan, job, rank, *groups)
             except NotImplementedError:  # families the reference engine cannot run: weights only
-                self.target = BufferTarget(plan, rank)
+                engine = BufferTarget(plan, rank)
+            if old is not None:  # the same engine in a new group: its weights and state stay
+                engine.tensors = old.inner.tensors
+                engine.placement = getattr(old.inner, "placement", None)
+                self.target = VersionedTarget(engine, old.staging)
+                self.target.state = old.state
+            else:
+                self.target = VersionedTarget.for_job(engine, job.sync)
         self._executor(plan)
 
     def _executor(self, plan: SyncPlan) -> None:
@@ -79,42 +104,112 @@ class RankActor:
     def set_plan(self, plan: SyncPlan) -> None:
         self._executor(plan)
 
-    def update(self, version: int, seed: int = 0) -> None:
-        """The trainer's step: new seeded weights, written into the model in place."""
-        from sync.endpoints import fill_from_full, synthetic_tensor
+    def update(self, version: int) -> None:
+        """The trainer's step: the seeded weights of ``version``, written into the model in place."""
+        from sync.endpoints import fill_from_full, trained_tensor
 
         if self.is_trainer:
             plan = self.plan
             fill_from_full(plan, self.rank, self.source.local_tensors(),
-                           lambda tid: synthetic_tensor(plan.tensors[tid], tid, seed, version))
+                           lambda tid: trained_tensor(plan.tensors[tid], tid, SEED, version))
 
-    def generate(self, tokens: list[int]) -> Any:
-        """Engines run a forward pass; returns per-slot token counts ``[moe layers, slots]`` (or None)."""
+    def generate(self, prompt: list[int], steps: int) -> dict[str, Any] | None:
+        """Engines decode ``steps`` tokens greedily (every rank of an engine gets the same ids, as the
+        logits are all-reduced); returns the sequence and the tokens each slot served ``[moe layers, slots]``."""
         import torch
 
-        if self.is_trainer or not hasattr(self.target, "forward"):
+        engine = None if self.is_trainer else self.target.inner
+        if not hasattr(engine, "forward"):
             return None
-        self.target.forward(torch.tensor(tokens))
-        return self.target.slot_counts
+        seq = list(prompt)
+        for _ in range(steps):
+            seq.append(int(engine.forward(torch.tensor(seq))[-1].argmax()))
+        # causal: earlier tokens route the same in every pass, so one pass over the sequence but
+        # its last token counts every token the engine has processed, once
+        engine.forward(torch.tensor(seq[:-1]))
+        return {"tokens": seq, "counts": engine.slot_counts}
 
-    def sync(self) -> dict[str, Any]:
-        stats = self.executor.sync(self.source if self.is_trainer else None, self.target, verify=self.job.sync.verify)
-        return {"rank": self.rank, "seconds": stats.global_seconds, "verified": stats.verified,
-                "sent_to": stats.sent_to, "bytes_sent": stats.bytes_sent, "mismatched": stats.mismatched}
+    def logits(self, tokens: list[int]) -> Any:
+        """Float32 logits of an engine for ``tokens`` (None on trainers and weight-only engines)."""
+        import torch
+
+        engine = None if self.is_trainer else self.target.inner
+        if not hasattr(engine, "forward"):
+            return None
+        return engine.forward(torch.tensor(tokens), dtype=torch.float32).numpy()
+
+    def arm(self, fault) -> None:
+        self.executor.fault = fault
+
+    def state(self) -> dict[str, Any] | None:
+        return None if self.is_trainer else dict(vars(self.target.state))
+
+    def sync(self, version: int) -> dict[str, Any]:
+        from sync.executor import SyncError
+
+        out: dict[str, Any] = {"rank": self.rank}
+        try:
+            stats = self.executor.sync(self.source if self.is_trainer else None, None if self.is_trainer else self.target,
+                                       verify=bool(self.job.sync.verify), version=version)
+        except SyncError as e:  # the engine's state says what it serves now; the driver restarts the group
+            return {**out, "error": f"{type(e).__name__}: {e}", "state": self.state()}
+        return {**out, "seconds": stats.global_seconds, "stage_seconds": stats.stage_seconds,
+                "verified": stats.verified, "sent_to": stats.sent_to, "bytes_sent": stats.bytes_sent,
+                "mismatched": stats.mismatched, "state": self.state()}
 
 
 def _node_resources(ray) -> set[str]:
     return {k for node in ray.nodes() if node.get("Alive") for k in node.get("Resources", {}) if k.startswith("rlsync_node_")}
 
 
+class _Placement:
+    """Placement groups per plan node (made when first needed) and the actor options of a rank."""
+
+    def __init__(self, ray, gpus_per_node: int) -> None:
+        self.ray, self.gpus_per_node = ray, gpus_per_node
+        self.pinned = _node_resources(ray)
+        self.gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self.groups: dict[int, Any] = {}
+
+    def options(self, plan: SyncPlan, rank: int) -> dict[str, Any]:
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        device = int(plan.devices[rank])
+        node, slot = divmod(device, self.gpus_per_node)
+        if node not in self.groups:
+            bundle = {"CPU": BUNDLE_CPU, **({"GPU": 1} if self.gpus else {})}
+            key = f"rlsync_node_{node}"
+            if key in self.pinned:
+                bundle[key] = 0.001
+            pg = placement_group([dict(bundle) for _ in range(self.gpus_per_node)], strategy="STRICT_PACK",
+                                 name=f"rlsync-node-{node}")
+            self.ray.get(pg.ready(), timeout=120)
+            self.groups[node] = pg
+        sharing = int(np.sum(plan.devices == device))  # colocated: a trainer and an engine rank per GPU
+        opts: dict[str, Any] = dict(num_cpus=BUNDLE_CPU / sharing, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.groups[node], placement_group_bundle_index=slot))
+        if self.gpus:
+            opts["num_gpus"] = 1 / sharing
+        return opts
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups.values():
+            remove_placement_group(pg)
+
+
 def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = None, address: str | None = None,
-            trainer: str = "megatron", tokens: int = 16, console=None,
-            engines_schedule: list[int] | None = None) -> dict[str, Any]:
+            trainer: str = "megatron", tokens: int = 8, steps: int = 4, console=None,
+            engines_schedule: list[int] | None = None, fault=None,
+            on_iteration: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the refresh loop; returns the report (also written to ``report_dir/report.json``).
 
     ``engines_schedule[i]`` is the number of engines in iteration i+1 (elastic engines): when it
     changes, engines start or stop, every rank joins a new sync group, and the next sync plans for
-    the new set (new engines get every weight like the others)."""
+    the new set (new engines get every weight like the others). ``fault``: a :class:`sync.faults.Fault`
+    (its ``sync`` is the iteration). ``on_iteration(row)`` is called after each iteration."""
     import ray
 
     from sync.launch import host_store
@@ -122,25 +217,24 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    say = console.print if console is not None else (lambda *a, **k: None)
     window = ExpertLoadWindow(len(job.model.moe_layers), job.model.num_experts, job.eplb.window) if job.model.is_moe else None
     plan = build_plan(job).validate()
-    pinned = _node_resources(ray)
-    Actor = ray.remote(num_cpus=0)(RankActor)
+    where = _Placement(ray, job.deployment.gpus_per_node)
+    Actor = ray.remote(RankActor)
     host = "127.0.0.1" if address is None else ray.util.get_node_ip_address()
-    # the driver hosts the rendezvous stores (actors join as clients), so no port is chosen and bound apart
-    trainer_store = host_store(host, job.sync.timeout_s)
-    trainer_port = trainer_store.port
+    stores: list = []  # the driver hosts the rendezvous stores (actors join as clients)
 
-    def start(rank: int):
-        key = f"rlsync_node_{int(plan.devices[rank] // plan.gpus_per_node)}"
-        return Actor.options(**({"resources": {key: 0.001}} if key in pinned else {})).remote()
+    def store_port() -> int:
+        stores.append(host_store(host, job.sync.timeout_s))
+        return stores[-1].port
 
-    actors = [start(r) for r in range(plan.num_ranks)]
-    store = host_store(host, job.sync.timeout_s)
-    port = store.port
+    trainer_port = store_port()
+    actors = [Actor.options(**where.options(plan, r)).remote() for r in range(plan.num_ranks)]
+    port = store_port()
     placed = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) for r, a in enumerate(actors)])
-    rng = np.random.default_rng(0)
-    iterations_out = []
+    rng = np.random.default_rng(SEED)
+    rows: list[dict[str, Any]] = []
     before_loads = after_loads = None
     for it in range(1, iterations + 1):
         engines = engines_schedule[(it - 1) % len(engines_schedule)] if engines_schedule else job.inference.engines
@@ -150,22 +244,20 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             for a in actors[plan.num_ranks:]:
                 ray.kill(a)
             fresh = list(range(len(actors), plan.num_ranks))
-            actors = actors[: plan.num_ranks] + [start(r) for r in fresh]
-            store = host_store(host, job.sync.timeout_s)
-            port = store.port
+            actors = actors[: plan.num_ranks] + [Actor.options(**where.options(plan, r)).remote() for r in fresh]
+            port = store_port()
             joined = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in fresh
                               else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
             placed = [p for p in placed if p["rank"] < plan.num_ranks] + [j for j in joined if j is not None]
-            if console is not None:
-                console.print(f"iteration {it}: now {engines} engine(s), {plan.num_ranks} ranks")
+            say(f"iteration {it}: now {engines} engine(s), {plan.num_ranks} ranks")
         ray.get([a.update.remote(it) for a in actors])
-        ids = rng.integers(0, job.model.vocab_size, tokens).tolist()
-        counts = ray.get([a.generate.remote(ids) for a in actors])
-        balance = {}
+        prompt = rng.integers(0, job.model.vocab_size, tokens).tolist()
+        gen = ray.get([a.generate.remote(prompt, steps) for a in actors])
+        first_ranks = [r for r in range(plan.num_trainer, plan.num_ranks) if (r - plan.num_trainer) % job.inference.engine_size == 0]
+        balance: dict[str, float] = {}
         if window is not None:
-            # every rank of an engine counts all of its tokens: take one rank per engine
-            per_engine = [c for r, c in enumerate(counts) if c is not None and (r - plan.num_trainer) % job.inference.engine_size == 0]
-            if per_engine:
+            per_engine = [gen[r]["counts"] for r in first_ranks if gen[r] is not None and gen[r]["counts"] is not None]
+            if per_engine:  # every rank of an engine counts all of its tokens: one rank per engine
                 window.record(np.sum(per_engine, axis=0), plan.placement.phy2log)
             load = window.load()
             groups, n_nodes, gpus = job.eplb_shape()
@@ -173,36 +265,99 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             if job.eplb.enabled:
                 new_plan = build_plan(job, load).validate()
                 balance["after"] = balance_report(load, new_plan.placement, gpus, n_nodes).balancedness
-                before_loads = (load, plan.placement.phy2log, gpus)
-                after_loads = (load, new_plan.placement.phy2log, gpus)
+                before_loads, after_loads = (load, plan.placement.phy2log, gpus), (load, new_plan.placement.phy2log, gpus)
                 plan = new_plan
                 ray.get([a.set_plan.remote(plan) for a in actors])
-        results = ray.get([a.sync.remote() for a in actors])
-        seconds = max(r["seconds"] for r in results)
-        verified = all(r["verified"] is not False for r in results)
-        row = dict(iteration=it, engines=job.inference.engines, sync_seconds=seconds, bytes=int(plan.chunks["nbytes"].sum()),
-                   predicted_seconds=plan.predicted_time(), bound_seconds=plan.lower_bound(), verified=verified,
-                   balancedness=balance)
-        iterations_out.append(row)
-        if console is not None:
-            console.print(f"iteration {it}: sync {seconds:.3f} s, {row['bytes'] / 1e6:.2f} MB, "
-                          f"balancedness {balance.get('before', 1):.3f} -> {balance.get('after', balance.get('before', 1)):.3f}, "
-                          f"verified {verified}")
-    report = dict(job=job.describe(), iterations=iterations_out, wall_seconds=time.perf_counter() - started,
-                  verified=all(r["verified"] for r in iterations_out),
-                  placement=[{"rank": p["rank"], "node_id": p["node_id"]} for p in placed],
+        if fault is not None and fault.sync == it and fault.rank < len(actors):
+            ray.get(actors[fault.rank].arm.remote(fault))
+        results, lost = _sync_all(ray, actors, it, job.sync.timeout_s)
+        row = _row(it, job, plan, results, lost, balance, placed)
+        if job.sync.verify == "logits" and not lost:
+            seq = next((g["tokens"] for g in gen if g is not None), prompt)
+            row["logits_gap"] = _compare_logits(ray, actors, plan, job, it, seq, first_ranks)
+            row["verified"] = row["verified"] and all(g is None for g in row["logits_gap"].values())
+        rows.append(row)
+        if on_iteration is not None:
+            on_iteration(row)
+        if lost or row["errors"]:  # restart what died or hung, then everyone joins a new group
+            restart = set(lost)
+            if trainer == "megatron" and any(r < plan.num_trainer for r in lost):
+                restart |= set(range(plan.num_trainer))  # their Megatron group is built together
+                trainer_port = store_port()
+            for r in sorted(restart):
+                ray.kill(actors[r])
+                actors[r] = Actor.options(**where.options(plan, r)).remote()
+            port = store_port()
+            joined = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in restart
+                              else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
+            placed = [p for p in placed if p["rank"] not in restart] + [j for j in joined if j is not None]
+            say(f"iteration {it}: sync failed; restarted rank(s) {sorted(restart)}, every rank joined a new group")
+    last_ok = next((r for r in reversed(rows) if not r["errors"]), None)
+    report = dict(job=job.describe(), iterations=rows, wall_seconds=time.perf_counter() - started,
+                  verified=all(r["verified"] for r in rows),
+                  placement=sorted(placed, key=lambda p: p["rank"]),  # node, placement group, plan device
+                  expert_placement=plan.placement.phy2log.tolist() if plan.placement is not None else None,
                   cross_node_bytes_planned=int(plan.chunks["nbytes"][plan.chunks["link"] == 2].sum()),
-                  cross_node_bytes_sent=_cross_node_sent(results, placed))
+                  cross_node_bytes_sent=last_ok["cross_node_bytes_sent"] if last_ok else 0,
+                  ray_nodes=len({p["node_id"] for p in placed}), plan_nodes=int(plan.devices.max()) // job.deployment.gpus_per_node + 1)
     if report_dir is not None:
         _write_report(Path(report_dir), report, plan, before_loads, after_loads)
     for a in actors:
         ray.kill(a)
+    where.release()
     return report
+
+
+def _sync_all(ray, actors, version: int, timeout_s: float) -> tuple[list[dict], dict[int, str]]:
+    """Every rank syncs ``version``; returns the results and the ranks that died or stopped answering."""
+    refs = [a.sync.remote(version) for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s * 4 + 30)
+    results, lost = [], {}
+    for r, ref in enumerate(refs):
+        if ref not in ready:
+            lost[r] = f"rank {r} stopped answering (no result within {timeout_s * 4 + 30:g} s)"
+            continue
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayActorError as e:
+            lost[r] = f"rank {r} died: {str(e).splitlines()[0]}"
+        except ray.exceptions.RayError as e:  # anything but a sync error inside the task: restart it too
+            lost[r] = f"rank {r} failed: {type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+    return results, lost
+
+
+def _row(it: int, job: JobSpec, plan: SyncPlan, results: list[dict], lost: dict[int, str], balance: dict,
+         placed: list[dict]) -> dict:
+    ok = [r for r in results if "error" not in r]
+    errors = {**lost, **{r["rank"]: r["error"] for r in results if "error" in r}}  # the cause first
+    stages: dict[str, float] = {}
+    for r in ok:
+        for s, sec in r["stage_seconds"].items():
+            stages[str(s)] = max(stages.get(str(s), 0.0), sec)
+    return dict(iteration=it, engines=job.inference.engines, sync_seconds=max((r["seconds"] for r in ok), default=None),
+                stage_seconds=stages, bytes=int(plan.chunks["nbytes"].sum()),
+                predicted_seconds=plan.predicted_time(), bound_seconds=plan.lower_bound(),
+                verified=not errors and all(r["verified"] is not False for r in ok), balancedness=balance,
+                errors=errors, engine_states={r["rank"]: r["state"] for r in results if r.get("state") is not None},
+                cross_node_bytes_sent=None if errors else _cross_node_sent(ok, placed))
 
 
 def _cross_node_sent(results, placed) -> int:
     node_of = {p["rank"]: p["node_id"] for p in placed}
     return sum(n for r in results for peer, n in r["sent_to"].items() if node_of[peer] != node_of[r["rank"]])
+
+
+def _compare_logits(ray, actors, plan: SyncPlan, job: JobSpec, version: int, tokens: list[int],
+                    first_ranks: list[int]) -> dict[int, float | None]:
+    """Each engine's float32 logits against the HF model holding version ``version``'s full weights;
+    ``{engine's first rank: None if they agree, else the worst gap}``."""
+    from sync.endpoints import trained_tensor
+    from sync.oracle import hf_logits, logits_agree
+
+    got = ray.get([a.logits.remote(tokens) for a in actors])
+    weights = {t.name: trained_tensor(t, i, SEED, version) for i, t in enumerate(plan.tensors)}
+    want = hf_logits(job.model, weights, tokens)
+    return {r: logits_agree(got[r], want) for r in first_ranks if got[r] is not None}
 
 
 def _write_report(folder: Path, report: dict, plan: SyncPlan, before, after) -> None:
@@ -215,7 +370,7 @@ def _write_report(folder: Path, report: dict, plan: SyncPlan, before, after) -> 
     from sync.plots import plot_gpu_loads
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(plan.traffic_matrix() / 1e6, cmap="viridis")
     ax.set_xlabel("receiver rank")

@@ -25,6 +25,9 @@ def _rank(rank: int, port: int):
     if sync.source is not None:  # the new plan may shard nothing differently on the trainer, but rebuild anyway
         sync.source = SyntheticSource(build(job, load), rank, version=2)
     second = sync.sync(2, expert_load=load)
+    if sync.target is not None:  # engines know what they serve
+        assert first.engine.serving == 1 and second.engine.serving == 2 and second.engine.complete
+        assert 0 < second.balancedness <= 1
     return first.verified, second.verified, second.placement.logcnt.max(), first.placement.logcnt.max()
 
 

@@ -55,3 +55,39 @@ def test_elastic_engines_join_and_leave():
     assert report["verified"]
     sizes = [r["bytes"] for r in report["iterations"]]
     assert sizes[1] > sizes[2] > sizes[0]  # every engine gets every weight
+
+
+def test_colocated_run_recovers_from_a_killed_engine_and_checks_logits(tmp_path):
+    """One run through the CLI: colocated ranks share their GPU's bundle; a rank killed mid-sync in
+    iteration 2 fails that iteration (exit code 1), staged engines keep serving version 1, and after
+    the restart iterations 3 and 4 verify, logits included."""
+    import json
+
+    import yaml
+
+    from sync.cli import main
+
+    spec = dict(name="colocated", model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
+                inference=dict(tp=2, enable_ep=True, engines=2), deployment=dict(mode="colocated", gpus_per_node=4),
+                eplb=dict(enabled=True, num_redundant_experts=4),
+                sync=dict(timeout_s=20, bucket_mb=1, verify="logits", staging=True))
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    try:
+        code = main(["run", str(path), "--iterations", "4", "--trainer", "synthetic", "--fault", "kill:5:1:2",
+                     "--report", str(tmp_path / "report")])
+    finally:
+        ray.shutdown()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert code == 1 and not report["verified"]
+    first, failed, *after = report["iterations"]
+    assert first["verified"] and all(r["verified"] for r in after)
+    assert all(gap is None for r in [first, *after] for gap in r["logits_gap"].values()) and after[0]["logits_gap"]
+    assert "rank 5 died" in failed["errors"]["5"]
+    for rank, state in failed["engine_states"].items():  # staged: the old version is still served, complete
+        assert state["serving"] == 1 and state["complete"] and state["error"], (rank, state)
+    assert {s["serving"] for s in after[-1]["engine_states"].values()} == {4}
+    by_device: dict[int, set] = {}
+    for p in report["placement"]:
+        by_device.setdefault(p["device"], set()).add(p["placement_group"])
+    assert len(by_device) == 4 and all(len(groups) == 1 for groups in by_device.values())
