@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from planners.buckets import ALIGN
 from planners.cost import Links
 from planners.eplb import EplbError
-from planners.layouts import Deployment, InferenceLayout, LayoutError, TrainerLayout
-from planners.megatron_rules import check_trainer
-from planners.model import ModelError, ModelSpec
+from planners.layouts import Deployment, InferenceLayout, LayoutError, TrainerLayout, vllm_pp_layers
+from planners.megatron_rules import check_trainer, padded_vocab
+from planners.model import MOE_KEYS, ModelError, ModelSpec
 from planners.placement import Placement, PlacementError
 from planners.presets import PRESETS, preset
 from planners.shards import ShardError
@@ -39,6 +39,14 @@ __all__ = ["JobSpec", "JobError", "SyncSettings", "EplbSettings"]
 
 class JobError(ValueError):
     """A job spec that cannot run; the message names the field and what would be valid."""
+
+
+MAX_RANKS = 1 << 20  # GPUs of one job; beyond this a layout is a typo, and device tables would not fit
+MAX_TIMEOUT_S = 30 * 86400.0  # torch's timedelta-based timeouts overflow far beyond this
+MAX_BUCKET_MB = float(1 << 20)  # 1 TiB
+# an integer of a layout: the layouts check the lower bounds (naming the field); this one keeps
+# absurd values from sizing tables
+_Int = Annotated[int, Field(le=MAX_RANKS)]
 
 
 class _Strict(BaseModel):
@@ -59,32 +67,32 @@ class _Model(_Strict):
 
 class _Trainer(_Strict):
     # positivity, divisibility and the order's tokens are the layout's own checks (LayoutError)
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    cp: int = 1
-    dp: int | None = None
+    tp: _Int = 1
+    pp: _Int = 1
+    ep: _Int = 1
+    etp: _Int | None = None
+    cp: _Int = 1
+    dp: _Int | None = None
     order: str = "tp-cp-ep-dp-pp"
-    first_stage_layers: int | None = None
-    last_stage_layers: int | None = None
-    vocab_divisible_by: int = 128
+    first_stage_layers: _Int | None = None
+    last_stage_layers: _Int | None = None
+    vocab_divisible_by: _Int = 128
     vpp: int = 1  # Megatron's virtual_pipeline_model_parallel_size (interleaved schedule); needs pp > 1
 
 
 class _Inference(_Strict):
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
+    tp: _Int = 1
+    pp: _Int = 1
+    dp: _Int = 1
     enable_ep: bool = False
-    engines: int = 1
-    vocab_padding: int = 64
+    engines: _Int = 1
+    vocab_padding: _Int = 64
 
 
 class _Deployment(_Strict):
     mode: Literal["colocated", "disaggregated"] = "disaggregated"
-    gpus_per_node: int = 8
-    nodes: int | None = Field(None, ge=1)
+    gpus_per_node: _Int = 8
+    nodes: _Int | None = Field(None, ge=1)
 
 
 def _finite(default: float, **bounds: float) -> Any:
@@ -96,11 +104,6 @@ class _Links(_Strict):
     same_device_gbps: float = _finite(1500.0, gt=0)
     nvlink_gbps: float = _finite(450.0, gt=0)
     nic_gbps: float = _finite(50.0, gt=0)
-
-
-MAX_RANKS = 1 << 20  # GPUs of one job; beyond this a layout is a typo, and device tables would not fit
-MAX_TIMEOUT_S = 30 * 86400.0  # torch's timedelta-based timeouts overflow far beyond this
-MAX_BUCKET_MB = float(1 << 20)  # 1 TiB
 
 
 class SyncSettings(_Strict):
@@ -139,16 +142,24 @@ class _Job(_Strict):
     eplb: EplbSettings = Field(default_factory=EplbSettings)
 
 
-def _fields_at(loc: tuple[Any, ...]) -> list[str] | None:
-    """The keys the schema allows in the section holding ``loc`` (None if it is not a section)."""
+def _schema_at(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[str] | None]:
+    """Split a pydantic error location into the field's path (a dict field keeps its key; union
+    member tags are dropped) and the keys the schema allows in the section holding it."""
     model: Any = _Job
-    for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        model = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
-                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
-    return sorted(model.model_fields) if model is not None else None
+    keys: list[str] | None = None
+    for n, part in enumerate(loc):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return loc[:n], keys
+        keys = sorted(fields)
+        if part not in fields:
+            return loc[: n + 1], keys
+        ann = fields[part].annotation
+        members = (ann, *getattr(ann, "__args__", ()))
+        model = next((a for a in members if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None and any(getattr(a, "__origin__", a) is dict for a in members):
+            return loc[: n + 2], None  # a mapping field: its key, then pydantic's '[key]' tags
+    return loc, keys
 
 
 def _short(value: Any) -> str:
@@ -157,19 +168,40 @@ def _short(value: Any) -> str:
 
 
 def _pydantic_message(err: ValidationError) -> str:
-    lines = []
+    merged: dict[str, list[str]] = {}
+    got: dict[str, str] = {}
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "job"
+        path, keys = _schema_at(tuple(e["loc"]))
+        where = ".".join(str(x) for x in path) or "job"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            keys = _fields_at(e["loc"])
             msg = "unknown key; remove it or check its spelling" + (f" (valid keys: {', '.join(keys)})" if keys else "")
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] not in ("value_error", "assertion_error"):
-            msg = f"{msg}, got {_short(e['input'])}"
-        lines.append(f"{where}: {msg}")
+            got[where] = f", got {_short(e['input'])}"
+        msgs = merged.setdefault(where, [])
+        if msgs and msg.startswith("Input should be "):  # one line per field, a union's members or-ed
+            msg = msg[len("Input should be "):]
+        if msg not in msgs:
+            msgs.append(msg)
+    lines = [f"{where}: {' or '.join(msgs)}{got.get(where, '')}" for where, msgs in merged.items()]
     return "invalid job spec:\n  " + "\n  ".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = key_node.value
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 @dataclass(frozen=True)
@@ -183,6 +215,10 @@ class JobSpec:
     sync: SyncSettings = field(default_factory=SyncSettings)
     eplb: EplbSettings = field(default_factory=EplbSettings)
     nodes: int | None = None
+    # where the model's config keys came from, so relational errors name them as written
+    model_where: str = field(default="model.hf_config", compare=False, repr=False)
+    model_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    model_overridden: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "JobSpec":
@@ -191,9 +227,14 @@ class JobSpec:
         except OSError as e:
             raise JobError(f"cannot read job spec {path}: {e.strerror}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
-            raise JobError(f"{path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            if mark is not None:
+                at = f" (line {mark.line + 1}, column {mark.column + 1})"
+            else:  # a reader error (a character YAML does not allow) knows only its offset
+                at = f" (line {text.count(chr(10), 0, getattr(e, 'position', 0)) + 1})"
+            raise JobError(f"{path} is not valid YAML{at}: {e}") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -207,12 +248,9 @@ class JobSpec:
         m = raw.model
         if m.preset is not None and m.preset not in PRESETS:
             raise JobError(f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        base, where = (preset(m.preset), f"model.preset[{m.preset}]") if m.preset is not None else (m.hf_config, "model.hf_config")
         try:
-            if m.preset is not None:
-                model = ModelSpec.from_hf_config(preset(m.preset), where=f"model.preset[{m.preset}]",
-                                                 overrides=m.overrides)
-            else:
-                model = ModelSpec.from_hf_config(m.hf_config, overrides=m.overrides)
+            model = ModelSpec.from_hf_config(base, where=where, overrides=m.overrides)
             job = cls(
                 name=raw.name,
                 model=model,
@@ -223,6 +261,9 @@ class JobSpec:
                 sync=raw.sync,
                 eplb=raw.eplb,
                 nodes=raw.deployment.nodes,
+                model_where=where,
+                model_config={**base, **m.overrides},
+                model_overridden=frozenset(m.overrides),
             )
         except (ModelError, LayoutError, ValueError) as e:
             raise JobError(str(e)) from None
@@ -235,6 +276,7 @@ class JobSpec:
         if ranks > MAX_RANKS:
             raise JobError(f"trainer and inference world sizes ({self.trainer.world_size} + {self.inference.world_size} "
                            f"ranks) exceed {MAX_RANKS}; check trainer.tp/pp/cp/dp and inference.tp/pp/dp/engines")
+        self._check_relations()
         try:
             check_trainer(self.model, self.trainer)
             check_inference(self.model, self.inference, self.placement())
@@ -246,12 +288,77 @@ class JobSpec:
                 f"deployment.nodes={self.nodes} is too few: the job needs {n} nodes of "
                 f"{self.deployment.gpus_per_node} GPUs"
             )
-        if (self.eplb.num_redundant_experts or self.eplb.enabled) and not self.model.is_moe:
-            raise JobError("eplb needs a MoE model")
         if self.eplb.enabled and not self.inference.enable_ep:
             raise JobError("eplb.enabled needs inference.enable_ep: true (placements spread experts over an EP group)")
         if self.eplb.num_groups and self.model.num_experts % self.eplb.num_groups:
             raise JobError(f"eplb.num_groups={self.eplb.num_groups} must divide the {self.model.num_experts} experts")
+
+    def model_path(self, key: str) -> str:
+        """Dotted path of a model config key as the job spec wrote it."""
+        return f"model.overrides.{key}" if key in self.model_overridden else f"{self.model_where}.{key}"
+
+    def _check_relations(self) -> None:
+        """Relations between sections, with every field on both sides named (the shard rules check
+        the same and more, in the model's own terms, right after)."""
+        t, i, d, e, m = self.trainer, self.inference, self.deployment, self.eplb, self.model
+        layers = f"{self.model_path('num_hidden_layers')}={m.num_layers}"
+        for side, split in (("trainer", lambda: t.stage_layers(m.num_layers)),
+                            ("inference", lambda: vllm_pp_layers(m.num_layers, i.pp))):
+            try:
+                split()
+            except LayoutError as err:
+                raise JobError(f"{layers} does not split over {side}.pp={getattr(self, side).pp}: {err}") from None
+        heads, kv = (f"{self.model_path(k)}={v}" for k, v in (("num_attention_heads", m.num_heads),
+                                                              ("num_key_value_heads", m.num_kv_heads)))
+        if m.num_heads % i.tp:
+            raise JobError(f"inference.tp={i.tp} must divide {heads}")
+        if not m.is_mla and (i.tp % m.num_kv_heads if i.tp >= m.num_kv_heads else m.num_kv_heads % i.tp):
+            raise JobError(f"inference.tp={i.tp} must divide {kv}, or be a multiple of it when larger")
+        padded = padded_vocab(m.vocab_size, i.vocab_padding)
+        if padded % i.tp:
+            raise JobError(f"inference.tp={i.tp} must divide the vocabulary ({self.model_path('vocab_size')}={m.vocab_size}) "
+                           f"padded to a multiple of inference.vocab_padding={i.vocab_padding} ({padded}); a vocab_padding "
+                           f"that is a multiple of {i.tp} always works")
+        if d.mode == "colocated" and i.world_size > t.world_size:
+            raise JobError(
+                f"deployment.mode=colocated needs the inference world size (inference tp*pp*dp*engines = "
+                f"{i.tp}*{i.pp}*{i.dp}*{i.engines} = {i.world_size}) <= the trainer world size (trainer "
+                f"tp*cp*dp*pp = {t.tp}*{t.cp}*{t.dp}*{t.pp} = {t.world_size}); use fewer inference ranks, "
+                f"more trainer ranks, or deployment.mode=disaggregated"
+            )
+        if not m.is_moe:
+            wants = [name for name, on in (("trainer.ep", t.ep > 1), ("inference.enable_ep", i.enable_ep),
+                                           ("eplb.enabled", e.enabled),
+                                           ("eplb.num_redundant_experts", e.num_redundant_experts > 0)) if on]
+            if wants:
+                why = ", ".join(f"{self.model_path(k)}={self.model_config.get(k)!r}"
+                                for k in ("num_hidden_layers", *MOE_KEYS[m.family]))
+                raise JobError(f"{', '.join(wants)} need a MoE model: model {m.model_type!r} has no MoE layers ({why}); "
+                               "set trainer.ep: 1, inference.enable_ep: false and leave eplb out for a dense model")
+            return
+        r, E = e.num_redundant_experts, m.num_experts
+        experts = f"{self.model_path(MOE_KEYS[m.family][0])}={E}"
+        if E % t.ep:
+            raise JobError(f"trainer.ep={t.ep} must divide the routed experts ({experts}); "
+                           f"valid: {[x for x in range(1, E + 1) if E % x == 0]}")
+        if m.num_shared_experts:
+            width = m.moe_intermediate_size * m.num_shared_experts
+            for side, tp in (("trainer", t.tp), ("inference", i.tp)):
+                if width % tp:
+                    raise JobError(
+                        f"{side}.tp={tp} must divide the shared experts' width ({self.model_path('moe_intermediate_size')}"
+                        f"={m.moe_intermediate_size} x {self.model_path('n_shared_experts')}={m.num_shared_experts} = {width})")
+        if r and not i.enable_ep:
+            raise JobError(f"eplb.num_redundant_experts={r} needs inference.enable_ep: true (vLLM's EPLB runs with EP)")
+        if r and (E + r) % i.ep_size:
+            fits = [x for x in range(r, r + i.ep_size + 1) if (E + x) % i.ep_size == 0]
+            raise JobError(
+                f"eplb.num_redundant_experts={r}: the {experts} + {r} = {E + r} physical expert slots must divide over the "
+                f"inference EP group (inference dp*tp = {i.dp}*{i.tp} = {i.ep_size}); e.g. num_redundant_experts: {fits[0]}"
+            )
+        if not r and i.enable_ep and i.ep_size > E:
+            raise JobError(f"inference EP size (inference dp*tp = {i.dp}*{i.tp} = {i.ep_size}) exceeds the routed experts "
+                           f"({experts}); some ranks would hold none")
 
     @property
     def num_physical_experts(self) -> int:

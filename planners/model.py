@@ -110,6 +110,22 @@ _FAMILY_KEYS: dict[str, dict[str, tuple[str, Any]]] = {
 }
 
 
+# Largest values the planner takes (a catalog of that many layers or experts would not fit anyway)
+MAX_DIM = 1 << 24  # any width, head count or vocabulary
+MAX_COUNT = {"num_hidden_layers": 1 << 14, "num_experts": 1 << 14, "num_local_experts": 1 << 14,
+             "n_routed_experts": 1 << 14}
+MAX_EXPERT_TENSORS = 1 << 22  # MoE layers x routed experts
+
+
+# the keys that decide which layers are MoE layers
+MOE_KEYS: dict[str, tuple[str, ...]] = {
+    "llama": (),
+    "qwen3_moe": ("num_experts", "decoder_sparse_step", "mlp_only_layers"),
+    "mixtral": ("num_local_experts",),
+    "deepseek_v3": ("n_routed_experts", "first_k_dense_replace", "moe_layer_freq"),
+}
+
+
 def hf_keys(family: str) -> dict[str, tuple[str, Any]]:
     """The config.json keys the planner reads for ``family``: key -> (kind, default)."""
     return {**_COMMON_KEYS, **_FAMILY_KEYS[family]}
@@ -128,6 +144,8 @@ def _read_keys(cfg: dict[str, Any], table: dict[str, tuple[str, Any]], path: Cal
             out[key] = default
         elif not ok(value):
             raise ModelError(f"{path(key)} must be {what}, got {value!r}")
+        elif _is_int(value) and value > MAX_COUNT.get(key, MAX_DIM):
+            raise ModelError(f"{path(key)} must be at most {MAX_COUNT.get(key, MAX_DIM)}, got {value!r}")
         else:
             out[key] = value
     return out
@@ -263,6 +281,11 @@ class ModelSpec:
             rms_norm_eps=float(v["rms_norm_eps"]),
         )
 
+        def check_size(moe: tuple[int, ...], experts_key: str) -> None:
+            if len(moe) * v[experts_key] > MAX_EXPERT_TENSORS:
+                raise ModelError(f"{len(moe)} MoE layers x {path(experts_key)} ({v[experts_key]}) routed experts is more "
+                                 f"than the planner takes (at most {MAX_EXPERT_TENSORS}); check {path('num_hidden_layers')}")
+
         def need_dense_width(moe: tuple[int, ...]) -> None:
             dense = [i for i in range(layers) if i not in set(moe)]
             if dense and v["intermediate_size"] < 1:
@@ -292,16 +315,19 @@ class ModelSpec:
                 raise ModelError(f"{path('mlp_only_layers')} holds layer indices {outside[:8]} outside "
                                  f"[0, {layers}) ({path('num_hidden_layers')})")
             moe = tuple(i for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
+            check_size(moe, "num_experts")
             need_dense_width(moe)
             return cls(**common, qkv_bias=v["attention_bias"], qk_norm=True, num_experts=experts,
                        moe_intermediate_size=v["moe_intermediate_size"], moe_layers=moe)
         if family == "mixtral":
+            check_size(tuple(range(layers)), "num_local_experts")
             common["intermediate_size"] = 0
             return cls(**common, num_experts=v["num_local_experts"], moe_intermediate_size=v["intermediate_size"],
                        moe_layers=tuple(range(layers)))
         # deepseek_v3 / kimi_k2
         experts, first_dense, freq = v["n_routed_experts"], v["first_k_dense_replace"], v["moe_layer_freq"]
         moe = tuple(i for i in range(first_dense, layers) if experts and i % freq == 0)
+        check_size(moe, "n_routed_experts")
         need_dense_width(moe)
         common["head_dim"] = v["v_head_dim"]
         return cls(

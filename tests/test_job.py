@@ -28,12 +28,34 @@ def job(**changes):
     (dict(model={}), r"model.preset .* or model.hf_config"),
     (dict(model=dict(preset="nope")), r"model.preset 'nope' is unknown"),
     (dict(trainer__tp=3), r"trainer.tp must divide model.num_key_value_heads"),
-    (dict(trainer__ep=3), r"trainer.ep must divide the number of routed experts"),
-    (dict(trainer__pp=3), r"do not split over pp=3"),
-    (dict(inference__tp=3), r"inference.tp must divide model.num_attention_heads"),
-    (dict(inference__dp=8), r"inference EP size dp\*tp=16 exceeds the 8 experts"),
-    (dict(eplb=dict(num_redundant_experts=3)), r"must divide the number of physical expert slots"),
-    (dict(deployment=dict(mode="colocated"), inference__engines=2), r"colocated needs inference world size"),
+    (dict(trainer__ep=3), r"trainer.ep=3 must divide the routed experts \(model.preset\[tiny_qwen3_moe\].num_experts=8\); "
+                          r"valid: \[1, 2, 4, 8\]"),
+    (dict(trainer__pp=3), r"num_hidden_layers=4 does not split over trainer.pp=3: .*do not split over pp=3"),
+    (dict(inference__tp=3), r"inference.tp=3 must divide model.preset\[tiny_qwen3_moe\].num_attention_heads=8$"),
+    (dict(inference__tp=2, model=dict(preset="tiny_qwen3", overrides=dict(num_key_value_heads=3, num_attention_heads=12))),
+     r"inference.tp=2 must divide model.overrides.num_key_value_heads=3, or be a multiple of it when larger"),
+    (dict(inference__dp=8), r"inference EP size \(inference dp\*tp = 8\*2 = 16\) exceeds the routed experts "
+                            r"\(model.preset\[tiny_qwen3_moe\].num_experts=8\)"),
+    (dict(inference__vocab_padding=5, inference__tp=4),
+     r"inference.tp=4 must divide the vocabulary \(model.preset\[tiny_qwen3_moe\].vocab_size=250\) padded to a "
+     r"multiple of inference.vocab_padding=5 \(250\)"),
+    (dict(model=dict(preset="tiny_deepseek_v3", overrides=dict(moe_intermediate_size=15)), trainer=dict(tp=2, ep=2, etp=1)),
+     r"trainer.tp=2 must divide the shared experts' width \(model.overrides.moe_intermediate_size=15 x "
+     r"model.preset\[tiny_deepseek_v3\].n_shared_experts=1 = 15\)"),
+    (dict(eplb=dict(num_redundant_experts=3)),
+     r"eplb.num_redundant_experts=3: the model.preset\[tiny_qwen3_moe\].num_experts=8 \+ 3 = 11 physical expert slots must divide over the inference EP group "
+     r"\(inference dp\*tp = 2\*2 = 4\); e.g. num_redundant_experts: 4"),
+    (dict(eplb=dict(num_redundant_experts=4), inference=dict(tp=2)), r"eplb.num_redundant_experts=4 needs inference.enable_ep"),
+    (dict(deployment=dict(mode="colocated"), inference__engines=2),
+     r"deployment.mode=colocated needs the inference world size \(inference tp\*pp\*dp\*engines = 2\*1\*2\*2 = 8\) <= "
+     r"the trainer world size \(trainer tp\*cp\*dp\*pp = 2\*1\*2\*1 = 4\)"),
+    (dict(model=dict(preset="tiny_qwen3_moe", overrides=dict(num_hidden_layers=3)), trainer__pp=2),
+     r"model.overrides.num_hidden_layers=3 does not split over trainer.pp=2"),
+    (dict(inference__pp=5), r"model.preset\[tiny_qwen3_moe\].num_hidden_layers=4 does not split over inference.pp=5"),
+    (dict(model=dict(preset="tiny_deepseek_v3", overrides=dict(first_k_dense_replace=3))),
+     r"trainer.ep, inference.enable_ep need a MoE model: model 'deepseek_v3' has no MoE layers \("
+     r"model.preset\[tiny_deepseek_v3\].num_hidden_layers=3, model.preset\[tiny_deepseek_v3\].n_routed_experts=8, "
+     r"model.overrides.first_k_dense_replace=3, model.preset\[tiny_deepseek_v3\].moe_layer_freq=1\)"),
     (dict(deployment=dict(mode="shared")), r"deployment.mode"),
     (dict(deployment=dict(gpus_per_node=4, nodes=1)), r"deployment.nodes=1 is too few"),
     (dict(links=dict(nic_gbps=-1)), r"links.nic_gbps: Input should be greater than 0, got -1"),
@@ -46,7 +68,7 @@ def job(**changes):
     (dict(sync=dict(timeout_s=float("nan"))), r"sync.timeout_s: Input should be a finite number"),
     (dict(sync=dict(timeout_s=-1)), r"sync.timeout_s: Input should be greater than 0, got -1"),
     (dict(sync=dict(timeout_s=1e300)), r"sync.timeout_s: Input should be less than or equal to"),
-    (dict(sync=dict(verify="no")), r"sync.verify: Input should be a valid boolean, got 'no'"),
+    (dict(sync=dict(verify="no")), r"sync.verify: Input should be a valid boolean.*, got 'no'"),
     (dict(eplb=dict(enabled="yes")), r"eplb.enabled: Input should be a valid boolean, got 'yes'"),
     (dict(eplb=dict(num_redundant_experts=4.0)), r"eplb.num_redundant_experts: Input should be a valid integer"),
     (dict(eplb=dict(window=0)), r"eplb.window: Input should be greater than or equal to 1, got 0"),
