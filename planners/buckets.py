@@ -3,8 +3,13 @@
 Both ends of a pair derive the same buckets from the plan, so only payload crosses the wire. A
 pair's chunks are packed back to back in plan order, each starting on a 16-byte boundary (so any
 dtype can be viewed in place, with wide loads); a chunk larger than a bucket is split along its split dimension.
-Bucket ``k`` of every pair of a stage travels in round ``k``, so a rank holds at most one send and
-one receive bucket per peer at a time.
+Bucket ``k`` of every pair of a stage travels in round ``k``.
+
+``bucket_bytes`` is what one process may hold for a round, sending and receiving together: a pair's
+round carries at most ``bucket_bytes / fan-out`` bytes, where the fan-out of a process is the number
+of (peer process, direction) pairs it exchanges with in that stage, taking the larger of the pair's
+two ends (both derive the same number). With two rounds in flight, a process never holds more than
+``2 * bucket_bytes`` of buckets, however many peers it has.
 
 A chunk of at least ``direct_bytes`` that is contiguous at both ends travels *direct*: as its own
 message, straight from the source tensor into the destination tensor, with no bucket copy at all;
@@ -41,13 +46,16 @@ class Bucket:
 
 
 def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 1 << 18,
-              skip: np.ndarray | None = None) -> list[Bucket]:
+              skip: np.ndarray | None = None, process_of=None) -> list[Bucket]:
     """Buckets of every pair, in (stage, round, src, dst) order; or only those that cross the
     boundary of ``rank`` (one plan rank, or a list hosted by one process that copies the chunks
-    among them locally). ``skip``: chunk rows that travel some other way (a boolean mask)."""
+    among them locally). ``skip``: chunk rows that travel some other way (a boolean mask).
+    ``process_of[r]``: the process hosting plan rank ``r`` (default: one process per rank)."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
+    process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
+    fanout = _fanout(plan, process_of)
     row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.int64)
     if rank is None:
         rows = np.arange(len(c))
@@ -64,9 +72,24 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
         while end < len(rows) and (c["stage"][rows[end]], c["src"][rows[end]], c["dst"][rows[end]]) == (
                 first["stage"], first["src"], first["dst"]):
             end += 1
-        out += _pair_buckets(c, rows[start:end], row_bytes, bucket_bytes, _direct(plan, rows[start:end], direct_bytes))
+        ends = process_of[[first["src"], first["dst"]]]
+        share = bucket_bytes // max(int(fanout[first["stage"]][ends].max()), 1) // ALIGN * ALIGN
+        out += _pair_buckets(c, rows[start:end], row_bytes, max(share, ALIGN), _direct(plan, rows[start:end], direct_bytes))
         start = end
     out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))  # stable: a pair's messages keep their order
+    return out
+
+
+def _fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
+    """Per stage, per process: how many (peer process, direction) pairs it exchanges chunks with."""
+    c = plan.chunks
+    src, dst = process_of[c["src"]], process_of[c["dst"]]
+    out = {}
+    for stage in (1, 2):
+        m = (src != dst) & (c["stage"] == stage)
+        pairs = np.unique(np.stack([src[m], dst[m]], axis=1), axis=0) if m.any() else np.zeros((0, 2), dtype=np.int64)
+        n = int(process_of.max()) + 1
+        out[stage] = np.bincount(pairs[:, 0], minlength=n) + np.bincount(pairs[:, 1], minlength=n)
     return out
 
 

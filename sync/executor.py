@@ -71,7 +71,8 @@ class SyncStats:
     bytes_received: int = 0
     bytes_copied: int = 0  # between hosted ranks (device-local)
     sent_to: dict[int, int] = field(default_factory=dict)  # tensor bytes this rank sent to each peer
-    peak_buffer_bytes: int = 0  # most bucket memory held at once (two rounds in flight at most)
+    peak_buffer_bytes: int = 0  # the bucket arena: two rounds in flight, each at most bucket_bytes
+    peak_extra_bytes: int | None = None  # measured, where a launcher asks (sync.memory.PeakMemory)
     pack_seconds: float = 0.0  # copying into send buckets and local copies (launch time on CUDA)
     bind_seconds: float = 0.0  # validating the endpoints' tensors and building copy programs (first sync)
     wait_seconds: float = 0.0  # waiting for the network
@@ -177,7 +178,7 @@ class _Round:
 
     buckets: list[Bucket]
     route: list[str]  # "direct" (from/into the tensors), "packed" (through the arena) or "ipc" (same GPU)
-    arena_off: list[int]  # byte offset of each packed bucket in its arena half (send or receive); -1 if none
+    arena_off: list[int]  # byte offset of each packed bucket in its arena half (sends first, then receives); -1 if none
     send_bytes: int = 0
     recv_bytes: int = 0
 
@@ -247,12 +248,13 @@ class PlanExecutor:
                              for q in set(self.lent_to[1]) | set(self.lent_to[2])}
         if direct_bytes is None:
             direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
-        self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent)
+        self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
+                                 process_of=self.process_of)
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
         self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
         self._local_dst = {s: set(np.unique(c["dst_local"][rows]).tolist()) for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
-        self.verifier = Verifier(plan, self.ranks)
+        self.verifier = Verifier(plan, self.ranks, bucket_bytes)
         self._binding: _Binding | None = None
         self._arena: dict[str, torch.Tensor] = {}
         self._written: set[int] = set()
@@ -289,6 +291,9 @@ class PlanExecutor:
             else:
                 r.arena_off.append(r.recv_bytes)
                 r.recv_bytes += -(-b.nbytes // ALIGN) * ALIGN
+        for r in out.values():  # one arena: a round's receive buckets follow its send buckets
+            r.arena_off = [o + r.send_bytes if o >= 0 and not self.hosted[b.src] else o
+                           for b, o in zip(r.buckets, r.arena_off)]
         return out
 
     # -- binding tensors and copy programs -------------------------------------------------
@@ -331,13 +336,12 @@ class PlanExecutor:
         if self._ipc is not None and device.type != "cuda":
             raise ValueError(f"ipc={self.ipc!r} moves CUDA tensors between processes on one GPU, but rank "
                              f"{self.rank}'s tensors are on {device}: pass ipc=False, or host those ranks in one process")
-        for side, size in (("send", max((r.send_bytes for r in self.rounds.values()), default=0)),
-                           ("recv", max((r.recv_bytes for r in self.rounds.values()), default=0))):
-            arena = self._arena.get(side)
-            if arena is not None and arena.device != device:
-                raise ValueError(f"the endpoints' tensors moved from {arena.device} to {device}; build a new executor")
-            if arena is None:
-                self._arena[side] = torch.empty((2, size), dtype=torch.uint8, device=device)
+        arena = self._arena.get("send")
+        if arena is not None and arena.device != device:
+            raise ValueError(f"the endpoints' tensors moved from {arena.device} to {device}; build a new executor")
+        if arena is None:  # two rounds in flight, each its send then its receive buckets
+            size = max((r.send_bytes + r.recv_bytes for r in self.rounds.values()), default=0)
+            self._arena["send"] = self._arena["recv"] = torch.empty((2, size), dtype=torch.uint8, device=device)
         if self._ipc is not None and not self._ipc_arenas:
             self._open_ipc()
         if self._lent_locals:  # the tensors that processes on this GPU read directly, as they are now
@@ -490,7 +494,7 @@ class PlanExecutor:
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - t_start
-        stats.peak_buffer_bytes = sum(a.numel() for a in self._arena.values())
+        stats.peak_buffer_bytes = self._arena["send"].numel() if self._arena else 0
         finish_sync(stats, binding.flats, self.verifier if verify else None, self.transport, self._wait, binding.device,
                     target.values() if isinstance(target, dict) else [target], self.plan.placement)
         return stats

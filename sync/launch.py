@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from planners.plan import SyncPlan
 from sync.faults import KILL_EXIT_CODE
+from sync.memory import PeakMemory
 
 __all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "host_store", "RankFailure"]
 
@@ -194,7 +195,9 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
             # start together, so times measure the sync, not the preparation
             wait_all([transport.barrier()], ["barrier before the sync"], run.timeout_s)
             if not run.versioned:
-                stats[name].append(ex.sync(source, target, verify=run.verify, strict=run.strict))
+                with PeakMemory(next(iter((source or target).local_tensors().values())).device) as peak:
+                    stats[name].append(ex.sync(source, target, verify=run.verify, strict=run.strict))
+                stats[name][-1].peak_extra_bytes = peak.bytes
                 continue
             try:
                 stats[name].append(ex.sync(source, target, verify=run.verify, version=version, strict=run.strict))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_DTYPES", "MIX_K1", "MIX_K2", "block", "checksum_block", "checksum_flat", "as_bits"]
+__all__ = ["TORCH_DTYPES", "MIX_K1", "MIX_K2", "CHECKSUM_BYTES_PER_ELEMENT", "block", "block_pieces", "checksum_block",
+           "checksum_flat", "as_bits", "wrap_int64"]
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn}
@@ -34,9 +35,21 @@ def _mix(bits: torch.Tensor) -> torch.Tensor:
     return bits * MIX_K1 + bits * bits * MIX_K2
 
 
-def checksum_block(x: torch.Tensor, base: int, dim: int, off: int) -> tuple[int, int]:
+# int64 temporaries per element while a piece is summed (bits, two products, their sum): what a
+# checksum holds at once is about this times the elements of its piece
+CHECKSUM_BYTES_PER_ELEMENT = 40
+
+
+def checksum_block(x: torch.Tensor, base: int, dim: int, off: int, max_elements: int | None = None) -> tuple[int, int]:
     """(S0, S1) that values ``x [outer, n, inner]`` add to a tensor where they sit at indices
-    ``[off, off+n)`` of the block at flat ``base`` with ``dim`` indices along the split dimension."""
+    ``[off, off+n)`` of the block at flat ``base`` with ``dim`` indices along the split dimension.
+    ``max_elements``: sum pieces of at most about this many elements (bounded temporary memory)."""
+    if max_elements is not None and x.numel() > max_elements:
+        s0 = s1 = 0
+        for piece, piece_base, piece_off in block_pieces(x, base, dim, off, max_elements):
+            a, b = checksum_block(piece, piece_base, dim, piece_off)
+            s0, s1 = s0 + a, s1 + b
+        return wrap_int64(s0), wrap_int64(s1)
     outer, n, inner = x.shape
     h = _mix(as_bits(x))
     s0 = int(h.sum())
@@ -48,21 +61,30 @@ def checksum_block(x: torch.Tensor, base: int, dim: int, off: int) -> tuple[int,
           + dim * inner * int((torch.arange(outer, device=dev) * by_outer).sum())
           + inner * int(((torch.arange(n, device=dev) + off) * by_index).sum())
           + int((torch.arange(inner, device=dev) * by_inner).sum()))
-    return _wrap(s0), _wrap(s1)
+    return wrap_int64(s0), wrap_int64(s1)
 
 
-def checksum_flat(t: torch.Tensor, step: int = 1 << 24) -> tuple[int, int]:
+def block_pieces(x: torch.Tensor, base: int, dim: int, off: int, most: int):
+    """``x [outer, n, inner]`` in pieces of about ``most`` elements, with each piece's block base and offset."""
+    outer, n, inner = x.shape
+    if outer * inner <= most:  # whole index slices
+        step = most // (outer * inner)
+        for a in range(0, n, step):
+            yield x[:, a: a + step], base, off + a
+    else:  # row by row of the outer dimension, in index slices
+        step = max(most // inner, 1)
+        for o in range(outer):
+            for a in range(0, n, step):
+                yield x[o: o + 1, a: a + step], base + o * dim * inner, off + a
+
+
+def checksum_flat(t: torch.Tensor, max_elements: int = 1 << 22) -> tuple[int, int]:
     """(S0, S1) of a whole tensor, positions in row-major order."""
     flat = t.reshape(-1)
-    s0 = s1 = 0
-    for start in range(0, flat.numel(), step):
-        part = flat[start: start + step]
-        a, b = checksum_block(part.view(1, -1, 1), 0, flat.numel(), start)
-        s0, s1 = _wrap(s0 + a), _wrap(s1 + b)
-    return s0, s1
+    return checksum_block(flat.view(1, -1, 1), 0, flat.numel(), 0, max_elements)
 
 
-def _wrap(v: int) -> int:
+def wrap_int64(v: int) -> int:
     """Python int -> the int64 it wraps to."""
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= 1 << 63 else v

@@ -15,15 +15,17 @@ from planners.buckets import stage2_origin
 from planners.plan import SyncPlan
 from planners.runs import RUN_DTYPE, block_runs
 from sync.copier import triton_available
-from sync.tensors import TORCH_DTYPES, block, checksum_block, checksum_flat
+from sync.tensors import CHECKSUM_BYTES_PER_ELEMENT, TORCH_DTYPES, block_pieces, wrap_int64, block, checksum_block, checksum_flat
 
 __all__ = ["Verifier"]
 
 
 class Verifier:
-    def __init__(self, plan: SyncPlan, rank) -> None:
-        """``rank``: the plan rank this process checks, or a list of them (hosted together)."""
+    def __init__(self, plan: SyncPlan, rank, budget_bytes: int | None = None) -> None:
+        """``rank``: the plan rank this process checks, or a list of them (hosted together);
+        ``budget_bytes``: about the most temporary memory the checksums may hold (CPU path)."""
         self.plan = plan
+        self.most = None if budget_bytes is None else max(budget_bytes // CHECKSUM_BYTES_PER_ELEMENT, 1 << 10)
         ranks = [int(rank)] if np.ndim(rank) == 0 else [int(r) for r in rank]
         c = plan.chunks
         self.inf_first = int(np.searchsorted(plan.local_rank, plan.num_trainer))
@@ -56,9 +58,13 @@ class Verifier:
             lo, hi = int(c["lo"][row]), int(c["hi"][row])
             data = block(flats[int(c["src_local"][origin])], int(c["src_base"][origin]), t.outer, int(c["src_dim"][origin]),
                          t.inner, int(c["src_off"][origin]) + lo - int(c["lo"][origin]), hi - lo)
-            data = data.to(TORCH_DTYPES[t.dtype])  # what the engine receives (a wider source is cast)
-            s0, s1 = checksum_block(data, int(c["dst_base"][row]), int(c["dst_dim"][row]), int(c["dst_off"][row]))
-            out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([s0, s1])
+            s0 = s1 = 0
+            dst_base, dst_dim, dst_off = int(c["dst_base"][row]), int(c["dst_dim"][row]), int(c["dst_off"][row])
+            for piece, base, off in block_pieces(data, dst_base, dst_dim, dst_off, self.most or data.numel()):
+                piece = piece.to(TORCH_DTYPES[t.dtype])  # what the engine receives (a wider source is cast)
+                a, b = checksum_block(piece, base, dst_dim, off)
+                s0, s1 = s0 + a, s1 + b
+            out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([wrap_int64(s0), wrap_int64(s1)])
         return out
 
     def _prepare(self, flats: dict[int, torch.Tensor]) -> dict:
@@ -109,7 +115,7 @@ class Verifier:
         else:
             want = expected.cpu()
             for lid, flat in flats.items():
-                if lid >= self.inf_first and tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat):
+                if lid >= self.inf_first and tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat, self.most or 1 << 22):
                     bad.append(self.plan.local_name[lid])
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
         wait(transport.all_reduce(count), "agreeing on verification")

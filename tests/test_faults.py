@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from planners import JobSpec, build_plan
@@ -56,14 +57,20 @@ def test_a_killed_rank_ends_the_sync_and_engines_are_marked_incomplete(plan, vic
     assert all(r["stats"]["plan"][0].verified for r in again.values())
 
 
-def test_bucket_memory_stays_within_two_rounds_per_peer(plan):
-    bucket = 4 << 10
-    results, _ = run_local(plan, LocalRun(versions=[1], timeout_s=20, bucket_bytes=bucket))
+def test_measured_sync_memory_stays_within_the_bucket_budget():
+    # ranks hold 4-9 MB each; a 256 KB budget: two rounds in flight may hold 512 KB, checksums included
+    cfg = dict(model_type="qwen3", hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+               head_dim=32, vocab_size=16384, intermediate_size=1024, tie_word_embeddings=False, torch_dtype="bfloat16")
+    plan = build_plan(JobSpec.from_dict(dict(model=dict(hf_config=cfg), trainer=dict(tp=2), inference=dict(tp=4))))
+    bucket = 256 << 10
+    results, _ = run_local(plan, LocalRun(versions=[1, 2, 3], timeout_s=30, bucket_bytes=bucket))
     for rank, r in results.items():
-        stats = r["stats"]["plan"][0]
-        peers = len({p for p in stats.sent_to} | {c for c in plan.chunks["src"][plan.chunks["dst"] == rank].tolist()} - {rank})
-        assert 0 < stats.peak_buffer_bytes <= 2 * bucket * max(peers, 1), (rank, stats.peak_buffer_bytes, peers)
-        assert stats.peak_buffer_bytes < plan.chunks["nbytes"][(plan.chunks["src"] == rank) | (plan.chunks["dst"] == rank)].sum()
+        first, *later = r["stats"]["plan"]
+        held = sum(int(np.prod(plan.local_shape[lid])) * 2 for lid in plan.locals_of(rank))  # bf16
+        assert held >= 8 * bucket and all(s.verified for s in r["stats"]["plan"])
+        assert 0 < first.peak_buffer_bytes <= 2 * bucket, (rank, first.peak_buffer_bytes)  # the arena, kept
+        for s in later:  # measured: resident-set high-water mark over the sync (first: one-time set-up)
+            assert s.peak_extra_bytes is not None and s.peak_extra_bytes <= 2 * bucket, (rank, s.peak_extra_bytes)
 
 
 class _Recorder:
