@@ -2,7 +2,8 @@
 
 Three limits, each optimistic (so their maximum is a true bound):
 * receiver: each engine rank must take in, once, the bytes no trainer rank on its own GPU holds; at
-  best over NVLink where a holder or another receiver of that tensor shares its node, else its NIC;
+  best by a device copy where another engine rank on its GPU needs that tensor too, over NVLink
+  where a holder or another receiver of it shares its node, else through its NIC;
 * node: each engine node must take in, at least once, every needed byte that no trainer rank on
   that node holds, through the node's NICs;
 * sender: every needed byte held on no engine node must leave the trainer, spread at best evenly
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planners.cost import CROSS_NODE, SAME_NODE
+from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE
 
 __all__ = ["lower_bound", "union_bytes"]
 
@@ -55,18 +56,22 @@ def lower_bound(plan) -> float:
     inf = ~trainer
 
     # receivers
-    key = tensor * (node.max() + 1) + node
-    inf_keys, counts = np.unique(key[inf], return_counts=True)
-    shared_on_node = np.isin(key, inf_keys[counts > 1])
+    def shared(where: np.ndarray) -> np.ndarray:  # another engine rank at the same place needs the tensor too
+        key = tensor * (where.max() + 1) + where
+        keys, counts = np.unique(np.unique(np.stack([key[inf], rank_of[inf]]), axis=1)[0], return_counts=True)
+        return np.isin(key, keys[counts > 1])
+
     remote = inf & ~same_dev
-    via_nvlink = remote & (same_node_holder | shared_on_node)
-    via_nic = remote & ~via_nvlink
+    via_device = remote & shared(dev)  # at best copied from an engine rank on the same GPU
+    via_nvlink = remote & ~via_device & (same_node_holder | shared(node))
+    via_nic = remote & ~via_device & ~via_nvlink
     n = plan.num_ranks
 
     def per_rank(m: np.ndarray) -> np.ndarray:  # a rank needing the same bytes twice (two slots) gets them once
         return union_bytes(rank_of[m], tensor[m], p["lo"][m], p["hi"][m], row_bytes, n)
 
-    t_recv = max((per_rank(via_nvlink) / bw[SAME_NODE]).max(initial=0.0),
+    t_recv = max((per_rank(via_device) / bw[SAME_DEVICE]).max(initial=0.0),
+                 (per_rank(via_nvlink) / bw[SAME_NODE]).max(initial=0.0),
                  (per_rank(via_nic) / bw[CROSS_NODE]).max(initial=0.0))
     # nodes
     m = inf & ~same_node_holder
