@@ -1,4 +1,5 @@
-"""Long placement-change soak: thousands of successive EPLB placements with a verified sync after each.
+"""Long placement-change soak: thousands of successive EPLB placements, redundant-slot counts and
+engine counts, with a verified sync after each.
 
 Usage: python scripts/soak_placements.py [JOB.yaml] [--iterations N] [--seed S]
 """
@@ -19,5 +20,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     t0 = time.perf_counter()
     out = run_soak(JobSpec.from_yaml(args.job), args.iterations, args.seed)
-    print(f"{out['verified']} verified syncs over {out['distinct_placements']} distinct placements "
-          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"{out['verified']} verified syncs over {out['distinct_placements']} distinct placements, "
+          f"engine counts {out['engine_counts']}, in {time.perf_counter() - t0:.0f} s")

@@ -1,9 +1,12 @@
-"""Placement-change soak: many successive EPLB placements (and redundant-slot counts), a verified
-sync after each, on one set of local processes.
+"""Placement-change soak: many successive EPLB placements, redundant-slot counts and engine counts,
+a verified sync after each, on one set of local processes.
 
 Every rank derives the same sequence of jobs and plans from the seed, so no driver is needed:
-iteration i draws a skew and a redundant-slot count, computes the placement from a synthetic load,
-plans, and syncs new weights; every engine tensor's checksum must match every time.
+iteration i draws a skew, a redundant-slot count and a number of engines (1 to the job's), computes
+the placement from a synthetic load, plans, and syncs new weights into freshly zeroed engines (so a
+joining engine's full weights are checked like everyone's); every engine tensor's checksum must
+match every time. Processes of engines that sit an iteration out wait; each engine count syncs
+over its own subgroup of the processes (made once, by every process, in the same order).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ def soak_jobs(job: JobSpec, iterations: int, seed: int = 0):
     ep = job.inference.ep_size
     for i in range(iterations):
         redundant = int(rng.integers(0, 3)) * ep  # keeps slots divisible by the EP size
-        j = replace(job, eplb=job.eplb.model_copy(update=dict(enabled=True, num_redundant_experts=redundant)))
+        engines = int(rng.integers(1, job.inference.engines + 1))
+        j = replace(job, eplb=job.eplb.model_copy(update=dict(enabled=True, num_redundant_experts=redundant)),
+                    inference=replace(job.inference, engines=engines))
         load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, float(rng.uniform(0, 1.5)),
                               seed=seed * 100003 + i)
         yield j, load
@@ -36,13 +41,19 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
     from sync.executor import PlanExecutor
     from sync.transport import standalone_transport
 
-    world = job.trainer.world_size + job.inference.world_size
-    transport = standalone_transport(rank, world, "127.0.0.1", port, timeout_s, store_on_rank0=False)
+    T, E = job.trainer.world_size, job.inference.engine_size
+    transport = standalone_transport(rank, T + E * job.inference.engines, "127.0.0.1", port, timeout_s,
+                                     store_on_rank0=False)
+    groups = {k: transport.subgroup(list(range(T + E * k))) for k in range(1, job.inference.engines + 1)}
     source = None
-    verified, placements = 0, set()
+    verified, placements, engine_counts = 0, set(), set()
     for i, (j, load) in enumerate(soak_jobs(job, iterations, seed)):
+        group = groups[j.inference.engines]
+        if group is None:  # this engine sits the iteration out
+            continue
         plan = build_plan(j, load)
         placements.add(plan.placement.phy2log.tobytes())
+        engine_counts.add(j.inference.engines)
         if rank < plan.num_trainer:
             if source is None:
                 source = SyntheticSource(plan, rank, seed, i)
@@ -51,12 +62,12 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
                                lambda tid: synthetic_tensor(plan.tensors[tid], tid, seed, i))
             target = None
         else:
-            target = BufferTarget(plan, rank)  # the slot count may have changed
-        stats = PlanExecutor(plan, rank, transport, 64 << 10, timeout_s).sync(source, target, verify=True)
+            target = BufferTarget(plan, rank)  # zeroed: the slot count may have changed, or the engine is new
+        stats = PlanExecutor(plan, rank, group, 64 << 10, timeout_s).sync(source, target, verify=True)
         if not stats.verified:
             raise AssertionError(f"iteration {i}: verification failed on some rank: {stats.mismatched}")
         verified += 1
-    return {"verified": verified, "distinct_placements": len(placements)}
+    return {"verified": verified, "distinct_placements": len(placements), "engine_counts": sorted(engine_counts)}
 
 
 def run_soak(job: JobSpec, iterations: int, seed: int = 0, timeout_s: float = 60.0) -> dict[str, Any]:
