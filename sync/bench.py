@@ -187,6 +187,7 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
         "baseline_over_sync": base_s / sync_s if base_s is not None else None,
         "verified": all(r["verified"] for r in results.values()),
         "messages_per_process": max(r["messages"] for r in results.values()),
+        "bytes_per_process": {str(groups[p]): dict(sent=r["sent"], received=r["received"]) for p, r in sorted(results.items())},
         # the slowest process's median of each part of a sync after the first
         "parts_seconds": {k: max(statistics.median(p[k] for p in r["parts"]) for r in results.values())
                           for k in _PARTS} if reps > 1 else None,

@@ -204,6 +204,12 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     table.add_row("raw exchange of the same buckets", f"{r['raw_seconds']:.3f}", f"{r['raw_seconds'] / r['sync_seconds']:.2f}")
     table.add_row("lower bound at measured bandwidth", f"{r['bound_seconds']:.3f}", f"{r['bound_seconds'] / r['sync_seconds']:.2f}")
     console.print(table)
+    ranks = Table(title="bytes per process (plan executor, one sync)", title_justify="left")
+    for col in ("ranks", "sent", "received", "achieved GB/s out"):
+        ranks.add_column(col, justify="right")
+    for who, b in r["bytes_per_process"].items():
+        ranks.add_row(who, _gb(b["sent"]), _gb(b["received"]), f"{b['sent'] / r['sync_seconds'] / 1e9:.2f}")
+    console.print(ranks)
     console.print(f"moved {_gb(r['bytes_moved'])} ({r['sync_gbps']:.2f} GB/s); busiest rank {_gb(r['max_bytes_per_rank'])}; "
                   f"measured {r['measured_gbps_per_rank']:.2f} GB/s per rank with all ranks busy")
     baseline = "-" if r["baseline_over_sync"] is None else f"{r['baseline_over_sync']:.2f}"
