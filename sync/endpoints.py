@@ -54,7 +54,9 @@ def trained_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> tor
 def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
                    full: Callable[[int], torch.Tensor]) -> None:
     """Write trainer ``rank``'s shards of full HF weights (``full(tensor id)``) into its local tensors,
-    in place: the inverse of the trainer shard rules (padding rows are left as they are)."""
+    in place: the inverse of the trainer shard rules (padding rows are left as they are). Tensors
+    that do not match the plan (a model built for another layout) are refused first, all named."""
+    check_locals(plan, rank, tensors, "source")
     pieces = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
     for tid in np.unique(pieces["tensor"]):
         t = plan.tensors[tid]

@@ -8,7 +8,7 @@ import pytest
 from planners import JobSpec, build_plan
 from planners.megatron_rules import trainer_locals
 from planners.model import catalog
-from sync.endpoints import EndpointError, check_locals
+from sync.endpoints import EndpointError, check_locals, fill_from_full
 from sync.launch import LocalRun, run_local
 from sync.megatron import MegatronSource, local_name
 from test_executor import expected_engine
@@ -58,6 +58,8 @@ def test_a_model_built_for_another_layout_is_refused_before_any_transfer():
                      for t in trainer_locals(tp2.model, catalog(tp2.model), tp2.trainer, 0)}
     with pytest.raises(EndpointError, match=r"linear_qkv.weight: shape \(48, 64\), plan expects \(96, 64\)"):
         check_locals(tp1, 0, model_tensors, "source")
+    with pytest.raises(EndpointError, match=r"linear_qkv.weight: shape"):  # loading weights into it: the same check
+        fill_from_full(tp1, 0, model_tensors, lambda tid: torch.zeros(tp1.tensors[tid].shape))
 
 
 def _module(*names):
