@@ -116,8 +116,9 @@ class SyncSettings(_Strict):
     # engines receive into a copy of their weights and swap it in only after verification, so a failed
     # sync leaves the served version intact (costs one copy of each engine rank's weights) ...
     staging: bool = False
-    # ... at most this many MB per engine rank; a larger engine rank is refused before any byte moves
-    staging_max_mb: float | None = _finite(None, gt=0)
+    # ... in at most this many buckets (bucket_mb each) per engine rank, or a whole copy when None; an
+    # engine rank whose copy needs more is refused before any byte moves
+    staging_buckets: int | None = Field(None, ge=1, le=1 << 20)
 
 
 class EplbSettings(_Strict):

@@ -33,13 +33,14 @@ class VersionedTarget:
         self._stage: dict[str, torch.Tensor] | None = None
         if staging and max_staging_bytes is not None and self.staging_bytes > max_staging_bytes:
             raise ValueError(f"staging this engine rank's weights needs {self.staging_bytes / 2**20:.1f} MB but "
-                             f"sync.staging_max_mb allows {max_staging_bytes / 2**20:.1f} MB: raise it, or set "
-                             f"sync.staging: false to update in place (a failed sync is then reported, not undone)")
+                             f"sync.staging_buckets x sync.bucket_mb allows {max_staging_bytes / 2**20:.1f} MB: "
+                             f"raise it, or set sync.staging: false to update in place (a failed sync is then "
+                             f"reported, not undone)")
 
     @classmethod
     def for_job(cls, inner, sync) -> "VersionedTarget":
-        """As the job's ``sync`` settings say (``staging``, ``staging_max_mb``)."""
-        cap = None if sync.staging_max_mb is None else sync.staging_max_mb * 2**20
+        """As the job's ``sync`` settings say (``staging``, ``staging_buckets`` of ``bucket_mb``)."""
+        cap = None if sync.staging_buckets is None else sync.staging_buckets * sync.bucket_mb * 2**20
         return cls(inner, sync.staging, cap)
 
     @property

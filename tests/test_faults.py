@@ -100,3 +100,15 @@ def test_engines_get_the_new_placement_only_after_a_verified_sync(bad):
     finish_sync(stats, {}, _Verdict(bad), SoloTransport(), lambda w, what: None, torch.device("cpu"), [target], "new")
     assert stats.verified is (bad == 0)
     assert target.placements == ([] if bad else ["new"])
+
+
+def test_staging_beyond_its_budget_is_refused_before_any_byte_moves():
+    from sync.endpoints import BufferTarget
+    from sync.versioned import VersionedTarget
+
+    job = JobSpec.from_dict({**JOB, "sync": dict(staging=True, staging_buckets=1, bucket_mb=0.001)})
+    target = BufferTarget(build_plan(job), job.trainer.world_size)
+    with pytest.raises(ValueError, match="staging_buckets x sync.bucket_mb allows 0.0 MB"):
+        VersionedTarget.for_job(target, job.sync)
+    roomy = JobSpec.from_dict({**JOB, "sync": dict(staging=True, staging_buckets=64, bucket_mb=1)})
+    assert VersionedTarget.for_job(target, roomy.sync).staging_bytes > 0
