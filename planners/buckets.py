@@ -25,7 +25,7 @@ import numpy as np
 from planners.plan import SyncPlan
 from planners.validate import match_containing
 
-__all__ = ["Bucket", "bucketize", "stage2_origin", "ALIGN"]
+__all__ = ["Bucket", "bucketize", "fanout", "pair_share", "stage2_origin", "ALIGN"]
 
 ALIGN = 16  # bytes: any dtype views in place, and copy kernels use 16-byte vector loads
 
@@ -55,7 +55,7 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
     process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
-    fanout = _fanout(plan, process_of)
+    fan = fanout(plan, process_of)
     row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.int64)
     if rank is None:
         rows = np.arange(len(c))
@@ -72,15 +72,20 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
         while end < len(rows) and (c["stage"][rows[end]], c["src"][rows[end]], c["dst"][rows[end]]) == (
                 first["stage"], first["src"], first["dst"]):
             end += 1
-        ends = process_of[[first["src"], first["dst"]]]
-        share = bucket_bytes // max(int(fanout[first["stage"]][ends].max()), 1) // ALIGN * ALIGN
-        out += _pair_buckets(c, rows[start:end], row_bytes, max(share, ALIGN), _direct(plan, rows[start:end], direct_bytes))
+        share = pair_share(fan, int(first["stage"]), process_of[first["src"]], process_of[first["dst"]], bucket_bytes)
+        out += _pair_buckets(c, rows[start:end], row_bytes, share, _direct(plan, rows[start:end], direct_bytes))
         start = end
     out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))  # stable: a pair's messages keep their order
     return out
 
 
-def _fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
+def pair_share(fanout: dict[int, np.ndarray], stage: int, src_process: int, dst_process: int, bucket_bytes: int) -> int:
+    """Bytes a pair of processes may move per round: the budget over the larger fan-out of its ends."""
+    share = bucket_bytes // max(int(fanout[stage][[src_process, dst_process]].max()), 1)
+    return max(share // ALIGN * ALIGN, ALIGN)
+
+
+def fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
     """Per stage, per process: how many (peer process, direction) pairs it exchanges chunks with."""
     c = plan.chunks
     src, dst = process_of[c["src"]], process_of[c["dst"]]

@@ -29,8 +29,11 @@ __all__ = ["bench_sync"]
 
 def _raw_plan(plan: SyncPlan, ranks: list[int], bucket_bytes: int, process_of) -> list[tuple[int, int, int, int]]:
     """(stage, round, peer process, nbytes) messages of the process hosting ``ranks``: every pair's
-    bytes of a stage, in bucket-sized messages, message k of every pair in round k -- the plan's
-    traffic between processes without packing."""
+    bytes of a stage, in messages of the pair's share of a round (as the executor's buckets), message
+    k of every pair in round k -- the plan's traffic between processes without packing."""
+    from planners.buckets import fanout, pair_share
+
+    fan = fanout(plan, np.asarray(process_of))
     c = plan.chunks
     hosted = np.isin(np.arange(plan.num_ranks), ranks)
     me = int(process_of[ranks[0]])
@@ -43,8 +46,9 @@ def _raw_plan(plan: SyncPlan, ranks: list[int], bucket_bytes: int, process_of) -
         for (src, dst), total in sorted(pairs.items()):
             peer = dst if src == me else src
             sign = 1 if src == me else -1  # + send, - receive
-            for k, start in enumerate(range(0, total, bucket_bytes)):
-                out.append((stage, k, peer, sign * min(bucket_bytes, total - start)))
+            size = pair_share(fan, stage, src, dst, bucket_bytes)
+            for k, start in enumerate(range(0, total, size)):
+                out.append((stage, k, peer, sign * min(size, total - start)))
     return sorted(out)
 
 
