@@ -20,6 +20,7 @@ A token routed to a logical expert is served by one of its replicas, so a replic
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,6 +146,217 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     inv = np.empty_like(perm)
     inv[np.arange(perm.shape[0])[:, None], perm] = np.arange(perm.shape[1])
     return inv
+
+
+# -- DeepSeek's policy without stepping through items one layer at a time --------------------
+#
+# Greedy balanced packing is sequential per row, so rows (layers, or layer x node) step together:
+# each pack's load is an int64 key (load << 24 | items << 16 | flat pack index), one min-reduction
+# finds every row's lightest pack, one scatter-add places the item. While every pack's turn comes
+# in load order, a whole round of m items goes at once. Rows are then certified against float
+# arithmetic (or checked exactly) and the rare row that fails is redone by the plain steps above.
+
+_I64 = np.int64
+_POSMAX = _I64(0x7FF0000000000000)  # bits of +inf: above the bits of every finite non-negative double
+_KEYS_OK = sys.byteorder == "little"  # keys are read through byte views
+_SHIFT = 24
+_UNITS = float(2 ** 38 - 2)  # a row's total load in integer units
+_FULL = _I64(1) << 62  # a full pack's key
+
+
+def _desc_keys(values: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
+    """Row-wise sort keys of ``values [X, n] >= 0``: heaviest first, lower index first on ties.
+
+    Returns the sorted keys (index in the low ``ib`` bits), ``ib``, and the rows where two neighbours
+    agree in every key bit above the index (a tie, or values too close for the key to order)."""
+    X, n = values.shape
+    ib = max(int(n - 1).bit_length(), 1)
+    keys = _POSMAX - values.view(_I64)
+    keys >>= ib
+    keys <<= ib
+    keys |= np.arange(n, dtype=_I64)
+    keys.sort(axis=1)
+    flat = keys.ravel()
+    close = np.empty(X * n, dtype=bool)
+    np.less(flat[1:] ^ flat[:-1], 1 << ib, out=close[:-1])
+    close[n - 1::n] = False  # across rows
+    return keys, ib, close.reshape(X, n).any(axis=1)
+
+
+def _replica_counts(weight: np.ndarray, num_slots: int) -> np.ndarray:
+    """Replica counts ``[X, n]`` (float) of :func:`replicate`: each extra slot to the largest load
+    per replica, lower index on ties. Vectorized over rows, one step per extra slot."""
+    X, n = weight.shape
+    count = np.ones(X * n)
+    if num_slots == n:
+        return count.reshape(X, n)
+    per = weight.astype(np.float64, copy=True)
+    perf, wf = per.ravel(), weight.ravel()
+    base = np.arange(0, X * n, n)
+    f = np.empty(X, dtype=np.intp)
+    for _ in range(num_slots - n):
+        np.add(per.argmax(axis=1), base, out=f)
+        c = count[f]
+        c += 1
+        count[f] = c
+        perf[f] = wf[f] / c
+    return count.reshape(X, n)
+
+
+def _pack_sorted(ws: np.ndarray, num_packs: int) -> np.ndarray:
+    """Slot position (pack * n/m + rank in pack) of each item under :func:`pack_greedy`, for items
+    already sorted heaviest first (``ws [X, n]``; lower index first among equal weights), at least
+    two items per pack."""
+    X, n = ws.shape
+    m = num_packs
+    k = n // m
+    if m == 1:
+        return np.broadcast_to(np.arange(n, dtype=_I64), (X, n))
+    if m * X > 1 << 16 or k > 250 or not _KEYS_OK:
+        pack, rank = pack_greedy(ws, m)
+        return pack * k + rank
+    total = ws.sum(axis=1)
+    scale = _UNITS / np.where(total > 0, total, 1.0)
+    XL = np.ascontiguousarray((ws * scale[:, None]).astype(_I64).T)  # [n, X] integer loads
+    XI = (XL << _SHIFT) + (1 << 16)  # adds an item's load and counts it
+    fidx = np.arange(m, dtype=_I64)[:, None] * X + np.arange(X, dtype=_I64)
+    K = np.empty(m * X, dtype=_I64)
+    K2 = K.reshape(m, X)
+    np.add(XI[:m], fidx, out=K2)  # first round: item p to pack p
+    rec = np.empty((n, X), dtype=_I64)  # key of the pack each item went to, before it
+    rec[:m] = fidx
+    idx = rec.view(np.uint16).reshape(n, X, 4)[:, :, 0]
+    cnt = rec.view(np.uint8).reshape(n, X, 8)[:, :, 2]
+    j = m
+    if m >= 8:  # whole rounds, while each pack's turn comes in load order (the last round always)
+        moved = False
+        while j < n:
+            Ks = np.sort(K2, axis=0)
+            if j + m < n:
+                A = Ks >> _SHIFT
+                thr = np.minimum.accumulate(A + XL[j:j + m], axis=0)
+                if not (A[1:] < thr[:-1]).all():
+                    break
+            rec[j:j + m] = Ks
+            np.add(Ks, XI[j:j + m], out=K2)
+            moved = True
+            j += m
+        if moved and j < n:  # rounds leave keys sorted: back to their own index
+            Kc = K.copy()
+            K[Kc.view(np.uint16)[::4]] = Kc
+    if j < n:
+        XF = XI + _FULL  # the item that fills a pack closes it
+        fills = np.empty(X, dtype=bool)
+        kcnt = K.view(np.uint8)[2::8]
+        guarded = False
+        while j < n:
+            if not guarded:  # no pack can fill within the next few items: skip the check
+                step = min(4, n - j)
+                guarded = int(kcnt.max()) + step >= k
+            else:
+                step = n - j
+            for i in range(j, j + step):
+                np.minimum.reduce(K2, axis=0, out=rec[i])
+                if guarded:
+                    np.equal(cnt[i], k - 1, out=fills)
+                    np.add.at(K, idx[i], np.where(fills, XF[i], XI[i]))
+                else:
+                    np.add.at(K, idx[i], XI[i])
+            j += step
+    pos = ((np.arange(m * X, dtype=_I64) // X * k).take(idx) + cnt).T  # [X, n]
+    # certify rows: successive start loads equal (same items) or apart by more than the rounding of
+    # the items summed; check the others exactly; redo the rare row that fails
+    S = rec[m:] >> _SHIFT
+    D = S[1:] - S[:-1]
+    unsure = ((D > 0) & (D < 2 * k + 2)).any(axis=0) | (ws[:, m - 1] <= 0)
+    if unsure.any():
+        rows = np.flatnonzero(unsure)
+        redo = rows[~_is_greedy(ws[rows], pos[rows], m)]
+        if len(redo):
+            pos = pos.copy()
+            pack, rank = pack_greedy(ws[redo], m)
+            pos[redo] = pack * k + rank
+    return pos
+
+
+def _is_greedy(ws: np.ndarray, pos: np.ndarray, num_packs: int) -> np.ndarray:
+    """Rows where slot positions ``pos`` are the greedy packing of the sorted items ``ws``: every
+    item starts on the lightest pack left (float loads summed in item order, as the greedy sums
+    them), the lower pack on ties."""
+    X, n = ws.shape
+    k = n // num_packs
+    flat = pos + np.arange(0, X * n, n)[:, None]
+    Y = np.empty(X * n)
+    Y[flat] = ws
+    Y = Y.reshape(X * num_packs, k)
+    start = np.zeros((X * num_packs, k))
+    np.cumsum(Y[:, :-1], axis=1, out=start[:, 1:])
+    G = start.ravel()[flat]
+    d = G[:, 1:] - G[:, :-1]
+    return ~((d < 0) | ((d == 0) & (pos[:, 1:] < pos[:, :-1]))).any(axis=1)
+
+
+def _deepseek_rows(rows_load: np.ndarray, slots: int, packs: int) -> np.ndarray:
+    """DeepSeek's replicate-then-pack for independent rows (a node's experts, local ids):
+    ``[X, slots]`` expert per slot, ``packs`` packs of ``slots / packs`` slots."""
+    X, n = rows_load.shape
+    k = slots // packs
+    if k == 1:  # one slot per pack: the slots stay in the order replicas were made
+        return _deepseek_rows_steps(rows_load, slots, packs)
+    count = _replica_counts(rows_load, slots)
+    per_replica = rows_load / count
+    keys, ib, close = _desc_keys(per_replica)  # equal loads per replica of two experts: redo the row
+    base = np.arange(0, X * n, n)[:, None]
+    order = (keys & _I64((1 << ib) - 1)) + base
+    reps = count.ravel().take(order).astype(np.intp).ravel()
+    item = np.repeat(order.ravel(), reps).reshape(X, slots)  # flat (row, expert) of each replica
+    pos = _pack_sorted(per_replica.ravel().take(item), packs)
+    out = np.empty(X * slots, dtype=_I64)
+    out[pos + np.arange(0, X * slots, slots)[:, None]] = item
+    out = out.reshape(X, slots) - base
+    if close.any():
+        bad = np.flatnonzero(close)
+        out[bad] = _deepseek_rows_steps(rows_load[bad], slots, packs)
+    return out
+
+
+def _deepseek_rows_steps(rows_load: np.ndarray, slots: int, packs: int) -> np.ndarray:
+    slot2item, _, count = replicate(rows_load, slots)
+    pack, rank = pack_greedy(_take(rows_load / count, slot2item), packs)
+    return _take(slot2item, _inverse(pack * (slots // packs) + rank))
+
+
+def _group_order(load: np.ndarray, num_groups: int, num_nodes: int) -> np.ndarray | None:
+    """``[L, E]`` logical expert in node-major order (node n holds positions [n*E/N, (n+1)*E/N)),
+    groups packed onto nodes by DeepSeek's greedy; None when that is the identity."""
+    L, E = load.shape
+    if num_groups == num_nodes:
+        return None  # one group per node: group g on node g
+    gs = E // num_groups
+    per_node = num_groups // num_nodes
+    group_load = load.reshape(L, num_groups, gs).sum(axis=2)
+    keys, ib, close = _desc_keys(group_load)
+    order = keys & _I64((1 << ib) - 1)
+    r = np.arange(L)[:, None]
+    slot_group = np.empty((L, num_groups), dtype=_I64)
+    slot_group[r, _pack_sorted(group_load[r, order], num_nodes)] = order
+    if close.any():
+        bad = np.flatnonzero(close)
+        node, rank = pack_greedy(group_load[bad], num_nodes)
+        slot_group[bad] = _inverse(node * per_node + rank)
+    return ((slot_group * gs)[:, :, None] + np.arange(gs)).reshape(L, E)
+
+
+def _deepseek(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    """phy2log ``[L, P]`` of DeepSeek's hierarchical policy (global: one group, one node)."""
+    L, E = load.shape
+    nm2log = _group_order(load, num_groups, num_nodes)
+    node_load = (load if nm2log is None else _take(load, nm2log)).reshape(L * num_nodes, E // num_nodes)
+    out = _deepseek_rows(node_load, num_physical // num_nodes, num_gpus // num_nodes)
+    if num_nodes > 1:
+        out = out.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * (E // num_nodes))[None, :, None]
+    out = out.reshape(L, num_physical)
+    return out if nm2log is None else _take(nm2log, out)
 
 
 # -- the hierarchical pipeline -------------------------------------------------------------
@@ -287,7 +499,7 @@ def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_node
     load = _check(load, num_physical, num_groups, num_nodes, num_gpus, policy)
     hierarchical = num_groups % num_nodes == 0
     shape = (num_groups, num_nodes) if hierarchical else (1, 1)
-    phy2log = _hierarchical(load, num_physical, *shape, num_gpus, refine=False)
+    phy2log = _deepseek(load, num_physical, *shape, num_gpus)
     if policy == "default":
         # per layer, keep the candidate with the lowest max GPU load, then the fewest GPUs holding
         # two replicas of one expert (a wasted slot); deepseek's placement wins remaining ties
