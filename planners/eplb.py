@@ -97,44 +97,126 @@ def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarra
     return slot2item, replica_rank, count
 
 
-def refine_swaps(weight: np.ndarray, ids: np.ndarray | None = None, max_rounds: int | None = None) -> np.ndarray:
-    """Improve packs ``weight [X, m, k]`` (m packs of k items) by swapping one item of the heaviest
-    pack with one of the lightest whenever that lowers the heavier of the two, as much as possible.
+def _swap_pairs(w: np.ndarray, perm: np.ndarray, ids: np.ndarray | None, m: int, k: int, rounds: int,
+                limit: np.ndarray | None) -> None:
+    """In place on flat ``w, perm, ids [X, m*k]``: rounds pairing the i-th heaviest pack with the i-th
+    lightest, each pair making the swap that evens it best if that lowers the heavier."""
+    X = w.shape[0]
+    n = m * k
+    active = np.arange(X)
+    P = m // 2
+    ar_k = np.arange(k)
+    for _ in range(rounds):
+        if not len(active) or P < 1:
+            break
+        A = len(active)
+        base = (active * n)[:, None]
+        wa = w[active]
+        load = wa.reshape(A, m, k).sum(axis=2)
+        order = np.argsort(load, axis=1, kind="stable")
+        heavy, light = order[:, ::-1][:, :P], order[:, :P]  # [A, P]
+        hs = ((heavy * k)[:, :, None] + ar_k).reshape(A, P * k)  # slots of each heavy pack
+        ls = ((light * k)[:, :, None] + ar_k).reshape(A, P * k)
+        wh = w.take(base + hs).reshape(A, P, k)
+        wl = w.take(base + ls).reshape(A, P, k)
+        delta = wh[:, :, :, None] - wl[:, :, None, :]  # [A, P, k_h, k_l]
+        lh = load.take(heavy + (np.arange(A) * m)[:, None])
+        gap = (lh - load.take(light + (np.arange(A) * m)[:, None]))[:, :, None, None]
+        ok = (delta > 0) & (delta < gap * (1 - 1e-12))
+        if ids is not None:
+            ih = ids.take(base + hs).reshape(A, P, k)
+            il = ids.take(base + ls).reshape(A, P, k)
+            h_has = (ih[:, :, :, None] == il[:, :, None, :])  # [A, P, k_h, k_l]
+            ok &= ~h_has.any(axis=3)[:, :, :, None] & ~h_has.any(axis=2)[:, :, None, :]
+        if limit is not None:
+            ok &= (lh > limit[active][:, None])[:, :, None, None]
+        score = np.where(ok, np.abs(gap - 2 * delta), np.inf).reshape(A, P, k * k)
+        best = score.argmin(axis=2)  # [A, P]
+        go = np.isfinite(np.take_along_axis(score, best[:, :, None], axis=2)[:, :, 0])
+        if not go[:, 0].any():  # the heaviest pack of no row gains: done
+            break
+        a, b = np.divmod(best, k)
+        ra, pa = np.nonzero(go)
+        sa = base[ra, 0] + hs.reshape(A, P, k)[ra, pa, a[ra, pa]]
+        sb = base[ra, 0] + ls.reshape(A, P, k)[ra, pa, b[ra, pa]]
+        for arr in (w, perm) + ((ids,) if ids is not None else ()):
+            flat = arr.reshape(-1)
+            tmp = flat[sa]
+            flat[sa] = flat[sb]
+            flat[sb] = tmp
+        active = active[go[:, 0]]
+
+
+def _swap_heaviest(w: np.ndarray, perm: np.ndarray, ids: np.ndarray | None, m: int, k: int, rounds: int,
+                   limit: np.ndarray | None, partners: int = 8) -> None:
+    """In place on flat ``w, perm, ids [X, m*k]``: swap one item of the heaviest pack with one of one
+    of the ``partners`` lightest packs, the swap evening that pair best, while it lowers the heaviest."""
+    X = w.shape[0]
+    n = m * k
+    Q = min(partners, m - 1)
+    active = np.arange(X)
+    ar_k = np.arange(k)
+    for _ in range(rounds):
+        if not len(active) or Q < 1:
+            break
+        A = len(active)
+        base = (active * n)[:, None]
+        load = w[active].reshape(A, m, k).sum(axis=2)
+        order = np.argsort(load, axis=1, kind="stable")
+        h = order[:, -1]
+        top = load[np.arange(A), h]
+        qs = order[:, :Q]
+        hs = (h * k)[:, None] + ar_k  # [A, k]
+        bs = ((qs * k)[:, :, None] + ar_k).reshape(A, Q * k)
+        wh = w.take(base + hs)
+        wb = w.take(base + bs)
+        delta = wh[:, :, None] - wb[:, None, :]  # [A, k, Q*k]
+        gap = np.repeat(top[:, None] - load.take(qs + (np.arange(A) * m)[:, None]), k, axis=1)[:, None, :]
+        ok = (delta > 0) & (delta < gap * (1 - 1e-12))
+        if ids is not None:
+            ih = ids.take(base + hs)
+            ib = ids.take(base + bs)
+            same = ih[:, :, None] == ib[:, None, :]
+            ok &= ~np.repeat(same.reshape(A, k, Q, k).any(axis=3), k, axis=2) & ~same.any(axis=1)[:, None, :]
+        if limit is not None:
+            ok &= (top > limit[active])[:, None, None]
+        score = np.where(ok, np.abs(gap - 2 * delta), np.inf).reshape(A, -1)
+        best = score.argmin(axis=1)
+        go = np.isfinite(score.ravel().take(np.arange(A) * score.shape[1] + best))
+        if not go.any():
+            break
+        a, b = np.divmod(best[go], Q * k)
+        rows = np.flatnonzero(go)
+        sa = base[rows, 0] + hs[rows, a]
+        sb = base[rows, 0] + bs[rows, b]
+        for arr in (w, perm) + ((ids,) if ids is not None else ()):
+            flat = arr.reshape(-1)
+            tmp = flat[sa]
+            flat[sa] = flat[sb]
+            flat[sb] = tmp
+        active = active[go]
+
+
+def refine_swaps(weight: np.ndarray, ids: np.ndarray | None = None, max_rounds: int | None = None,
+                 good_enough: np.ndarray | None = None) -> np.ndarray:
+    """Improve packs ``weight [X, m, k]`` (m packs of k items) by swapping items between packs:
+    rounds pairing the heaviest pack with the lightest, the second heaviest with the second lightest
+    and so on (each pair making the swap that evens it best, if that lowers the heavier), then
+    rounds swapping the heaviest pack with the best of the lightest packs. All rows at once; a row
+    stops when the heaviest pack no longer gains or is at most ``good_enough [X]``.
 
     With ``ids`` (same shape), a swap may not put two items of one id into one pack. Returns the
     permutation ``[X, m*k]``: new flat position -> old flat position. Deterministic.
     """
     X, m, k = weight.shape
-    w = weight.copy()
-    perm = np.tile(np.arange(m * k).reshape(m, k), (X, 1, 1))
-    ids = None if ids is None else ids.copy()
-    rows = np.arange(X)
-    active = np.ones(X, dtype=bool)
-    for _ in range(max_rounds or 2 * m):
-        load = w.sum(axis=2)  # [X, m]
-        h, lo = load.argmax(axis=1), load.argmin(axis=1)
-        gap = (load[rows, h] - load[rows, lo])[:, None, None]
-        delta = w[rows, h][:, :, None] - w[rows, lo][:, None, :]  # [X, k_h, k_l]: moved from h to lo
-        ok = (delta > 0) & (delta < gap * (1 - 1e-12)) & active[:, None, None]
-        if ids is not None:
-            ih, il = ids[rows, h], ids[rows, lo]
-            lo_has = (il[:, None, :] == ih[:, :, None]).any(axis=2)  # [X, k_h]: lightest already holds it
-            h_has = (ih[:, None, :] == il[:, :, None]).any(axis=2)  # [X, k_l]
-            ok &= ~lo_has[:, :, None] & ~h_has[:, None, :]
-        score = np.where(ok, np.abs(gap - 2 * delta), np.inf).reshape(X, -1)  # best: halves the gap
-        best = score.argmin(axis=1)
-        go = np.isfinite(score[rows, best])
-        if not go.any():
-            break
-        active &= go
-        r = rows[go]
-        a, b = np.unravel_index(best[go], (k, k))
-        hh, ll = h[go], lo[go]
-        for arr in (w, perm) + ((ids,) if ids is not None else ()):
-            tmp = arr[r, hh, a].copy()
-            arr[r, hh, a] = arr[r, ll, b]
-            arr[r, ll, b] = tmp
-    return perm.reshape(X, m * k)
+    rounds = max_rounds or m + 8
+    w = weight.reshape(X, m * k).copy()
+    perm = np.tile(np.arange(m * k), (X, 1))
+    ids = None if ids is None else ids.reshape(X, m * k).copy()
+    limit = None if good_enough is None else np.asarray(good_enough, dtype=np.float64)
+    _swap_pairs(w, perm, ids, m, k, rounds, limit)
+    _swap_heaviest(w, perm, ids, m, k, rounds, limit)
+    return perm
 
 
 def _take(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -359,107 +441,238 @@ def _deepseek(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: i
     return out if nm2log is None else _take(nm2log, out)
 
 
-# -- the hierarchical pipeline -------------------------------------------------------------
+# -- the default policy ----------------------------------------------------------------------
+#
+# Several nodes: every expert keeps one replica on its group's node (groups packed onto nodes as
+# DeepSeek packs them), the other P - E replicas go wherever balance is best. They are chosen one at
+# a time (all layers together): while some replica is heavier than a size target it is split once
+# more (new replica on the coolest node with room), otherwise the hottest node is relieved (its
+# heaviest expert gets a replica on the coolest node with room) or, when only it has room left,
+# takes the lightest replica it can (a "filler"). Then each node's replicas are packed onto its
+# GPUs (DeepSeek's greedy), a GPU holding two replicas of one expert trades one away, and swaps
+# from the heaviest GPU lower its load. Per layer the better of this and `deepseek` is kept.
 
-def _hierarchical(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int,
-                  refine: bool) -> np.ndarray:
-    """phy2log [L, P] of the hierarchical policy (optionally with swap refinement)."""
+_SIZE_SHARE = 0.7  # at most this share of the extra replicas goes to splitting oversized replicas
+_SIZE_GRID = np.array([0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, np.inf])  # x average GPU load
+
+
+def _spread(load: np.ndarray, num_physical: int, num_nodes: int, num_gpus: int,
+            candidates: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Replica counts ``[L, E]`` and replicas on each node ``[L, N, E]`` for experts in node-major
+    order (node n's own experts are ``[n*E/N, (n+1)*E/N)``; each keeps a replica there)."""
     L, E = load.shape
-    group_size = E // num_groups
-    groups_per_node = num_groups // num_nodes
-    gpus_per_node = num_gpus // num_nodes
-    slots_per_gpu = num_physical // num_gpus
-    experts_per_node = E // num_nodes
-
-    # 1. expert groups -> nodes (equal group counts per node)
-    group_load = load.reshape(L, num_groups, group_size).sum(axis=2)  # [L, groups]
-    node, rank = pack_greedy(group_load, num_nodes)
-    group_pos = node * groups_per_node + rank  # [L, groups] position in node-major order
-    if refine and num_nodes > 1:
-        by_pos = _take(group_load, _inverse(group_pos))
-        moved = refine_swaps(by_pos.reshape(L, num_nodes, groups_per_node))  # new pos -> old pos
-        group_pos = _inverse(_take(_inverse(group_pos), moved))
-    # logical expert -> "node-major" expert id, and back
-    log2nm = (group_pos * group_size)[:, :, None] + np.arange(group_size)
-    log2nm = log2nm.reshape(L, E)
-    nm2log = _inverse(log2nm)
-
-    # 2. replicate inside each node: rows are (layer, node)
-    node_load = _take(load, nm2log).reshape(L * num_nodes, experts_per_node)
-    slot2nm, _, count = replicate(node_load, num_physical // num_nodes)
-
-    # 3. a node's replicas -> its GPUs (equal slot counts per GPU)
-    replica_load = _take(node_load / count, slot2nm)  # [L*nodes, P/nodes]
-    gpu, rank = pack_greedy(replica_load, gpus_per_node)
-    slot_pos = gpu * slots_per_gpu + rank  # replica -> position among the node's slots
-    pos2slot = _inverse(slot_pos)
-    if refine and gpus_per_node > 1:
-        packed = _take(replica_load, pos2slot).reshape(-1, gpus_per_node, slots_per_gpu)
-        ids = _take(slot2nm, pos2slot).reshape(packed.shape)
-        pos2slot = _take(pos2slot, refine_swaps(packed, ids))
-    pos2nm = _take(slot2nm, pos2slot)
-    pos2nm = pos2nm.reshape(L, num_nodes, -1) + (np.arange(num_nodes) * experts_per_node)[None, :, None]
-    return _take(nm2log, pos2nm.reshape(L, num_physical))
-
-
-def _spill(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
-    """phy2log [L, P]: each expert's first replica stays on its group's node, the extra replicas go
-    wherever balance is best. Replica counts by water-filling over all slots; replicas packed
-    heaviest first onto the least-loaded GPU allowed, never two of one expert on one GPU (unless
-    an expert has more replicas than there are GPUs)."""
-    L, E = load.shape
-    G, N = num_gpus, num_nodes
-    k = num_physical // G
-    gpu_node = np.arange(G) // (G // N)
+    N = num_nodes
+    B = E // N
+    per_node = num_gpus // N  # replicas of one expert a node can hold without doubling up on a GPU
+    extra = num_physical - E
     rows = np.arange(L)
-    if N > 1:
-        group_load = load.reshape(L, num_groups, E // num_groups).sum(axis=2)
-        node, _ = pack_greedy(group_load, N)
-        home = np.repeat(node, E // num_groups, axis=1)  # [L, E]
-    else:
-        home = np.zeros((L, E), dtype=np.int64)
-    _, _, count = replicate(load, num_physical)
-    # items: experts repeated by their replica counts; the first of each is its primary
-    expert = np.stack([np.repeat(np.arange(E), c) for c in count])  # [L, P]
-    primary = np.ones_like(expert, dtype=bool)
-    primary[:, 1:] = expert[:, 1:] != expert[:, :-1]
-    weight = _take(load / count, expert)
-    order = np.lexsort((~primary, -weight))  # heaviest first, primaries first among equals
-    expert, primary, weight = _take(expert, order), _take(primary, order), _take(weight, order)
+    w = np.ascontiguousarray(load, dtype=np.float64).ravel()
+    count = np.ones(L * E)
+    on = np.zeros((L, N, E))
+    on[:, np.repeat(np.arange(N), B), np.arange(E)] = 1
+    on = on.ravel()
+    node_load = load.reshape(L, N, B).sum(axis=2)
+    nl = node_load.ravel()
+    free = np.full(L * N, float(num_physical // N - E // N))
+    # size target per layer: the smallest multiple of the average GPU load such that splitting every
+    # heavier replica down to it takes at most _SIZE_SHARE of the extra replicas
+    avg = load.sum(axis=1) / num_gpus
+    need = np.maximum(np.ceil(load[:, :, None] / np.maximum(avg[:, None, None] * _SIZE_GRID, 1e-300)) - 1, 0).sum(axis=1)
+    target = avg * _SIZE_GRID[np.argmax(need <= _SIZE_SHARE * extra, axis=1)]
+    share = w.copy()
+    new = w / 2
+    gain = share - new  # what each replica sheds when its expert gets one more
+    share2 = share.reshape(L, E)
+    new2 = new.reshape(L, E)
+    R = min(candidates, B)
+    rE, rN = rows * E, rows * N
+    nodes = rN[:, None] + np.arange(N)  # [L, N] flat node index
+    on_nodes = nodes * E  # [L, N] + e: flat index into on
+    arB = np.arange(B)
+    for _ in range(extra):
+        hot = node_load.argmax(axis=1)
+        hot_n = rN + hot
+        room = free.reshape(L, N) > 0
+        # split the heaviest replica: new replica where the nodes end coolest
+        big = share2.argmax(axis=1)
+        fb = rE + big
+        ob = on.take(on_nodes + big[:, None])  # [L, N]
+        gb, nb = gain.take(fb), new.take(fb)
+        ok_big = room & (ob < per_node)
+        t_big = np.where(ok_big, node_load - ob * gb[:, None] + nb[:, None], np.inf).argmin(axis=1)
+        use_big = ok_big.any(axis=1) & (share.take(fb) > target)
+        # relieve the hottest node: of its R own experts shedding most, the (expert, node) whose new
+        # replica leaves the nodes coolest
+        own = (rE + hot * B)[:, None] + arB  # [L, B] flat expert index
+        own_on = on.take((hot_n * E)[:, None] + hot[:, None] * B + arB)
+        relief = own_on * gain.take(own)
+        cand = own.take(np.argpartition(-relief, R - 1, axis=1)[:, :R] + (rows * B)[:, None]) if R < B else own
+        ce = cand - rE[:, None]  # expert ids [L, R]
+        oc = on.take(on_nodes[:, None, :] + ce[:, :, None])  # [L, R, N]
+        peak = node_load[:, None, :] - oc * gain.take(cand)[:, :, None]
+        srt = np.sort(peak, axis=2)
+        high = peak >= srt[:, :, -1:]
+        others = np.where(high, srt[:, :, -2:-1], srt[:, :, -1:])  # max over the other nodes
+        score = np.maximum(peak + new.take(cand)[:, :, None], others)
+        ok_rel = room[:, None, :] & (oc < per_node)
+        ok_rel.reshape(L, -1)[:, :] &= (np.arange(R * N) % N != hot[:, None])
+        score = np.where(ok_rel, score, np.inf).reshape(L, -1)
+        pick = score.argmin(axis=1)
+        use_rel = ~use_big & np.isfinite(score.ravel().take(rows * (R * N) + pick))
+        c_rel, t_rel = np.divmod(pick, N)
+        e_rel = ce.ravel().take(rows * R + c_rel)
+        # otherwise the hottest node takes the replica adding least to it (another replica of one of
+        # its own experts adds nothing while all of them are there); among equals the heaviest
+        sh_own, nw_own = share.take(own), new.take(own)
+        add = np.where(own_on < per_node, (own_on + 1) * nw_own - own_on * sh_own - 1e-9 * sh_own, np.inf)
+        a_own = add.argmin(axis=1)
+        e_fill = hot * B + a_own
+        add_fill = add.ravel().take(rows * B + a_own)
+        cheap = new2.argmin(axis=1)  # or the lightest new replica of anyone
+        fc = rE + cheap
+        oc_cheap = on.take(hot_n * E + cheap)
+        add_cheap = np.where(oc_cheap < per_node, (oc_cheap + 1) * new.take(fc) - oc_cheap * share.take(fc), np.inf)
+        e_fill = np.where(add_cheap < add_fill, cheap, e_fill)
+        ok_fill = room.ravel().take(hot_n) & np.isfinite(np.minimum(add_cheap, add_fill))
+        e = np.where(use_big, big, np.where(use_rel, e_rel, e_fill))
+        t = np.where(use_big, t_big, np.where(use_rel, t_rel, hot))
+        stuck = ~use_big & ~use_rel & ~ok_fill
+        if stuck.any():  # any node with room, the lightest replica it can take
+            s_ = np.flatnonzero(stuck)
+            okn = room[s_][:, :, None] & (on.reshape(L, N, E)[s_] < per_node)
+            flat = np.where(okn, new2[s_][:, None, :], np.inf).reshape(len(s_), -1).argmin(axis=1)
+            t[s_], e[s_] = np.divmod(flat, E)
+        fe = rE + e
+        ge, ne = gain.take(fe), new.take(fe)
+        node_load -= on.take(on_nodes + e[:, None]) * ge[:, None]
+        nl[rN + t] += ne
+        on[(rN + t) * E + e] += 1
+        free[rN + t] -= 1
+        c = count.take(fe) + 1
+        count[fe] = c
+        we = w.take(fe)
+        s_new = we / c
+        share[fe] = s_new
+        n_new = we / (c + 1)
+        new[fe] = n_new
+        gain[fe] = s_new - n_new
+    return count.reshape(L, E), on.reshape(L, N, E)
 
-    home_of = _take(home, expert)  # [L, P] home node of each item
-    node_onehot = np.eye(N, dtype=bool)
-    load_or_full = np.zeros((L, G))  # a full GPU's load is +inf
-    gpu_count = np.zeros((L, G), dtype=np.int64)
-    holds = np.zeros((L, E, G), dtype=bool)
-    # slots of a node that secondaries may still take without crowding out its primaries
-    node_spare = num_physical // N - np.stack([np.bincount(h, minlength=N) for h in home])
-    phy2log = np.empty((L, num_physical), dtype=np.int64)
-    for step in range(num_physical):
-        e, is_primary, w = expert[:, step], primary[:, step], weight[:, step]
-        node_ok = np.where(is_primary[:, None], node_onehot[home_of[:, step]], node_spare > 0)  # [L, N]
-        allowed = np.where(node_ok[:, gpu_node], load_or_full, np.inf)  # full GPUs are +inf already
-        g = np.where(holds[rows, e], np.inf, allowed).argmin(axis=1)
-        stuck = np.isinf(allowed[rows, g]) | holds[rows, e, g]  # only GPUs that already hold e are left
-        if stuck.any():
-            g[stuck] = allowed[stuck].argmin(axis=1)
-        c = gpu_count[rows, g]
-        phy2log[rows, g * k + c] = e
-        load_or_full[rows, g] += w
-        gpu_count[rows, g] = c + 1
-        done = c + 1 == k
-        load_or_full[rows[done], g[done]] = np.inf
-        holds[rows, e, g] = True
-        secondary = ~is_primary
-        node_spare[rows[secondary], gpu_node[g[secondary]]] -= 1
-    return phy2log
+
+def _pack_nodes(load: np.ndarray, count: np.ndarray, on: np.ndarray, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
+    """phy2log ``[L, P]``: each node's replicas packed onto its GPUs."""
+    L, N, E = on.shape
+    per_node = num_gpus // N
+    share = load / count
+    keys, ib, _ = _desc_keys(share)
+    order = keys & _I64((1 << ib) - 1)  # experts, heaviest replica first
+    r = np.arange(L)[:, None]
+    reps = on[r[:, :, None], np.arange(N)[None, :, None], order[:, None, :]].astype(np.intp)  # [L, N, E] in that order
+    slots = per_node * slots_per_gpu
+    item = np.repeat(np.broadcast_to(order[:, None, :], (L, N, E)).ravel(), reps.ravel()).reshape(L * N, slots)
+    ws = np.repeat(np.broadcast_to(share[r, order][:, None, :], (L, N, E)).ravel(), reps.ravel()).reshape(L * N, slots)
+    pos = _pack_sorted(ws, per_node)
+    placed = np.empty((L * N, slots), dtype=_I64)
+    weights = np.empty((L * N, slots))
+    rr = np.arange(L * N)[:, None]
+    placed[rr, pos] = item
+    weights[rr, pos] = ws
+    shape = (L * N, per_node, slots_per_gpu)
+    # refine a node's GPUs only while its heaviest could be the layer's: down to the layer's heaviest
+    # node average (or just above its own average)
+    avg = weights.sum(axis=1).reshape(L, N) / per_node
+    good = np.maximum(avg * 1.0005, avg.max(axis=1, keepdims=True)).ravel()
+    perm = _refine(weights.reshape(shape), placed.reshape(shape), good_enough=good)
+    return _take(placed, perm).reshape(L, N * slots)
+
+
+def _refine(weight: np.ndarray, ids: np.ndarray, max_rounds: int | None = None,
+            good_enough: np.ndarray | None = None) -> np.ndarray:
+    """Permutation ``[X, m*k]`` (new flat position -> old) improving packs ``[X, m, k]``: first a
+    pack holding two items of one id trades one for the closest-weight item of another pack that
+    creates no new repeat, then :func:`refine_swaps` lowers the heaviest pack."""
+    X, m, k = weight.shape
+    w = weight.copy()
+    ids = ids.copy()
+    perm = np.tile(np.arange(m * k).reshape(m, k), (X, 1, 1))
+    rows = np.arange(X)
+    for _ in range(m * k):
+        srt = np.sort(ids, axis=2)
+        dup_pack = (srt[:, :, 1:] == srt[:, :, :-1]).any(axis=2)  # [X, m]
+        todo = dup_pack.any(axis=1)
+        if not todo.any():
+            break
+        r = rows[todo]
+        p = dup_pack[r].argmax(axis=1)
+        ip = ids[r, p]  # [R, k]
+        # the second copy of a repeated id in pack p
+        rep = (ip[:, :, None] == ip[:, None, :]) & np.tri(k, k, -1, dtype=bool)  # a equals an earlier b
+        a = rep.any(axis=2).argmax(axis=1)
+        ea, wa = ip[np.arange(len(r)), a], w[r, p, a]
+        # partners: items b of other packs q, with q not holding ea and p not holding b's id
+        q_has = (ids[r] == ea[:, None, None]).any(axis=2)  # [R, m]
+        p_has = (ids[r][:, :, :, None] == ip[:, None, None, :]).any(axis=3)  # [R, m, k]: b's id in p
+        ok = ~q_has[:, :, None] & ~p_has
+        ok[np.arange(len(r)), p] = False
+        cost = np.where(ok, np.abs(w[r] - wa[:, None, None]), np.inf).reshape(len(r), -1)
+        best = cost.argmin(axis=1)
+        go = np.isfinite(cost[np.arange(len(r)), best])
+        if not go.any():
+            break
+        r, p, a, best = r[go], p[go], a[go], best[go]
+        q, b = np.divmod(best, k)
+        for arr in (w, ids, perm):
+            tmp = arr[r, p, a].copy()
+            arr[r, p, a] = arr[r, q, b]
+            arr[r, q, b] = tmp
+    swaps = refine_swaps(w, ids, max_rounds, good_enough)
+    return _take(perm.reshape(X, m * k), swaps)
+
+
+def _default(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int) -> np.ndarray:
+    L, E = load.shape
+    k = num_physical // num_gpus
+    ds = _deepseek(load, num_physical, num_groups, num_nodes, num_gpus)
+    if num_nodes > 1 and k > 1:
+        nm2log = _group_order(load, num_groups, num_nodes)
+        load_nm = load if nm2log is None else _take(load, nm2log)
+        count, on = _spread(load_nm, num_physical, num_nodes, num_gpus)
+        cand = _pack_nodes(load_nm, count, on, num_gpus, k)
+        candidates = [cand if nm2log is None else _take(nm2log, cand)]
+    else:  # one node: DeepSeek's packing, then trades and swaps between GPUs
+        shape = (L, num_gpus, k)
+        share = load / _counts(ds, E)
+        per_slot = _take(share, ds)
+        good = 1.001 * np.maximum(load.sum(axis=1) / num_gpus, share.max(axis=1))  # near the bound: stop
+        candidates = [_take(ds, _refine(per_slot.reshape(shape), ds.reshape(shape), good_enough=good))] if k > 1 else []
+    best = gpu_loads(load, ds, num_gpus).max(axis=1)
+    best_dups = _duplicates(ds, num_gpus)
+    out = ds
+    for cand in candidates:
+        peak = gpu_loads(load, cand, num_gpus).max(axis=1)
+        dups = _duplicates(cand, num_gpus)
+        take = (peak < best * (1 - 1e-12)) | ((peak <= best) & (dups < best_dups))
+        out = np.where(take[:, None], cand, out)
+        best = np.where(take, peak, best)
+        best_dups = np.where(take, dups, best_dups)
+    return out
+
+
+def _counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[L, E]`` replicas of each expert."""
+    L, P = phy2log.shape
+    flat = (phy2log + (np.arange(L) * num_experts)[:, None]).ravel()
+    return np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts)
 
 
 def gpu_loads(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L, G]`` tokens per GPU when each logical expert's tokens split evenly over its replicas."""
+    load = np.asarray(load, dtype=np.float64)
     L, P = phy2log.shape
-    count = np.stack([np.bincount(row, minlength=load.shape[1]) for row in phy2log])
-    per_slot = _take(load / np.maximum(count, 1), phy2log)
+    E = load.shape[1]
+    flat = (phy2log + (np.arange(L) * E)[:, None]).ravel()
+    count = np.bincount(flat, minlength=L * E)
+    per_slot = (load.ravel() / np.maximum(count, 1))[flat]
     return per_slot.reshape(L, num_gpus, P // num_gpus).sum(axis=2)
 
 
@@ -499,22 +712,10 @@ def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_node
     load = _check(load, num_physical, num_groups, num_nodes, num_gpus, policy)
     hierarchical = num_groups % num_nodes == 0
     shape = (num_groups, num_nodes) if hierarchical else (1, 1)
-    phy2log = _deepseek(load, num_physical, *shape, num_gpus)
-    if policy == "default":
-        # per layer, keep the candidate with the lowest max GPU load, then the fewest GPUs holding
-        # two replicas of one expert (a wasted slot); deepseek's placement wins remaining ties
-        best = gpu_loads(load, phy2log, num_gpus).max(axis=1)
-        best_dups = _duplicates(phy2log, num_gpus)
-        candidates = [_hierarchical(load, num_physical, *shape, num_gpus, refine=True)]
-        if shape[1] > 1:  # spilling replicas across nodes only helps when there are nodes to balance
-            candidates.append(_spill(load, num_physical, *shape, num_gpus))
-        for candidate in candidates:
-            peak = gpu_loads(load, candidate, num_gpus).max(axis=1)
-            dups = _duplicates(candidate, num_gpus)
-            take = (peak < best * (1 - 1e-12)) | ((peak <= best) & (dups < best_dups))
-            phy2log = np.where(take[:, None], candidate, phy2log)
-            best = np.where(take, peak, best)
-            best_dups = np.where(take, dups, best_dups)
+    if policy == "deepseek":
+        phy2log = _deepseek(load, num_physical, *shape, num_gpus)
+    else:
+        phy2log = _default(load, num_physical, *shape, num_gpus)
     if old_placement is not None:
         from planners.eplb_stability import keep_in_place
 
