@@ -452,111 +452,105 @@ def _deepseek(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: i
 # GPUs (DeepSeek's greedy), a GPU holding two replicas of one expert trades one away, and swaps
 # from the heaviest GPU lower its load. Per layer the better of this and `deepseek` is kept.
 
-_SIZE_SHARE = 0.7  # at most this share of the extra replicas goes to splitting oversized replicas
+_SIZE_SHARES = (0.7,)  # at most this share of the extra replicas goes to splitting oversized replicas
 _SIZE_GRID = np.array([0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, np.inf])  # x average GPU load
 
 
-def _spread(load: np.ndarray, num_physical: int, num_nodes: int, num_gpus: int,
-            candidates: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def _spread(load: np.ndarray, num_physical: int, num_nodes: int, num_gpus: int, size_share: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Replica counts ``[L, E]`` and replicas on each node ``[L, N, E]`` for experts in node-major
-    order (node n's own experts are ``[n*E/N, (n+1)*E/N)``; each keeps a replica there)."""
+    order (node n's own experts are ``[n*E/N, (n+1)*E/N)``; each keeps a replica there).
+
+    Rounds of up to one new replica per node: while replicas heavier than the size target remain,
+    the heaviest ones split (new replicas on the coolest nodes with room); otherwise the i-th
+    hottest node gives its expert shedding most a replica on the i-th coolest node with room; when
+    that helps no node, each node with room takes the replica of its own experts adding least."""
     L, E = load.shape
     N = num_nodes
     B = E // N
     per_node = num_gpus // N  # replicas of one expert a node can hold without doubling up on a GPU
     extra = num_physical - E
     rows = np.arange(L)
-    w = np.ascontiguousarray(load, dtype=np.float64).ravel()
-    count = np.ones(L * E)
+    R1 = rows[:, None]
+    w = np.ascontiguousarray(load, dtype=np.float64)
+    count = np.ones((L, E))
     on = np.zeros((L, N, E))
-    on[:, np.repeat(np.arange(N), B), np.arange(E)] = 1
-    on = on.ravel()
-    node_load = load.reshape(L, N, B).sum(axis=2)
-    nl = node_load.ravel()
-    free = np.full(L * N, float(num_physical // N - E // N))
+    own_mask = np.repeat(np.eye(N, dtype=bool), B, axis=1)  # [N, E]
+    on[:, own_mask] = 1
+    node_load = w.reshape(L, N, B).sum(axis=2)
+    free = np.full((L, N), num_physical // N - B)
+    left = np.full(L, extra)
     # size target per layer: the smallest multiple of the average GPU load such that splitting every
-    # heavier replica down to it takes at most _SIZE_SHARE of the extra replicas
-    avg = load.sum(axis=1) / num_gpus
-    need = np.maximum(np.ceil(load[:, :, None] / np.maximum(avg[:, None, None] * _SIZE_GRID, 1e-300)) - 1, 0).sum(axis=1)
-    target = avg * _SIZE_GRID[np.argmax(need <= _SIZE_SHARE * extra, axis=1)]
-    share = w.copy()
-    new = w / 2
-    gain = share - new  # what each replica sheds when its expert gets one more
-    share2 = share.reshape(L, E)
-    new2 = new.reshape(L, E)
-    R = min(candidates, B)
-    rE, rN = rows * E, rows * N
-    nodes = rN[:, None] + np.arange(N)  # [L, N] flat node index
-    on_nodes = nodes * E  # [L, N] + e: flat index into on
-    arB = np.arange(B)
+    # heavier replica down to it takes at most ``size_share [L]`` of the extra replicas
+    avg = w.sum(axis=1) / num_gpus
+    target = np.full(L, np.inf)
+    for alpha in _SIZE_GRID[::-1]:
+        if np.isfinite(alpha):
+            size = np.maximum(alpha * avg, 1e-300)
+            need = np.maximum(np.ceil(w / size[:, None]) - 1, 0).sum(axis=1)
+            target = np.where(need <= size_share * extra, size, target)
+    own_idx = np.arange(E).reshape(N, B)  # node n's own experts
+    arN = np.arange(N)
+    half = max(N // 2, 1)
     for _ in range(extra):
-        hot = node_load.argmax(axis=1)
-        hot_n = rN + hot
-        room = free.reshape(L, N) > 0
-        # split the heaviest replica: new replica where the nodes end coolest
-        big = share2.argmax(axis=1)
-        fb = rE + big
-        ob = on.take(on_nodes + big[:, None])  # [L, N]
-        gb, nb = gain.take(fb), new.take(fb)
-        ok_big = room & (ob < per_node)
-        t_big = np.where(ok_big, node_load - ob * gb[:, None] + nb[:, None], np.inf).argmin(axis=1)
-        use_big = ok_big.any(axis=1) & (share.take(fb) > target)
-        # relieve the hottest node: of its R own experts shedding most, the (expert, node) whose new
-        # replica leaves the nodes coolest
-        own = (rE + hot * B)[:, None] + arB  # [L, B] flat expert index
-        own_on = on.take((hot_n * E)[:, None] + hot[:, None] * B + arB)
-        relief = own_on * gain.take(own)
-        cand = own.take(np.argpartition(-relief, R - 1, axis=1)[:, :R] + (rows * B)[:, None]) if R < B else own
-        ce = cand - rE[:, None]  # expert ids [L, R]
-        oc = on.take(on_nodes[:, None, :] + ce[:, :, None])  # [L, R, N]
-        peak = node_load[:, None, :] - oc * gain.take(cand)[:, :, None]
-        srt = np.sort(peak, axis=2)
-        high = peak >= srt[:, :, -1:]
-        others = np.where(high, srt[:, :, -2:-1], srt[:, :, -1:])  # max over the other nodes
-        score = np.maximum(peak + new.take(cand)[:, :, None], others)
-        ok_rel = room[:, None, :] & (oc < per_node)
-        ok_rel.reshape(L, -1)[:, :] &= (np.arange(R * N) % N != hot[:, None])
-        score = np.where(ok_rel, score, np.inf).reshape(L, -1)
-        pick = score.argmin(axis=1)
-        use_rel = ~use_big & np.isfinite(score.ravel().take(rows * (R * N) + pick))
-        c_rel, t_rel = np.divmod(pick, N)
-        e_rel = ce.ravel().take(rows * R + c_rel)
-        # otherwise the hottest node takes the replica adding least to it (another replica of one of
-        # its own experts adds nothing while all of them are there); among equals the heaviest
-        sh_own, nw_own = share.take(own), new.take(own)
-        add = np.where(own_on < per_node, (own_on + 1) * nw_own - own_on * sh_own - 1e-9 * sh_own, np.inf)
-        a_own = add.argmin(axis=1)
-        e_fill = hot * B + a_own
-        add_fill = add.ravel().take(rows * B + a_own)
-        cheap = new2.argmin(axis=1)  # or the lightest new replica of anyone
-        fc = rE + cheap
-        oc_cheap = on.take(hot_n * E + cheap)
-        add_cheap = np.where(oc_cheap < per_node, (oc_cheap + 1) * new.take(fc) - oc_cheap * share.take(fc), np.inf)
-        e_fill = np.where(add_cheap < add_fill, cheap, e_fill)
-        ok_fill = room.ravel().take(hot_n) & np.isfinite(np.minimum(add_cheap, add_fill))
-        e = np.where(use_big, big, np.where(use_rel, e_rel, e_fill))
-        t = np.where(use_big, t_big, np.where(use_rel, t_rel, hot))
-        stuck = ~use_big & ~use_rel & ~ok_fill
+        if not left.any():
+            break
+        share = w / count
+        new = w / (count + 1)
+        gain = share - new
+        room = (free > 0) & (left > 0)[:, None]
+        cool = np.argsort(np.where(room, node_load, np.inf), axis=1, kind="stable")  # coolest with room first
+        e = np.full((L, N), -1)
+        t = cool.copy()
+        # 1. split the heaviest oversized replicas, the i-th heaviest onto the i-th coolest node
+        top = np.empty((L, N), dtype=np.intp)
+        pick = share.copy()
+        pf = pick.ravel()
+        for i in range(N):  # the N heaviest replicas, one argmax at a time
+            top[:, i] = pick.argmax(axis=1)
+            pf[rows * E + top[:, i]] = -1.0
+        ok = (share[R1, top] > target[:, None]) & room[R1, cool]
+        ok &= on[R1, cool, top] < per_node
+        ok &= np.cumsum(ok, axis=1) <= left[:, None]
+        e = np.where(ok, top, e)
+        sized = ok.any(axis=1)
+        # 2. relieve: the i-th hottest node, through its own expert shedding most, onto the i-th coolest
+        hot = np.argsort(-node_load, axis=1, kind="stable")[:, :half]
+        oo = on[:, arN[:, None], own_idx]  # [L, N, B] replicas of each node's own experts there
+        relief = oo * gain.reshape(L, N, B)
+        rel_e = own_idx[arN, relief.argmax(axis=2)]  # [L, N]
+        eh = rel_e[R1, hot]  # [L, half]
+        th = cool[:, :half]
+        okr = room[R1, th] & (node_load[R1, th] + new[R1, eh] < node_load[R1, hot]) & (th != hot)
+        okr &= on[R1, th, eh] < per_node
+        okr &= ~sized[:, None]
+        okr &= np.cumsum(okr, axis=1) <= left[:, None]
+        e[:, :half] = np.where(okr, eh, e[:, :half])
+        t[:, :half] = np.where(okr, th, t[:, :half])
+        relieved = okr.any(axis=1)
+        # 3. otherwise every node with room takes the replica of its own experts adding least to it
+        add = np.where(oo < per_node, new.reshape(L, N, B) * (1 - 1e-9) - relief, np.inf)
+        fill = own_idx[arN, add.argmin(axis=2)]  # [L, N]
+        okf = room & np.isfinite(add.min(axis=2)) & ~(sized | relieved)[:, None]
+        okf &= np.cumsum(okf, axis=1) <= left[:, None]
+        e = np.where(okf, fill, np.where(okf.any(axis=1)[:, None] | sized[:, None] | relieved[:, None], e, -1))
+        t = np.where(okf, arN, t)
+        stuck = (e < 0).all(axis=1) & (left > 0)
         if stuck.any():  # any node with room, the lightest replica it can take
             s_ = np.flatnonzero(stuck)
-            okn = room[s_][:, :, None] & (on.reshape(L, N, E)[s_] < per_node)
-            flat = np.where(okn, new2[s_][:, None, :], np.inf).reshape(len(s_), -1).argmin(axis=1)
-            t[s_], e[s_] = np.divmod(flat, E)
-        fe = rE + e
-        ge, ne = gain.take(fe), new.take(fe)
-        node_load -= on.take(on_nodes + e[:, None]) * ge[:, None]
-        nl[rN + t] += ne
-        on[(rN + t) * E + e] += 1
-        free[rN + t] -= 1
-        c = count.take(fe) + 1
-        count[fe] = c
-        we = w.take(fe)
-        s_new = we / c
-        share[fe] = s_new
-        n_new = we / (c + 1)
-        new[fe] = n_new
-        gain[fe] = s_new - n_new
-    return count.reshape(L, E), on.reshape(L, N, E)
+            okn = room[s_][:, :, None] & (on[s_] < per_node)
+            flat = np.where(okn, new[s_][:, None, :], np.inf).reshape(len(s_), -1).argmin(axis=1)
+            e[s_, 0], t[s_, 0] = flat % E, flat // E
+        # apply (the experts of one round are distinct)
+        r_, c_ = np.nonzero(e >= 0)
+        ee, tt = e[r_, c_], t[r_, c_]
+        np.subtract.at(node_load, r_, on[r_, :, ee] * gain[r_, ee][:, None])
+        np.add.at(node_load, (r_, tt), new[r_, ee])
+        np.add.at(on, (r_, tt, ee), 1)
+        np.add.at(count, (r_, ee), 1)
+        np.subtract.at(free, (r_, tt), 1)
+        np.subtract.at(left, r_, 1)
+    return count, on
 
 
 def _pack_nodes(load: np.ndarray, count: np.ndarray, on: np.ndarray, num_gpus: int, slots_per_gpu: int) -> np.ndarray:
@@ -636,9 +630,12 @@ def _default(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: in
     if num_nodes > 1 and k > 1:
         nm2log = _group_order(load, num_groups, num_nodes)
         load_nm = load if nm2log is None else _take(load, nm2log)
-        count, on = _spread(load_nm, num_physical, num_nodes, num_gpus)
-        cand = _pack_nodes(load_nm, count, on, num_gpus, k)
-        candidates = [cand if nm2log is None else _take(nm2log, cand)]
+        # a few size targets at once (rows stacked), the better kept per layer below
+        tries = len(_SIZE_SHARES)
+        stacked = np.tile(load_nm, (tries, 1))
+        count, on = _spread(stacked, num_physical, num_nodes, num_gpus, np.repeat(_SIZE_SHARES, L))
+        cand = _pack_nodes(stacked, count, on, num_gpus, k).reshape(tries, L, num_physical)
+        candidates = [c if nm2log is None else _take(nm2log, c) for c in cand]
     else:  # one node: DeepSeek's packing, then trades and swaps between GPUs
         shape = (L, num_gpus, k)
         share = load / _counts(ds, E)
@@ -660,7 +657,7 @@ def _default(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: in
 
 def _counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """``[L, E]`` replicas of each expert."""
-    L, P = phy2log.shape
+    L = phy2log.shape[0]
     flat = (phy2log + (np.arange(L) * num_experts)[:, None]).ravel()
     return np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts)
 
