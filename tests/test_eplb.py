@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_plan_exact
 from planners import JobSpec
-from planners.eplb import EplbError, balance_report, gpu_loads, rebalance
+from planners.eplb import POLICIES, EplbError, balance_report, gpu_loads, rebalance
 from planners.eplb_loop import rebalance_loop
 from planners.eplb_stability import moved_slots
 from planners.eplb_stats import ExpertLoadWindow, read_load, synthetic_load
@@ -85,6 +85,60 @@ def test_default_policy_helps_hot_groups():
     ours = balance_report(load, rebalance(load, 80, 8, 8, 16), 16, 8)
     assert ours.max_gpu_load.sum() < 0.9 * ds.max_gpu_load.sum()
     assert ours.max_over_bound >= 1.0 - 1e-9 and ds.max_over_bound >= ours.max_over_bound
+
+
+@SETTINGS
+@given(shapes())
+def test_group_bound_holds_for_group_confined_placements(case):
+    load, P, groups, nodes, gpus = case
+    if groups % nodes:
+        return
+    report = balance_report(load, rebalance(load, P, groups, nodes, gpus, policy="deepseek"), gpus, nodes, groups)
+    assert (report.max_gpu_load >= report.group_bound * (1 - 1e-12)).all()
+    assert (report.max_gpu_load >= report.bound * (1 - 1e-12)).all()
+
+
+def test_deepseek_policy_equals_the_loop_reference_with_ties_and_zeros():
+    rng = np.random.default_rng(11)
+    for layers, experts, P, groups, nodes, gpus in [(3, 32, 48, 4, 2, 8), (2, 64, 80, 8, 4, 16), (4, 16, 32, 2, 1, 4)]:
+        for load in (rng.integers(0, 4, (layers, experts)).astype(float),  # many ties, zeros
+                     np.where(rng.random((layers, experts)) < 0.5, 0.0, rng.random((layers, experts))),
+                     np.zeros((layers, experts))):
+            assert np.array_equal(rebalance(load, P, groups, nodes, gpus, policy="deepseek").phy2log,
+                                  rebalance_loop(load, P, groups, nodes, gpus))
+
+
+def test_balance_report_has_per_gpu_and_per_node_loads():
+    load = synthetic_load(4, 32, 1.0, seed=5)
+    report = balance_report(load, rebalance(load, 48, 4, 2, 8), 8, 2, num_groups=4)
+    assert report.gpu_load.shape == (4, 8) and report.node_load.shape == (4, 2)
+    assert np.allclose(report.gpu_load.sum(axis=1), load.sum(axis=1))
+    assert np.allclose(report.node_load, report.gpu_load.reshape(4, 2, 4).sum(axis=2))
+    assert np.array_equal(report.max_gpu_load, report.gpu_load.max(axis=1))
+    assert (report.max_gpu_load >= report.bound * (1 - 1e-12)).all() and 0 < report.balancedness <= 1
+
+
+def test_default_policy_avoids_two_replicas_of_one_expert_on_a_gpu():
+    window = np.stack([synthetic_load(12, 256, 1.0, seed=s) for s in range(3)]).sum(axis=0)  # [window, L, E] summed
+    for nodes in (4, 8):
+        ds = balance_report(window, rebalance(window, 288, 8, nodes, 48, policy="deepseek"), 48, nodes)
+        ours = balance_report(window, rebalance(window, 288, 8, nodes, 48), 48, nodes)
+        assert ds.duplicates > 0 and ours.duplicates == 0
+        assert ours.max_over_bound < ds.max_over_bound
+
+
+@pytest.mark.parametrize("slots,gpus,nodes", [(288, 32, 1), (288, 32, 4), (288, 32, 8), (320, 64, 8)])
+def test_default_policy_balances_moderate_skew(slots, gpus, nodes):
+    load = synthetic_load(8, 256, 0.6, seed=4)
+    report = balance_report(load, rebalance(load, slots, 8, nodes, gpus), gpus, nodes)
+    assert report.max_over_bound <= 1.03
+
+
+def test_policies_are_deterministic():
+    load = synthetic_load(6, 64, 1.0, seed=9)
+    for policy in POLICIES:
+        first = rebalance(load, 96, 8, 4, 16, policy=policy).phy2log
+        assert np.array_equal(first, rebalance(load.copy(), 96, 8, 4, 16, policy=policy).phy2log)
 
 
 @pytest.mark.parametrize("kwargs,message", [
