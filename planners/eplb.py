@@ -215,7 +215,7 @@ def refine_swaps(weight: np.ndarray, ids: np.ndarray | None = None, max_rounds: 
     ids = None if ids is None else ids.reshape(X, m * k).copy()
     limit = None if good_enough is None else np.asarray(good_enough, dtype=np.float64)
     _swap_pairs(w, perm, ids, m, k, rounds, limit)
-    _swap_heaviest(w, perm, ids, m, k, rounds, limit)
+    _swap_heaviest(w, perm, ids, m, k, min(rounds, 4), limit)  # a last few: the pairs did most
     return perm
 
 
