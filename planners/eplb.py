@@ -8,11 +8,13 @@ Policies:
 * ``"deepseek"`` -- DeepSeek's EPLB. Hierarchical when ``num_groups % num_nodes == 0``: pack expert
   groups onto nodes (greedy, equal counts), replicate hot experts inside each node (largest load per
   replica first), pack each node's replicas onto its GPUs (greedy, equal counts). Otherwise the same
-  with one group and one node (global). Vectorized across layers.
-* ``"default"`` -- the same pipeline with each greedy packing refined by load-reducing swaps out of the
-  heaviest pack (groups between nodes, replicas between the GPUs of a node, never putting two replicas
-  of one expert on one GPU); per layer it keeps whichever of this and ``deepseek`` has the lower
-  maximum GPU load, so it is never worse.
+  with one group and one node (global). All layers at once; the same ``phy2log`` as the plain loop
+  (``planners.eplb_loop``), which rows that cannot be certified fall back to.
+* ``"default"`` -- several nodes: every expert keeps one replica on its group's node, the others go
+  where balance is best (see :func:`_spread`), each node's replicas are packed onto its GPUs, repeats
+  of one expert on one GPU traded away, then swaps between GPUs. One node: DeepSeek's placement with
+  the trades and swaps. Per layer it keeps whichever of this and ``deepseek`` has the lower maximum
+  GPU load (then fewer repeats), so it is never worse.
 
 A token routed to a logical expert is served by one of its replicas, so a replica carries
 ``load[e] / logcnt[e]`` and a GPU the sum over its slots.
