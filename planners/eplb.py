@@ -9,7 +9,7 @@ Policies:
   groups onto nodes (greedy, equal counts), replicate hot experts inside each node (largest load per
   replica first), pack each node's replicas onto its GPUs (greedy, equal counts). Otherwise the same
   with one group and one node (global). All layers at once; the same ``phy2log`` as the plain loop
-  (``planners.eplb_loop``), which rows that cannot be certified fall back to.
+  (``planners.eplb_loop``): rows whose fast result cannot be certified are redone step by step.
 * ``"default"`` -- several nodes: every expert keeps one replica on its group's node, the others go
   where balance is best (see :func:`_spread`), each node's replicas are packed onto its GPUs, repeats
   of one expert on one GPU traded away, then swaps between GPUs. One node: DeepSeek's placement with
