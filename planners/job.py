@@ -100,10 +100,13 @@ def _finite(default: float, **bounds: float) -> Any:
     return Field(default, allow_inf_nan=False, **bounds)
 
 
+MAX_GBPS = 1e9  # a petabyte per second: beyond any link, and bytes per second stay finite
+
+
 class _Links(_Strict):
-    same_device_gbps: float = _finite(1500.0, gt=0)
-    nvlink_gbps: float = _finite(450.0, gt=0)
-    nic_gbps: float = _finite(50.0, gt=0)
+    same_device_gbps: float = _finite(1500.0, gt=0, le=MAX_GBPS)
+    nvlink_gbps: float = _finite(450.0, gt=0, le=MAX_GBPS)
+    nic_gbps: float = _finite(50.0, gt=0, le=MAX_GBPS)
 
 
 class SyncSettings(_Strict):
