@@ -172,7 +172,7 @@ class _Placement:
         self.groups: dict[int, Any] = {}
 
     def options(self, plan: SyncPlan, rank: int) -> dict[str, Any]:
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         device = int(plan.devices[rank])
@@ -184,7 +184,13 @@ class _Placement:
                 bundle[key] = 0.001
             pg = placement_group([dict(bundle) for _ in range(self.gpus_per_node)], strategy="STRICT_PACK",
                                  name=f"rlsync-node-{node}")
-            self.ray.get(pg.ready(), timeout=120)
+            try:
+                self.ray.get(pg.ready(), timeout=120)
+            except self.ray.exceptions.GetTimeoutError:
+                remove_placement_group(pg)
+                raise RuntimeError(f"Ray could not place node {node} of the job: {self.gpus_per_node} bundles of "
+                                   f"{bundle} on one Ray node within 120 s (deployment.gpus_per_node is "
+                                   f"{self.gpus_per_node}; the cluster has {self.ray.cluster_resources()})") from None
             self.groups[node] = pg
         sharing = int(np.sum(plan.devices == device))  # colocated: a trainer and an engine rank per GPU
         opts: dict[str, Any] = dict(num_cpus=BUNDLE_CPU / sharing, scheduling_strategy=PlacementGroupSchedulingStrategy(
