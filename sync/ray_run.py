@@ -235,10 +235,16 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
         stores.append(host_store(host, job.sync.timeout_s))
         return stores[-1].port
 
+    def regroup(actors: list, fresh: set[int]) -> list[dict]:
+        """Every rank joins a new sync group; ``fresh`` actors set up first (models, engines)."""
+        port = store_port()
+        return [p for p in ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in fresh
+                                    else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
+                if p is not None]
+
     trainer_port = store_port()
     actors = [Actor.options(**where.options(plan, r)).remote() for r in range(plan.num_ranks)]
-    port = store_port()
-    placed = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) for r, a in enumerate(actors)])
+    placed = regroup(actors, set(range(plan.num_ranks)))
     rng = np.random.default_rng(SEED)
     rows: list[dict[str, Any]] = []
     before_loads = after_loads = None
@@ -249,12 +255,9 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             plan = build_plan(job, window.load() if window is not None and job.eplb.enabled else None).validate()
             for a in actors[plan.num_ranks:]:
                 ray.kill(a)
-            fresh = list(range(len(actors), plan.num_ranks))
-            actors = actors[: plan.num_ranks] + [Actor.options(**where.options(plan, r)).remote() for r in fresh]
-            port = store_port()
-            joined = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in fresh
-                              else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
-            placed = [p for p in placed if p["rank"] < plan.num_ranks] + [j for j in joined if j is not None]
+            fresh = set(range(len(actors), plan.num_ranks))
+            actors = actors[: plan.num_ranks] + [Actor.options(**where.options(plan, r)).remote() for r in sorted(fresh)]
+            placed = [p for p in placed if p["rank"] < plan.num_ranks] + regroup(actors, fresh)
             say(f"iteration {it}: now {engines} engine(s), {plan.num_ranks} ranks")
         ray.get([a.update.remote(it) for a in actors])
         prompt = rng.integers(0, job.model.vocab_size, tokens).tolist()
@@ -293,10 +296,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             for r in sorted(restart):
                 ray.kill(actors[r])
                 actors[r] = Actor.options(**where.options(plan, r)).remote()
-            port = store_port()
-            joined = ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in restart
-                              else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
-            placed = [p for p in placed if p["rank"] not in restart] + [j for j in joined if j is not None]
+            placed = [p for p in placed if p["rank"] not in restart] + regroup(actors, restart)
             say(f"iteration {it}: sync failed; restarted rank(s) {sorted(restart)}, every rank joined a new group")
     last_ok = next((r for r in reversed(rows) if not r["errors"]), None)
     report = dict(job=job.describe(), iterations=rows, wall_seconds=time.perf_counter() - started,
