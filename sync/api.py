@@ -20,6 +20,7 @@ from typing import Any
 
 from planners import JobSpec, SyncPlan, build_plan
 from planners.eplb import balance_report
+from sync.endpoints import check_locals
 from sync.executor import PlanExecutor
 from sync.transport import Transport, standalone_transport
 from sync.versioned import VersionedTarget
@@ -47,6 +48,10 @@ class Synchronizer:
         self.job, self.rank, self.transport = job, rank, transport
         self.source, self.target = source, target
         self.plan: SyncPlan = build_plan(job)
+        # at start-up, not at the first sync: a model built for another layout is named right away
+        for end, side in ((source, "source"), (self.target, "target")):
+            if end is not None:
+                check_locals(self.plan, rank, end.local_tensors(), side)
         self._executor()
 
     @property

@@ -43,3 +43,18 @@ def test_training_loop_api_syncs_and_replans():
     for rank, (v1, v2, replicas_after, replicas_before) in results.items():
         assert v1 and v2, rank
         assert replicas_after > replicas_before  # hot experts got replicas from the loads
+
+
+def test_a_source_for_another_layout_is_refused_at_start_up():
+    import pytest
+
+    from planners import build_plan
+    from sync.api import Synchronizer
+    from sync.endpoints import EndpointError, SyntheticSource
+    from sync.transport import SoloTransport
+
+    job = JobSpec.from_dict(JOB)
+    other = JobSpec.from_dict({**JOB, "trainer": dict(tp=1, ep=2)})  # the model was built for TP1
+    source = SyntheticSource(build_plan(other), 0)
+    with pytest.raises(EndpointError, match="source of rank 0 does not match the plan"):
+        Synchronizer(job, 0, SoloTransport(), source=source)
