@@ -99,6 +99,13 @@ def replicate(weight: np.ndarray, num_slots: int) -> tuple[np.ndarray, np.ndarra
     return slot2item, replica_rank, count
 
 
+def _exchange(arrays, sa: np.ndarray, sb: np.ndarray) -> None:
+    """Swap flat positions ``sa`` and ``sb`` in every array (in place)."""
+    for arr in arrays:
+        flat = arr.reshape(-1)
+        flat[sa], flat[sb] = flat[sb], flat[sa].copy()
+
+
 def _swap_pairs(w: np.ndarray, perm: np.ndarray, ids: np.ndarray | None, m: int, k: int, rounds: int,
                 limit: np.ndarray | None) -> None:
     """In place on flat ``w, perm, ids [X, m*k]``: rounds pairing the i-th heaviest pack with the i-th
@@ -141,11 +148,7 @@ def _swap_pairs(w: np.ndarray, perm: np.ndarray, ids: np.ndarray | None, m: int,
         ra, pa = np.nonzero(go)
         sa = base[ra, 0] + hs.reshape(A, P, k)[ra, pa, a[ra, pa]]
         sb = base[ra, 0] + ls.reshape(A, P, k)[ra, pa, b[ra, pa]]
-        for arr in (w, perm) + ((ids,) if ids is not None else ()):
-            flat = arr.reshape(-1)
-            tmp = flat[sa]
-            flat[sa] = flat[sb]
-            flat[sb] = tmp
+        _exchange((w, perm) + ((ids,) if ids is not None else ()), sa, sb)
         active = active[go[:, 0]]
 
 
@@ -191,11 +194,7 @@ def _swap_heaviest(w: np.ndarray, perm: np.ndarray, ids: np.ndarray | None, m: i
         rows = np.flatnonzero(go)
         sa = base[rows, 0] + hs[rows, a]
         sb = base[rows, 0] + bs[rows, b]
-        for arr in (w, perm) + ((ids,) if ids is not None else ()):
-            flat = arr.reshape(-1)
-            tmp = flat[sa]
-            flat[sa] = flat[sb]
-            flat[sb] = tmp
+        _exchange((w, perm) + ((ids,) if ids is not None else ()), sa, sb)
         active = active[go]
 
 

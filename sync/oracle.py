@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from planners.model import ModelSpec
+from sync.engines.reference import FAMILIES
 
 __all__ = ["hf_config", "hf_logits", "logits_agree"]
 
-FAMILIES = ("llama", "qwen3_moe")  # what the reference engine runs, too
 
 
 def hf_config(spec: ModelSpec) -> dict:

@@ -174,24 +174,10 @@ def _mla_core_attention():
     return _MLADotProductAttention
 
 
-def megatron_param_shapes(
-    model_cfg: dict,
-    tp: int,
-    pp: int,
-    ep: int,
-    etp: int,
-    cp: int,
-    dp: int,
-    order: str,
-    rank: int,
-    pp_first_stage_layers: Optional[int] = None,
-    pp_last_stage_layers: Optional[int] = None,
-    vpp: int = 1,
-) -> dict[str, tuple[int, ...]]:
-    """Return ``{name: shape}`` of megatron GPTModel params (+ ``*expert_bias`` buffers)
-    held by global ``rank`` of the layout (tp, pp, ep, etp, cp, dp, order)."""
-    return megatron_rank(model_cfg, tp, pp, ep, etp, cp, dp, order, rank, pp_first_stage_layers,
-                         pp_last_stage_layers, vpp)[0]
+def megatron_param_shapes(*layout, **options) -> dict[str, tuple[int, ...]]:
+    """Return ``{name: shape}`` of megatron GPTModel params (+ ``*expert_bias`` buffers) held by a
+    rank: the arguments of :func:`megatron_rank`."""
+    return megatron_rank(*layout, **options)[0]
 
 
 def megatron_rank(

@@ -63,7 +63,7 @@ def test_measured_sync_memory_stays_within_the_bucket_budget():
                head_dim=32, vocab_size=16384, intermediate_size=1024, tie_word_embeddings=False, torch_dtype="bfloat16")
     plan = build_plan(JobSpec.from_dict(dict(model=dict(hf_config=cfg), trainer=dict(tp=2), inference=dict(tp=4))))
     bucket = 256 << 10
-    results, _ = run_local(plan, LocalRun(versions=[1, 2, 3], timeout_s=30, bucket_bytes=bucket))
+    results, _ = run_local(plan, LocalRun(versions=[1, 2, 3], timeout_s=30, bucket_bytes=bucket, measure_memory=True))
     for rank, r in results.items():
         first, *later = r["stats"]["plan"]
         held = sum(int(np.prod(plan.local_shape[lid])) * 2 for lid in plan.locals_of(rank))  # bf16

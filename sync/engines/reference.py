@@ -19,7 +19,10 @@ from planners.plan import SyncPlan
 from sync.endpoints import BufferTarget
 from sync.transport import Transport
 
-__all__ = ["ReferenceEngine", "engine_groups"]
+__all__ = ["ReferenceEngine", "engine_groups", "FAMILIES"]
+
+
+FAMILIES = ("llama", "qwen3_moe")  # the model families this engine runs (qwen2/qwen3/mistral are llama's)
 
 
 def engine_groups(plan: SyncPlan, job: JobSpec, transport: Transport, rank: int) -> tuple[Transport, Transport]:
@@ -38,7 +41,7 @@ def engine_groups(plan: SyncPlan, job: JobSpec, transport: Transport, rank: int)
 class ReferenceEngine(BufferTarget):
     def __init__(self, plan: SyncPlan, job: JobSpec, rank: int, tp_group: Transport, ep_group: Transport) -> None:
         super().__init__(plan, rank)
-        if job.inference.pp != 1 or job.model.is_mla or job.model.family == "mixtral":
+        if job.inference.pp != 1 or job.model.family not in FAMILIES:
             raise NotImplementedError("the reference engine runs llama/qwen and qwen3_moe models with pp=1")
         self.job, self.spec, self.lay = job, job.model, job.inference
         self.coords = self.lay.coords(rank - plan.num_trainer)
