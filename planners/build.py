@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
+from planners.errors import PlanBuildError
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
 from planners.megatron_rules import check_trainer, trainer_template
 from planners.model import Catalog, ModelSpec, catalog
@@ -34,10 +35,6 @@ from planners.shards import LocalTensor
 from planners.vllm_rules import check_inference, inference_template
 
 __all__ = ["build_plan", "build_plan_from_parts", "PlanBuildError"]
-
-
-class PlanBuildError(ValueError):
-    """The two sides do not fit together (an inference byte no trainer rank holds)."""
 
 
 def build_plan(job: Any, load: Any = None) -> SyncPlan:

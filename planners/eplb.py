@@ -28,15 +28,12 @@ from typing import Literal
 
 import numpy as np
 
+from planners.errors import EplbError
 from planners.placement import Placement
 
 __all__ = ["rebalance", "EplbError", "gpu_loads", "BalanceReport", "balance_report", "POLICIES"]
 
 POLICIES = ("default", "deepseek")
-
-
-class EplbError(ValueError):
-    """Arguments a placement cannot be computed for; the message names the argument."""
 
 
 # -- building blocks (all [X, n] -> [X, n], X = independent rows, e.g. layers) -----------------

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExpertLoadWindow", "synthetic_load", "drift", "read_load"]
+__all__ = ["ExpertLoadWindow", "synthetic_load", "drift", "read_load", "load_array"]
 
 
 @dataclass
@@ -91,22 +91,24 @@ def drift(load: np.ndarray, amount: float = 0.3, seed: int = 1) -> np.ndarray:
 
 
 def read_load(path: str | Path) -> np.ndarray:
-    """``[L, E]`` load from .npy / .json / .pt holding ``[L, E]`` or ``[window, L, E]`` (summed)."""
+    """``[L, E]`` load from .npy / .json holding ``[L, E]`` or ``[window, L, E]`` (summed); a .pt file
+    (torch) is read by ``sync.cli``, which hands its array to :func:`load_array`."""
     path = Path(path)
     if path.suffix == ".npy":
         data = np.load(path)
     elif path.suffix == ".json":
         raw = json.loads(path.read_text())
         data = ExpertLoadWindow.from_dict(raw).load() if isinstance(raw, dict) else np.asarray(raw, dtype=np.float64)
-    elif path.suffix == ".pt":
-        import torch
-
-        data = torch.load(path, map_location="cpu").double().numpy()
     else:
         raise ValueError(f"load file {path} must be .npy, .json or .pt")
+    return load_array(data, str(path))
+
+
+def load_array(data, where: str) -> np.ndarray:
+    """``data`` (``[L, E]`` or ``[window, L, E]``, summed over the window) as a float ``[L, E]`` array."""
     data = np.asarray(data, dtype=np.float64)
     if data.ndim == 3:
         data = data.sum(axis=0)
     if data.ndim != 2:
-        raise ValueError(f"load file {path} holds shape {data.shape}; expected [layers, experts] or [window, layers, experts]")
+        raise ValueError(f"load file {where} holds shape {data.shape}; expected [layers, experts] or [window, layers, experts]")
     return data

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from planners.buckets import ALIGN
 from planners.cost import Links
 from planners.eplb import EplbError
+from planners.errors import JobError
 from planners.layouts import Deployment, InferenceLayout, LayoutError, TrainerLayout, vllm_pp_layers
 from planners.megatron_rules import check_trainer, padded_vocab
 from planners.model import MOE_KEYS, ModelError, ModelSpec
@@ -35,10 +36,6 @@ from planners.shards import ShardError
 from planners.vllm_rules import check_inference
 
 __all__ = ["JobSpec", "JobError", "SyncSettings", "EplbSettings"]
-
-
-class JobError(ValueError):
-    """A job spec that cannot run; the message names the field and what would be valid."""
 
 
 MAX_RANKS = 1 << 20  # GPUs of one job; beyond this a layout is a typo, and device tables would not fit

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from math import gcd
 from typing import Literal, Sequence
 
+from planners.errors import LayoutError
 from planners.rankgrid import RankGrid
 
 __all__ = [
@@ -26,10 +27,6 @@ __all__ = [
     "InferenceCoords",
     "vllm_pp_layers",
 ]
-
-
-class LayoutError(ValueError):
-    """A layout that cannot exist; the message names the field and what would be valid."""
 
 
 def _positive(owner: str, **values: int) -> None:

@@ -10,16 +10,14 @@ left out.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from math import prod
 from typing import Any, Callable
 
+from planners.errors import ModelError
+
 __all__ = ["ModelSpec", "LogicalTensor", "Catalog", "catalog", "ModelError", "DTYPES", "hf_keys"]
-
-
-class ModelError(ValueError):
-    """A model config the planner cannot use; the message names the field."""
 
 
 DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}

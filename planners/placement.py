@@ -11,11 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from planners.errors import PlacementError
+
 __all__ = ["Placement", "PlacementError"]
-
-
-class PlacementError(ValueError):
-    """A placement that does not fit the model or the engine."""
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: shard rules cache on it

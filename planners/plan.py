@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, stage_time
+from planners.errors import PlanError
 from planners.model import LogicalTensor
 from planners.placement import Placement
 
@@ -32,10 +33,6 @@ CHUNK_DTYPE = np.dtype([
 PIECE_DTYPE = np.dtype([
     ("local", "i4"), ("tensor", "i4"), ("lo", "i8"), ("hi", "i8"), ("base", "i8"), ("dim", "i8"), ("off", "i8"),
 ])
-
-
-class PlanError(ValueError):
-    """A plan that does not do what a plan must; the message says which chunk or piece."""
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from planners.errors import ShardError
+
 __all__ = ["Piece", "LocalTensor", "ShardError", "even_part", "require_divides"]
-
-
-class ShardError(ValueError):
-    """A layout that the model's shapes do not divide; the message names the fields."""
 
 
 @dataclass(frozen=True, slots=True)

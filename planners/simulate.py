@@ -2,7 +2,8 @@
 
 Trainer local tensors are built from full Hugging Face weights with the trainer shard rules
 (padding rows zero), the chunks run in plan order, and the inference ranks' tensors come back.
-Copies are byte-exact whatever the dtype (bf16 tensors travel as their 16-bit patterns).
+Copies are byte-exact whatever the dtype. Weights are numpy arrays (anything ``np.asarray`` takes);
+torch tensors, bfloat16 included, go through ``sync.tensors.simulate_tensors``.
 """
 
 from __future__ import annotations
@@ -21,29 +22,16 @@ def block_view(flat: np.ndarray, base: int, outer: int, dim: int, inner: int, of
     return flat[base: base + outer * dim * inner].reshape(outer, dim, inner)[:, off: off + n, :]
 
 
-def _to_numpy(x: Any) -> tuple[np.ndarray, Any]:
-    """A numpy array with the same bytes, and how to turn results back into x's type."""
-    if isinstance(x, np.ndarray):
-        return x, None
-    import torch
-
-    t = x.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy(), torch.bfloat16
-    return t.numpy(), t.dtype
-
-
-def simulate(plan: SyncPlan, full_weights: dict[str, Any]) -> dict[int, dict[str, Any]]:
+def simulate(plan: SyncPlan, full_weights: dict[str, Any]) -> dict[int, dict[str, np.ndarray]]:
     missing = [t.name for t in plan.tensors if t.name not in full_weights]
     if missing:
         raise KeyError(f"full_weights lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
-    full, back = [], None
+    full = []
     for t in plan.tensors:
-        arr, kind = _to_numpy(full_weights[t.name])
+        arr = np.asarray(full_weights[t.name])
         if tuple(arr.shape) != t.shape:
             raise ValueError(f"{t.name}: shape {tuple(arr.shape)} but the model spec says {t.shape}")
         full.append(np.ascontiguousarray(arr).reshape(-1))
-        back = back if back is not None else kind
     tensors = plan.tensors
 
     # dtype of each local tensor: that of the logical tensors it is made of
@@ -71,10 +59,5 @@ def simulate(plan: SyncPlan, full_weights: dict[str, Any]) -> dict[int, dict[str
 
     out: dict[int, dict[str, Any]] = {r: {} for r in plan.inference_ranks}
     for lid in np.flatnonzero(~is_trainer):
-        arr = flats[lid].reshape(plan.local_shape[lid])
-        if back is not None:
-            import torch
-
-            arr = torch.from_numpy(arr).view(back) if back == torch.bfloat16 else torch.from_numpy(arr)
-        out[int(plan.local_rank[lid])][plan.local_name[lid]] = arr
+        out[int(plan.local_rank[lid])][plan.local_name[lid]] = flats[lid].reshape(plan.local_shape[lid])
     return out

@@ -110,11 +110,22 @@ def _explain(plan, name: str, console: Console) -> None:
     console.print(table)
 
 
+def _read_load(path: str):
+    """A load file: .npy/.json by the planner, .pt (a torch tensor) here."""
+    from planners.eplb_stats import load_array, read_load
+
+    if path.endswith(".pt"):
+        import torch
+
+        return load_array(torch.load(path, map_location="cpu").double().numpy(), path)
+    return read_load(path)
+
+
 def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from planners.eplb import EplbError, balance_report, rebalance
-    from planners.eplb_stats import read_load, synthetic_load
+    from planners.eplb_stats import synthetic_load
     from planners.placement import Placement
 
     if args.job:
@@ -130,7 +141,7 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
         if slots is None:
             slots = experts
     try:
-        load = read_load(args.load) if args.load else synthetic_load(layers, experts, args.zipf, args.seed)
+        load = _read_load(args.load) if args.load else synthetic_load(layers, experts, args.zipf, args.seed)
     except (OSError, ValueError) as e:
         raise JobError(f"--load: {e}") from None
     if load.shape[1] != experts:
@@ -178,11 +189,10 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
         bench_gpu(args.rest)
         return 0
 
-    from sync.bench import bench_sync
-
     from dataclasses import replace
 
     from planners.cost import Links
+    from sync.bench import bench_sync
 
     job = JobSpec.from_yaml(args.job)
     if not args.job_links:  # plan for this machine: every rank talks over loopback, every link alike

@@ -14,6 +14,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from planners.errors import RLSyncError
 from planners.model import LogicalTensor
 from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
@@ -22,7 +23,7 @@ __all__ = ["Source", "Target", "SyntheticSource", "BufferTarget", "synthetic_ten
            "EndpointError", "fill_from_full"]
 
 
-class EndpointError(ValueError):
+class EndpointError(RLSyncError, ValueError):
     """A source or target whose tensors do not match the plan."""
 
 

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import re
 import time
-from itertools import chain
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import chain
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from planners.buckets import ALIGN, Bucket, bucketize
+from planners.errors import RLSyncError
 from planners.plan import SyncPlan
 from planners.runs import BUFFER, chunk_runs
 from sync.copier import CopyProgram
@@ -50,7 +51,7 @@ DIRECT_BYTES = {"gloo": 1 << 18, "nccl": 32 << 20, "solo": 1 << 18}
 __all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync", "versioned_sync"]
 
 
-class SyncError(RuntimeError):
+class SyncError(RLSyncError, RuntimeError):
     """A sync that did not complete; the message names stage, peer and bucket."""
 
 

@@ -17,13 +17,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from planners.errors import RLSyncError
+
 __all__ = ["Fault", "FaultError", "KILL_EXIT_CODE"]
 
 KINDS = ("kill", "stall", "corrupt")
 KILL_EXIT_CODE = 17
 
 
-class FaultError(ValueError):
+class FaultError(RLSyncError, ValueError):
     pass
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from planners.errors import RLSyncError
 from planners.plan import SyncPlan
 from sync.faults import KILL_EXIT_CODE
 from sync.memory import PeakMemory
@@ -27,7 +28,7 @@ from sync.memory import PeakMemory
 __all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "host_store", "RankFailure"]
 
 
-class RankFailure(RuntimeError):
+class RankFailure(RLSyncError, RuntimeError):
     """One or more rank processes failed; the message carries their errors."""
 
     def __init__(self, errors: dict[int, str]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["TORCH_DTYPES", "MIX_K1", "MIX_K2", "CHECKSUM_BYTES_PER_ELEMENT", "block", "block_pieces", "checksum_block",
-           "checksum_flat", "as_bits", "wrap_int64"]
+           "checksum_flat", "as_bits", "wrap_int64", "simulate_tensors"]
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn}
@@ -88,3 +88,18 @@ def wrap_int64(v: int) -> int:
     """Python int -> the int64 it wraps to."""
     v &= (1 << 64) - 1
     return v - (1 << 64) if v >= 1 << 63 else v
+
+
+
+def simulate_tensors(plan, full_weights: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """``plan.simulate`` for torch weights: every tensor travels as its bit pattern (numpy has no
+    bfloat16) and comes back in the dtype of the weights it is made of."""
+    weights = {name: t.detach().cpu().contiguous() for name, t in full_weights.items()}
+    out = plan.simulate({name: t.view(_BITS[t.element_size()]).numpy() for name, t in weights.items()})
+    dtype = {int(p["local"]): weights[plan.tensors[p["tensor"]].name].dtype for p in plan.pieces}
+    for lid in range(len(plan.local_name)):
+        rank, name = int(plan.local_rank[lid]), plan.local_name[lid]
+        if rank in out:
+            kind = dtype.get(lid, TORCH_DTYPES[plan.local_dtype[lid]])
+            out[rank][name] = torch.from_numpy(out[rank][name]).view(kind)
+    return out

@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from planners.errors import RLSyncError
 from planners.layouts import InferenceLayout
 from planners.plan import SyncPlan
 
@@ -82,7 +83,7 @@ __all__ = ["RLSyncWorkerExtension", "map_parameter_names", "engine_global_rank",
            "find_eplb_maps", "check_engine_config", "moe_layer_rows"]
 
 
-class EngineConfigError(ValueError):
+class EngineConfigError(RLSyncError, ValueError):
     """The vLLM engine's settings do not fit the plan (names the ``LLM(...)`` argument to change)."""
 
 

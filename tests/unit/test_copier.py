@@ -8,30 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from expected import random_runs
 from planners.runs import RUN_DTYPE, apply_runs
 from sync.copier import CopyProgram
-
-
-def random_runs(rng, sizes: list[int], n: int) -> np.ndarray:
-    """Non-overlapping destination blocks, sources anywhere; odd offsets, lengths and strides included."""
-    runs = np.zeros(n, dtype=RUN_DTYPE)
-    cursor = [0] * len(sizes)
-    for j in range(n):
-        d, s = int(rng.integers(len(sizes))), int(rng.integers(len(sizes)))
-        length = int(rng.choice([1, 2, 3, 16, 100, 4096, 9000, 70001, 262144]))
-        rows = int(rng.choice([1, 1, 3, 64]))
-        src_stride = length + int(rng.choice([0, 2, 16, 1000]))
-        dst_stride = length + int(rng.choice([0, 16, 48]))
-        align = int(rng.choice([1, 2, 4, 16]))
-        start = -(-cursor[d] // align) * align + int(rng.choice([0, 0, 1, 2]))
-        if start + (rows - 1) * dst_stride + length > sizes[d]:
-            continue
-        src_room = sizes[s] - (rows - 1) * src_stride - length
-        if src_room <= 0:
-            continue
-        runs[j] = (s + 100, int(rng.integers(0, src_room)), d + 200, start, length, rows, src_stride, dst_stride)
-        cursor[d] = start + (rows - 1) * dst_stride + length
-    return runs[runs["nbytes"] > 0]
 
 
 def _ends(sizes, seed):

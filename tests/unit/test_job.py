@@ -102,7 +102,7 @@ def test_yaml_errors(tmp_path):
 def test_examples_load():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).parent.parent.glob("examples/*.yaml")):
+    for path in sorted(Path(__file__).parents[2].glob("examples/*.yaml")):
         JobSpec.from_yaml(path)
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from expected import endpoints, source_shards
 from planners import JobSpec, build_plan
-from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+from sync.endpoints import BufferTarget
 from sync.executor import DIRECT_BYTES, PlanExecutor
 from sync.launch import host_store, spawn_ranks
 from sync.tensors import as_bits
@@ -17,35 +18,23 @@ JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), infere
            deployment=dict(mode="colocated", gpus_per_node=4), eplb=dict(num_redundant_experts=4))
 
 
-def _expected(plan, rank, version):
-    want = BufferTarget(plan, rank)
-    fill_from_full(plan, rank, want.tensors, lambda tid: synthetic_tensor(plan.tensors[tid], tid, 0, version))
-    return want.tensors
-
-
-def _endpoints(plan, ranks, version, device="cpu"):
-    sources = {r: SyntheticSource(plan, r, version=version, device=device) for r in ranks if r < plan.num_trainer}
-    targets = {r: BufferTarget(plan, r, device=device) for r in ranks if r >= plan.num_trainer}
-    return sources, targets
-
-
 @pytest.mark.parametrize("copies", ["auto", "slices"])
 def test_one_process_hosting_every_rank_syncs_bit_exactly(copies):
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), bucket_bytes=4096, copies=copies)
     for version in (1, 2):
-        sources, targets = _endpoints(plan, range(plan.num_ranks), version)
+        sources, targets = endpoints(plan, range(plan.num_ranks), version)
         stats = ex.sync(sources, targets)
         assert stats.verified and stats.bytes_sent == 0 and stats.bytes_copied == plan.chunks["nbytes"].sum()
         for r, target in targets.items():
-            for name, want in _expected(plan, r, version).items():
+            for name, want in source_shards(plan, r, version).items():
                 assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
 
 
 def test_bound_programs_are_reused_until_the_tensors_move():
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
-    sources, targets = _endpoints(plan, range(plan.num_ranks), 1)
+    sources, targets = endpoints(plan, range(plan.num_ranks), 1)
     first = ex.sync(sources, targets)
     binding = ex._binding
     for s in sources.values():
@@ -67,7 +56,7 @@ def _per_device(rank: int, plan, port: int, groups: list[list[int]], version: in
         process_of[ranks] = p
     transport = standalone_transport(rank, len(groups), "127.0.0.1", port, 60, store_on_rank0=False)
     ex = PlanExecutor(plan, groups[rank], transport, bucket_bytes=2048, timeout_s=60, process_of=process_of)
-    sources, targets = _endpoints(plan, groups[rank], version)
+    sources, targets = endpoints(plan, groups[rank], version)
     stats = ex.sync(sources, targets)
     return stats.verified, stats.bytes_copied, stats.bytes_sent, {
         r: {k: as_bits(v).numpy() for k, v in t.tensors.items()} for r, t in targets.items()}
@@ -85,7 +74,7 @@ def test_colocated_one_process_per_device_copies_locally_and_sends_the_rest():
     for verified, _, _, tensors in results.values():
         assert verified
         for r, got in tensors.items():
-            for name, want in _expected(plan, r, 3).items():
+            for name, want in source_shards(plan, r, 3).items():
                 np.testing.assert_array_equal(got[name], as_bits(want).numpy(), err_msg=f"rank {r} {name}")
 
 

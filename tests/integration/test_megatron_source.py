@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from expected import expected_engine
 from planners import JobSpec, build_plan
 from planners.megatron_rules import trainer_locals
 from planners.model import catalog
 from sync.endpoints import EndpointError, check_locals, fill_from_full
 from sync.launch import LocalRun, run_local
 from sync.megatron import MegatronSource, local_name
-from test_executor import expected_engine
 
 pytest.importorskip("megatron.core")
 

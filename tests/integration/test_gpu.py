@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from expected import endpoints, random_runs, source_shards
 from planners import JobSpec, build_plan
 from planners.runs import apply_runs
 from sync.copier import CopyProgram, triton_available
@@ -16,8 +17,6 @@ from sync.endpoints import BufferTarget, SyntheticSource
 from sync.executor import PlanExecutor
 from sync.tensors import as_bits
 from sync.transport import SoloTransport
-from test_copier import random_runs
-from test_hosted import _endpoints, _expected
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -52,18 +51,18 @@ def test_cuda_sync_hosting_every_rank_is_bit_exact(copies):
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), copies=copies)
     for version in (1, 2):
-        sources, targets = _endpoints(plan, range(plan.num_ranks), version, "cuda")
+        sources, targets = endpoints(plan, range(plan.num_ranks), version, "cuda")
         stats = ex.sync(sources, targets)
         assert stats.verified
         for r, target in targets.items():
-            for name, want in _expected(plan, r, version).items():
+            for name, want in source_shards(plan, r, version).items():
                 assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want)), (r, name)
 
 
 def test_batched_checksums_equal_chunk_by_chunk_ones_and_catch_a_flipped_byte():
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
-    sources, targets = _endpoints(plan, range(plan.num_ranks), 1, "cuda")
+    sources, targets = endpoints(plan, range(plan.num_ranks), 1, "cuda")
     assert ex.sync(sources, targets).verified
     flats = ex._binding.flats
     batched = ex.verifier.expected(flats)
@@ -78,7 +77,7 @@ def test_batched_checksums_equal_chunk_by_chunk_ones_and_catch_a_flipped_byte():
 def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
     plan = build_plan(JobSpec.from_dict(JOB)).validate()
     ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport())
-    sources, targets = _endpoints(plan, range(plan.num_ranks), 1, "cuda")
+    sources, targets = endpoints(plan, range(plan.num_ranks), 1, "cuda")
     assert ex.sync(sources, targets).verified
     rank, target = next(iter(targets.items()))
     name = next(iter(target.tensors))
@@ -86,7 +85,7 @@ def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
     for s in sources.values():
         s.set_version(2)
     assert ex.sync(sources, targets).verified
-    want = _expected(plan, rank, 2)[name]
+    want = source_shards(plan, rank, 2)[name]
     assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want))
 
 
@@ -124,5 +123,5 @@ def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu(mode):
     for i, v in enumerate([1, 2, 3]):
         assert results[0][i][0] and results[1][i][0]
         assert results[0][i][1] == results[1][i][2] > 0  # bytes the trainer shared = bytes the engine read
-        for name, want in _expected(plan, 1, v).items():
+        for name, want in source_shards(plan, 1, v).items():
             np.testing.assert_array_equal(results[1][i][3][name], as_bits(want).numpy(), err_msg=f"v{v} {name}")

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from expected import expected_engine
 from planners import JobSpec, build_plan
-from sync.endpoints import EndpointError, SyntheticSource, check_locals, synthetic_tensor
+from sync.endpoints import EndpointError, SyntheticSource, check_locals
 from sync.faults import Fault
 from sync.launch import LocalRun, run_local
-from sync.tensors import as_bits
-from vllm_reference import reference_rank
 
 CASES = {
     "tp3_to_tp2_dp3": dict(model=dict(hf_config=dict(
@@ -27,14 +26,6 @@ CASES = {
     "deepseek_colocated": dict(model=dict(preset="tiny_deepseek_v3", overrides=dict(num_hidden_layers=2)), trainer=dict(tp=2, ep=2, pp=1, dp=2),
                                inference=dict(tp=2, dp=2, enable_ep=True), deployment=dict(mode="colocated")),
 }
-
-
-def expected_engine(job, plan, version, seed=0):
-    full = {t.name: as_bits(synthetic_tensor(t, i, seed, version)).numpy() for i, t in enumerate(plan.tensors)}
-    phy2log = plan.placement.phy2log if plan.placement is not None else None
-    T = job.trainer.world_size
-    return {T + r: reference_rank(job.model, job.inference, phy2log, r % job.inference.engine_size, full)
-            for r in range(job.inference.world_size)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
