@@ -7,8 +7,8 @@ from planners.build import build_plan, build_plan_from_parts
 from planners.cost import Links
 from planners.job import EplbSettings, JobError, JobSpec, SyncSettings
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
-from planners.model import LogicalTensor, ModelSpec, catalog
-from planners.placement import Placement
+from planners.models import LogicalTensor, ModelSpec, catalog
+from planners.eplb.placement import Placement
 from planners.plan import PlanError, SyncPlan
 
 __all__ = [

@@ -27,12 +27,11 @@ import numpy as np
 from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
 from planners.errors import PlanBuildError
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
-from planners.megatron_rules import check_trainer, trainer_template
-from planners.model import Catalog, ModelSpec, catalog
-from planners.placement import Placement
+from planners.models import Catalog, ModelSpec, catalog
+from planners.eplb.placement import Placement
 from planners.plan import CHUNK_DTYPE, PIECE_DTYPE, SyncPlan
-from planners.shards import LocalTensor
-from planners.vllm_rules import check_inference, inference_template
+from planners.sides import engine_side, trainer_side
+from planners.sides.shards import LocalTensor
 
 __all__ = ["build_plan", "build_plan_from_parts", "PlanBuildError"]
 
@@ -41,21 +40,24 @@ def build_plan(job: Any, load: Any = None) -> SyncPlan:
     """Plan for a :class:`planners.job.JobSpec`; with EPLB enabled and expert ``load [moe_layers,
     experts]`` given, the plan fills the balanced placement computed from it."""
     return build_plan_from_parts(job.model, job.trainer, job.inference, job.deployment, job.placement(load),
-                                 job.links, meta=job.describe())
+                                 job.links, meta=job.describe(), sides=(job.trainer_kind, job.engine_kind))
 
 
 def build_plan_from_parts(spec: ModelSpec, trainer: TrainerLayout, inference: InferenceLayout,
                           deployment: Deployment, placement: Placement | None = None,
-                          links: Links | None = None, meta: dict[str, Any] | None = None) -> SyncPlan:
+                          links: Links | None = None, meta: dict[str, Any] | None = None,
+                          sides: tuple[str, str] = ("megatron", "vllm")) -> SyncPlan:
+    """``sides``: the trainer's and the engine's kind (``planners.sides``)."""
     links = links or Links()
-    check_trainer(spec, trainer)
-    check_inference(spec, inference, placement)
+    trainer_rules, engine_rules = trainer_side(sides[0]), engine_side(sides[1])
+    trainer_rules.check(spec, trainer)
+    engine_rules.check(spec, inference, placement)
     cat = catalog(spec)
     devices = np.asarray(deployment.device_ids(trainer, inference), dtype=np.int64)
     T = trainer.world_size
 
-    templates = [trainer_template(spec, cat, trainer, r) for r in range(T)]
-    templates += [inference_template(spec, cat, inference, placement, r) for r in range(inference.world_size)]
+    templates = [trainer_rules.template(spec, cat, trainer, r) for r in range(T)]
+    templates += [engine_rules.template(spec, cat, inference, placement, r) for r in range(inference.world_size)]
     local_rank, names, shapes, dtypes, pieces = _tables(templates)
 
     piece_rank = local_rank[pieces["local"]]

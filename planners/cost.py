@@ -10,8 +10,10 @@ the two stages run one after the other.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
 __all__ = ["Links", "SAME_DEVICE", "SAME_NODE", "CROSS_NODE", "LINK_NAMES", "link_class", "stage_time"]
 
@@ -19,13 +21,18 @@ SAME_DEVICE, SAME_NODE, CROSS_NODE = 0, 1, 2
 LINK_NAMES = ("same device", "same node", "cross node")
 
 
+MAX_GBPS = 1e9  # a petabyte per second: beyond any link, and bytes per second stay finite
+# A bandwidth of the job schema (``planners.job`` reads these annotations).
+Bandwidth = Annotated[float, Field(gt=0, le=MAX_GBPS, allow_inf_nan=False)]
+
+
 @dataclass(frozen=True)
 class Links:
     """Bandwidths in GB/s (10^9 bytes per second), per direction."""
 
-    same_device_gbps: float = 1500.0
-    nvlink_gbps: float = 450.0
-    nic_gbps: float = 50.0  # per GPU
+    same_device_gbps: Bandwidth = 1500.0
+    nvlink_gbps: Bandwidth = 450.0
+    nic_gbps: Bandwidth = 50.0  # per GPU
 
     def __post_init__(self) -> None:
         for name in ("same_device_gbps", "nvlink_gbps", "nic_gbps"):

@@ -1,12 +1,17 @@
 """YAML job specs: model, both layouts, deployment, links, sync settings and EPLB.
 
-The schema is checked with pydantic (unknown keys and wrong types are errors naming the field);
-the layouts and the model's divisibility are checked right after, so a bad job fails with a
-:class:`JobError` before anything is planned or sent. Example::
+One schema: the layout and link dataclasses (``planners.layouts``, ``planners.cost``) declare their
+fields, types and bounds once, and the sections of the job are read from those declarations; the
+sync and EPLB settings are pydantic models of their own. One validator: pydantic checks types and
+unknown keys (errors name the field), each section's own checks run as it is built, then
+:meth:`JobSpec.check` runs the checks between sections -- the trainer side's and the engine side's
+(``planners.sides``: the model's shapes over each layout, naming the model's keys as the job wrote
+them), the deployment's and EPLB's -- so a bad job fails with a :class:`JobError` before anything is
+planned or sent. Example::
 
-    model: {preset: tiny_qwen3_moe}          # or hf_config: {model_type: ..., ...}
-    trainer: {tp: 2, pp: 1, ep: 2}
-    inference: {tp: 2, dp: 2, enable_ep: true, engines: 2}
+    model: {preset: tiny_qwen3_moe}          # or hf_config: {model_type: ..., ...}, or config: path/to/config.json
+    trainer: {tp: 2, pp: 1, ep: 2}           # kind: megatron (the default)
+    inference: {tp: 2, dp: 2, enable_ep: true, engines: 2}   # kind: vllm (the default)
     deployment: {mode: disaggregated, gpus_per_node: 8}
     links: {nvlink_gbps: 450, nic_gbps: 50}
     sync: {bucket_mb: 256, timeout_s: 60}
@@ -15,95 +20,60 @@ the layouts and the model's divisibility are checked right after, so a bad job f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal, get_type_hints
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from planners.buckets import ALIGN
 from planners.cost import Links
-from planners.eplb import EplbError
-from planners.errors import JobError
-from planners.layouts import Deployment, InferenceLayout, LayoutError, TrainerLayout, vllm_pp_layers
-from planners.megatron_rules import check_trainer, padded_vocab
-from planners.model import MOE_KEYS, ModelError, ModelSpec
-from planners.placement import Placement, PlacementError
-from planners.presets import PRESETS, preset
-from planners.shards import ShardError
-from planners.vllm_rules import check_inference
+from planners.eplb import check_load
+from planners.errors import EplbError, JobError, LayoutError, ModelError, PlacementError, ShardError
+from planners.layouts import MAX_RANKS, Deployment, InferenceLayout, TrainerLayout
+from planners.models import PRESETS, ModelSpec, preset, spec_from_config
+from planners.eplb.placement import Placement
+from planners.schedule.buckets import ALIGN
+from planners.sides import ENGINES, TRAINERS, engine_side, trainer_side
 
 __all__ = ["JobSpec", "JobError", "SyncSettings", "EplbSettings"]
 
 
-MAX_RANKS = 1 << 20  # GPUs of one job; beyond this a layout is a typo, and device tables would not fit
 MAX_TIMEOUT_S = 30 * 86400.0  # torch's timedelta-based timeouts overflow far beyond this
 MAX_BUCKET_MB = float(1 << 20)  # 1 TiB
-# an integer of a layout: the layouts check the lower bounds (naming the field); this one keeps
-# absurd values from sizing tables
-_Int = Annotated[int, Field(le=MAX_RANKS)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _section(cls: type, **extra: Any) -> type[BaseModel]:
+    """The schema of a job section read from dataclass ``cls``'s own field declarations (``extra``:
+    keys of the section that are not fields of ``cls``)."""
+    hints = get_type_hints(cls, include_extras=True)
+    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls) if f.init}
+    return create_model(f"_{cls.__name__}", __base__=_Strict, **fields, **extra)
+
+
 class _Model(_Strict):
     preset: str | None = None
     hf_config: dict[str, Any] | None = None
+    config: str | None = None  # a checkpoint's config.json, or the model directory holding it
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> "_Model":
-        if (self.preset is None) == (self.hf_config is None):
-            raise ValueError(f"give exactly one of model.preset (one of {sorted(PRESETS)}) or model.hf_config")
+        if sum(x is not None for x in (self.preset, self.hf_config, self.config)) != 1:
+            raise ValueError(f"give exactly one of model.preset (one of {sorted(PRESETS)}), model.hf_config or "
+                             "model.config (a config.json, or the model directory holding it)")
         return self
-
-
-class _Trainer(_Strict):
-    # positivity, divisibility and the order's tokens are the layout's own checks (LayoutError)
-    tp: _Int = 1
-    pp: _Int = 1
-    ep: _Int = 1
-    etp: _Int | None = None
-    cp: _Int = 1
-    dp: _Int | None = None
-    order: str = "tp-cp-ep-dp-pp"
-    first_stage_layers: _Int | None = None
-    last_stage_layers: _Int | None = None
-    vocab_divisible_by: _Int = 128
-    vpp: int = 1  # Megatron's virtual_pipeline_model_parallel_size (interleaved schedule); needs pp > 1
-
-
-class _Inference(_Strict):
-    tp: _Int = 1
-    pp: _Int = 1
-    dp: _Int = 1
-    enable_ep: bool = False
-    engines: _Int = 1
-    vocab_padding: _Int = 64
-
-
-class _Deployment(_Strict):
-    mode: Literal["colocated", "disaggregated"] = "disaggregated"
-    gpus_per_node: _Int = 8
-    nodes: _Int | None = Field(None, ge=1)
 
 
 def _finite(default: float, **bounds: float) -> Any:
     """A float field that must be a finite number within ``bounds`` (ints are accepted)."""
     return Field(default, allow_inf_nan=False, **bounds)
-
-
-MAX_GBPS = 1e9  # a petabyte per second: beyond any link, and bytes per second stay finite
-
-
-class _Links(_Strict):
-    same_device_gbps: float = _finite(1500.0, gt=0, le=MAX_GBPS)
-    nvlink_gbps: float = _finite(450.0, gt=0, le=MAX_GBPS)
-    nic_gbps: float = _finite(50.0, gt=0, le=MAX_GBPS)
 
 
 class SyncSettings(_Strict):
@@ -120,6 +90,10 @@ class SyncSettings(_Strict):
     # engine rank whose copy needs more is refused before any byte moves
     staging_buckets: int | None = Field(None, ge=1, le=1 << 20)
 
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * (1 << 20))
+
 
 class EplbSettings(_Strict):
     """Expert placement: with ``enabled``, every sync recomputes it from the engines' expert loads."""
@@ -132,13 +106,19 @@ class EplbSettings(_Strict):
     window: int = Field(1000, ge=1)  # forward passes of load statistics kept
 
 
+_TrainerSection = _section(TrainerLayout, kind=(str, "megatron"))
+_InferenceSection = _section(InferenceLayout, kind=(str, "vllm"))
+_DeploymentSection = _section(Deployment)
+_LinksSection = _section(Links)
+
+
 class _Job(_Strict):
     name: str = "job"
     model: _Model
-    trainer: _Trainer
-    inference: _Inference
-    deployment: _Deployment = Field(default_factory=_Deployment)
-    links: _Links = Field(default_factory=_Links)
+    trainer: _TrainerSection
+    inference: _InferenceSection
+    deployment: _DeploymentSection = Field(default_factory=_DeploymentSection)
+    links: _LinksSection = Field(default_factory=_LinksSection)
     sync: SyncSettings = Field(default_factory=SyncSettings)
     eplb: EplbSettings = Field(default_factory=EplbSettings)
 
@@ -211,18 +191,16 @@ class JobSpec:
     model: ModelSpec
     trainer: TrainerLayout
     inference: InferenceLayout
-    deployment: Deployment
+    deployment: Deployment = field(default_factory=Deployment)
     links: Links = field(default_factory=Links)
     sync: SyncSettings = field(default_factory=SyncSettings)
     eplb: EplbSettings = field(default_factory=EplbSettings)
-    nodes: int | None = None
-    # where the model's config keys came from, so relational errors name them as written
-    model_where: str = field(default="model.hf_config", compare=False, repr=False)
-    model_config: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    model_overridden: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    trainer_kind: str = "megatron"  # which side's rules say what trainer ranks hold (planners.sides)
+    engine_kind: str = "vllm"
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "JobSpec":
+        """A job from a YAML file; a relative ``model.config`` path is read from the file's folder."""
         try:
             text = Path(path).read_text()
         except OSError as e:
@@ -236,130 +214,80 @@ class JobSpec:
             else:  # a reader error (a character YAML does not allow) knows only its offset
                 at = f" (line {text.count(chr(10), 0, getattr(e, 'position', 0)) + 1})"
             raise JobError(f"{path} is not valid YAML{at}: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, base_dir=Path(path).parent)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "JobSpec":
+    def from_dict(cls, data: Any, base_dir: str | Path = ".") -> "JobSpec":
+        """A job from its YAML's mapping (``base_dir``: where a relative ``model.config`` path starts)."""
         if not isinstance(data, dict):
             raise JobError(f"a job spec must be a mapping with keys model, trainer, inference, ...; got {type(data).__name__}")
         try:
             raw = _Job.model_validate(data)
         except ValidationError as e:
             raise JobError(_pydantic_message(e)) from None
-        m = raw.model
-        if m.preset is not None and m.preset not in PRESETS:
-            raise JobError(f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
-        base, where = (preset(m.preset), f"model.preset[{m.preset}]") if m.preset is not None else (m.hf_config, "model.hf_config")
         try:
-            model = ModelSpec.from_hf_config(base, where=where, overrides=m.overrides)
+            model = _model_spec(raw.model, Path(base_dir))
+            trainer, inference = raw.trainer.model_dump(), raw.inference.model_dump()
             job = cls(
                 name=raw.name,
                 model=model,
-                trainer=TrainerLayout(**raw.trainer.model_dump()),
-                inference=InferenceLayout(**raw.inference.model_dump()),
-                deployment=Deployment(mode=raw.deployment.mode, gpus_per_node=raw.deployment.gpus_per_node),
+                trainer_kind=trainer.pop("kind"),
+                engine_kind=inference.pop("kind"),
+                trainer=TrainerLayout(**trainer),
+                inference=InferenceLayout(**inference),
+                deployment=Deployment(**raw.deployment.model_dump()),
                 links=Links(**raw.links.model_dump()),
                 sync=raw.sync,
                 eplb=raw.eplb,
-                nodes=raw.deployment.nodes,
-                model_where=where,
-                model_config={**base, **m.overrides},
-                model_overridden=frozenset(m.overrides),
             )
-        except (ModelError, LayoutError, ValueError) as e:
+        except (ModelError, LayoutError) as e:
             raise JobError(str(e)) from None
         job.check()
         return job
 
     def check(self) -> None:
-        """Raise JobError unless the model's shapes divide over both layouts and the job fits."""
-        ranks = self.trainer.world_size + self.inference.world_size
+        """Raise JobError unless the job can run: the checks between its sections (each section checked
+        its own fields when it was built)."""
+        t, i, m = self.trainer, self.inference, self.model
+        ranks = t.world_size + i.world_size
         if ranks > MAX_RANKS:
-            raise JobError(f"trainer and inference world sizes ({self.trainer.world_size} + {self.inference.world_size} "
-                           f"ranks) exceed {MAX_RANKS}; check trainer.tp/pp/cp/dp and inference.tp/pp/dp/engines")
-        self._check_relations()
+            raise JobError(f"trainer and inference world sizes ({t.world_size} + {i.world_size} ranks) exceed "
+                           f"{MAX_RANKS}; check trainer.tp/pp/cp/dp and inference.tp/pp/dp/engines")
+        for kind, known, where in ((self.trainer_kind, TRAINERS, "trainer"), (self.engine_kind, ENGINES, "inference")):
+            if kind not in known:
+                raise JobError(f"{where}.kind {kind!r} is not supported; use one of {sorted(known)}")
+        self._check_eplb()
         try:
-            check_trainer(self.model, self.trainer)
-            check_inference(self.model, self.inference, self.placement())
-            n = self.deployment.num_nodes(self.trainer, self.inference)
+            trainer_side(self.trainer_kind).check(m, t)
+            engine_side(self.engine_kind).check(m, i, self.placement())
+            self.deployment.check(t, i)
         except (ShardError, LayoutError, PlacementError, ModelError) as e:
             raise JobError(str(e)) from None
-        if self.nodes is not None and n > self.nodes:
-            raise JobError(
-                f"deployment.nodes={self.nodes} is too few: the job needs {n} nodes of "
-                f"{self.deployment.gpus_per_node} GPUs"
-            )
-        if self.eplb.enabled and not self.inference.enable_ep:
-            raise JobError("eplb.enabled needs inference.enable_ep: true (placements spread experts over an EP group)")
-        if self.eplb.num_groups and self.model.num_experts % self.eplb.num_groups:
-            raise JobError(f"eplb.num_groups={self.eplb.num_groups} must divide the {self.model.num_experts} experts")
 
-    def model_path(self, key: str) -> str:
-        """Dotted path of a model config key as the job spec wrote it."""
-        return f"model.overrides.{key}" if key in self.model_overridden else f"{self.model_where}.{key}"
-
-    def _check_relations(self) -> None:
-        """Relations between sections, with every field on both sides named (the shard rules check
-        the same and more, in the model's own terms, right after)."""
-        t, i, d, e, m = self.trainer, self.inference, self.deployment, self.eplb, self.model
-        layers = f"{self.model_path('num_hidden_layers')}={m.num_layers}"
-        for side, split in (("trainer", lambda: t.stage_layers(m.num_layers)),
-                            ("inference", lambda: vllm_pp_layers(m.num_layers, i.pp))):
-            try:
-                split()
-            except LayoutError as err:
-                raise JobError(f"{layers} does not split over {side}.pp={getattr(self, side).pp}: {err}") from None
-        heads, kv = (f"{self.model_path(k)}={v}" for k, v in (("num_attention_heads", m.num_heads),
-                                                              ("num_key_value_heads", m.num_kv_heads)))
-        if m.num_heads % i.tp:
-            raise JobError(f"inference.tp={i.tp} must divide {heads}")
-        if not m.is_mla and (i.tp % m.num_kv_heads if i.tp >= m.num_kv_heads else m.num_kv_heads % i.tp):
-            raise JobError(f"inference.tp={i.tp} must divide {kv}, or be a multiple of it when larger")
-        padded = padded_vocab(m.vocab_size, i.vocab_padding)
-        if padded % i.tp:
-            raise JobError(f"inference.tp={i.tp} must divide the vocabulary ({self.model_path('vocab_size')}={m.vocab_size}) "
-                           f"padded to a multiple of inference.vocab_padding={i.vocab_padding} ({padded}); a vocab_padding "
-                           f"that is a multiple of {i.tp} always works")
-        if d.mode == "colocated" and i.world_size > t.world_size:
-            raise JobError(
-                f"deployment.mode=colocated needs the inference world size (inference tp*pp*dp*engines = "
-                f"{i.tp}*{i.pp}*{i.dp}*{i.engines} = {i.world_size}) <= the trainer world size (trainer "
-                f"tp*cp*dp*pp = {t.tp}*{t.cp}*{t.dp}*{t.pp} = {t.world_size}); use fewer inference ranks, "
-                f"more trainer ranks, or deployment.mode=disaggregated"
-            )
+    def _check_eplb(self) -> None:
+        """EPLB settings against the model and the engine layout (before the engine side checks the
+        slots they make, so that errors name the eplb field)."""
+        e, i, m = self.eplb, self.inference, self.model
+        wants = [name for name, on in (("eplb.enabled", e.enabled), ("eplb.num_redundant_experts", e.num_redundant_experts > 0))
+                 if on]
+        if wants and not m.is_moe:
+            raise JobError(f"{', '.join(wants)} need a MoE model: model {m.model_type!r} has no MoE layers "
+                           f"({m.moe_pattern()}); leave eplb out for a dense model")
         if not m.is_moe:
-            wants = [name for name, on in (("trainer.ep", t.ep > 1), ("inference.enable_ep", i.enable_ep),
-                                           ("eplb.enabled", e.enabled),
-                                           ("eplb.num_redundant_experts", e.num_redundant_experts > 0)) if on]
-            if wants:
-                why = ", ".join(f"{self.model_path(k)}={self.model_config.get(k)!r}"
-                                for k in ("num_hidden_layers", *MOE_KEYS[m.family]))
-                raise JobError(f"{', '.join(wants)} need a MoE model: model {m.model_type!r} has no MoE layers ({why}); "
-                               "set trainer.ep: 1, inference.enable_ep: false and leave eplb out for a dense model")
             return
         r, E = e.num_redundant_experts, m.num_experts
-        experts = f"{self.model_path(MOE_KEYS[m.family][0])}={E}"
-        if E % t.ep:
-            raise JobError(f"trainer.ep={t.ep} must divide the routed experts ({experts}); "
-                           f"valid: {[x for x in range(1, E + 1) if E % x == 0]}")
-        if m.num_shared_experts:
-            width = m.moe_intermediate_size * m.num_shared_experts
-            for side, tp in (("trainer", t.tp), ("inference", i.tp)):
-                if width % tp:
-                    raise JobError(
-                        f"{side}.tp={tp} must divide the shared experts' width ({self.model_path('moe_intermediate_size')}"
-                        f"={m.moe_intermediate_size} x {self.model_path('n_shared_experts')}={m.num_shared_experts} = {width})")
         if r and not i.enable_ep:
             raise JobError(f"eplb.num_redundant_experts={r} needs inference.enable_ep: true (vLLM's EPLB runs with EP)")
+        if e.enabled and not i.enable_ep:
+            raise JobError("eplb.enabled needs inference.enable_ep: true (placements spread experts over an EP group)")
         if r and (E + r) % i.ep_size:
             fits = [x for x in range(r, r + i.ep_size + 1) if (E + x) % i.ep_size == 0]
             raise JobError(
-                f"eplb.num_redundant_experts={r}: the {experts} + {r} = {E + r} physical expert slots must divide over the "
-                f"inference EP group (inference dp*tp = {i.dp}*{i.tp} = {i.ep_size}); e.g. num_redundant_experts: {fits[0]}"
-            )
-        if not r and i.enable_ep and i.ep_size > E:
-            raise JobError(f"inference EP size (inference dp*tp = {i.dp}*{i.tp} = {i.ep_size}) exceeds the routed experts "
-                           f"({experts}); some ranks would hold none")
+                f"eplb.num_redundant_experts={r}: the {m.key('experts', E)} + {r} = {E + r} physical expert slots must "
+                f"divide over the inference EP group (inference dp*tp = {i.dp}*{i.tp} = {i.ep_size}); e.g. "
+                f"num_redundant_experts: {fits[0]}")
+        if e.num_groups and E % e.num_groups:
+            raise JobError(f"eplb.num_groups={e.num_groups} must divide the routed experts ({m.key('experts', E)})")
 
     @property
     def num_physical_experts(self) -> int:
@@ -380,40 +308,43 @@ class JobSpec:
         return rebalance(load, self.num_physical_experts, groups, nodes, gpus, policy=self.eplb.policy)
 
     def check_load(self, load: Any) -> np.ndarray:
-        """``load`` as a float array ``[moe_layers, experts]`` of finite, non-negative token counts;
-        EplbError naming the load (its shape, or the first bad entry) otherwise."""
-        L, E = len(self.model.moe_layers), self.model.num_experts
-        want = f"[{L} MoE layers, {E} experts] of finite, non-negative token counts"
-        try:
-            arr = np.asarray(load, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise EplbError(f"load must be a numeric array {want}; got {type(load).__name__}") from None
-        if arr.shape != (L, E):
-            raise EplbError(f"load has shape {arr.shape}; expected {want}")
-        bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
-        if len(bad):
-            layer, expert = (int(x) for x in bad[0])
-            raise EplbError(f"load[{layer}, {expert}] is {float(arr[layer, expert])!r} ({len(bad)} bad entries); expected {want}")
-        return arr
+        """``load`` as a float array ``[moe_layers, experts]``; EplbError naming the load otherwise."""
+        return check_load(load, len(self.model.moe_layers), self.model.num_experts)
 
     def eplb_shape(self) -> tuple[int, int, int]:
         """(expert groups, nodes, GPUs) of one engine's EP group, as the placement sees them."""
         gpus = self.inference.ep_size
         per_node = self.deployment.gpus_per_node
         nodes = gpus // per_node if gpus % per_node == 0 and gpus > per_node else 1
-        groups = self.eplb.num_groups or self.model.n_group
+        groups = self.eplb.num_groups or self.model.moe.n_group
         if self.model.num_experts % groups:
             groups = 1
         return groups, nodes, gpus
 
     def describe(self) -> dict[str, Any]:
+        """What a plan records of its job (``plan.meta``): enough for an engine to check its settings
+        and to take every sync setting from the plan."""
         t, i, d = self.trainer, self.inference, self.deployment
         return {
             "name": self.name,
             "model": self.model.model_type,
-            "trainer": dict(tp=t.tp, pp=t.pp, vpp=t.vpp, ep=t.ep, etp=t.etp, cp=t.cp, dp=t.dp, edp=t.edp, order=t.order),
-            "inference": dict(tp=i.tp, pp=i.pp, dp=i.dp, enable_ep=i.enable_ep, engines=i.engines),
+            "trainer": dict(kind=self.trainer_kind, tp=t.tp, pp=t.pp, vpp=t.vpp, ep=t.ep, etp=t.etp, cp=t.cp, dp=t.dp,
+                            edp=t.edp, order=t.order),
+            "inference": dict(kind=self.engine_kind, tp=i.tp, pp=i.pp, dp=i.dp, enable_ep=i.enable_ep,
+                              engines=i.engines),
             "deployment": dict(mode=d.mode, gpus_per_node=d.gpus_per_node),
             "physical_experts": self.num_physical_experts if self.model.is_moe else 0,
             "eplb": dict(enabled=self.eplb.enabled, policy=self.eplb.policy) if self.model.is_moe else {},
+            "sync": self.sync.model_dump(),
         }
+
+
+def _model_spec(m: _Model, base_dir: Path) -> ModelSpec:
+    if m.preset is not None:
+        if m.preset not in PRESETS:
+            raise ModelError(f"model.preset {m.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        return spec_from_config(preset(m.preset), where=f"model.preset[{m.preset}]", overrides=m.overrides)
+    if m.config is not None:
+        path = base_dir / m.config
+        return spec_from_config(path, where=f"model.config[{m.config}]", overrides=m.overrides)
+    return spec_from_config(m.hf_config, where="model.hf_config", overrides=m.overrides)

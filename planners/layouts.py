@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import gcd
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
+
+from pydantic import Field
 
 from planners.errors import LayoutError
 from planners.rankgrid import RankGrid
@@ -27,6 +29,12 @@ __all__ = [
     "InferenceCoords",
     "vllm_pp_layers",
 ]
+
+
+MAX_RANKS = 1 << 20  # GPUs of one job; beyond this a layout is a typo, and device tables would not fit
+# A size of a layout. The job schema (``planners.job``) reads these annotations: the upper bound keeps absurd
+# values from sizing tables; lower bounds are the layouts' own checks below, which name the field.
+Size = Annotated[int, Field(le=MAX_RANKS)]
 
 
 def _positive(owner: str, **values: int) -> None:
@@ -56,17 +64,17 @@ class TrainerLayout:
     ``vpp`` model chunks, see :meth:`chunk_layers`; 1 = no virtual pipeline).
     """
 
-    tp: int
-    pp: int
-    ep: int = 1
-    etp: int | None = None
-    cp: int = 1
-    dp: int | None = None
+    tp: Size
+    pp: Size = 1
+    ep: Size = 1
+    etp: Size | None = None
+    cp: Size = 1
+    dp: Size | None = None
     order: str = "tp-cp-ep-dp-pp"
-    first_stage_layers: int | None = None
-    last_stage_layers: int | None = None
-    vocab_divisible_by: int = 128
-    vpp: int = 1
+    first_stage_layers: Size | None = None
+    last_stage_layers: Size | None = None
+    vocab_divisible_by: Size = 128
+    vpp: Size = 1  # Megatron's virtual_pipeline_model_parallel_size (interleaved schedule); needs pp > 1
 
     def __post_init__(self) -> None:
         _positive("trainer", tp=self.tp, pp=self.pp, ep=self.ep, cp=self.cp)
@@ -241,12 +249,12 @@ class InferenceCoords:
 class InferenceLayout:
     """vLLM engines: ``engines`` x DP x PP x TP ranks, TP fastest."""
 
-    tp: int
-    pp: int = 1
-    dp: int = 1
+    tp: Size = 1
+    pp: Size = 1
+    dp: Size = 1
     enable_ep: bool = False
-    engines: int = 1
-    vocab_padding: int = 64
+    engines: Size = 1
+    vocab_padding: Size = 64
 
     def __post_init__(self) -> None:
         _positive("inference", tp=self.tp, pp=self.pp, dp=self.dp, engines=self.engines, vocab_padding=self.vocab_padding)
@@ -309,21 +317,37 @@ class Deployment:
     Colocated: inference rank i shares the GPU of trainer rank i."""
 
     mode: Literal["colocated", "disaggregated"] = "disaggregated"
-    gpus_per_node: int = 8
+    gpus_per_node: Size = 8
+    nodes: Size | None = None  # the most nodes the job may take (None: as many as it needs)
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "disaggregated"):
             raise LayoutError(f"deployment.mode must be 'colocated' or 'disaggregated', got {self.mode!r}")
         _positive("deployment", gpus_per_node=self.gpus_per_node)
+        if self.nodes is not None:
+            _positive("deployment", nodes=self.nodes)
+
+    def check(self, trainer: TrainerLayout, inference: InferenceLayout) -> None:
+        """Raise LayoutError unless both sides fit this deployment."""
+        t, i = trainer, inference
+        if self.mode == "colocated" and i.world_size > t.world_size:
+            raise LayoutError(
+                f"deployment.mode=colocated needs the inference world size (inference tp*pp*dp*engines = "
+                f"{i.tp}*{i.pp}*{i.dp}*{i.engines} = {i.world_size}) <= the trainer world size (trainer "
+                f"tp*cp*dp*pp = {t.tp}*{t.cp}*{t.dp}*{t.pp} = {t.world_size}); use fewer inference ranks, "
+                f"more trainer ranks, or deployment.mode=disaggregated"
+            )
+        n = self.num_nodes(trainer, inference)
+        if self.nodes is not None and n > self.nodes:
+            raise LayoutError(f"deployment.nodes={self.nodes} is too few: the job needs {n} nodes of "
+                              f"{self.gpus_per_node} GPUs")
 
     def device_ids(self, trainer: TrainerLayout, inference: InferenceLayout) -> list[int]:
         """Device index of every global rank (trainer ranks first)."""
         t, i = trainer.world_size, inference.world_size
         if self.mode == "colocated":
             if i > t:
-                raise LayoutError(
-                    f"deployment: colocated needs inference world size ({i}) <= trainer world size ({t})"
-                )
+                self.check(trainer, inference)
             return list(range(t)) + list(range(i))
         return list(range(t + i))
 
@@ -331,4 +355,6 @@ class Deployment:
         return [Device(d // self.gpus_per_node, d % self.gpus_per_node) for d in self.device_ids(trainer, inference)]
 
     def num_nodes(self, trainer: TrainerLayout, inference: InferenceLayout) -> int:
-        return max(self.device_ids(trainer, inference)) // self.gpus_per_node + 1
+        t, i = trainer.world_size, inference.world_size
+        gpus = max(t, i) if self.mode == "colocated" else t + i
+        return -(-gpus // self.gpus_per_node)

@@ -19,8 +19,8 @@ import numpy as np
 
 from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, stage_time
 from planners.errors import PlanError
-from planners.model import LogicalTensor
-from planners.placement import Placement
+from planners.models import LogicalTensor
+from planners.eplb.placement import Placement
 
 __all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
 

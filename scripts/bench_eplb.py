@@ -2,7 +2,7 @@
 
 For 58 MoE layers x 256 experts in 8 groups, slot counts 288/320, 32/64 GPUs on 1/4/8 nodes and Zipf
 loads 0/0.6/1.0/1.3, it times a plain per-layer Python-loop implementation of DeepSeek's algorithm
-(``planners.eplb_loop``, the baseline), the vectorized ``deepseek`` policy and the ``default`` policy,
+(``planners.eplb.loop``, the baseline), the vectorized ``deepseek`` policy and the ``default`` policy,
 and reports max GPU load / lower bound on the load the placement was computed from and on the next
 window of a drifting load.
 
@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from planners.eplb import balance_report, rebalance
-from planners.eplb_loop import rebalance_loop
-from planners.eplb_stats import drift, synthetic_load
+from planners.eplb.loop import rebalance_loop
+from planners.eplb.stats import drift, synthetic_load
 
 LAYERS, EXPERTS, GROUPS = 58, 256, 8
 

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from planners import JobSpec, build_plan
 from planners.cost import Links
-from planners.eplb_stats import synthetic_load
+from planners.eplb.stats import synthetic_load
 from sync.bench import bench_sync
 
 MOE = dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,

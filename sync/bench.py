@@ -31,7 +31,7 @@ def _raw_plan(plan: SyncPlan, ranks: list[int], bucket_bytes: int, process_of) -
     """(stage, round, peer process, nbytes) messages of the process hosting ``ranks``: every pair's
     bytes of a stage, in messages of the pair's share of a round (as the executor's buckets), message
     k of every pair in round k -- the plan's traffic between processes without packing."""
-    from planners.buckets import fanout, pair_share
+    from planners.schedule.buckets import fanout, pair_share
 
     fan = fanout(plan, np.asarray(process_of))
     c = plan.chunks

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from planners import JobSpec, build_plan
-from planners.eplb_stats import synthetic_load
+from planners.eplb.stats import synthetic_load
 from sync.copier import CopyProgram
 from sync.executor import PlanExecutor
 from sync.tensors import TORCH_DTYPES

@@ -1,6 +1,6 @@
 """Checksums of many blocks at once on CUDA: what ``sync.verify`` computes chunk by chunk elsewhere.
 
-A run (``planners.runs``) read as elements says where the elements are (its source) and where they
+A run (``planners.schedule.runs``) read as elements says where the elements are (its source) and where they
 land (its destination byte offsets, read as positions). :class:`RunSums` cuts runs into tiles like
 the copy programs do, one Triton launch per element size (and padded row width, for strided runs)
 sums ``h(x)`` and ``h(x)`` times the position inside the tile, and the tile's starting position is

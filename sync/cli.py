@@ -17,7 +17,7 @@ from rich.table import Table
 
 from planners import JobError, JobSpec, PlanError, build_plan
 from planners.cost import LINK_NAMES
-from planners.model import catalog
+from planners.models import catalog
 
 __all__ = ["main"]
 
@@ -112,7 +112,7 @@ def _explain(plan, name: str, console: Console) -> None:
 
 def _read_load(path: str):
     """A load file: .npy/.json by the planner, .pt (a torch tensor) here."""
-    from planners.eplb_stats import load_array, read_load
+    from planners.eplb.stats import load_array, read_load
 
     if path.endswith(".pt"):
         import torch
@@ -125,8 +125,8 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
     import json
 
     from planners.eplb import EplbError, balance_report, rebalance
-    from planners.eplb_stats import synthetic_load
-    from planners.placement import Placement
+    from planners.eplb.stats import synthetic_load
+    from planners.eplb.placement import Placement
 
     if args.job:
         job = JobSpec.from_yaml(args.job)

@@ -1,4 +1,4 @@
-"""Batched byte copies on one device: a table of runs (``planners.runs``) in a few launches.
+"""Batched byte copies on one device: a table of runs (``planners.schedule.runs``) in a few launches.
 
 Copying tens of thousands of small slices one ``copy_`` at a time is bound by launch overhead, not
 memory bandwidth. :class:`CopyProgram` binds a run table to the tensors at its ends once; on CUDA
@@ -33,7 +33,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class CopyProgram:
-    """``runs`` (``planners.runs.RUN_DTYPE``) between ``ends`` (id -> contiguous tensor, one device)."""
+    """``runs`` (``planners.schedule.runs.RUN_DTYPE``) between ``ends`` (id -> contiguous tensor, one device)."""
 
     def __init__(self, runs: np.ndarray, ends: dict[int, torch.Tensor], tile_bytes: int = 64 << 10,
                  use_triton: bool | None = None) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from planners.errors import RLSyncError
-from planners.model import LogicalTensor
+from planners.models import LogicalTensor
 from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
 

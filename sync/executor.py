@@ -7,7 +7,7 @@ Chunks between two hosted ranks are device-local copies: no transport, no host r
 travels in rounds: bucket ``k`` of every pair in round ``k``, all sends and receives of a round
 posted as one batch and waited with a deadline; round k+1 is packed while round k is on the wire,
 into the other half of a persistent two-round arena. Large contiguous chunks go straight from and
-into the tensors. Copies (local, pack, unpack) are run tables (``planners.runs``) bound once to the
+into the tensors. Copies (local, pack, unpack) are run tables (``planners.schedule.runs``) bound once to the
 tensors: one Triton launch per alignment class on CUDA, one ``_foreach_copy_`` elsewhere
 (``sync.copier``); ``copies="slices"`` keeps one ``copy_`` per slice, the unbatched baseline.
 Works with gloo (CPU tensors) and NCCL (CUDA tensors).
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from planners.buckets import ALIGN, Bucket, bucketize
+from planners.schedule.buckets import ALIGN, Bucket, bucketize
 from planners.errors import RLSyncError
 from planners.plan import SyncPlan
-from planners.runs import BUFFER, chunk_runs
+from planners.schedule.runs import BUFFER, chunk_runs
 from sync.copier import CopyProgram
 from sync.endpoints import check_locals
 from sync.faults import Fault

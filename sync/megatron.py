@@ -9,8 +9,9 @@ and dtypes against the plan before any byte moves. Transformer Engine names are 
 (``linear_qkv.layer_norm_weight`` -> ``input_layernorm.weight``, ``mlp.linear_fc1.layer_norm_weight``
 -> ``pre_mlp_layernorm.weight``, grouped-GEMM ``mlp.experts.linear_fc1.weight{j}`` ->
 ``mlp.experts.local_experts.{j}.linear_fc1.weight``); wrapper prefixes (``module.``) are dropped.
-Supported here: dense (llama/qwen) and MoE (qwen3_moe/mixtral) models; MLA models build with the
-local spec only after megatron-core 0.16.1's MLA fixes (see tests/megatron_oracle.py).
+Supported here: GQA models, dense or MoE (any router, shared experts, expert bias, partial rotary);
+MLA models build with the local spec only after megatron-core 0.16.1's MLA fixes (see
+tests/megatron_oracle.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from unittest import mock
 import torch
 
 from planners.layouts import TrainerLayout
-from planners.megatron_rules import chunk_prefix, padded_vocab
-from planners.model import ModelSpec
+from planners.models import ModelSpec
+from planners.sides.megatron import chunk_prefix
+from planners.sides.shards import padded_vocab
 from sync.tensors import TORCH_DTYPES
 
 __all__ = ["build_gpt_model", "MegatronSource", "local_name"]
@@ -60,13 +62,13 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
 
     if spec.is_mla:
         raise NotImplementedError("build_gpt_model: MLA models are not built here yet (megatron-core 0.16.1 local MLA)")
-    dtype = TORCH_DTYPES[spec.dtype]
+    a, dtype = spec.attention, TORCH_DTYPES[spec.dtype]
     kw: dict[str, Any] = dict(
-        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
-        num_query_groups=spec.num_kv_heads, kv_channels=spec.head_dim,
-        ffn_hidden_size=spec.intermediate_size or spec.moe_intermediate_size,
-        add_qkv_bias=spec.qkv_bias, add_bias_linear=False, qk_layernorm=spec.qk_norm, normalization="RMSNorm",
-        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=a.num_heads,
+        num_query_groups=a.num_kv_heads, kv_channels=a.head_dim,
+        ffn_hidden_size=(spec.mlp or spec.moe).intermediate_size,
+        add_qkv_bias=a.qkv_bias, add_bias_linear=False, qk_layernorm=a.qk_norm, normalization="RMSNorm",
+        layernorm_epsilon=spec.rms_norm_eps, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp, context_parallel_size=1,
@@ -75,13 +77,16 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
         perform_initialization=False, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
     )
     if spec.is_moe:
-        kw.update(num_moe_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_intermediate_size,
-                  moe_router_topk=max(spec.num_experts_per_tok, 1), moe_token_dispatcher_type="allgather",
+        m = spec.moe
+        kw.update(num_moe_experts=m.num_experts, moe_ffn_hidden_size=m.intermediate_size,
+                  moe_router_topk=max(m.top_k, 1), moe_token_dispatcher_type="allgather",
                   moe_grouped_gemm=False, moe_aux_loss_coeff=0.0,
                   moe_layer_freq=[int(i in spec.moe_layers) for i in range(spec.num_layers)],
-                  moe_shared_expert_intermediate_size=spec.moe_intermediate_size * spec.num_shared_experts or None,
-                  moe_router_enable_expert_bias=spec.router_bias,
-                  moe_router_score_function="sigmoid" if spec.router_bias else "softmax")
+                  moe_shared_expert_intermediate_size=m.shared_intermediate_size or None,
+                  moe_router_enable_expert_bias=m.router_bias, moe_router_score_function=m.router,
+                  moe_router_topk_scaling_factor=m.routed_scaling_factor if m.routed_scaling_factor != 1 else None)
+        if m.n_group > 1:
+            kw.update(moe_router_num_groups=m.n_group, moe_router_group_topk=m.topk_group)
     config = TransformerConfig(**kw)
     first = ps.is_pipeline_first_stage(ignore_virtual=True)
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
@@ -100,6 +105,7 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
                 vocab_size=padded_vocab(spec.vocab_size, layout.vocab_divisible_by * layout.tp),
                 max_sequence_length=4096, pre_process=first and v == 0, post_process=last and v == layout.vpp - 1,
                 share_embeddings_and_output_weights=spec.tie_word_embeddings, position_embedding_type="rope",
+                rotary_percent=a.rotary_dim / a.head_dim if a.rotary_dim else 1.0, rotary_base=int(spec.rope_theta),
                 vp_stage=vp_stage,
             ))
     return chunks if layout.vpp > 1 else chunks[0]

@@ -12,29 +12,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from planners.model import ModelSpec
-from sync.engines.reference import FAMILIES
+from planners.models import ModelSpec
 
 __all__ = ["hf_config", "hf_logits", "logits_agree"]
 
 
-
 def hf_config(spec: ModelSpec) -> dict:
-    """The ``config.json`` fields of ``spec`` that shape the model."""
-    if spec.family not in FAMILIES:
-        raise NotImplementedError(f"logits verification runs llama/qwen and qwen3_moe models, not {spec.model_type}")
-    cfg = dict(model_type=spec.model_type, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
-               num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-               vocab_size=spec.vocab_size, intermediate_size=spec.intermediate_size or 1,
-               tie_word_embeddings=spec.tie_word_embeddings, rms_norm_eps=spec.rms_norm_eps,
-               rope_theta=spec.rope_theta, max_position_embeddings=4096)
-    if spec.model_type != "qwen2":  # qwen2 always has q/k/v biases
-        cfg["attention_bias"] = spec.qkv_bias
-    if spec.family == "qwen3_moe":
-        cfg.update(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
-                   moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
-                   decoder_sparse_step=1, mlp_only_layers=[i for i in range(spec.num_layers) if i not in spec.moe_layers])
-    return cfg
+    """The ``config.json`` the spec was read from: what transformers builds the same model from."""
+    if not spec.config:
+        raise ValueError("logits verification needs the model's config.json keys: build the spec from a config "
+                         "(planners.models.spec_from_config or a job spec)")
+    return {**spec.config, "max_position_embeddings": max(int(spec.config.get("max_position_embeddings") or 0), 4096)}
 
 
 def _fused_experts(weights: dict[str, torch.Tensor], keys: set[str]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ import numpy as np
 
 from planners import JobSpec, SyncPlan, build_plan
 from planners.eplb import balance_report
-from planners.eplb_stats import ExpertLoadWindow
+from planners.eplb.stats import ExpertLoadWindow
 
 __all__ = ["run_job", "RankActor"]
 

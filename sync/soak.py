@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from planners import JobSpec, build_plan
-from planners.eplb_stats import synthetic_load
+from planners.eplb.stats import synthetic_load
 
 __all__ = ["soak_jobs", "run_soak"]
 

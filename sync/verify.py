@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from planners.buckets import stage2_origin
+from planners.schedule.buckets import stage2_origin
 from planners.plan import SyncPlan
-from planners.runs import RUN_DTYPE, block_runs
+from planners.schedule.runs import RUN_DTYPE, block_runs
 from sync.copier import triton_available
 from sync.tensors import CHECKSUM_BYTES_PER_ELEMENT, TORCH_DTYPES, block_pieces, wrap_int64, block, checksum_block, checksum_flat
 

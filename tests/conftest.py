@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from planners import JobSpec, build_plan  # noqa: E402
-from planners.model import catalog  # noqa: E402
+from planners.models import catalog  # noqa: E402
 from vllm_reference import reference_rank  # noqa: E402
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planners.runs import RUN_DTYPE
+from planners.schedule.runs import RUN_DTYPE
 from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
 from sync.tensors import as_bits
 from vllm_reference import reference_rank

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from planners import JobSpec, build_plan
-from planners.eplb_stats import synthetic_load
+from planners.eplb.stats import synthetic_load
 from sync.engines.vllm import RLSyncWorkerExtension
 from sync.tensors import TORCH_DTYPES
 from sync.transport import Transport

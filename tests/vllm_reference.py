@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from planners.layouts import InferenceLayout
-from planners.model import ModelSpec
+from planners.models import ModelSpec
 
 
 def _split(x: np.ndarray, parts: int, k: int, axis: int = 0) -> np.ndarray:
@@ -39,7 +39,8 @@ def reference_rank(spec: ModelSpec, lay: InferenceLayout, phy2log: np.ndarray | 
     tp = lay.tp
     out: dict[str, np.ndarray] = {}
     mixtral = spec.family == "mixtral"
-    everywhere = spec.family in ("qwen3_moe", "mixtral")
+    everywhere = spec.family in ("qwen3_moe", "mixtral")  # vLLM's models of these keep io on every stage
+    a_spec, m_spec = spec.attention, spec.moe
     first = pp_rank == 0 or everywhere
     last = pp_rank == lay.pp - 1 or everywhere
 
@@ -57,7 +58,7 @@ def reference_rank(spec: ModelSpec, lay: InferenceLayout, phy2log: np.ndarray | 
         out[f"{p}.input_layernorm.weight"] = w[f"{p}.input_layernorm.weight"]
         out[f"{p}.post_attention_layernorm.weight"] = w[f"{p}.post_attention_layernorm.weight"]
         if spec.is_mla:
-            if spec.q_lora_rank is None:
+            if a_spec.q_lora_rank is None:
                 out[f"{a}.q_proj.weight"] = _split(w[f"{a}.q_proj.weight"], tp, tp_rank)
                 out[f"{a}.kv_a_proj_with_mqa.weight"] = w[f"{a}.kv_a_proj_with_mqa.weight"]
             else:
@@ -68,18 +69,18 @@ def reference_rank(spec: ModelSpec, lay: InferenceLayout, phy2log: np.ndarray | 
             out[f"{a}.kv_a_layernorm.weight"] = w[f"{a}.kv_a_layernorm.weight"]
             out[f"{a}.kv_b_proj.weight"] = _split(w[f"{a}.kv_b_proj.weight"], tp, tp_rank)
         else:
-            d = spec.head_dim
-            kv_heads = spec.num_kv_heads
+            d = a_spec.head_dim
+            kv_heads = a_spec.num_kv_heads
             kv_idx = (
                 [tp_rank // (tp // kv_heads)] if tp >= kv_heads
                 else list(range(tp_rank * kv_heads // tp, (tp_rank + 1) * kv_heads // tp))
             )
-            for kind in ["weight", "bias"] if spec.qkv_bias else ["weight"]:
+            for kind in ["weight", "bias"] if a_spec.qkv_bias else ["weight"]:
                 q = _split(w[f"{a}.q_proj.{kind}"], tp, tp_rank)
                 k = np.concatenate([w[f"{a}.k_proj.{kind}"][h * d:(h + 1) * d] for h in kv_idx])
                 v = np.concatenate([w[f"{a}.v_proj.{kind}"][h * d:(h + 1) * d] for h in kv_idx])
                 out[f"{a}.qkv_proj.{kind}"] = np.concatenate([q, k, v])
-            if spec.qk_norm:
+            if a_spec.qk_norm:
                 out[f"{a}.q_norm.weight"] = w[f"{a}.q_norm.weight"]
                 out[f"{a}.k_norm.weight"] = w[f"{a}.k_norm.weight"]
         out[f"{a}.o_proj.weight"] = _split(w[f"{a}.o_proj.weight"], tp, tp_rank, axis=1)
@@ -92,7 +93,7 @@ def reference_rank(spec: ModelSpec, lay: InferenceLayout, phy2log: np.ndarray | 
         if i in moe_layers:
             block = f"{p}.block_sparse_moe" if mixtral else f"{p}.mlp"
             out[f"{block}.gate.weight"] = w[f"{block}.gate.weight"]
-            if spec.router_bias:
+            if m_spec.router_bias:
                 out[f"{block}.gate.e_score_correction_bias"] = w[f"{block}.gate.e_score_correction_bias"]
             row = phy2log[moe_layers.index(i)] if phy2log is not None else np.arange(spec.num_experts)
             group_rank = dp_rank * tp + tp_rank
@@ -110,7 +111,7 @@ def reference_rank(spec: ModelSpec, lay: InferenceLayout, phy2log: np.ndarray | 
                 w2.append(_split(dn, parts, k, axis=1))
             out[f"{block}.experts.w13_weight"] = np.stack(w13)
             out[f"{block}.experts.w2_weight"] = np.stack(w2)
-            if spec.num_shared_experts:
+            if m_spec.num_shared_experts:
                 gated(f"{p}.mlp.shared_experts", tp, tp_rank)
         else:
             gated(f"{p}.mlp", tp, tp_rank)

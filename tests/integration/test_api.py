@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from planners import JobSpec
-from planners.eplb_stats import synthetic_load
+from planners.eplb.stats import synthetic_load
 from sync.launch import host_store, spawn_ranks
 
 JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),

@@ -33,7 +33,7 @@ def test_syncs_are_bit_exact_every_version(name):
     job = JobSpec.from_dict(CASES[name])
     load = None
     if job.eplb.enabled:
-        from planners.eplb_stats import synthetic_load
+        from planners.eplb.stats import synthetic_load
 
         load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=3)
     plan = build_plan(job, load).validate()

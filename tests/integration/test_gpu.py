@@ -11,7 +11,7 @@ import torch
 
 from expected import endpoints, random_runs, source_shards
 from planners import JobSpec, build_plan
-from planners.runs import apply_runs
+from planners.schedule.runs import apply_runs
 from sync.copier import CopyProgram, triton_available
 from sync.endpoints import BufferTarget, SyntheticSource
 from sync.executor import PlanExecutor

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from planners import JobSpec, build_plan
-from planners.eplb_stats import synthetic_load
+from planners.eplb.stats import synthetic_load
 from sync.launch import LocalRun, run_local
 
 transformers = pytest.importorskip("transformers")
@@ -101,4 +101,4 @@ def test_engine_logits_match_hugging_face(name):
         assert all(s.verified for s in results[rank]["stats"]["plan"])
     if eplb:  # the engines counted tokens per physical slot: every routed token landed in one slot
         counts = results[plan.num_trainer]["slot_counts"]
-        assert counts.sum() == len(tokens) * job.model.num_experts_per_tok * len(job.model.moe_layers)
+        assert counts.sum() == len(tokens) * job.model.moe.top_k * len(job.model.moe_layers)

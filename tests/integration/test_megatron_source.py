@@ -7,8 +7,8 @@ import pytest
 
 from expected import expected_engine
 from planners import JobSpec, build_plan
-from planners.megatron_rules import trainer_locals
-from planners.model import catalog
+from planners.sides.megatron import trainer_locals
+from planners.models import catalog
 from sync.endpoints import EndpointError, check_locals, fill_from_full
 from sync.launch import LocalRun, run_local
 from sync.megatron import MegatronSource, local_name

@@ -9,8 +9,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from planners import build_plan
-from planners.buckets import bucketize
-from planners.runs import BUFFER, apply_runs, chunk_runs
+from planners.schedule.buckets import bucketize
+from planners.schedule.runs import BUFFER, apply_runs, chunk_runs
 from strategies import jobs
 from sync.tensors import TORCH_DTYPES, block
 

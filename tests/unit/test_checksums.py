@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from planners.runs import RUN_DTYPE
+from planners.schedule.runs import RUN_DTYPE
 from sync.checksums import RunSums
 from sync.tensors import MIX_K1, MIX_K2, checksum_block
 

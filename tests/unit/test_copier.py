@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from expected import random_runs
-from planners.runs import RUN_DTYPE, apply_runs
+from planners.schedule.runs import RUN_DTYPE, apply_runs
 from sync.copier import CopyProgram
 
 

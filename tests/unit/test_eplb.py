@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from conftest import assert_plan_exact
 from planners import JobSpec
 from planners.eplb import POLICIES, EplbError, balance_report, gpu_loads, rebalance
-from planners.eplb_loop import rebalance_loop
-from planners.eplb_stability import moved_slots
-from planners.eplb_stats import ExpertLoadWindow, read_load, synthetic_load
+from planners.eplb.loop import rebalance_loop
+from planners.eplb.stability import moved_slots
+from planners.eplb.stats import ExpertLoadWindow, read_load, synthetic_load
 
 
 def test_deepseek_readme_example():

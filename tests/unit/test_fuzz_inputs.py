@@ -20,10 +20,9 @@ from hypothesis import strategies as st
 import planners.build
 from planners import JobError, JobSpec, build_plan
 from planners.eplb import EplbError, rebalance
-from planners.model import hf_keys
-from planners.placement import Placement, PlacementError
-from planners.presets import PRESETS
-from planners.shards import ShardError
+from planners.eplb.placement import Placement
+from planners.errors import PlacementError, ShardError
+from planners.models import PRESETS, family_of
 
 BASE = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
             inference=dict(tp=2, dp=2, enable_ep=True), eplb=dict(enabled=True, num_redundant_experts=4))
@@ -101,10 +100,9 @@ SECTION_KEYS = {  # optional keys a base may not spell out, mutated too
 REQUIRED_SECTIONS = ("model", "trainer", "inference")
 
 
-def _family(base: dict) -> str:
-    from planners.model import _FAMILY_ALIASES
-
-    return _FAMILY_ALIASES[base["model"]["hf_config"]["model_type"]]
+def _hf_keys(base: dict) -> dict:
+    """Every config.json key the base's model family reads."""
+    return family_of(base["model"]["hf_config"]["model_type"]).all_keys()
 
 
 @st.composite
@@ -119,7 +117,7 @@ def mutations(draw):
         spec.setdefault(section, {})[key] = draw(WRONG)
         return name, spec, (section, key), kind
     if kind == "hf":
-        key = draw(st.sampled_from(sorted(hf_keys(_family(spec)))))
+        key = draw(st.sampled_from(sorted(_hf_keys(spec))))
         spec["model"]["hf_config"][key] = draw(WRONG)
         return name, spec, ("model", "hf_config", key), kind
     if kind == "delete":

@@ -25,14 +25,15 @@ def job(**changes):
     (dict(trainer__tpp=2), r"trainer.tpp: unknown key"),
     (dict(trainer__tp="two"), r"trainer.tp: Input should be a valid integer"),
     (dict(inference__enable_ep="yes"), r"inference.enable_ep"),
-    (dict(model={}), r"model.preset .* or model.hf_config"),
+    (dict(model={}), r"give exactly one of model.preset .*, model.hf_config or model.config"),
     (dict(model=dict(preset="nope")), r"model.preset 'nope' is unknown"),
-    (dict(trainer__tp=3), r"trainer.tp must divide model.num_key_value_heads"),
+    (dict(trainer__tp=3), r"trainer.tp=3 must divide model.preset\[tiny_qwen3_moe\].num_key_value_heads=2 \(Megatron splits "
+                          r"query groups over TP\); valid: \[1, 2\]"),
     (dict(trainer__ep=3), r"trainer.ep=3 must divide the routed experts \(model.preset\[tiny_qwen3_moe\].num_experts=8\); "
                           r"valid: \[1, 2, 4, 8\]"),
     (dict(trainer__pp=3), r"num_hidden_layers=4 does not split over trainer.pp=3: .*do not split over pp=3"),
     (dict(inference__tp=3), r"inference.tp=3 must divide model.preset\[tiny_qwen3_moe\].num_attention_heads=8$"),
-    (dict(inference__tp=2, model=dict(preset="tiny_qwen3", overrides=dict(num_key_value_heads=3, num_attention_heads=12))),
+    (dict(inference__tp=2, trainer=dict(tp=1), model=dict(preset="tiny_qwen3", overrides=dict(num_key_value_heads=3, num_attention_heads=12))),
      r"inference.tp=2 must divide model.overrides.num_key_value_heads=3, or be a multiple of it when larger"),
     (dict(inference__dp=8), r"inference EP size \(inference dp\*tp = 8\*2 = 16\) exceeds the routed experts "
                             r"\(model.preset\[tiny_qwen3_moe\].num_experts=8\)"),
@@ -53,9 +54,13 @@ def job(**changes):
      r"model.overrides.num_hidden_layers=3 does not split over trainer.pp=2"),
     (dict(inference__pp=5), r"model.preset\[tiny_qwen3_moe\].num_hidden_layers=4 does not split over inference.pp=5"),
     (dict(model=dict(preset="tiny_deepseek_v3", overrides=dict(first_k_dense_replace=3))),
-     r"trainer.ep, inference.enable_ep need a MoE model: model 'deepseek_v3' has no MoE layers \("
+     r"trainer.ep=2 needs a MoE model: model 'deepseek_v3' has no MoE layers \("
      r"model.preset\[tiny_deepseek_v3\].num_hidden_layers=3, model.preset\[tiny_deepseek_v3\].n_routed_experts=8, "
-     r"model.overrides.first_k_dense_replace=3, model.preset\[tiny_deepseek_v3\].moe_layer_freq=1\)"),
+     r"model.overrides.first_k_dense_replace=3, model.preset\[tiny_deepseek_v3\].moe_layer_freq=1\); set trainer.ep: 1"),
+    (dict(model=dict(preset="tiny_deepseek_v3", overrides=dict(first_k_dense_replace=3)), trainer=dict(tp=2)),
+     r"inference.enable_ep needs a MoE model: model 'deepseek_v3' has no MoE layers .*; set inference.enable_ep: false"),
+    (dict(model=dict(preset="tiny_llama"), trainer=dict(tp=2), inference=dict(tp=2), eplb=dict(enabled=True)),
+     r"eplb.enabled need a MoE model: model 'llama' has no MoE layers \(model.preset\[tiny_llama\].num_hidden_layers=4\)"),
     (dict(deployment=dict(mode="shared")), r"deployment.mode"),
     (dict(deployment=dict(gpus_per_node=4, nodes=1)), r"deployment.nodes=1 is too few"),
     (dict(links=dict(nic_gbps=-1)), r"links.nic_gbps: Input should be greater than 0, got -1"),
@@ -72,7 +77,7 @@ def job(**changes):
     (dict(eplb=dict(enabled="yes")), r"eplb.enabled: Input should be a valid boolean, got 'yes'"),
     (dict(eplb=dict(num_redundant_experts=4.0)), r"eplb.num_redundant_experts: Input should be a valid integer"),
     (dict(eplb=dict(window=0)), r"eplb.window: Input should be greater than or equal to 1, got 0"),
-    (dict(deployment=dict(nodes=0)), r"deployment.nodes: Input should be greater than or equal to 1, got 0"),
+    (dict(deployment=dict(nodes=0)), r"deployment.nodes must be a positive integer, got 0"),
     (dict(inference__engines=1 << 20), r"exceed 1048576; check trainer.tp"),
     (dict(trainer__tpp=2), r"valid keys: cp, dp, ep, etp, .*tp"),
     (dict(model=dict(hf_config=dict(model_type="gpt2"))), r"model.hf_config.model_type 'gpt2' is not supported; use one of"),
@@ -171,9 +176,9 @@ def test_hf_config_nulls_and_defaults():
     j = hf(LLAMA, num_key_value_heads=None, head_dim=None, tie_word_embeddings=None, rope_theta=None,
            rope_parameters=dict(rope_type="default", rope_theta=5e5), dtype="torch.float16")
     m = j.model
-    assert (m.num_kv_heads, m.head_dim, m.tie_word_embeddings, m.rope_theta, m.dtype) == (8, 8, False, 5e5, "float16")
-    assert hf(dict(LLAMA, model_type="qwen2")).model.qkv_bias
-    assert not hf(dict(LLAMA, model_type="qwen2", attention_bias=False)).model.qkv_bias
+    assert (m.attention.num_kv_heads, m.attention.head_dim, m.tie_word_embeddings, m.rope_theta, m.dtype) == (8, 8, False, 5e5, "float16")
+    assert hf(dict(LLAMA, model_type="qwen2")).model.attention.qkv_bias
+    assert not hf(dict(LLAMA, model_type="qwen2", attention_bias=False)).model.attention.qkv_bias
 
 
 @pytest.mark.parametrize("load,message", [

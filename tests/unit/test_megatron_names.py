@@ -12,8 +12,8 @@ import pytest
 import re
 
 from planners import JobSpec
-from planners.megatron_rules import trainer_chunk_layers, trainer_locals
-from planners.model import ModelSpec, catalog
+from planners.sides.megatron import trainer_chunk_layers, trainer_locals
+from planners.models import ModelSpec, catalog
 
 CASES = [
     ("tiny_llama", dict(tp=2, pp=2, dp=2)),
@@ -46,20 +46,24 @@ VPP_CASES = [  # more layers than the presets: deeper and uneven interleaving
 
 
 def megatron_cfg(spec: ModelSpec) -> dict:
-    cfg = dict(num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=spec.num_heads,
-               num_query_groups=spec.num_kv_heads, ffn_hidden_size=spec.intermediate_size or spec.moe_intermediate_size,
-               kv_channels=spec.head_dim, add_qkv_bias=spec.qkv_bias, qk_layernorm=spec.qk_norm or spec.is_mla,
+    a, m = spec.attention, spec.moe
+    cfg = dict(num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_attention_heads=a.num_heads,
+               ffn_hidden_size=(spec.mlp or m).intermediate_size,
                share_embeddings_and_output_weights=spec.tie_word_embeddings, vocab_size=spec.vocab_size)
-    if spec.is_moe:
-        cfg.update(num_moe_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_intermediate_size,
-                   moe_layer_freq=[int(i in spec.moe_layers) for i in range(spec.num_layers)],
-                   moe_shared_expert_intermediate_size=spec.moe_intermediate_size * spec.num_shared_experts or None,
-                   moe_router_enable_expert_bias=spec.router_bias,
-                   moe_router_score_function="sigmoid" if spec.router_bias else "softmax")
     if spec.is_mla:
-        cfg.update(multi_latent_attention=True, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
-                   qk_head_dim=spec.qk_nope_head_dim, qk_pos_emb_head_dim=spec.qk_rope_head_dim,
-                   v_head_dim=spec.v_head_dim)
+        cfg.update(num_query_groups=a.num_heads, kv_channels=a.v_head_dim, add_qkv_bias=False, qk_layernorm=True)
+    else:
+        cfg.update(num_query_groups=a.num_kv_heads, kv_channels=a.head_dim, add_qkv_bias=a.qkv_bias,
+                   qk_layernorm=a.qk_norm)
+    if spec.is_moe:
+        cfg.update(num_moe_experts=m.num_experts, moe_ffn_hidden_size=m.intermediate_size,
+                   moe_layer_freq=[int(i in spec.moe_layers) for i in range(spec.num_layers)],
+                   moe_shared_expert_intermediate_size=m.shared_intermediate_size or None,
+                   moe_router_enable_expert_bias=m.router_bias, moe_router_score_function=m.router)
+    if spec.is_mla:
+        cfg.update(multi_latent_attention=True, q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank,
+                   qk_head_dim=a.qk_nope_head_dim, qk_pos_emb_head_dim=a.qk_rope_head_dim,
+                   v_head_dim=a.v_head_dim)
     return cfg
 
 

@@ -19,7 +19,7 @@ def test_random_layouts_validate_and_simulate_exactly(job, seed):
     event(f"deployment {job.deployment.mode}")
     event(f"inference EP {i.enable_ep}, redundant {job.eplb.num_redundant_experts > 0}")
     event(f"TP {t.tp}->{i.tp}, PP {t.pp}->{i.pp}")
-    if not m.is_mla and i.tp > m.num_kv_heads:
+    if not m.is_mla and i.tp > m.attention.num_kv_heads:
         event("kv heads replicated (tp > kv heads)")
     assert_plan_exact(job, seed)
 

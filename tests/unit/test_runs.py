@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from planners import JobSpec, build_plan
-from planners.runs import RUN_DTYPE, chunk_runs, merge_runs
+from planners.schedule.runs import RUN_DTYPE, chunk_runs, merge_runs
 
 
 def test_row_split_tensors_between_equal_layouts_merge_into_one_run():

@@ -81,7 +81,7 @@ def test_set_placement_writes_all_three_maps_in_place(layout):
     assert target.placement is plan.placement
 
     # back to vLLM's initial placement: replicas beyond the new counts are -1 again
-    from planners.placement import Placement
+    from planners.eplb.placement import Placement
 
     target.set_placement(Placement.identity(L, E, P))
     for got, want in zip(tensors, initial_maps(L, E, P).values()):

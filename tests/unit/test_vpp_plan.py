@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from planners import JobError, JobSpec
 from planners.layouts import LayoutError, TrainerLayout
-from planners.megatron_rules import trainer_chunk_layers, trainer_locals
-from planners.model import catalog
+from planners.sides.megatron import trainer_chunk_layers, trainer_locals
+from planners.models import catalog
 
 LLAMA = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              vocab_size=300, intermediate_size=128)

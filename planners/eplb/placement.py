@@ -13,7 +13,7 @@ import numpy as np
 
 from planners.errors import PlacementError
 
-__all__ = ["Placement", "PlacementError"]
+__all__ = ["Placement"]
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: shard rules cache on it

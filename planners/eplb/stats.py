@@ -15,7 +15,27 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ExpertLoadWindow", "synthetic_load", "drift", "read_load", "load_array"]
+from planners.errors import EplbError
+
+__all__ = ["ExpertLoadWindow", "synthetic_load", "drift", "read_load", "load_array", "check_load"]
+
+
+def check_load(load: Any, layers: int | None = None, experts: int | None = None) -> np.ndarray:
+    """``load`` as a float array ``[layers, experts]`` of finite, non-negative token counts (of that
+    shape, where given); an EplbError naming the load (its shape, or the first bad entry) otherwise."""
+    shape = f"[{layers} MoE layers, {experts} experts]" if layers is not None else "[layers, experts]"
+    want = f"{shape} of finite, non-negative token counts (no NaN or infinity)"
+    try:
+        arr = np.asarray(load, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise EplbError(f"load must be a numeric array {want}; got {type(load).__name__}") from None
+    if arr.ndim != 2 or (layers is not None and arr.shape != (layers, experts)):
+        raise EplbError(f"load has shape {arr.shape}; expected {want}")
+    bad = np.argwhere(~np.isfinite(arr) | (arr < 0))
+    if len(bad):
+        layer, expert = (int(x) for x in bad[0])
+        raise EplbError(f"load[{layer}, {expert}] is {float(arr[layer, expert])!r} ({len(bad)} bad entries); expected {want}")
+    return arr
 
 
 @dataclass

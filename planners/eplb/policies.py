@@ -1,7 +1,7 @@
 """Expert-parallel load balancing: replicate hot experts into redundant slots and pack slots onto GPUs.
 
 ``rebalance(load [L, E], num_physical, num_groups, num_nodes, num_gpus, policy)`` returns a
-:class:`~planners.placement.Placement` (``phy2log [L, P]``; GPU g owns slots ``[g*P/G, (g+1)*P/G)``).
+:class:`~planners.eplb.placement.Placement` (``phy2log [L, P]``; GPU g owns slots ``[g*P/G, (g+1)*P/G)``).
 
 Policies:
 
@@ -9,7 +9,7 @@ Policies:
   groups onto nodes (greedy, equal counts), replicate hot experts inside each node (largest load per
   replica first), pack each node's replicas onto its GPUs (greedy, equal counts). Otherwise the same
   with one group and one node (global). All layers at once; the same ``phy2log`` as the plain loop
-  (``planners.eplb_loop``): rows whose fast result cannot be certified are redone step by step.
+  (``planners.eplb.loop``): rows whose fast result cannot be certified are redone step by step.
 * ``"default"`` -- several nodes: every expert keeps one replica on its group's node, the others go
   where balance is best (see :func:`_spread`), each node's replicas are packed onto its GPUs, repeats
   of one expert on one GPU traded away, then swaps between GPUs. One node: DeepSeek's placement with
@@ -29,9 +29,10 @@ from typing import Literal
 import numpy as np
 
 from planners.errors import EplbError
-from planners.placement import Placement
+from planners.eplb.placement import Placement
+from planners.eplb.stats import check_load
 
-__all__ = ["rebalance", "EplbError", "gpu_loads", "BalanceReport", "balance_report", "POLICIES"]
+__all__ = ["rebalance", "gpu_loads", "duplicates", "POLICIES"]
 
 POLICIES = ("default", "deepseek")
 
@@ -469,85 +470,88 @@ def _spread(load: np.ndarray, num_physical: int, num_nodes: int, num_gpus: int, 
     per_node = num_gpus // N  # replicas of one expert a node can hold without doubling up on a GPU
     extra = num_physical - E
     rows = np.arange(L)
-    R1 = rows[:, None]
-    w = np.ascontiguousarray(load, dtype=np.float64)
+    row = rows[:, None]
+    weight = np.ascontiguousarray(load, dtype=np.float64)
     count = np.ones((L, E))
     on = np.zeros((L, N, E))
     own_mask = np.repeat(np.eye(N, dtype=bool), B, axis=1)  # [N, E]
     on[:, own_mask] = 1
-    node_load = w.reshape(L, N, B).sum(axis=2)
+    node_load = weight.reshape(L, N, B).sum(axis=2)
     free = np.full((L, N), num_physical // N - B)
     left = np.full(L, extra)
     # size target per layer: the smallest multiple of the average GPU load such that splitting every
     # heavier replica down to it takes at most ``size_share [L]`` of the extra replicas
-    avg = w.sum(axis=1) / num_gpus
-    target = np.full(L, np.inf)
+    avg = weight.sum(axis=1) / num_gpus
+    size_target = np.full(L, np.inf)
     for alpha in _SIZE_GRID[::-1]:
         if np.isfinite(alpha):
             size = np.maximum(alpha * avg, 1e-300)
-            need = np.maximum(np.ceil(w / size[:, None]) - 1, 0).sum(axis=1)
-            target = np.where(need <= size_share * extra, size, target)
+            need = np.maximum(np.ceil(weight / size[:, None]) - 1, 0).sum(axis=1)
+            size_target = np.where(need <= size_share * extra, size, size_target)
     own_idx = np.arange(E).reshape(N, B)  # node n's own experts
-    arN = np.arange(N)
+    node_ids = np.arange(N)
     half = max(N // 2, 1)
     for _ in range(extra):
         if not left.any():
             break
-        share = w / count
-        new = w / (count + 1)
+        share = weight / count
+        new = weight / (count + 1)
         gain = share - new
         room = (free > 0) & (left > 0)[:, None]
         cool = np.argsort(np.where(room, node_load, np.inf), axis=1, kind="stable")  # coolest with room first
-        e = np.full((L, N), -1)
-        t = cool.copy()
+        chosen = np.full((L, N), -1)
+        dest = cool.copy()
         # 1. split the heaviest oversized replicas, the i-th heaviest onto the i-th coolest node
         top = np.empty((L, N), dtype=np.intp)
         pick = share.copy()
-        pf = pick.ravel()
+        pick_flat = pick.ravel()
         for i in range(N):  # the N heaviest replicas, one argmax at a time
             top[:, i] = pick.argmax(axis=1)
-            pf[rows * E + top[:, i]] = -1.0
-        ok = (share[R1, top] > target[:, None]) & room[R1, cool]
-        ok &= on[R1, cool, top] < per_node
-        ok &= np.cumsum(ok, axis=1) <= left[:, None]
-        e = np.where(ok, top, e)
-        sized = ok.any(axis=1)
+            pick_flat[rows * E + top[:, i]] = -1.0
+        split_ok = (share[row, top] > size_target[:, None]) & room[row, cool]
+        split_ok &= on[row, cool, top] < per_node
+        split_ok &= np.cumsum(split_ok, axis=1) <= left[:, None]
+        chosen = np.where(split_ok, top, chosen)
+        sized = split_ok.any(axis=1)
         # 2. relieve: the i-th hottest node, through its own expert shedding most, onto the i-th coolest
         hot = np.argsort(-node_load, axis=1, kind="stable")[:, :half]
-        oo = on[:, arN[:, None], own_idx]  # [L, N, B] replicas of each node's own experts there
-        relief = oo * gain.reshape(L, N, B)
-        rel_e = own_idx[arN, relief.argmax(axis=2)]  # [L, N]
-        eh = rel_e[R1, hot]  # [L, half]
-        th = cool[:, :half]
-        okr = room[R1, th] & (node_load[R1, th] + new[R1, eh] < node_load[R1, hot]) & (th != hot)
-        okr &= on[R1, th, eh] < per_node
-        okr &= ~sized[:, None]
-        okr &= np.cumsum(okr, axis=1) <= left[:, None]
-        e[:, :half] = np.where(okr, eh, e[:, :half])
-        t[:, :half] = np.where(okr, th, t[:, :half])
-        relieved = okr.any(axis=1)
+        own_replicas = on[:, node_ids[:, None], own_idx]  # [L, N, B] replicas of each node's own experts there
+        relief = own_replicas * gain.reshape(L, N, B)
+        relief_expert = own_idx[node_ids, relief.argmax(axis=2)]  # [L, N]
+        hot_expert = relief_expert[row, hot]  # [L, half]
+        cool_node = cool[:, :half]
+        relieve_ok = room[row, cool_node] & (cool_node != hot)
+        relieve_ok &= node_load[row, cool_node] + new[row, hot_expert] < node_load[row, hot]
+        relieve_ok &= on[row, cool_node, hot_expert] < per_node
+        relieve_ok &= ~sized[:, None]
+        relieve_ok &= np.cumsum(relieve_ok, axis=1) <= left[:, None]
+        chosen[:, :half] = np.where(relieve_ok, hot_expert, chosen[:, :half])
+        dest[:, :half] = np.where(relieve_ok, cool_node, dest[:, :half])
+        relieved = relieve_ok.any(axis=1)
         # 3. otherwise every node with room takes the replica of its own experts adding least to it
-        add = np.where(oo < per_node, new.reshape(L, N, B) * (1 - 1e-9) - relief, np.inf)
-        fill = own_idx[arN, add.argmin(axis=2)]  # [L, N]
-        okf = room & np.isfinite(add.min(axis=2)) & ~(sized | relieved)[:, None]
-        okf &= np.cumsum(okf, axis=1) <= left[:, None]
-        e = np.where(okf, fill, np.where(okf.any(axis=1)[:, None] | sized[:, None] | relieved[:, None], e, -1))
-        t = np.where(okf, arN, t)
-        stuck = (e < 0).all(axis=1) & (left > 0)
+        add = np.where(own_replicas < per_node, new.reshape(L, N, B) * (1 - 1e-9) - relief, np.inf)
+        fill = own_idx[node_ids, add.argmin(axis=2)]  # [L, N]
+        fill_ok = room & np.isfinite(add.min(axis=2)) & ~(sized | relieved)[:, None]
+        fill_ok &= np.cumsum(fill_ok, axis=1) <= left[:, None]
+        keep = fill_ok.any(axis=1) | sized | relieved
+        chosen = np.where(fill_ok, fill, np.where(keep[:, None], chosen, -1))
+        dest = np.where(fill_ok, node_ids, dest)
+        stuck = (chosen < 0).all(axis=1) & (left > 0)
         if stuck.any():  # any node with room, the lightest replica it can take
-            s_ = np.flatnonzero(stuck)
-            okn = room[s_][:, :, None] & (on[s_] < per_node)
-            flat = np.where(okn, new[s_][:, None, :], np.inf).reshape(len(s_), -1).argmin(axis=1)
-            e[s_, 0], t[s_, 0] = flat % E, flat // E
+            stuck_rows = np.flatnonzero(stuck)
+            can_take = room[stuck_rows][:, :, None] & (on[stuck_rows] < per_node)
+            lightest = np.where(can_take, new[stuck_rows][:, None, :], np.inf).reshape(len(stuck_rows), -1)
+            flat = lightest.argmin(axis=1)
+            chosen[stuck_rows, 0], dest[stuck_rows, 0] = flat % E, flat // E
         # apply (the experts of one round are distinct)
-        r_, c_ = np.nonzero(e >= 0)
-        ee, tt = e[r_, c_], t[r_, c_]
-        np.subtract.at(node_load, r_, on[r_, :, ee] * gain[r_, ee][:, None])
-        np.add.at(node_load, (r_, tt), new[r_, ee])
-        np.add.at(on, (r_, tt, ee), 1)
-        np.add.at(count, (r_, ee), 1)
-        np.subtract.at(free, (r_, tt), 1)
-        np.subtract.at(left, r_, 1)
+        layer_of, col_of = np.nonzero(chosen >= 0)
+        expert_of, node_of = chosen[layer_of, col_of], dest[layer_of, col_of]
+        np.subtract.at(node_load, layer_of, on[layer_of, :, expert_of] * gain[layer_of, expert_of][:, None])
+        np.add.at(node_load, (layer_of, node_of), new[layer_of, expert_of])
+        np.add.at(on, (layer_of, node_of, expert_of), 1)
+        np.add.at(count, (layer_of, expert_of), 1)
+        np.subtract.at(free, (layer_of, node_of), 1)
+        np.subtract.at(left, layer_of, 1)
     return count, on
 
 
@@ -641,11 +645,11 @@ def _default(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: in
         good = 1.001 * np.maximum(load.sum(axis=1) / num_gpus, share.max(axis=1))  # near the bound: stop
         candidates = [_take(ds, _refine(per_slot.reshape(shape), ds.reshape(shape), good_enough=good))] if k > 1 else []
     best = gpu_loads(load, ds, num_gpus).max(axis=1)
-    best_dups = _duplicates(ds, num_gpus)
+    best_dups = duplicates(ds, num_gpus)
     out = ds
     for cand in candidates:
         peak = gpu_loads(load, cand, num_gpus).max(axis=1)
-        dups = _duplicates(cand, num_gpus)
+        dups = duplicates(cand, num_gpus)
         take = (peak < best * (1 - 1e-12)) | ((peak <= best) & (dups < best_dups))
         out = np.where(take[:, None], cand, out)
         best = np.where(take, peak, best)
@@ -660,6 +664,13 @@ def _counts(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(flat, minlength=L * num_experts).reshape(L, num_experts)
 
 
+def duplicates(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Per layer, GPUs holding two or more replicas of one expert."""
+    L, P = phy2log.shape
+    slots = np.sort(phy2log.reshape(L, num_gpus, P // num_gpus), axis=2)
+    return (np.diff(slots, axis=2) == 0).any(axis=2).sum(axis=1)
+
+
 def gpu_loads(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[L, G]`` tokens per GPU when each logical expert's tokens split evenly over its replicas."""
     load = np.asarray(load, dtype=np.float64)
@@ -672,17 +683,7 @@ def gpu_loads(load: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarra
 
 
 def _check(load: np.ndarray, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int, policy: str) -> np.ndarray:
-    try:
-        load = np.asarray(load, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise EplbError(f"load must be a numeric array [layers, experts], got {type(load).__name__}") from None
-    if load.ndim != 2:
-        raise EplbError(f"load must be [layers, experts], got shape {load.shape}")
-    for bad, what in ((~np.isfinite(load), "NaN or infinite"), (load < 0, "negative")):
-        if bad.any():
-            layer, expert = (int(x) for x in np.argwhere(bad)[0])
-            raise EplbError(f"load holds {what} values (load[{layer}, {expert}] = {float(load[layer, expert])!r}); "
-                            "expert loads are token counts")
+    load = check_load(load)
     L, E = load.shape
     for name, v in (("num_physical", num_physical), ("num_groups", num_groups), ("num_nodes", num_nodes),
                     ("num_gpus", num_gpus)):
@@ -712,90 +713,7 @@ def rebalance(load: np.ndarray, num_physical: int, num_groups: int = 1, num_node
     else:
         phy2log = _default(load, num_physical, *shape, num_gpus)
     if old_placement is not None:
-        from planners.eplb_stability import keep_in_place
+        from planners.eplb.stability import keep_in_place
 
         phy2log = keep_in_place(phy2log, old_placement.phy2log, num_gpus, num_nodes if hierarchical else 1)
     return Placement(phy2log)
-
-
-# -- metrics -------------------------------------------------------------------------------
-
-def _duplicates(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Per layer, GPUs holding two or more replicas of one expert."""
-    L, P = phy2log.shape
-    slots = np.sort(phy2log.reshape(L, num_gpus, P // num_gpus), axis=2)
-    return (np.diff(slots, axis=2) == 0).any(axis=2).sum(axis=1)
-
-
-@dataclass(frozen=True)
-class BalanceReport:
-    """Balance of a placement against its load; ``[L]`` arrays are per layer."""
-
-    gpu_load: np.ndarray  # [L, G] tokens per GPU
-    node_load: np.ndarray  # [L, N] tokens per node
-    bound: np.ndarray  # [L] max(total/G, best max load per replica over all replica counts): any placement
-    replica_bound: np.ndarray  # [L] cardinality bound for this placement's own replica counts
-    group_bound: np.ndarray  # [L] bound for placements keeping every replica on its group's node (as deepseek)
-    duplicates: int  # GPUs (summed over layers) holding two replicas of one expert
-
-    @property
-    def max_gpu_load(self) -> np.ndarray:
-        return self.gpu_load.max(axis=1)
-
-    @property
-    def mean_gpu_load(self) -> np.ndarray:
-        return self.gpu_load.mean(axis=1)
-
-    @property
-    def max_node_load(self) -> np.ndarray:
-        return self.node_load.max(axis=1)
-
-    @property
-    def balancedness(self) -> float:
-        """Sum over layers of mean GPU load / sum over layers of max GPU load (as vLLM logs it)."""
-        return float(self.mean_gpu_load.sum() / max(self.max_gpu_load.sum(), 1e-30))
-
-    @property
-    def max_over_bound(self) -> float:
-        """Max GPU load over the placement-independent bound, summed over layers."""
-        return float(self.max_gpu_load.sum() / max(self.bound.sum(), 1e-30))
-
-    @property
-    def max_over_replica_bound(self) -> float:
-        """Max GPU load over the best packing of the chosen replicas could reach, summed over layers."""
-        return float(self.max_gpu_load.sum() / max(np.maximum(self.bound, self.replica_bound).sum(), 1e-30))
-
-    @property
-    def max_over_group_bound(self) -> float:
-        """Max GPU load over the bound for group-confined placements, summed over layers."""
-        return float(self.max_gpu_load.sum() / max(np.maximum(self.bound, self.group_bound).sum(), 1e-30))
-
-
-def replication_bound(load: np.ndarray, num_physical: int) -> np.ndarray:
-    """min over replica counts (>= 1, summing to P) of max_e load_e / c_e, per layer (water-filling)."""
-    load = np.asarray(load, dtype=np.float64)
-    return (load / _replica_counts(load, num_physical)).max(axis=1)
-
-
-def balance_report(load: np.ndarray, placement: Placement, num_gpus: int, num_nodes: int = 1,
-                   num_groups: int | None = None) -> BalanceReport:
-    """Per-GPU and per-node loads of ``placement`` under ``load [L, E]`` and lower bounds on the
-    max GPU load. ``group_bound`` (with ``num_groups`` dividing over ``num_nodes``): a placement
-    that keeps every replica on its group's node, as ``deepseek`` does, puts a whole group on one
-    node, so some GPU carries at least the heaviest group's load / GPUs per node."""
-    load = np.asarray(load, dtype=np.float64)
-    phy2log = placement.phy2log
-    L, P = phy2log.shape
-    E = load.shape[1]
-    per_gpu = gpu_loads(load, phy2log, num_gpus)
-    per_node = per_gpu.reshape(L, num_nodes, -1).sum(axis=2)
-    k = P // num_gpus
-    bound = np.maximum(load.sum(axis=1) / num_gpus, replication_bound(load, P))
-    # the GPU holding the heaviest replica also holds k-1 others, at least the k-1 lightest ones
-    count = _counts(phy2log, E)
-    replica = np.sort(_take(load / np.maximum(count, 1), phy2log), axis=1)
-    card = replica[:, -1] + replica[:, : k - 1].sum(axis=1)
-    group = np.zeros(L)
-    if num_groups and num_groups % num_nodes == 0 and E % num_groups == 0:
-        group = load.reshape(L, num_groups, -1).sum(axis=2).max(axis=1) / (num_gpus // num_nodes)
-    return BalanceReport(per_gpu, per_node, bound, card, group, int(_duplicates(phy2log, num_gpus).sum()))

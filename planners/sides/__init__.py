@@ -1,0 +1,32 @@
+"""Sides: what each rank of a trainer or an engine holds, as pieces of the model's logical tensors.
+
+A side is a module with ``NAME``, ``check(spec, layout[, placement])`` (a ShardError naming the field
+when the model's shapes do not divide over the layout) and ``template(spec, catalog, layout[,
+placement], rank)`` (the rank's local tensors, shared by ranks with equal shard coordinates). The
+planner looks sides up by the job's ``trainer.kind`` and ``inference.kind``: Megatron-core and vLLM
+today; an FSDP/DTensor trainer or an SGLang engine is one more module and one line below.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from planners.errors import LayoutError
+from planners.sides import megatron, vllm
+
+__all__ = ["TRAINERS", "ENGINES", "trainer_side", "engine_side"]
+
+TRAINERS: dict[str, ModuleType] = {megatron.NAME: megatron}
+ENGINES: dict[str, ModuleType] = {vllm.NAME: vllm}
+
+
+def trainer_side(kind: str) -> ModuleType:
+    if kind not in TRAINERS:
+        raise LayoutError(f"trainer.kind {kind!r} is not supported; use one of {sorted(TRAINERS)}")
+    return TRAINERS[kind]
+
+
+def engine_side(kind: str) -> ModuleType:
+    if kind not in ENGINES:
+        raise LayoutError(f"inference.kind {kind!r} is not supported; use one of {sorted(ENGINES)}")
+    return ENGINES[kind]
