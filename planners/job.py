@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from planners.cost import Links
 from planners.eplb import check_load
-from planners.errors import EplbError, JobError, LayoutError, ModelError, PlacementError, ShardError
+from planners.errors import JobError, LayoutError, ModelError, PlacementError, ShardError
 from planners.layouts import MAX_RANKS, Deployment, InferenceLayout, TrainerLayout
 from planners.models import PRESETS, ModelSpec, preset, spec_from_config
 from planners.eplb.placement import Placement

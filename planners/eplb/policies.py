@@ -23,7 +23,6 @@ A token routed to a logical expert is served by one of its replicas, so a replic
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
