@@ -10,8 +10,16 @@ from sync.tensors import as_bits
 from vllm_reference import reference_rank
 
 
-def expected_engine(job, plan, version, seed=0):
-    full = {t.name: as_bits(synthetic_tensor(t, i, seed, version)).numpy() for i, t in enumerate(plan.tensors)}
+def expected_engine(job, plan, version, seed=0, held_as=None):
+    """Every engine rank's tensors, cut from the synthetic weights of ``version``. ``held_as``: logical
+    tensor name -> the narrower dtype the trainer holds it in (its values rounded so before they travel)."""
+    held_as = held_as or {}
+
+    def weight(i, t):
+        w = synthetic_tensor(t, i, seed, version)
+        return w.to(held_as[t.name]).to(w.dtype) if t.name in held_as else w
+
+    full = {t.name: as_bits(weight(i, t)).numpy() for i, t in enumerate(plan.tensors)}
     phy2log = plan.placement.phy2log if plan.placement is not None else None
     T = job.trainer.world_size
     return {T + r: reference_rank(job.model, job.inference, phy2log, r % job.inference.engine_size, full)

@@ -191,6 +191,14 @@ class ConfigValues:
                              f"experts is more than the planner takes (at most {MAX_EXPERT_TENSORS}); check "
                              f"{self.path('num_hidden_layers')}")
 
+    def check_groups(self, experts_key: str) -> None:
+        """Group-limited routing: ``n_group`` groups of experts, a token's experts from ``topk_group`` of them."""
+        experts, groups, best = self[experts_key], self["n_group"], self["topk_group"]
+        if experts and experts % groups:
+            raise ModelError(f"{self.path('n_group')} ({groups}) must divide {self.path(experts_key)} ({experts})")
+        if best > groups:
+            raise ModelError(f"{self.path('topk_group')} ({best}) must be at most {self.path('n_group')} ({groups})")
+
     def norm_topk_prob(self, default: bool) -> bool:
         return default if self["norm_topk_prob"] is None else self["norm_topk_prob"]
 

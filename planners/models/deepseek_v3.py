@@ -35,6 +35,7 @@ def build(v: ConfigValues) -> ModelSpec:
     experts, first_dense, freq = v["n_routed_experts"], v["first_k_dense_replace"], v["moe_layer_freq"]
     moe = tuple(i for i in range(first_dense, v["num_hidden_layers"]) if experts and i % freq == 0)
     v.check_expert_count(moe, "n_routed_experts")
+    v.check_groups("n_routed_experts")
     attention = MLA(v["num_attention_heads"], v["q_lora_rank"], v["kv_lora_rank"], v["qk_nope_head_dim"],
                     v["qk_rope_head_dim"], v["v_head_dim"])
     routing = MoE(experts, v["moe_intermediate_size"], v["num_experts_per_tok"], v["n_shared_experts"],

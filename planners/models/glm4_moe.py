@@ -35,9 +35,12 @@ def build(v: ConfigValues) -> ModelSpec:
     v.check_expert_count(moe, "n_routed_experts")
     attention = v.gqa(qkv_bias=v["attention_bias"], qk_norm=v["use_qk_norm"],
                       rotary_fraction=float(v.rope("partial_rotary_factor", "fraction", 0.5)))
+    v.check_groups("n_routed_experts")
+    # the router weight is float32 in the engine (vLLM creates the gate in float32) and in transformers
     routing = MoE(experts, v["moe_intermediate_size"], v["num_experts_per_tok"], v["n_shared_experts"],
-                  router="sigmoid", router_bias=True, norm_topk_prob=v.norm_topk_prob(True), n_group=v["n_group"],
-                  topk_group=v["topk_group"], routed_scaling_factor=float(v["routed_scaling_factor"]))
+                  router="sigmoid", router_bias=True, router_dtype="float32", norm_topk_prob=v.norm_topk_prob(True),
+                  n_group=v["n_group"], topk_group=v["topk_group"],
+                  routed_scaling_factor=float(v["routed_scaling_factor"]))
     return ModelSpec(**v.common(), attention=attention, mlp=v.dense_mlp(moe), moe_layers=moe,
                      moe=routing if moe else None)
 

@@ -23,6 +23,9 @@ CASES = {
     "moe_ep_eplb": dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
                         inference=dict(tp=2, dp=2, enable_ep=True), eplb=dict(enabled=True, num_redundant_experts=4),
                         deployment=dict(gpus_per_node=2)),
+    "glm4_moe_ep_eplb": dict(model=dict(preset="tiny_glm4_moe"), trainer=dict(tp=2, ep=2),
+                             inference=dict(tp=2, dp=2, enable_ep=True), eplb=dict(enabled=True, num_redundant_experts=4),
+                             deployment=dict(gpus_per_node=2)),
     "deepseek_colocated": dict(model=dict(preset="tiny_deepseek_v3", overrides=dict(num_hidden_layers=2)), trainer=dict(tp=2, ep=2, pp=1, dp=2),
                                inference=dict(tp=2, dp=2, enable_ep=True), deployment=dict(mode="colocated")),
 }

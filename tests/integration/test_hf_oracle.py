@@ -1,9 +1,11 @@
 """End to end: megatron-core trainers -> sync -> reference engines; logits equal Hugging Face's.
 
-A tiny random model from transformers (CPU, fp32, no download) gives the weights and the expected
-logits; trainer ranks load the same weights into megatron-core GPTModels, the plan executor moves
-them into reference engines (TP, EP with redundant experts and an EPLB placement), and the engines'
-forward pass must match HF within 1e-4 -- over two syncs, the weights perturbed in between.
+A tiny random model from transformers (CPU, fp32, no download) gives the weights, the expected
+logits and its ``config.json`` (written by transformers, read by the job as a real checkpoint's
+would be: ``model: {config: dir}``); trainer ranks load the same weights into megatron-core
+GPTModels, the plan executor moves them into reference engines (TP, EP with redundant experts and an
+EPLB placement), and the engines' forward pass must match HF within 1e-4 -- over two syncs, the
+weights perturbed in between.
 """
 
 from __future__ import annotations
@@ -24,19 +26,28 @@ SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_l
              tie_word_embeddings=False)
 MOE = dict(moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
            decoder_sparse_step=1, mlp_only_layers=[])
+# GLM-4.5 MoE: q/k/v biases, q/k norms, RoPE on half of each head, a dense first layer, then a sigmoid
+# router with correction bias choosing top-2 within the best of 2 expert groups, a routing scale,
+# a shared expert
+GLM = dict(SHAPE, num_hidden_layers=3, first_k_dense_replace=1, moe_intermediate_size=32, n_routed_experts=8,
+           n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+           norm_topk_prob=True, use_qk_norm=True, attention_bias=True, partial_rotary_factor=0.5)
+MODELS = {
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE)),
+    "qwen3_moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**SHAPE, **MOE)),
+    "glm4_moe": lambda: transformers.Glm4MoeForCausalLM(transformers.Glm4MoeConfig(**GLM)),
+}
 
 
 def hf_model(family: str):
     torch.manual_seed(0)
-    if family == "qwen3_moe":
-        cfg = transformers.Qwen3MoeConfig(**SHAPE, **MOE)
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    else:
-        cfg = transformers.Qwen3Config(**SHAPE)
-        model = transformers.Qwen3ForCausalLM(cfg)
-    with torch.no_grad():  # HF leaves norms at 1 and the router at 0: make every weight matter
+    model = MODELS[family]()
+    with torch.no_grad():  # HF leaves norms at 1, the router and its bias at 0: make every weight matter
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
     return model.float().eval()
 
 
@@ -65,6 +76,9 @@ def perturb(model) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.add_(torch.randn(b.shape, generator=g) * 0.02)
 
 
 CASES = {
@@ -72,15 +86,18 @@ CASES = {
                                      dict(enabled=True, num_redundant_experts=4)),
     "dense_pp2_to_tp2": ("qwen3", dict(tp=1, pp=2), dict(tp=2), {}),
     "dense_pp2_to_tp1": ("qwen3", dict(tp=1, pp=2), dict(tp=1), {}),
+    "glm4_moe_tp2ep2_to_tp2dp2_ep_eplb": ("glm4_moe", dict(tp=2, ep=2), dict(tp=2, dp=2, enable_ep=True),
+                                          dict(enabled=True, num_redundant_experts=4)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_engine_logits_match_hugging_face(name):
+def test_engine_logits_match_hugging_face(name, tmp_path):
     family, trainer, inference, eplb = CASES[name]
     model = hf_model(family)
-    cfg = dict(model_type=family, torch_dtype="float32", **SHAPE, **(MOE if family == "qwen3_moe" else {}))
-    job = JobSpec.from_dict(dict(model=dict(hf_config=cfg), trainer=trainer, inference=inference, eplb=eplb))
+    model.config.to_json_file(tmp_path / "config.json")  # as a checkpoint holds it (transformers 5's spellings)
+    job = JobSpec.from_dict(dict(model=dict(config=str(tmp_path), overrides=dict(torch_dtype="float32")),
+                                 trainer=trainer, inference=inference, eplb=eplb))
     load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=5) if eplb else None
     plan = build_plan(job, load).validate()
     if eplb:

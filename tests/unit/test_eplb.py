@@ -196,6 +196,7 @@ def test_load_window_folds_slots_and_slides(tmp_path):
     ("tiny_qwen3_moe", dict(tp=2, dp=2, enable_ep=True, engines=2), 4),
     ("tiny_deepseek_v3", dict(tp=2, dp=2, enable_ep=True), 8),
     ("tiny_mixtral", dict(tp=2, pp=2, enable_ep=True), 4),
+    ("tiny_glm4_moe", dict(tp=2, dp=2, enable_ep=True), 4),
 ])
 def test_plans_fill_a_rebalanced_placement_exactly(preset, inference, redundant):
     job = JobSpec.from_dict(dict(model=dict(preset=preset), trainer=dict(tp=2, ep=2), inference=inference,

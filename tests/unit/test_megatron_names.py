@@ -25,6 +25,8 @@ CASES = [
     ("tiny_mixtral", dict(tp=2, pp=1, ep=2, etp=2, dp=2)),
     ("tiny_deepseek_v3", dict(tp=2, pp=1, ep=4, etp=1)),
     ("tiny_deepseek_v3", dict(tp=1, pp=3, ep=2)),
+    ("tiny_glm4_moe", dict(tp=2, pp=1, ep=2)),  # linear_qkv bias, q/k layernorms, sigmoid router + expert_bias
+    ("tiny_glm4_moe", dict(tp=1, pp=3, ep=4, etp=1)),
     # virtual pipeline (interleaved schedule): vpp model chunks per PP rank
     ("tiny_llama", dict(tp=1, pp=2, vpp=2)),  # 4 layers: one per chunk, rank 0 holds 0 and 2
     ("tiny_qwen3", dict(tp=2, pp=2, vpp=2)),  # tied embeddings: output_layer on the last chunk of the last rank

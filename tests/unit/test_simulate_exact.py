@@ -20,6 +20,11 @@ CASES = [
     ("tiny_mixtral", dict(tp=2, pp=2, ep=2), dict(tp=4, enable_ep=True), {}),
     ("tiny_deepseek_v3", dict(tp=2, pp=3, ep=4, etp=1), dict(tp=2, dp=2, enable_ep=True), {}),
     ("tiny_deepseek_v3", dict(tp=4, pp=1, ep=2), dict(tp=2, pp=3), dict(gpus_per_node=4)),
+    # GLM-4.5 MoE: GQA with q/k/v biases and q/k norms, a dense first layer, DeepSeek-style MoE
+    ("tiny_glm4_moe", dict(tp=2, pp=3, ep=2), dict(tp=2, dp=2, enable_ep=True), {}),
+    ("tiny_glm4_moe", dict(tp=2, ep=4, etp=1), dict(tp=8), {}),  # tp > kv heads; experts over dp*tp without EP
+    ("tiny_glm4_moe", dict(tp=1, dp=4, ep=2), dict(tp=2, dp=2, enable_ep=True), dict(mode="colocated", gpus_per_node=4)),
+    ("tiny_glm4_moe", dict(tp=2, pp=1, ep=2), dict(tp=1, pp=3, engines=2), {}),  # engine PP: first/last stage io
 ]
 
 
