@@ -53,7 +53,8 @@ def _section(cls: type, **extra: Any) -> type[BaseModel]:
     """The schema of a job section read from dataclass ``cls``'s own field declarations (``extra``:
     keys of the section that are not fields of ``cls``)."""
     hints = get_type_hints(cls, include_extras=True)
-    fields = {f.name: (hints[f.name], f.default) for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(cls) if f.init}
     return create_model(f"_{cls.__name__}", __base__=_Strict, **fields, **extra)
 
 

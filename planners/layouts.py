@@ -64,7 +64,7 @@ class TrainerLayout:
     ``vpp`` model chunks, see :meth:`chunk_layers`; 1 = no virtual pipeline).
     """
 
-    tp: Size
+    tp: Size = 1
     pp: Size = 1
     ep: Size = 1
     etp: Size | None = None

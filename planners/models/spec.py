@@ -18,7 +18,7 @@ class ModelSpec:
     """Everything about a model's architecture that decides tensor names and shapes, and what a
     forward pass needs. Layers in ``moe_layers`` have the ``moe`` MLP, the others the ``mlp``."""
 
-    family: str  # the planners.models module that read it (llama, qwen3_moe, mixtral, deepseek_v3, glm4_moe)
+    family: str  # the planners.models module that read it (FAMILIES)
     model_type: str  # as config.json says (qwen2, kimi_k2, ...)
     hidden_size: int
     num_layers: int

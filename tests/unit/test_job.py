@@ -197,3 +197,37 @@ def test_bad_loads_name_the_load(load, message):
     j = job(eplb=dict(enabled=True, num_redundant_experts=4))
     with pytest.raises(EplbError, match=message):
         build_plan(j, load)
+
+
+def test_a_checkpoints_config_json_is_read_with_the_spellings_transformers_writes(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    shape = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                 vocab_size=250, intermediate_size=128, moe_intermediate_size=32, num_experts_per_tok=2)
+    qwen = transformers.Qwen3MoeConfig(**shape, num_experts=8, rope_theta=5e5)
+    assert "num_local_experts" in qwen.to_dict() and "num_experts" not in qwen.to_dict()  # transformers 5
+    (tmp_path / "qwen").mkdir()
+    qwen.to_json_file(tmp_path / "qwen" / "config.json")
+    (tmp_path / "job.yaml").write_text("model: {config: qwen}\ntrainer: {tp: 2, ep: 2}\ninference: {tp: 2}\n")
+    job = JobSpec.from_yaml(tmp_path / "job.yaml")  # a model directory, relative to the job file
+    assert job.model.num_experts == 8 and job.model.rope_theta == 5e5 and len(job.model.moe_layers) == 4
+    with pytest.raises(JobError, match=r"trainer.ep=3 must divide the routed experts \(model.config\[qwen\]"
+                                       r".num_local_experts=8\)"):  # named as the config spells it
+        JobSpec.from_dict(dict(model=dict(config="qwen"), trainer=dict(ep=3), inference=dict(tp=1)), base_dir=tmp_path)
+    glm = transformers.Glm4MoeConfig(**shape, n_routed_experts=8, partial_rotary_factor=0.25, use_qk_norm=True)
+    assert "partial_rotary_factor" in glm.to_dict()["rope_parameters"]
+    glm.to_json_file(tmp_path / "glm.json")
+    spec = JobSpec.from_dict(dict(model=dict(config=str(tmp_path / "glm.json")), trainer=dict(tp=2), inference=dict(tp=2))).model
+    assert (spec.attention.rotary_dim, spec.attention.qk_norm, spec.moe_layers) == (4, True, (1, 2, 3))
+
+
+@pytest.mark.parametrize("model,message", [
+    (dict(config="nowhere"), r"model.config\[nowhere\]: cannot read .*nowhere: No such file or directory; give a config.json"),
+    (dict(config="bad.json"), r"model.config\[bad.json\]: .*bad.json is not valid JSON"),
+    (dict(config="list.json"), r"model.config\[list.json\]: .* must hold a JSON object"),
+    (dict(preset="tiny_llama", config="x"), r"give exactly one of model.preset"),
+])
+def test_bad_config_files_name_the_file(tmp_path, model, message):
+    (tmp_path / "bad.json").write_text("{model_type")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(JobError, match=message):
+        JobSpec.from_dict(dict(model=model, trainer=dict(tp=1), inference=dict(tp=1)), base_dir=tmp_path)
