@@ -20,10 +20,8 @@ from typing import Any
 
 from planners import JobSpec, SyncPlan, build_plan
 from planners.eplb import balance_report
-from sync.endpoints import check_locals
-from sync.executor import PlanExecutor
+from sync.session import Session
 from sync.transport import Transport, standalone_transport
-from sync.versioned import VersionedTarget
 
 __all__ = ["Synchronizer", "SyncReport"]
 
@@ -45,25 +43,9 @@ class SyncReport:
 
 class Synchronizer:
     def __init__(self, job: JobSpec, rank: int, transport: Transport, source=None, target=None) -> None:
-        self.job, self.rank, self.transport = job, rank, transport
-        self.source, self.target = source, target
-        self.plan: SyncPlan = build_plan(job)
+        self.job, self.rank = job, rank
         # at start-up, not at the first sync: a model built for another layout is named right away
-        for end, side in ((source, "source"), (self.target, "target")):
-            if end is not None:
-                check_locals(self.plan, rank, end.local_tensors(), side)
-        self._executor()
-
-    @property
-    def target(self):
-        return self._target
-
-    @target.setter
-    def target(self, target) -> None:
-        """An engine's parameters, kept as a versioned target (see ``sync.versioned``)."""
-        if target is not None and not hasattr(target, "begin"):
-            target = VersionedTarget.for_job(target, self.job.sync)
-        self._target = target
+        self.session = Session.open(build_plan(job), rank, transport, source, target, job.sync)
 
     @classmethod
     def from_job(cls, job: JobSpec, rank: int, source=None, target=None, host: str = "127.0.0.1",
@@ -73,22 +55,39 @@ class Synchronizer:
         transport = standalone_transport(rank, world, host, port, job.sync.timeout_s, backend, store_on_rank0)
         return cls(job, rank, transport, source, target)
 
-    def _executor(self) -> None:
-        self.executor = PlanExecutor(self.plan, self.rank, self.transport, int(self.job.sync.bucket_mb * (1 << 20)),
-                                     self.job.sync.timeout_s)
+    @property
+    def plan(self) -> SyncPlan:
+        return self.session.plan
+
+    @property
+    def source(self):
+        return self.session.source
+
+    @source.setter
+    def source(self, source) -> None:
+        self.session.set_ends(source=source)
+
+    @property
+    def target(self):
+        """An engine's parameters, kept as a versioned target (see ``sync.versioned``)."""
+        return self.session.target
+
+    @target.setter
+    def target(self, target) -> None:
+        self.session.set_ends(target=target)
 
     def sync(self, version: int, expert_load=None) -> SyncReport:
         """Sync ``version``; a failed sync raises (``SyncError``), after the engine state says so."""
         if expert_load is not None and self.job.eplb.enabled:
-            self.plan = build_plan(self.job, expert_load)
-            self._executor()
-        stats = self.executor.sync(self.source, self.target, verify=bool(self.job.sync.verify), version=version)
-        moved = int(self.plan.chunks["nbytes"].sum())
+            self.session.replan(build_plan(self.job, expert_load))
+        stats = self.session.sync(version)
+        plan, target = self.plan, self.target
+        moved = int(plan.chunks["nbytes"].sum())
         balance = None
-        if expert_load is not None and self.plan.placement is not None:
+        if expert_load is not None and plan.placement is not None:
             _, nodes, gpus = self.job.eplb_shape()
-            balance = balance_report(expert_load, self.plan.placement, gpus, nodes).balancedness
+            balance = balance_report(expert_load, plan.placement, gpus, nodes).balancedness
         return SyncReport(version, stats.global_seconds, stats.stage_seconds, moved,
-                          moved / max(stats.global_seconds, 1e-12) / 1e9, self.plan.lower_bound(), stats.verified,
-                          self.plan.placement, balance, self.target.state if self.target else None,
-                          self.target.staging_bytes if self.target else 0)
+                          moved / max(stats.global_seconds, 1e-12) / 1e9, plan.lower_bound(), stats.verified,
+                          plan.placement, balance, target.state if target else None,
+                          target.staging_bytes if target else 0)

@@ -4,12 +4,15 @@ vLLM's documented hook for RL weight updates is a *worker extension class*: pass
 ``worker_extension_cls="sync.engines.vllm.RLSyncWorkerExtension"`` to ``LLM(...)`` (or the engine
 args) and call its methods on every worker with ``llm.collective_rpc(name, args=...)``:
 
-1. ``rlsync_init(plan_json, engine_index, host, port, timeout_s, backend, ipc)`` -- every engine
-   worker checks its vLLM settings against the plan, joins the sync's standalone group (trainer
-   ranks join the same store), maps the plan's parameter names onto ``model.named_parameters()``,
-   checks shapes and dtypes, and finds the engine's EPLB maps; returns its global sync rank.
-2. ``rlsync_sync(plan_json=None)`` -- receives one refresh in place (a new plan, e.g. with a new
-   EPLB placement, may be passed), verifies it, installs the placement's EPLB maps, returns stats.
+1. ``rlsync_init(plan_json, engine_index, host, port, backend, ipc)`` -- every engine worker
+   checks its vLLM settings against the plan, joins the sync's standalone group (trainer ranks join
+   the same store), maps the plan's parameter names onto ``model.named_parameters()``, checks shapes
+   and dtypes, and finds the engine's EPLB maps; returns its global sync rank. Every sync setting
+   (buckets, timeout, verification, staging) is the job's, carried by the plan: the engine opens its
+   rank exactly as the trainer ranks do (``sync.session``), so both derive the same buckets.
+2. ``rlsync_sync(plan_json=None, version=None)`` -- receives one refresh (a new plan, e.g. with a new
+   EPLB placement, may be passed), verifies it, installs the placement's EPLB maps, returns stats and
+   what the engine serves.
 
 Engine settings
 ---------------
@@ -238,6 +241,10 @@ class ParamTarget:
         counts = (log2phy >= 0).sum(axis=2)
         return holder, rows, log2phy, counts
 
+    def check_placement(self, placement) -> None:
+        """Refuse (EngineConfigError, before any byte moves) a placement the engine's EPLB maps cannot hold."""
+        self._maps(placement)
+
     def set_placement(self, placement) -> None:
         """Install the EPLB maps matching the new weights, in place in vLLM's tensors (its MoE layers
         route through views of them): slot -> expert, expert -> slots (-1 padded), replica counts."""
@@ -311,17 +318,17 @@ class RLSyncWorkerExtension:
     """Methods mixed into vLLM's GPU worker (``self`` is the worker: ``self.model_runner``)."""
 
     def rlsync_init(self, plan_json: dict[str, Any], engine_index: int, host: str, port: int,
-                    timeout_s: float = 120.0, backend: str = "nccl", ipc: bool | str = False) -> int:
+                    backend: str = "nccl", ipc: bool | str = False) -> int:
         """Join the sync group. ``ipc``: trainer processes share this worker's GPU (colocated, separate
         processes): their chunks arrive by CUDA IPC ("arena" or "direct", see ``PlanExecutor``); use
-        ``backend="gloo"`` then, for control only
-        (NCCL cannot join two processes of one GPU)."""
+        ``backend="gloo"`` then, for control only (NCCL cannot join two processes of one GPU)."""
         from vllm.distributed import parallel_state as vps
 
-        from sync.executor import PlanExecutor
+        from sync.session import Session, settings_of
         from sync.transport import standalone_transport
 
         plan = SyncPlan.from_dict(plan_json)
+        settings = settings_of(plan)
         layout = InferenceLayout(**{k: plan.meta["inference"][k] for k in ("tp", "pp", "dp", "enable_ep", "engines")})
         if not 0 <= engine_index < layout.engines:
             raise EngineConfigError(f"engine_index {engine_index} is outside the job's {layout.engines} engines")
@@ -331,19 +338,23 @@ class RLSyncWorkerExtension:
         check_engine_config(plan, rank, getattr(self, "vllm_config", None),
                             {k: g.world_size for k, g in groups.items() if hasattr(g, "world_size")})
         runner = self.model_runner
-        self._rlsync_target = ParamTarget(plan, rank, _model_of(runner), model_runner=runner)
-        transport = standalone_transport(rank, plan.num_ranks, host, port, timeout_s, backend)
-        self._rlsync = PlanExecutor(plan, rank, transport, timeout_s=timeout_s, ipc=ipc)
+        target = ParamTarget(plan, rank, _model_of(runner), model_runner=runner)
+        transport = standalone_transport(rank, plan.num_ranks, host, port, settings.timeout_s, backend)
+        self._rlsync = Session.open(plan, rank, transport, target=target, settings=settings, ipc=ipc)
+        self._rlsync_versions = 0
         return rank
 
-    def rlsync_sync(self, plan_json: dict[str, Any] | None = None) -> dict[str, Any]:
-        from sync.executor import PlanExecutor
-
-        if plan_json is not None:  # e.g. a new EPLB placement: same group, new plan
-            old, plan = self._rlsync, SyncPlan.from_dict(plan_json)
-            if plan.placement is not None:
-                self._rlsync_target._maps(plan.placement)  # the engine can take it: checked before any byte moves
-            self._rlsync = PlanExecutor(plan, old.rank, old.transport, timeout_s=old.timeout_s, ipc=old.ipc)
-        stats = self._rlsync.sync(source=None, target=self._rlsync_target, verify=True)
+    def rlsync_sync(self, plan_json: dict[str, Any] | None = None, version: int | None = None) -> dict[str, Any]:
+        """One refresh (``version``: what the trainer syncs; by default one more than the last)."""
+        if plan_json is not None:  # e.g. a new EPLB placement: same group, new plan (checked before any byte moves)
+            self._rlsync.replan(SyncPlan.from_dict(plan_json))
+        self._rlsync_versions = self._rlsync_versions + 1 if version is None else version
+        stats = self._rlsync.sync(self._rlsync_versions)
         return {"rank": stats.rank, "seconds": stats.global_seconds, "verified": stats.verified,
-                "bytes_received": stats.bytes_received, "mismatched": stats.mismatched}
+                "bytes_received": stats.bytes_received, "mismatched": stats.mismatched,
+                "engine": dict(vars(self._rlsync.target.state))}
+
+    @property
+    def _rlsync_target(self) -> ParamTarget:
+        """The engine's parameters as a sync target (inside its versioned wrapper)."""
+        return self._rlsync.target.inner

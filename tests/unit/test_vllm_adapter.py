@@ -146,7 +146,7 @@ def test_engine_with_other_redundant_slots_is_refused():
 # -- rlsync_init through stub vLLM modules ---------------------------------------------------------
 
 def test_rlsync_init_joins_as_the_rank_of_vllms_coordinates_with_the_models_parameters(monkeypatch):
-    job, plan = rebalanced_plan()
+    job, plan = rebalanced_plan({**EPLB_JOB, "sync": dict(timeout_s=30.0)})
     engine, dp, tp = 1, 1, 0
     want = plan.num_trainer + job.inference.grid.rank(engine=engine, dp=dp, pp=0, tp=tp)
     L, E, P = len(job.model.moe_layers), job.model.num_experts, job.num_physical_experts
@@ -155,11 +155,11 @@ def test_rlsync_init_joins_as_the_rank_of_vllms_coordinates_with_the_models_para
     stub_vllm(monkeypatch, tp=(tp, 2), dp=(dp, 2))
     calls = record_transport(monkeypatch)
 
-    rank = worker.rlsync_init(plan.to_dict(), engine, "10.0.0.1", 29555, 30.0, "gloo")
+    rank = worker.rlsync_init(plan.to_dict(), engine, "10.0.0.1", 29555, "gloo")
 
     assert rank == want == plan.num_trainer + 6
     assert calls == [(want, plan.num_ranks, "10.0.0.1", 29555, 30.0, "gloo")]
-    assert worker._rlsync.rank == want and worker._rlsync.timeout_s == 30.0
+    assert worker._rlsync.ranks == [want] and worker._rlsync.executor.timeout_s == 30.0  # the job's timeout
     target = worker._rlsync_target
     params = dict(model.named_parameters())
     for ours, theirs in target.names.items():  # written in place: the model's own storage
@@ -185,7 +185,7 @@ def test_rlsync_init_refuses_engine_settings_that_do_not_fit_the_job(monkeypatch
     stub_vllm(monkeypatch, tp=(0, setting.get("tensor_parallel_size", 2)))
     calls = record_transport(monkeypatch)
     with pytest.raises(EngineConfigError, match=message):
-        worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, 5.0, "gloo")
+        worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, "gloo")
     assert calls == []  # refused before joining the group
 
 
@@ -198,7 +198,7 @@ def test_rlsync_init_without_eplb_in_the_engine_names_enable_eplb(monkeypatch, r
     stub_vllm(monkeypatch)
     record_transport(monkeypatch)
     with pytest.raises(EngineConfigError, match="enable_eplb=True"):
-        worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, 5.0, "gloo")
+        worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, "gloo")
 
 
 def test_a_new_plan_the_engine_cannot_take_is_refused_before_any_byte_moves(monkeypatch):
@@ -208,9 +208,41 @@ def test_a_new_plan_the_engine_cannot_take_is_refused_before_any_byte_moves(monk
     worker = FakeWorker(model, single_state(L, E, P))
     stub_vllm(monkeypatch)
     record_transport(monkeypatch)
-    worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, 5.0, "gloo")
-    executor = worker._rlsync
+    worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, "gloo")
+    executor, before = worker._rlsync.executor, worker._rlsync.plan
     _, wider = rebalanced_plan({**EPLB_JOB, "eplb": dict(enabled=True, num_redundant_experts=8)})
     with pytest.raises(EngineConfigError, match="vLLM has 12 physical expert slots per layer, the plan 16"):
         worker.rlsync_sync(wider.to_dict())
-    assert worker._rlsync is executor
+    assert worker._rlsync.executor is executor and worker._rlsync.plan is before
+
+
+def test_the_engine_takes_every_sync_setting_from_the_plan_as_the_trainer_does(monkeypatch):
+    """The extension and a trainer rank open their ranks from the same job: the same buckets (a
+    non-default bucket_mb), and the engine versioned with the job's staging."""
+    from sync.endpoints import SyntheticSource
+    from sync.session import Session
+    from sync.versioned import VersionedTarget
+
+    job, plan = rebalanced_plan({**EPLB_JOB, "sync": dict(bucket_mb=0.002, staging=True, timeout_s=7.0)})
+    L, E, P = len(job.model.moe_layers), job.model.num_experts, job.num_physical_experts
+    engine = plan.num_trainer
+    worker = FakeWorker(fake_vllm_model(plan, engine, routed=True), single_state(L, E, P))
+    stub_vllm(monkeypatch)
+    calls = record_transport(monkeypatch)
+    worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, "gloo")
+    from sync.transport import standalone_transport  # the stub installed by record_transport
+
+    trainer = Session.open(plan, 0, standalone_transport(0, plan.num_ranks, "127.0.0.1", 1, 7.0),
+                           source=SyntheticSource(plan, 0))
+
+    def between(executor):
+        return [(b.stage, b.index, b.chunk.tolist(), b.lo.tolist(), b.hi.tolist(), b.offset.tolist(), b.nbytes)
+                for b in executor.buckets if b.src == 0 and b.dst == engine]
+
+    ours = between(worker._rlsync.executor)
+    assert ours and ours == between(trainer.executor)
+    assert len(ours) > len(between(Session.open(plan, 0, trainer.transport, settings=job.sync.model_copy(
+        update=dict(bucket_mb=256.0))).executor))  # the job's small buckets, not the default 256 MB
+    assert calls[0][4] == 7.0  # the job's timeout
+    target = worker._rlsync.target
+    assert isinstance(target, VersionedTarget) and target.staging and target.staging_bytes > 0
