@@ -93,9 +93,10 @@ _PARTS = ("seconds", "pack_seconds", "wait_seconds", "unpack_seconds")
 
 def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucket_bytes: int, timeout_s: float,
             port: int, backend: str, gpus: int, direct_bytes: int | None) -> dict[str, Any]:
+    from planners import SyncSettings
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource
-    from sync.executor import PlanExecutor
+    from sync.session import Session
     from sync.transport import standalone_transport
 
     ranks = groups[proc]
@@ -111,7 +112,10 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
     targets = {r: BufferTarget(plan, r, device=str(device)) for r in ranks if r >= plan.num_trainer}
     alone = len(ranks) == 1
     one = lambda d: (next(iter(d.values())) if d else None) if alone else d  # noqa: E731
-    plan_ex = PlanExecutor(plan, ranks, transport, bucket_bytes, timeout_s, direct_bytes, process_of=process_of)
+    session = Session.open(plan, ranks, transport, sources, targets,
+                           SyncSettings(bucket_mb=bucket_bytes / (1 << 20), timeout_s=timeout_s),
+                           process_of=process_of, direct_bytes=direct_bytes)
+    plan_ex = session.executor
     base_ex = BroadcastExecutor(plan, ranks[0], transport, timeout_s) if alone and len(groups) == plan.num_ranks else None
     messages = _raw_plan(plan, ranks, bucket_bytes, process_of)
     per_round: dict[tuple[int, int], int] = {}
@@ -131,8 +135,10 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
                     torch.cuda.synchronize(device)
                 out["raw"].append(_max_seconds(transport, raw, device))
                 continue
-            ex = plan_ex if mode == "plan" else base_ex
-            stats = ex.sync(one(sources), one(targets), verify=i == 0)
+            if mode == "plan":
+                stats = session.sync(i, verify=i == 0)
+            else:
+                stats = base_ex.sync(one(sources), one(targets), verify=i == 0)
             out[mode].append(stats.global_seconds)
             if mode == "plan" and i > 0:  # where this process's time went (the first sync also binds)
                 out["parts"].append({k: getattr(stats, k) for k in _PARTS})

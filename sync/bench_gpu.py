@@ -40,7 +40,8 @@ import torch
 from planners import JobSpec, build_plan
 from planners.eplb.stats import synthetic_load
 from sync.copier import CopyProgram
-from sync.executor import PlanExecutor
+from planners import SyncSettings
+from sync.session import Session
 from sync.tensors import TORCH_DTYPES
 from sync.transport import SoloTransport
 
@@ -90,7 +91,7 @@ def endpoints(plan, ranks=None):
 
 
 def poison(targets) -> None:
-    flat = [t.view(-1).view(torch.uint8) for tg in targets.values() for t in tg.tensors.values()]
+    flat = [t.view(-1).view(torch.uint8) for tg in targets.values() for t in tg.local_tensors().values()]
     torch._foreach_zero_(flat)
     torch._foreach_add_(flat, 0xA5)
 
@@ -113,7 +114,10 @@ def flat_copy_gbps(nbytes: int, reps: int) -> float:
 
 
 def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) -> dict:
-    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), copies=copies, recheck=recheck)
+    session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
+                           copies=copies, recheck=recheck)
+    ex = session.executor
+    sources, targets = session.sources, session.targets  # engines versioned, as every sync's are
     t0 = time.perf_counter()
     first = ex.sync(sources, targets, verify=False)  # binds: validates tensors, builds copy programs
     first_s = time.perf_counter() - t0
@@ -164,14 +168,14 @@ def launch_count(program) -> int:
 
 def snapshot(targets) -> list[torch.Tensor]:
     """The engine tensors' bytes: on the GPU when they fit with room to spare, else in host memory."""
-    tensors = [t for tg in targets.values() for t in tg.tensors.values()]
+    tensors = [t for tg in targets.values() for t in tg.local_tensors().values()]
     need = sum(t.numel() * t.element_size() for t in tensors)
     device = "cuda" if torch.cuda.mem_get_info()[0] > need + (8 << 30) else "cpu"
     return [t.view(-1).view(torch.uint8).to(device, copy=True) for t in tensors]
 
 
 def same(targets, ref: list[torch.Tensor]) -> bool:
-    got = [t for tg in targets.values() for t in tg.tensors.values()]
+    got = [t for tg in targets.values() for t in tg.local_tensors().values()]
     return all(torch.equal(a.view(-1).view(torch.uint8).to(b.device), b) for a, b in zip(got, ref))
 
 
@@ -213,9 +217,10 @@ def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int, 
     torch.cuda.set_device(0)
     plan = build_plan(JobSpec.from_dict(spec)).validate()
     transport = standalone_transport(rank, 2, "127.0.0.1", port, 300, store_on_rank0=False)  # gloo: control only
-    ex = PlanExecutor(plan, rank, transport, bucket_bytes=bucket_bytes, timeout_s=300, ipc=mode)
     sources, targets = endpoints(plan, [rank])
-    source, target = sources.get(rank), targets.get(rank)
+    session = Session.open(plan, rank, transport, sources, targets,
+                           SyncSettings(bucket_mb=bucket_bytes / (1 << 20), timeout_s=300), ipc=mode)
+    ex, source, target = session.executor, session.source, session.target
     ex.sync(source, target, verify=False)
     times = []
     for _ in range(reps):

@@ -131,7 +131,7 @@ class LocalRun:
     engine: str = "buffer"  # engine ranks: plain buffers, or "reference" engines that run a forward pass
     full_weights: list[dict[str, Any]] | None = None  # per version, HF weights (numpy) instead of seeded ones
     tokens: list[int] | None = None  # reference engines run these after each sync and return the logits
-    versioned: bool = False  # engines track the version they serve; failed syncs are reported, not raised
+    versioned: bool = False  # failed syncs are reported with what each engine serves, not raised
     staging: bool = False  # versioned engines receive into staging copies and swap after verification
     fault: Any = None  # a sync.faults.Fault: kill, stall or corrupt one rank in the sync of its version
 
@@ -151,9 +151,11 @@ def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: 
 
 
 def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: int) -> dict[str, Any]:
+    from planners import SyncSettings
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
-    from sync.executor import PlanExecutor, SyncError, wait_all
+    from sync.executor import SyncError, wait_all
+    from sync.session import Session
     from sync.tensors import as_bits
     from sync.transport import standalone_transport
 
@@ -163,19 +165,20 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
     else:
         source = SyntheticSource(plan, rank, run.seed, 0) if is_trainer else None
     transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s, store_on_rank0=False)
-    target = None if is_trainer else BufferTarget(plan, rank)
-    if run.versioned and target is not None:
-        from sync.versioned import VersionedTarget
-
-        target = VersionedTarget(target, staging=run.staging)
+    engine = None if is_trainer else BufferTarget(plan, rank)
     if run.engine == "reference":
         from sync.engines.reference import ReferenceEngine, engine_groups
 
         groups = engine_groups(plan, run.job, transport, rank)
-        target = None if is_trainer else ReferenceEngine(plan, run.job, rank, *groups)
+        engine = None if is_trainer else ReferenceEngine(plan, run.job, rank, *groups)
+    # every rank derives the same settings, so the same buckets
+    settings = SyncSettings(bucket_mb=run.bucket_bytes / (1 << 20), timeout_s=run.timeout_s, verify=run.verify,
+                            staging=run.staging)
+    session = Session.open(plan, rank, transport, source, engine, settings)
+    target = session.target
     executors = {}
     if run.executor == "plan" or run.both:
-        executors["plan"] = PlanExecutor(plan, rank, transport, run.bucket_bytes, run.timeout_s)
+        executors["plan"] = session.executor
     if run.executor == "broadcast" or run.both:
         executors["broadcast"] = BroadcastExecutor(plan, rank, transport, run.timeout_s)
     stats: dict[str, list] = {name: [] for name in executors}
@@ -200,7 +203,7 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
             if not run.versioned:
                 device = next(iter((source or target).local_tensors().values())).device
                 with PeakMemory(device) if run.measure_memory else nullcontext() as peak:
-                    stats[name].append(ex.sync(source, target, verify=run.verify, strict=run.strict))
+                    stats[name].append(ex.sync(source, target, verify=run.verify, version=version, strict=run.strict))
                 if peak is not None:
                     stats[name][-1].peak_extra_bytes = peak.bytes
                 continue
@@ -215,9 +218,9 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
         if run.return_tensors and target is not None:  # as bit patterns: numpy has no bfloat16
             tensors.append({k: as_bits(v).numpy() for k, v in target.local_tensors().items()})
         if run.tokens is not None and target is not None:
-            logits.append(target.forward(torch.tensor(run.tokens)).float().numpy())
+            logits.append(target.inner.forward(torch.tensor(run.tokens)).float().numpy())
     return {"stats": stats, "tensors": tensors, "logits": logits, "states": states,
-            "slot_counts": getattr(target, "slot_counts", None)}
+            "slot_counts": getattr(engine, "slot_counts", None)}
 
 
 def run_local(plan: SyncPlan, run: LocalRun, allow_failures: bool = False):

@@ -72,37 +72,40 @@ class RankActor:
         and what it knows of the version it serves."""
         from sync.endpoints import BufferTarget
         from sync.engines.reference import ReferenceEngine, engine_groups
+        from sync.session import Session
         from sync.transport import standalone_transport
         from sync.versioned import VersionedTarget
 
-        self.job, self.plan, self.rank = job, plan, rank
+        self.job, self.rank = job, rank
         self.is_trainer = rank < plan.num_trainer
-        self.transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s, store_on_rank0=False)
-        groups = engine_groups(plan, job, self.transport, rank)  # every rank takes part
+        transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s, store_on_rank0=False)
+        groups = engine_groups(plan, job, transport, rank)  # every rank takes part
+        target = None
         if not self.is_trainer:
-            old = getattr(self, "target", None)
+            old = getattr(self, "session", None)
             try:
                 engine = ReferenceEngine(plan, job, rank, *groups)
-            except NotImplementedError:  # families the reference engine cannot run: weights only
+            except NotImplementedError:  # models the reference engine cannot run: weights only
                 engine = BufferTarget(plan, rank)
             if old is not None:  # the same engine in a new group: its weights and state stay
-                engine.tensors = old.inner.tensors
-                engine.placement = getattr(old.inner, "placement", None)
-                self.target = VersionedTarget(engine, old.staging)
-                self.target.state = old.state
+                engine.tensors = old.target.inner.tensors
+                engine.placement = getattr(old.target.inner, "placement", None)
+                target = VersionedTarget(engine, old.target.staging)
+                target.state = old.target.state
             else:
-                self.target = VersionedTarget.for_job(engine, job.sync)
-        self._executor(plan)
+                target = engine
+        self.session = Session.open(plan, rank, transport, getattr(self, "source", None), target, job.sync)
 
-    def _executor(self, plan: SyncPlan) -> None:
-        from sync.executor import PlanExecutor
+    @property
+    def plan(self) -> SyncPlan:
+        return self.session.plan
 
-        self.plan = plan
-        self.executor = PlanExecutor(plan, self.rank, self.transport, int(self.job.sync.bucket_mb * (1 << 20)),
-                                     self.job.sync.timeout_s)
+    @property
+    def target(self):
+        return self.session.target
 
     def set_plan(self, plan: SyncPlan) -> None:
-        self._executor(plan)
+        self.session.replan(plan)
 
     def update(self, version: int) -> None:
         """The trainer's step: the seeded weights of ``version``, written into the model in place."""
@@ -139,7 +142,7 @@ class RankActor:
         return engine.forward(torch.tensor(tokens), dtype=torch.float32).numpy()
 
     def arm(self, fault) -> None:
-        self.executor.fault = fault
+        self.session.executor.fault = fault
 
     def state(self) -> dict[str, Any] | None:
         return None if self.is_trainer else dict(vars(self.target.state))
@@ -149,8 +152,7 @@ class RankActor:
 
         out: dict[str, Any] = {"rank": self.rank}
         try:
-            stats = self.executor.sync(self.source if self.is_trainer else None, None if self.is_trainer else self.target,
-                                       verify=bool(self.job.sync.verify), version=version)
+            stats = self.session.sync(version)
         except SyncError as e:  # the engine's state says what it serves now; the driver restarts the group
             return {**out, "error": f"{type(e).__name__}: {e}", "state": self.state()}
         return {**out, "seconds": stats.global_seconds, "stage_seconds": stats.stage_seconds,

@@ -37,8 +37,9 @@ def soak_jobs(job: JobSpec, iterations: int, seed: int = 0):
 
 
 def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, timeout_s: float) -> dict[str, Any]:
+    from planners import SyncSettings
     from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
-    from sync.executor import PlanExecutor
+    from sync.session import Session
     from sync.transport import standalone_transport
 
     T, E = job.trainer.world_size, job.inference.engine_size
@@ -46,6 +47,7 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
                                      store_on_rank0=False)
     groups = {k: transport.subgroup(list(range(T + E * k))) for k in range(1, job.inference.engines + 1)}
     source = None
+    settings = SyncSettings(bucket_mb=1 / 16, timeout_s=timeout_s)  # 64 KiB buckets: many rounds per sync
     verified, placements, engine_counts = 0, set(), set()
     for i, (j, load) in enumerate(soak_jobs(job, iterations, seed)):
         group = groups[j.inference.engines]
@@ -63,7 +65,7 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
             target = None
         else:
             target = BufferTarget(plan, rank)  # zeroed: the slot count may have changed, or the engine is new
-        stats = PlanExecutor(plan, rank, group, 64 << 10, timeout_s).sync(source, target, verify=True)
+        stats = Session.open(plan, rank, group, source, target, settings).sync(i)
         if not stats.verified:
             raise AssertionError(f"iteration {i}: verification failed on some rank: {stats.mismatched}")
         verified += 1
