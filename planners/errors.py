@@ -9,7 +9,7 @@ are also ``ValueError`` s; errors of a running sync (``sync.executor.SyncError``
 from __future__ import annotations
 
 __all__ = ["RLSyncError", "JobError", "ModelError", "LayoutError", "ShardError", "PlacementError", "EplbError",
-           "PlanError", "PlanBuildError"]
+           "PlanError", "PlanBuildError", "SyncError", "SyncTimeout", "VerificationError"]
 
 
 class RLSyncError(Exception):
@@ -46,3 +46,15 @@ class PlanError(RLSyncError, ValueError):
 
 class PlanBuildError(RLSyncError, ValueError):
     """The two sides do not fit together (an inference byte no trainer rank holds)."""
+
+
+class SyncError(RLSyncError, RuntimeError):
+    """A sync that did not complete; the message names stage, peer and bucket."""
+
+
+class SyncTimeout(SyncError):
+    """A peer that did not answer within the sync's deadline."""
+
+
+class VerificationError(SyncError):
+    """Engine tensors that differ from what the trainer sent (``strict`` syncs raise it on every rank)."""

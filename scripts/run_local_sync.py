@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from planners import JobError, JobSpec, build_plan
-from sync.faults import Fault, FaultError
+from sync.channels.faulty import Fault, FaultError
 from sync.launch import LocalRun, RankFailure, run_local
 
 

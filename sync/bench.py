@@ -53,7 +53,7 @@ def _raw_plan(plan: SyncPlan, ranks: list[int], bucket_bytes: int, process_of) -
 
 
 def _raw_exchange(transport, messages, buffer: torch.Tensor, timeout_s: float) -> float:
-    from sync.executor import wait_all
+    from sync.channels import wait_all
 
     t0 = time.perf_counter()
     rounds: dict[tuple[int, int], list] = {}

@@ -256,7 +256,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sync.faults import Fault, FaultError
+    from sync.channels.faulty import Fault, FaultError
     from sync.ray_run import run_job
 
     job = JobSpec.from_yaml(args.job)

@@ -5,34 +5,36 @@ trainer or inference rank; or, colocated in one process, a trainer rank and the 
 GPU; or every rank, on one device) and calls :meth:`PlanExecutor.sync`. Stage 1 then stage 2.
 Chunks between two hosted ranks are device-local copies: no transport, no host round trip. The rest
 travels in rounds: bucket ``k`` of every pair in round ``k``, all sends and receives of a round
-posted as one batch and waited with a deadline; round k+1 is packed while round k is on the wire,
-into the other half of a persistent two-round arena. Large contiguous chunks go straight from and
-into the tensors. Copies (local, pack, unpack) are run tables (``planners.schedule.runs``) bound once to the
-tensors: one Triton launch per alignment class on CUDA, one ``_foreach_copy_`` elsewhere
+posted together and waited with a deadline; round k+1 is packed while round k is on the wire, into
+the other half of a persistent two-round arena. Large contiguous chunks go straight from and into
+the tensors. Copies (local, pack, unpack) are run tables (``planners.schedule.runs``) bound once to
+the tensors: one Triton launch per alignment class on CUDA, one ``_foreach_copy_`` elsewhere
 (``sync.copier``); ``copies="slices"`` keeps one ``copy_`` per slice, the unbatched baseline.
-Works with gloo (CPU tensors) and NCCL (CUDA tensors).
+
+The executor schedules rounds and runs copies; the bytes between processes move on channels
+(``sync.channels``): the wire (torch point-to-point over the sync group: gloo on CPU tensors, NCCL on
+GPUs), and between processes on one GPU the CUDA-IPC arena or direct channel. A fault armed on the
+executor (``fault``) wraps the wire.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from itertools import chain
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from planners.schedule.buckets import ALIGN, Bucket, bucketize
-from planners.errors import RLSyncError
+from planners.errors import VerificationError
 from planners.plan import SyncPlan
+from planners.schedule.buckets import ALIGN, Bucket, bucketize
 from planners.schedule.runs import BUFFER, chunk_runs
+from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
+from sync.channels.faulty import Fault, Faulty
 from sync.copier import CopyProgram
 from sync.endpoints import check_locals
-from sync.faults import Fault
-from sync.ipc import IpcChannels
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify import Verifier
@@ -48,19 +50,7 @@ _PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 # time for 1.5 GB, six messages (chunks of 4 MB or more direct) 1.15-1.4x (results/multi_gpu_*).
 DIRECT_BYTES = {"gloo": 1 << 18, "nccl": 32 << 20, "solo": 1 << 18}
 
-__all__ = ["PlanExecutor", "SyncError", "SyncTimeout", "VerificationError", "SyncStats", "wait_all", "finish_sync", "versioned_sync"]
-
-
-class SyncError(RLSyncError, RuntimeError):
-    """A sync that did not complete; the message names stage, peer and bucket."""
-
-
-class SyncTimeout(SyncError):
-    pass
-
-
-class VerificationError(SyncError):
-    pass
+__all__ = ["PlanExecutor", "SyncStats", "finish_sync", "versioned_sync", "DIRECT_BYTES"]
 
 
 @dataclass
@@ -81,21 +71,6 @@ class SyncStats:
     verified: bool | None = None
     mismatched: list[str] = field(default_factory=list)
     global_seconds: float = 0.0  # slowest rank
-
-
-def wait_all(works: list, what: list[str], timeout_s: float) -> None:
-    """Wait for every work item; a timeout or peer failure becomes a SyncError naming ``what[i]``."""
-    deadline = time.monotonic() + timeout_s
-    for work, label in zip(works, what):
-        remaining = max(deadline - time.monotonic(), 0.001)
-        try:
-            ok = work.wait(timeout=timedelta(seconds=remaining))
-        except RuntimeError as e:
-            kind = SyncTimeout if "imeout" in str(e) or "imed out" in str(e) else SyncError
-            said = re.sub(r"\[/\S+\] ", "", str(e))  # gloo prefixes its source path
-            raise kind(f"{label}: {'no answer within ' + f'{timeout_s:g} s' if kind is SyncTimeout else said}") from e
-        if ok is False:
-            raise SyncTimeout(f"{label}: no answer within {timeout_s:g} s")
 
 
 def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: Transport, wait, device,
@@ -200,7 +175,7 @@ class _Binding:
     pack: dict[tuple[int, int], list]  # (stage, round) -> programs
     unpack: dict[tuple[int, int], list]
     device: torch.device
-    ipc_unpack: dict[tuple[int, int], dict[int, list]] = field(default_factory=dict)  # (stage, round) -> process -> programs
+    ipc_unpack: dict[tuple[int, int], list] = field(default_factory=dict)  # (stage, round) -> programs from peers' arenas
     held: list = field(default_factory=list)  # the endpoints' dicts, so that their ids stay theirs
 
 
@@ -216,7 +191,7 @@ class PlanExecutor:
         ``copies``: how local, pack and unpack copies run: "auto" (batched: Triton kernels on CUDA
         when Triton is there, else ``_foreach_copy_``), "foreach", or "slices" (one ``copy_`` per slice).
         ``ipc``: chunks between processes on one GPU (``plan.devices``) travel by CUDA IPC instead of
-        the transport (``sync.ipc``): ``True`` or "arena" packs them into the sender's shared send
+        the wire (``sync.channels.ipc``): ``True`` or "arena" packs them into the sender's shared send
         arena and the receiver unpacks (two copies); "direct" lets the receiver map the sender's
         tensors (their allocation blocks) and copy straight from them into its own (one copy).
         ``recheck``: each sync checks that the endpoints' tensors are still where the copy programs
@@ -244,9 +219,9 @@ class PlanExecutor:
         lent = shared_gpu & self.hosted[c["src"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
         self.pulled_rows = {s: np.flatnonzero(pulled & (c["stage"] == s)) for s in (1, 2)}  # read from a lender's memory
         self._lent_rows = {s: np.flatnonzero(lent & (c["stage"] == s)) for s in (1, 2)}  # others read from us
-        self.lent_to = {s: sorted(set(self.process_of[c["dst"][rows]].tolist())) for s, rows in self._lent_rows.items()}
+        lent_to = {s: sorted(set(self.process_of[c["dst"][rows]].tolist())) for s, rows in self._lent_rows.items()}
         self._lent_locals = {q: sorted(set(c["src_local"][lent & (self.process_of[c["dst"]] == q)].tolist()))
-                             for q in set(self.lent_to[1]) | set(self.lent_to[2])}
+                             for q in set(lent_to[1]) | set(lent_to[2])}
         if direct_bytes is None:
             direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
@@ -260,17 +235,27 @@ class PlanExecutor:
         self._arena: dict[str, torch.Tensor] = {}
         self._written: set[int] = set()
         self._syncs = 0
-        self._ipc: IpcChannels | None = None
-        self._ipc_arenas: dict[int, tuple[torch.Tensor, dict]] = {}  # sending process -> (its arena, offsets)
-        self._pending_done: dict[int, set[tuple[str, int]]] = {0: set(), 1: set()}  # arena half -> (round, receiver)
-        self._lent_gen = 0  # bumps whenever this process's lent tensors are bound anew
-        self._borrowed: dict[int, tuple[int, dict[int, torch.Tensor]]] = {}  # lender -> (its generation, tensors)
         self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage)
-        uses_ipc = any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route) or pulled.any() or lent.any()
-        if uses_ipc:
+        # the channels bytes between processes move on: the wire, and CUDA IPC between processes of one GPU
+        self.wire: Channel = TorchP2P(self.transport)
+        self.arena_ipc: IpcArena | None = None
+        self.direct_ipc: IpcDirect | None = None
+        uses_arena = any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route)
+        if uses_arena or pulled.any() or lent.any():
             store = self.transport.store or dist.distributed_c10d._get_default_store()
-            self._ipc = IpcChannels(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s)
-        self.fault: Fault | None = None  # fault injection (sync.faults): fires once, in the next sync
+            signals = IpcSignals(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s)
+            if uses_arena:
+                self.arena_ipc = IpcArena(signals, *self._ipc_peers())
+            else:
+                lenders = {s: sorted(set(self.process_of[c["src"][rows]].tolist())) for s, rows in self.pulled_rows.items()}
+                self.direct_ipc = IpcDirect(signals, lent_to, lenders)
+        self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
+
+    @property
+    def channels(self) -> list[Channel]:
+        """The channels of the next sync, in the order their stage hooks run."""
+        wire = self.wire if self.fault is None else Faulty(self.wire, self.fault, self.timeout_s)
+        return [ch for ch in (wire, self.arena_ipc, self.direct_ipc) if ch is not None]
 
     def _route(self, b: Bucket) -> str:
         same_gpu = self.plan.devices[b.src] == self.plan.devices[b.dst]
@@ -296,6 +281,18 @@ class PlanExecutor:
             r.arena_off = [o + r.send_bytes if o >= 0 and not self.hosted[b.src] else o
                            for b, o in zip(r.buckets, r.arena_off)]
         return out
+
+    def _ipc_peers(self) -> tuple[dict, dict]:
+        """Per (stage, round): the processes this one packs IPC buckets for, and those it unpacks from."""
+        sends: dict[tuple[int, int], set[int]] = {}
+        receives: dict[tuple[int, int], set[int]] = {}
+        for key, rnd in self.rounds.items():
+            for b, route in zip(rnd.buckets, rnd.route):
+                if route == "ipc" and self.hosted[b.src]:
+                    sends.setdefault(key, set()).add(int(self.process_of[b.dst]))
+                elif route == "ipc":
+                    receives.setdefault(key, set()).add(int(self.process_of[b.src]))
+        return sends, receives
 
     # -- binding tensors and copy programs -------------------------------------------------
     def _endpoint_tensors(self, sources, targets) -> list[tuple[int, dict[str, torch.Tensor], str]]:
@@ -334,7 +331,7 @@ class PlanExecutor:
             ids = plan.locals_of(r)
             flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
-        if self._ipc is not None and device.type != "cuda":
+        if (self.arena_ipc or self.direct_ipc) and device.type != "cuda":
             raise ValueError(f"ipc={self.ipc!r} moves CUDA tensors between processes on one GPU, but rank "
                              f"{self.rank}'s tensors are on {device}: pass ipc=False, or host those ranks in one process")
         arena = self._arena.get("send")
@@ -343,12 +340,9 @@ class PlanExecutor:
         if arena is None:  # two rounds in flight, each its send then its receive buckets
             size = max((r.send_bytes + r.recv_bytes for r in self.rounds.values()), default=0)
             self._arena["send"] = self._arena["recv"] = torch.empty((2, size), dtype=torch.uint8, device=device)
-        if self._ipc is not None and not self._ipc_arenas:
-            self._open_ipc()
-        if self._lent_locals:  # the tensors that processes on this GPU read directly, as they are now
-            self._lent_gen += 1
-            for q, lids in self._lent_locals.items():
-                self._ipc.share_tensors({lid: flats[lid] for lid in lids}, q, self._lent_gen)
+        peer_arenas = self.arena_ipc.open(self._arena["send"], self._ipc_offsets()) if self.arena_ipc else {}
+        if self.direct_ipc is not None:  # the tensors that processes on this GPU read directly, as they are now
+            self.direct_ipc.share({q: {lid: flats[lid] for lid in lids} for q, lids in self._lent_locals.items()}, device)
         wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
         cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given])
@@ -359,28 +353,23 @@ class PlanExecutor:
             binding.pack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("dst", self._arena["send"][k % 2]), off)
             rows, lo, hi, off = self._items(rnd, sending=False)
             binding.unpack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("src", self._arena["recv"][k % 2]), off)
-            for p, (arena, offsets) in self._ipc_arenas.items():
+            for p, (peer_arena, offsets) in peer_arenas.items():
                 rows, lo, hi, off = self._ipc_items(rnd, p, offsets)
                 if len(rows):
-                    binding.ipc_unpack.setdefault((s, k), {})[p] = self._programs(flats, rows, lo, hi, cast,
-                                                                                  ("src", arena[k % 2]), off)
+                    binding.ipc_unpack.setdefault((s, k), []).extend(
+                        self._programs(flats, rows, lo, hi, cast, ("src", peer_arena[k % 2]), off))
         self._binding = binding
         stats.bind_seconds = time.perf_counter() - t0
         return binding
 
-    def _open_ipc(self) -> None:
-        """Share the send arena with every process on this GPU that receives from it; map theirs."""
-        sends: dict[int, dict] = {}
-        receives: set[int] = set()
+    def _ipc_offsets(self) -> dict[int, dict]:
+        """For each process this one packs IPC buckets for: where each of them sits in the send arena."""
+        out: dict[int, dict] = {}
         for rnd in self.rounds.values():
             for i, (b, route) in enumerate(zip(rnd.buckets, rnd.route)):
                 if route == "ipc" and self.hosted[b.src]:
-                    sends.setdefault(int(self.process_of[b.dst]), {})[rnd.ipc_key(i)] = rnd.arena_off[i]
-                elif route == "ipc":
-                    receives.add(int(self.process_of[b.src]))
-        for q, offsets in sends.items():
-            self._ipc.share(self._arena["send"], q, offsets)
-        self._ipc_arenas = {p: self._ipc.open(p) for p in sorted(receives)}
+                    out.setdefault(int(self.process_of[b.dst]), {})[rnd.ipc_key(i)] = rnd.arena_off[i]
+        return out
 
     def _items(self, rnd: _Round, sending: bool):
         """(chunk rows, lo, hi, arena offsets) of the round's packed buckets this process sends or receives."""
@@ -399,7 +388,6 @@ class PlanExecutor:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
         return (cat([b.chunk for b, _ in picked]), cat([b.lo for b, _ in picked]), cat([b.hi for b, _ in picked]),
                 cat([b.offset + base for b, base in picked]))
-
     def _programs(self, flats, rows, lo, hi, cast, buffer=None, off=None) -> list:
         """Copies for chunk items: one batched program, plus one ``copy_`` per item whose source is
         wider than the wire (a cast) or for every item when unbatched. ``buffer``: (the end that is
@@ -464,6 +452,10 @@ class PlanExecutor:
         stats = SyncStats(self.rank)
         self._written = written
         self._syncs += 1
+        channels = self.channels
+        self.fault = None  # armed for this sync only
+        for ch in channels:
+            ch.begin(self._syncs)
         t_start = time.perf_counter()
         given = self._endpoint_tensors(source, target)
         binding = self._binding
@@ -475,7 +467,7 @@ class PlanExecutor:
         launched: list[int] = []
         for stage in (1, 2):
             t0 = time.perf_counter()
-            self._inject(stage, None)
+            channels[0].start(stage)  # the wire first: a fault at the stage's start fires before any copy
             self._local_copies(binding, stage, stats)
             launched.append(stage)
             remote = any(s == stage for s, _ in self.rounds)
@@ -487,10 +479,13 @@ class PlanExecutor:
                     binding = self._bind(given, self._key(given), stats)
                     for s in launched:
                         self._local_copies(binding, s, None)
-            self._lend(binding, stage, stats)
+            for ch in channels[1:]:
+                ch.start(stage)
+            self._count_lent(stage, stats)
             self._pull_from_lenders(binding, stage, stats)
-            self._run_rounds(binding, stage, stats)
-            self._await_borrowers(stage)
+            self._run_rounds(binding, stage, channels, stats)
+            for ch in channels:
+                ch.end(stage)
             if binding.device.type == "cuda" and (remote or stage == 2):  # local copies alone run on into stage 2
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
@@ -500,47 +495,28 @@ class PlanExecutor:
                     target.values() if isinstance(target, dict) else [target], self.plan.placement)
         return stats
 
-    def _lend(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
-        """Tell the processes that read this stage's chunks from our tensors that they are ready."""
-        if not self.lent_to[stage]:
-            return
-        torch.cuda.current_stream(binding.device).synchronize()  # whatever wrote them has finished
-        for q in self.lent_to[stage]:
-            self._ipc.signal("lent", f"{self._syncs}/{stage}", self.me, q, str(self._lent_gen).encode())
+    def _count_lent(self, stage: int, stats: SyncStats) -> None:
+        """What processes on this GPU read from our tensors this stage counts as sent."""
         c, rows = self._chunks, self._lent_rows[stage]
         stats.bytes_sent += int(c["nbytes"][rows].sum())
         for peer, n in zip(c["dst"][rows].tolist(), c["nbytes"][rows].tolist()):
             stats.sent_to[peer] = stats.sent_to.get(peer, 0) + n
-
-    def _await_borrowers(self, stage: int) -> None:
-        """Our lent tensors may change again once every reader of this stage is done."""
-        for q in self.lent_to[stage]:
-            self._ipc.wait("pulled", f"{self._syncs}/{stage}", q, self.me)
 
     def _pull_from_lenders(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
         """Copy this stage's chunks straight out of the tensors of other processes on this GPU."""
         rows = self.pulled_rows[stage]
         if not len(rows):
             return
-        c = self._chunks
-        lenders = sorted(set(self.process_of[c["src"][rows]].tolist()))
-        seq = f"{self._syncs}/{stage}"
-        generations = {p: int(self._ipc.wait("lent", seq, p, self.me)) for p in lenders}
-        for p, gen in generations.items():
-            if self._borrowed.get(p, (None,))[0] != gen:  # the lender bound anew: map its tensors again
-                self._borrowed[p] = (gen, self._ipc.open_tensors(p, gen))
+        generations, borrowed = self.direct_ipc.borrow(stage)
         if self._pull is None or self._pull[0] is not binding or self._pull[1] != generations:
-            ends = dict(binding.flats)
-            for _, tensors in self._borrowed.values():
-                ends.update(tensors)
+            ends = {**binding.flats, **borrowed}
             programs = {s: self._programs(ends, r, None, None, np.zeros(len(self.plan.local_name), dtype=bool))
                         for s, r in self.pulled_rows.items() if len(r)}
             self._pull = (binding, generations, programs)
         for program in self._pull[2][stage]:
             program()
-        torch.cuda.current_stream(binding.device).synchronize()  # read before the lenders move on
-        for p in lenders:
-            self._ipc.signal("pulled", seq, self.me, p)
+        self.direct_ipc.pulled(stage, binding.device)
+        c = self._chunks
         self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
         stats.bytes_received += int(c["nbytes"][rows].sum())
 
@@ -555,56 +531,40 @@ class PlanExecutor:
         if stats is not None:
             stats.pack_seconds += time.perf_counter() - t0
 
-    def _run_rounds(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
+    def _run_rounds(self, binding: _Binding, stage: int, channels: list[Channel], stats: SyncStats) -> None:
         """Rounds in order; round k+1 is packed while round k is on the wire."""
         in_flight = None
         for k in sorted(k for s, k in self.rounds if s == stage):
             t0 = time.perf_counter()
-            ops, labels, recv_keys = self._prepare(binding, stage, k, stats)
+            for ch in channels:
+                ch.before_pack(stage, k)
+            messages, direct_dst = self._prepare(binding, stage, k, stats)
             stats.pack_seconds += time.perf_counter() - t0
             if in_flight is not None:
-                self._finish(binding, *in_flight, stats)
-            self._inject(stage, k)
-            in_flight = (self._post(ops, labels), labels, recv_keys)
-        if self.fault is not None and self.fault.at(stage, self.fault.bucket):  # fewer rounds than the fault's bucket
-            self._inject(stage, self.fault.bucket)
+                self._finish(binding, *in_flight, channels, stats)
+            pending = [ch.post(stage, k, messages if ch is channels[0] else []) for ch in channels]
+            in_flight = ((stage, k), direct_dst, pending)
+        for ch in channels:
+            ch.posted(stage)
         if in_flight is not None:
-            self._finish(binding, *in_flight, stats)
-        for half in (0, 1):  # IPC receivers are done with the arena before the next stage reuses it
-            self._await_done(half)
+            self._finish(binding, *in_flight, channels, stats)
 
-    def _await_done(self, half: int) -> None:
-        for seq, q in sorted(self._pending_done[half]):
-            self._ipc.wait("done", seq, self.me, q)
-        self._pending_done[half] = set()
-
-    def _prepare(self, binding: _Binding, stage: int, k: int, stats: SyncStats):
-        """Pack round ``k``'s send buckets into the arena; the ops that send and receive it."""
+    def _prepare(self, binding: _Binding, stage: int, k: int, stats: SyncStats) -> tuple[list[Message], set[int]]:
+        """Pack round ``k``'s send buckets into the arena; the wire's messages that send and receive it."""
         rnd = self.rounds[(stage, k)]
-        ipc_to = {int(self.process_of[b.dst]) for b, r in zip(rnd.buckets, rnd.route) if r == "ipc" and self.hosted[b.src]}
-        if ipc_to:
-            self._await_done(k % 2)  # the receivers of two rounds ago have read this half
         for program in binding.pack.get((stage, k), []):
             program()
-        seq = f"{self._syncs}/{stage}/{k}"
-        if ipc_to:
-            torch.cuda.current_stream(binding.device).synchronize()  # packed before the receivers read
-            for q in sorted(ipc_to):
-                self._ipc.signal("ready", seq, self.me, q)
-                self._pending_done[k % 2].add((seq, q))
-        ops, labels = [], []
+        messages: list[Message] = []
         direct_dst: set[int] = set()
-        f = self.fault
-        corrupt = f is not None and f.kind == "corrupt" and f.stage == stage and f.bucket in (None, k)
         for b, base, route in zip(rnd.buckets, rnd.arena_off, rnd.route):
             sending = bool(self.hosted[b.src])
             peer = b.dst if sending else b.src
-            if route == "ipc":
-                if sending:
-                    stats.bytes_sent += b.nbytes
-                    stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
-                else:
-                    stats.bytes_received += b.nbytes
+            if sending:
+                stats.bytes_sent += b.nbytes
+                stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
+            else:
+                stats.bytes_received += b.nbytes
+            if route == "ipc":  # read from the sender's arena (IpcArena), not on the wire
                 continue
             if route == "direct":  # one contiguous chunk: straight from the source / into the destination
                 buf = self._view(binding.flats, "src" if sending else "dst", int(b.chunk[0]), int(b.lo[0]), int(b.hi[0]))
@@ -612,57 +572,27 @@ class PlanExecutor:
                 buf = buf.reshape(-1).to(wire).view(torch.uint8)  # .to() casts only a wider source
                 if not sending:
                     direct_dst.add(int(self._chunks["dst_local"][int(b.chunk[0])]))
-                elif corrupt:
-                    buf = buf.clone()  # the fault corrupts the message, never the trainer's weights
             else:
                 buf = self._arena["send" if sending else "recv"][k % 2][base: base + b.nbytes]
-            if sending and corrupt:  # fault injection (tests, chaos runs)
-                buf[0] ^= 0xFF
-                corrupt, self.fault = False, None
-            ops.append((sending, buf, int(self.process_of[peer])))
-            labels.append(f"stage {stage}: {'sending' if sending else 'receiving'} bucket {k} "
-                          f"{'to' if sending else 'from'} rank {peer}")
-            if sending:
-                stats.bytes_sent += b.nbytes
-                stats.sent_to[peer] = stats.sent_to.get(peer, 0) + b.payload
-            else:
-                stats.bytes_received += b.nbytes
-        return ops, labels, ((stage, k), direct_dst, seq)
+            messages.append(Message(sending, buf, int(self.process_of[peer]),
+                                    f"stage {stage}: {'sending' if sending else 'receiving'} bucket {k} "
+                                    f"{'to' if sending else 'from'} rank {peer}"))
+        return messages, direct_dst
 
-    def _inject(self, stage: int, bucket: int | None) -> None:
-        if self.fault is not None and self.fault.at(stage, bucket):
-            fault, self.fault = self.fault, None
-            fault.fire(self.timeout_s)
-
-    def _post(self, ops, labels) -> list:
-        if not ops:
-            return []
-        try:
-            return self.transport.batch(ops)
-        except RuntimeError as e:
-            raise SyncError(f"{labels[0]}: {e}") from e
-
-    def _finish(self, binding: _Binding, works, labels, recv, stats: SyncStats) -> None:
-        key, direct_dst, seq = recv
+    def _finish(self, binding: _Binding, key: tuple[int, int], direct_dst: set[int], pending: list,
+                channels: list[Channel], stats: SyncStats) -> None:
         t0 = time.perf_counter()
         self._written.update(direct_dst)
-        wait_all(works, labels, self.timeout_s)
-        ipc_from = binding.ipc_unpack.get(key, {})
-        for p in ipc_from:
-            self._ipc.wait("ready", seq, p, self.me)
+        for ch, p in zip(channels, pending):
+            ch.wait(p, self.timeout_s)
         t1 = time.perf_counter()
         rnd = self.rounds[key]
         self._written.update(int(self._chunks["dst_local"][r]) for b, route in zip(rnd.buckets, rnd.route)
                              if route != "direct" and self.hosted[b.dst] for r in b.chunk.tolist())
-        for program in binding.unpack.get(key, []):
+        for program in binding.unpack.get(key, []) + binding.ipc_unpack.get(key, []):
             program()
-        for p, programs in ipc_from.items():
-            for program in programs:
-                program()
-        if ipc_from:
-            torch.cuda.current_stream(binding.device).synchronize()  # read before the sender packs again
-            for p in ipc_from:
-                self._ipc.signal("done", seq, p, self.me)
+        for ch in channels:
+            ch.after_unpack(*key)
         stats.wait_seconds += t1 - t0
         stats.unpack_seconds += time.perf_counter() - t1
 

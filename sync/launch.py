@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from planners.errors import RLSyncError
 from planners.plan import SyncPlan
-from sync.faults import KILL_EXIT_CODE
+from sync.channels.faulty import KILL_EXIT_CODE
 from sync.memory import PeakMemory
 
 __all__ = ["LocalRun", "run_local", "spawn_ranks", "init_group", "host_store", "RankFailure"]
@@ -133,7 +133,7 @@ class LocalRun:
     tokens: list[int] | None = None  # reference engines run these after each sync and return the logits
     versioned: bool = False  # failed syncs are reported with what each engine serves, not raised
     staging: bool = False  # versioned engines receive into staging copies and swap after verification
-    fault: Any = None  # a sync.faults.Fault: kill, stall or corrupt one rank in the sync of its version
+    fault: Any = None  # a sync.channels.faulty.Fault: kill, stall or corrupt one rank in the sync of its version
 
 
 def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: int):
@@ -154,7 +154,8 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
     from planners import SyncSettings
     from sync.baseline import BroadcastExecutor
     from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
-    from sync.executor import SyncError, wait_all
+    from planners.errors import SyncError
+    from sync.channels import wait_all
     from sync.session import Session
     from sync.tensors import as_bits
     from sync.transport import standalone_transport

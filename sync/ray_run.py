@@ -18,7 +18,7 @@ share bundle ``d % gpus_per_node`` of node ``d // gpus_per_node``: colocated tra
 share their GPU's bundle, disaggregated ranks get bundles of their own. Compute stays on the CPU over
 gloo here (the GPU executor is ``rlsync bench`` and the vLLM extension); GPUs are only reserved.
 
-**Faults** (``fault=``, :mod:`sync.faults`): the faulty rank kills, stalls or corrupts in the sync of
+**Faults** (``fault=``, :mod:`sync.channels.faulty`): the faulty rank kills, stalls or corrupts in the sync of
 its iteration. The driver names the ranks that died or stopped answering, records what each engine
 says it serves, restarts those actors (all trainer actors when a megatron one died: their model
 group is built together), and every rank joins a new sync group before the next iteration.
@@ -148,7 +148,7 @@ class RankActor:
         return None if self.is_trainer else dict(vars(self.target.state))
 
     def sync(self, version: int) -> dict[str, Any]:
-        from sync.executor import SyncError
+        from planners.errors import SyncError
 
         out: dict[str, Any] = {"rank": self.rank}
         try:
@@ -216,7 +216,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
 
     ``engines_schedule[i]`` is the number of engines in iteration i+1 (elastic engines): when it
     changes, engines start or stop, every rank joins a new sync group, and the next sync plans for
-    the new set (new engines get every weight like the others). ``fault``: a :class:`sync.faults.Fault`
+    the new set (new engines get every weight like the others). ``fault``: a :class:`sync.channels.faulty.Fault`
     (its ``sync`` is the iteration). ``on_iteration(row)`` is called after each iteration."""
     import ray
 

@@ -11,7 +11,7 @@ import torch
 from expected import expected_engine
 from planners import JobSpec, build_plan
 from sync.endpoints import EndpointError, SyntheticSource, check_locals
-from sync.faults import Fault
+from sync.channels.faulty import Fault
 from sync.launch import LocalRun, run_local
 
 CASES = {

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from planners import JobSpec, build_plan
-from sync.faults import Fault
+from sync.channels.faulty import Fault
 from sync.launch import LocalRun, run_local
 
 JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
