@@ -21,7 +21,7 @@ from rich.table import Table
 
 from planners import JobError, JobSpec, build_plan
 from sync.channels.faulty import Fault, FaultError
-from sync.launch import LocalRun, RankFailure, run_local
+from sync.run.local import LocalRun, RankFailure, run_local
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ import argparse
 import time
 
 from planners import JobSpec
-from sync.soak import run_soak
+from sync.run.soak import run_soak
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()

@@ -69,7 +69,7 @@ class Synchronizer:
 
     @property
     def target(self):
-        """An engine's parameters, kept as a versioned target (see ``sync.versioned``)."""
+        """An engine's parameters, kept as a versioned target (see ``sync.ends.versioned``)."""
         return self.session.target
 
     @target.setter

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from planners.plan import SyncPlan
-from sync.endpoints import check_locals
+from sync.ends.base import check_locals
 from sync.executor import SyncStats, finish_sync, versioned_sync
 from sync.channels import wait_all
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
-from sync.verify import Verifier
+from sync.verify.verifier import Verifier
 
 __all__ = ["BroadcastExecutor"]
 

@@ -2,7 +2,8 @@
 
 ``rlsync plan JOB.yaml [--json PATH] [--explain TENSOR]`` builds, validates and summarizes a plan.
 ``rlsync eplb ...`` computes an expert placement from a load file or a synthetic load and reports
-its balance (table, placement JSON, PNG of per-GPU load before/after).
+its balance (table, placement JSON, PNG of per-GPU load before/after). ``rlsync run`` runs the
+refresh loop on Ray; ``rlsync bench sync|gpu|multi-gpu|plan|eplb`` the benchmarks.
 """
 
 from __future__ import annotations
@@ -183,16 +184,16 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    if args.bench == "gpu":
-        from sync.bench_gpu import main as bench_gpu
+    if args.bench in ("gpu", "plan", "eplb", "multi-gpu"):  # benchmarks with options of their own
+        import importlib
 
-        bench_gpu(args.rest)
+        importlib.import_module(f"sync.bench.{args.bench.replace('-', '_')}").main(args.rest)
         return 0
 
     from dataclasses import replace
 
     from planners.cost import Links
-    from sync.bench import bench_sync
+    from sync.bench.sync import bench_sync
 
     job = JobSpec.from_yaml(args.job)
     if not args.job_links:  # plan for this machine: every rank talks over loopback, every link alike
@@ -257,7 +258,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sync.channels.faulty import Fault, FaultError
-    from sync.ray_run import run_job
+    from sync.run.loop import run_job
 
     job = JobSpec.from_yaml(args.job)
     schedule = [int(x) for x in args.engines.split(",")] if args.engines else None
@@ -334,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="one process per device hosting its ranks (colocated on GPUs; no broadcast baseline)")
     bg = bsub.add_parser("gpu", help="colocated refresh on one CUDA GPU: batched copies vs per-slice copy_ "
                                      "vs a flat copy (options: rlsync bench gpu -- --help)")
-    bg.add_argument("rest", nargs=argparse.REMAINDER, help="options of sync/bench_gpu.py")
+    bg.add_argument("rest", nargs=argparse.REMAINDER, help="options of sync/bench/gpu.py")
+    for name, what in (("plan", "planning at scale: build, validate and bound each job in a fresh process "
+                                "(rlsync bench plan [JOB.yaml ...])"),
+                       ("eplb", "EPLB policies at DeepSeek-V3 shape: time and balance (options: rlsync bench eplb -- --help)"),
+                       ("multi-gpu", "trainer and engines on the GPUs of one host over NCCL (options: rlsync bench "
+                                     "multi-gpu -- --help)")):
+        extra = bsub.add_parser(name, help=what)
+        extra.add_argument("rest", nargs=argparse.REMAINDER, help=f"options of sync/bench/{name.replace('-', '_')}.py")
     args = parser.parse_args(argv)
     console = Console() if sys.stdout.isatty() else Console(width=160)
     try:

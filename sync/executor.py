@@ -34,10 +34,10 @@ from planners.schedule.runs import BUFFER, chunk_runs
 from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
 from sync.channels.faulty import Fault, Faulty
 from sync.copier import CopyProgram
-from sync.endpoints import check_locals
+from sync.ends.base import check_locals
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
-from sync.verify import Verifier
+from sync.verify.verifier import Verifier
 
 # checks many tensors' addresses in one C++ loop: private, but what torch's CUDA graph trees use to
 # check their static inputs; CPU builds lack it (then a Python pass does the same)

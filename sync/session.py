@@ -15,10 +15,10 @@ from typing import Any
 
 from planners import SyncPlan, SyncSettings
 from planners.errors import PlanError
-from sync.endpoints import check_locals
+from sync.ends.base import check_locals
 from sync.executor import PlanExecutor, SyncStats
 from sync.transport import Transport, standalone_transport
-from sync.versioned import VersionedTarget
+from sync.ends.versioned import VersionedTarget
 
 __all__ = ["Session", "settings_of", "versioned"]
 

@@ -1,24 +1,14 @@
-"""Torch helpers: dtypes, block views of local tensors, and position-aware checksums.
-
-Checksums: a tensor's elements are read as integers (their bit patterns), mixed by ``h(x)`` with
-``h(0) = 0`` (so never-written padding adds nothing), and summed twice: plainly (``S0``) and
-weighted by flat position (``S1``), in wrapping int64 arithmetic, so the sums of the pieces of a
-tensor equal the sum of the whole whoever computes them, and a byte that lands in the wrong place
-changes ``S1``. The sender of a chunk can therefore compute what the chunk adds to the receiver's
-checksum, at the receiver's positions.
-"""
+"""Torch helpers: the plan's dtypes, block views of local tensors, bit patterns."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCH_DTYPES", "MIX_K1", "MIX_K2", "CHECKSUM_BYTES_PER_ELEMENT", "block", "block_pieces", "checksum_block",
-           "checksum_flat", "as_bits", "wrap_int64", "simulate_tensors"]
+__all__ = ["TORCH_DTYPES", "block", "as_bits", "simulate_tensors"]
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn}
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-MIX_K1, MIX_K2 = 0x9E3779B97F4A7C15 - (1 << 64), 0x5BD1E995  # h(x) = x * K1 + x * x * K2
 
 
 def block(flat: torch.Tensor, base: int, outer: int, dim: int, inner: int, off: int, n: int) -> torch.Tensor:
@@ -29,66 +19,6 @@ def block(flat: torch.Tensor, base: int, outer: int, dim: int, inner: int, off: 
 def as_bits(x: torch.Tensor) -> torch.Tensor:
     """The elements' bit patterns as int64 (same shape)."""
     return x.view(_BITS[x.element_size()]).to(torch.int64)
-
-
-def _mix(bits: torch.Tensor) -> torch.Tensor:
-    return bits * MIX_K1 + bits * bits * MIX_K2
-
-
-# int64 temporaries per element while a piece is summed (bits, two products, their sum): what a
-# checksum holds at once is about this times the elements of its piece
-CHECKSUM_BYTES_PER_ELEMENT = 40
-
-
-def checksum_block(x: torch.Tensor, base: int, dim: int, off: int, max_elements: int | None = None) -> tuple[int, int]:
-    """(S0, S1) that values ``x [outer, n, inner]`` add to a tensor where they sit at indices
-    ``[off, off+n)`` of the block at flat ``base`` with ``dim`` indices along the split dimension.
-    ``max_elements``: sum pieces of at most about this many elements (bounded temporary memory)."""
-    if max_elements is not None and x.numel() > max_elements:
-        s0 = s1 = 0
-        for piece, piece_base, piece_off in block_pieces(x, base, dim, off, max_elements):
-            a, b = checksum_block(piece, piece_base, dim, piece_off)
-            s0, s1 = s0 + a, s1 + b
-        return wrap_int64(s0), wrap_int64(s1)
-    outer, n, inner = x.shape
-    h = _mix(as_bits(x))
-    s0 = int(h.sum())
-    by_outer = h.sum(dim=(1, 2))
-    by_index = h.sum(dim=(0, 2))
-    by_inner = h.sum(dim=(0, 1))
-    dev = x.device
-    s1 = (base * s0
-          + dim * inner * int((torch.arange(outer, device=dev) * by_outer).sum())
-          + inner * int(((torch.arange(n, device=dev) + off) * by_index).sum())
-          + int((torch.arange(inner, device=dev) * by_inner).sum()))
-    return wrap_int64(s0), wrap_int64(s1)
-
-
-def block_pieces(x: torch.Tensor, base: int, dim: int, off: int, most: int):
-    """``x [outer, n, inner]`` in pieces of about ``most`` elements, with each piece's block base and offset."""
-    outer, n, inner = x.shape
-    if outer * inner <= most:  # whole index slices
-        step = most // (outer * inner)
-        for a in range(0, n, step):
-            yield x[:, a: a + step], base, off + a
-    else:  # row by row of the outer dimension, in index slices
-        step = max(most // inner, 1)
-        for o in range(outer):
-            for a in range(0, n, step):
-                yield x[o: o + 1, a: a + step], base + o * dim * inner, off + a
-
-
-def checksum_flat(t: torch.Tensor, max_elements: int = 1 << 22) -> tuple[int, int]:
-    """(S0, S1) of a whole tensor, positions in row-major order."""
-    flat = t.reshape(-1)
-    return checksum_block(flat.view(1, -1, 1), 0, flat.numel(), 0, max_elements)
-
-
-def wrap_int64(v: int) -> int:
-    """Python int -> the int64 it wraps to."""
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >= 1 << 63 else v
-
 
 
 def simulate_tensors(plan, full_weights: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

@@ -142,7 +142,7 @@ class SoloTransport(Transport):
 def standalone_transport(rank: int, world_size: int, host: str, port: int, timeout_s: float,
                          backend: str = "gloo", store_on_rank0: bool = True) -> Transport:
     """Join the sync group through the TCP store at ``host:port``: rank 0 hosts it, or, with
-    ``store_on_rank0=False``, the launcher already does (``sync.launch.host_store``)."""
+    ``store_on_rank0=False``, the launcher already does (``sync.run.local.host_store``)."""
     store = dist.TCPStore(host, port, world_size, store_on_rank0 and rank == 0, timedelta(seconds=timeout_s))
     prefixed = dist.PrefixStore("rlsync", store)
     if backend == "gloo":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from planners.schedule.runs import RUN_DTYPE
-from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+from sync.ends.base import fill_from_full
+from sync.ends.synthetic import BufferTarget, SyntheticSource, synthetic_tensor
 from sync.tensors import as_bits
 from vllm_reference import reference_rank
 

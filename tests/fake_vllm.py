@@ -13,7 +13,7 @@ import torch
 
 from planners import JobSpec, build_plan
 from planners.eplb.stats import synthetic_load
-from sync.engines.vllm import RLSyncWorkerExtension
+from sync.ends.vllm import RLSyncWorkerExtension
 from sync.tensors import TORCH_DTYPES
 from sync.transport import Transport
 

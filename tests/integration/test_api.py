@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from planners import JobSpec
 from planners.eplb.stats import synthetic_load
-from sync.launch import host_store, spawn_ranks
+from sync.run.local import host_store, spawn_ranks
 
 JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
            eplb=dict(enabled=True, num_redundant_experts=4), sync=dict(timeout_s=30))
@@ -12,7 +12,7 @@ JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), infere
 
 def _rank(rank: int, port: int):
     from sync.api import Synchronizer
-    from sync.endpoints import BufferTarget, SyntheticSource
+    from sync.ends.synthetic import BufferTarget, SyntheticSource
 
     job = JobSpec.from_dict(JOB)
     sync = Synchronizer.from_job(job, rank, port=port, store_on_rank0=False)
@@ -50,7 +50,8 @@ def test_a_source_for_another_layout_is_refused_at_start_up():
 
     from planners import build_plan
     from sync.api import Synchronizer
-    from sync.endpoints import EndpointError, SyntheticSource
+    from sync.ends.base import EndpointError
+    from sync.ends.synthetic import SyntheticSource
     from sync.transport import SoloTransport
 
     job = JobSpec.from_dict(JOB)

@@ -10,9 +10,10 @@ import torch
 
 from expected import expected_engine
 from planners import JobSpec, build_plan
-from sync.endpoints import EndpointError, SyntheticSource, check_locals
+from sync.ends.base import EndpointError, check_locals
+from sync.ends.synthetic import SyntheticSource
 from sync.channels.faulty import Fault
-from sync.launch import LocalRun, run_local
+from sync.run.local import LocalRun, run_local
 
 CASES = {
     "tp3_to_tp2_dp3": dict(model=dict(hf_config=dict(

@@ -10,7 +10,7 @@ import pytest
 
 from planners import JobSpec, build_plan
 from sync.channels.faulty import Fault
-from sync.launch import LocalRun, run_local
+from sync.run.local import LocalRun, run_local
 
 JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True),
            deployment=dict(gpus_per_node=2))
@@ -103,8 +103,8 @@ def test_engines_get_the_new_placement_only_after_a_verified_sync(bad):
 
 
 def test_staging_beyond_its_budget_is_refused_before_any_byte_moves():
-    from sync.endpoints import BufferTarget
-    from sync.versioned import VersionedTarget
+    from sync.ends.synthetic import BufferTarget
+    from sync.ends.versioned import VersionedTarget
 
     job = JobSpec.from_dict({**JOB, "sync": dict(staging=True, staging_buckets=1, bucket_mb=0.001)})
     target = BufferTarget(build_plan(job), job.trainer.world_size)

@@ -13,7 +13,7 @@ from expected import endpoints, random_runs, source_shards
 from planners import JobSpec, build_plan
 from planners.schedule.runs import apply_runs
 from sync.copier import CopyProgram, triton_available
-from sync.endpoints import BufferTarget, SyntheticSource
+from sync.ends.synthetic import BufferTarget, SyntheticSource
 from sync.executor import PlanExecutor
 from sync.tensors import as_bits
 from sync.transport import SoloTransport
@@ -112,7 +112,7 @@ def _ipc_rank(rank: int, plan, port: int, versions: list[int], mode: str):
 
 @pytest.mark.parametrize("mode", ["arena", "direct"])
 def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu(mode):
-    from sync.launch import host_store, spawn_ranks
+    from sync.run.local import host_store, spawn_ranks
 
     job = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=1), inference=dict(tp=1),
                deployment=dict(mode="colocated"))

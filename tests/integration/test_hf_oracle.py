@@ -16,7 +16,7 @@ import torch
 
 from planners import JobSpec, build_plan
 from planners.eplb.stats import synthetic_load
-from sync.launch import LocalRun, run_local
+from sync.run.local import LocalRun, run_local
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("megatron.core")

@@ -8,9 +8,9 @@ import torch
 
 from expected import endpoints, source_shards
 from planners import JobSpec, build_plan
-from sync.endpoints import BufferTarget
+from sync.ends.synthetic import BufferTarget
 from sync.executor import DIRECT_BYTES, PlanExecutor
-from sync.launch import host_store, spawn_ranks
+from sync.run.local import host_store, spawn_ranks
 from sync.tensors import as_bits
 from sync.transport import SoloTransport
 

@@ -9,9 +9,9 @@ from expected import expected_engine
 from planners import JobSpec, build_plan
 from planners.sides.megatron import trainer_locals
 from planners.models import catalog
-from sync.endpoints import EndpointError, check_locals, fill_from_full
-from sync.launch import LocalRun, run_local
-from sync.megatron import MegatronSource, local_name
+from sync.ends.base import EndpointError, check_locals, fill_from_full
+from sync.run.local import LocalRun, run_local
+from sync.ends.megatron import MegatronSource, local_name
 from sync.tensors import TORCH_DTYPES
 
 pytest.importorskip("megatron.core")

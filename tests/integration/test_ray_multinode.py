@@ -23,7 +23,7 @@ def two_nodes():
 
 
 def test_two_node_job_lands_where_planned(two_nodes):
-    from sync.ray_run import run_job
+    from sync.run.loop import run_job
 
     job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
                                  inference=dict(tp=2, dp=2, enable_ep=True),
@@ -42,7 +42,7 @@ def test_two_node_job_lands_where_planned(two_nodes):
 
 
 def test_elastic_engines_join_and_leave():
-    from sync.ray_run import run_job
+    from sync.run.loop import run_job
 
     job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
                                  inference=dict(tp=2, enable_ep=True, engines=1),

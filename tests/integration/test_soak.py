@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from planners import JobSpec
-from sync.soak import run_soak
+from sync.run.soak import run_soak
 
 
 def test_every_slot_exact_through_many_placement_and_engine_count_changes():

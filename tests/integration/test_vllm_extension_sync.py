@@ -9,8 +9,8 @@ import pytest
 from expected import expected_engine
 from fake_vllm import FakeWorker, expected_maps, fake_vllm_model, layer_views, per_model_state, rebalanced_plan, stub_vllm
 from planners import JobSpec
-from sync.endpoints import SyntheticSource
-from sync.engines import vllm as adapter
+from sync.ends.synthetic import SyntheticSource
+from sync.ends import vllm as adapter
 from sync.tensors import as_bits
 
 SYNC_JOB = dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=1),
@@ -44,7 +44,7 @@ def _sync_rank(rank: int, plan_json: dict, port: int, version: int):
 
 
 def test_a_sync_through_the_extension_fills_the_model_and_installs_the_placement():
-    from sync.launch import host_store, spawn_ranks
+    from sync.run.local import host_store, spawn_ranks
 
     job, plan = rebalanced_plan(SYNC_JOB)
     store = host_store()

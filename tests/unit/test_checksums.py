@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from planners.schedule.runs import RUN_DTYPE
-from sync.checksums import RunSums
-from sync.tensors import MIX_K1, MIX_K2, checksum_block
+from sync.verify.batched import RunSums
+from sync.verify.checksums import MIX_K1, MIX_K2, checksum_block
 
 _NP = {torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
 

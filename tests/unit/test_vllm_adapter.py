@@ -14,8 +14,8 @@ import torch
 from fake_vllm import (EPLB_JOB, JOB, FakeRunner, FakeWorker, expected_maps, fake_vllm_model, initial_maps, layer_views,
                        per_model_state, rebalanced_plan, record_transport, single_state, stub_vllm)
 from planners import JobSpec, build_plan
-from sync.endpoints import check_locals
-from sync.engines.vllm import EngineConfigError, ParamTarget, engine_global_rank, map_parameter_names, moe_layer_rows
+from sync.ends.base import check_locals
+from sync.ends.vllm import EngineConfigError, ParamTarget, engine_global_rank, map_parameter_names, moe_layer_rows
 
 # -- names and ranks -------------------------------------------------------------------------------
 
@@ -219,9 +219,9 @@ def test_a_new_plan_the_engine_cannot_take_is_refused_before_any_byte_moves(monk
 def test_the_engine_takes_every_sync_setting_from_the_plan_as_the_trainer_does(monkeypatch):
     """The extension and a trainer rank open their ranks from the same job: the same buckets (a
     non-default bucket_mb), and the engine versioned with the job's staging."""
-    from sync.endpoints import SyntheticSource
+    from sync.ends.synthetic import SyntheticSource
     from sync.session import Session
-    from sync.versioned import VersionedTarget
+    from sync.ends.versioned import VersionedTarget
 
     job, plan = rebalanced_plan({**EPLB_JOB, "sync": dict(bucket_mb=0.002, staging=True, timeout_s=7.0)})
     L, E, P = len(job.model.moe_layers), job.model.num_experts, job.num_physical_experts

@@ -1,7 +1,7 @@
 """vLLM adapter: a worker extension that receives syncs in place (importable without vLLM).
 
 vLLM's documented hook for RL weight updates is a *worker extension class*: pass
-``worker_extension_cls="sync.engines.vllm.RLSyncWorkerExtension"`` to ``LLM(...)`` (or the engine
+``worker_extension_cls="sync.ends.vllm.RLSyncWorkerExtension"`` to ``LLM(...)`` (or the engine
 args) and call its methods on every worker with ``llm.collective_rpc(name, args=...)``:
 
 1. ``rlsync_init(plan_json, engine_index, host, port, backend, ipc)`` -- every engine worker
@@ -19,7 +19,7 @@ Engine settings
 Every engine of the job is one ``LLM`` (or ``vllm serve``) whose settings mirror the job spec::
 
     LLM(model=...,                                  # the same architecture and sizes as job.model
-        worker_extension_cls="sync.engines.vllm.RLSyncWorkerExtension",
+        worker_extension_cls="sync.ends.vllm.RLSyncWorkerExtension",
         tensor_parallel_size=job.inference.tp,
         pipeline_parallel_size=job.inference.pp,    # 1 unless the job sets inference.pp
         data_parallel_size=job.inference.dp,
@@ -179,7 +179,7 @@ class ParamTarget:
     one (or with EPLB off in the engine) only the identity placement without redundant slots fits."""
 
     def __init__(self, plan: SyncPlan, rank: int, model: torch.nn.Module, model_runner=None) -> None:
-        from sync.endpoints import check_locals
+        from sync.ends.base import check_locals
 
         params = dict(model.named_parameters())
         params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})

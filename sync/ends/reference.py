@@ -21,7 +21,7 @@ from planners.job import JobSpec
 from planners.layouts import InferenceLayout
 from planners.models import GQA, ModelSpec, router_prefix
 from planners.plan import SyncPlan
-from sync.endpoints import BufferTarget
+from sync.ends.synthetic import BufferTarget
 from sync.transport import Transport
 
 __all__ = ["ReferenceEngine", "engine_groups", "unsupported"]

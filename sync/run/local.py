@@ -75,8 +75,8 @@ def spawn_ranks(world_size: int, fn: Callable, args: tuple, timeout_s: float, al
     # a fork server that has imported torch once forks ranks in milliseconds; spawning each would
     # import torch again per rank (seconds each on a small machine)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy", "sync.launch", "sync.executor",
-                                "sync.baseline", "sync.endpoints"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy", "sync.run.local", "sync.executor",
+                                "sync.baseline", "sync.ends.base"])
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(r, fn, args, results), daemon=True) for r in range(world_size)]
     for p in procs:
@@ -140,7 +140,7 @@ def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: 
     """Build this trainer rank's GPTModel: Megatron gets the default group (trainer ranks only)."""
     from megatron.core import parallel_state as ps
 
-    from sync.megatron import MegatronSource, build_gpt_model
+    from sync.ends.megatron import MegatronSource, build_gpt_model
 
     lay = run.job.trainer
     init_group(rank, plan.num_trainer, host, port, run.timeout_s)
@@ -153,7 +153,8 @@ def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: 
 def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: int) -> dict[str, Any]:
     from planners import SyncSettings
     from sync.baseline import BroadcastExecutor
-    from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+    from sync.ends.base import fill_from_full
+    from sync.ends.synthetic import BufferTarget, SyntheticSource, synthetic_tensor
     from planners.errors import SyncError
     from sync.channels import wait_all
     from sync.session import Session
@@ -168,7 +169,7 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
     transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, run.timeout_s, store_on_rank0=False)
     engine = None if is_trainer else BufferTarget(plan, rank)
     if run.engine == "reference":
-        from sync.engines.reference import ReferenceEngine, engine_groups
+        from sync.ends.reference import ReferenceEngine, engine_groups
 
         groups = engine_groups(plan, run.job, transport, rank)
         engine = None if is_trainer else ReferenceEngine(plan, run.job, rank, *groups)

@@ -95,7 +95,7 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
             port: int, backend: str, gpus: int, direct_bytes: int | None) -> dict[str, Any]:
     from planners import SyncSettings
     from sync.baseline import BroadcastExecutor
-    from sync.endpoints import BufferTarget, SyntheticSource
+    from sync.ends.synthetic import BufferTarget, SyntheticSource
     from sync.session import Session
     from sync.transport import standalone_transport
 
@@ -154,7 +154,7 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
                direct_bytes: int | None = None) -> dict[str, Any]:
     """``hosted``: one process per device hosting its ranks (no broadcast baseline then).
     ``direct_bytes``: the executor's (default: its backend's)."""
-    from sync.launch import host_store, spawn_ranks
+    from sync.run.local import host_store, spawn_ranks
 
     if backend == "nccl":
         gpus = gpus or torch.cuda.device_count()

@@ -1,4 +1,4 @@
-"""Checksums of many blocks at once on CUDA: what ``sync.verify`` computes chunk by chunk elsewhere.
+"""Checksums of many blocks at once on CUDA: what ``sync.verify.verifier.Verifier`` computes chunk by chunk elsewhere.
 
 A run (``planners.schedule.runs``) read as elements says where the elements are (its source) and where they
 land (its destination byte offsets, read as positions). :class:`RunSums` cuts runs into tiles like
@@ -77,7 +77,7 @@ class RunSums:
 
     def __call__(self) -> torch.Tensor:
         """[num_dst, 2] int64 (S0, S1) on the device."""
-        from sync.checksum_kernel import tile_sums_flat, tile_sums_rows
+        from sync.verify.kernel import tile_sums_flat, tile_sums_rows
 
         total = torch.zeros((self.num_dst, 2), dtype=torch.int64, device=self.device)
         for kind, base, table, start, dst, width in self.launches:

@@ -38,7 +38,8 @@ def soak_jobs(job: JobSpec, iterations: int, seed: int = 0):
 
 def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, timeout_s: float) -> dict[str, Any]:
     from planners import SyncSettings
-    from sync.endpoints import BufferTarget, SyntheticSource, fill_from_full, synthetic_tensor
+    from sync.ends.base import fill_from_full
+    from sync.ends.synthetic import BufferTarget, SyntheticSource, synthetic_tensor
     from sync.session import Session
     from sync.transport import standalone_transport
 
@@ -73,7 +74,7 @@ def _worker(rank: int, job: JobSpec, iterations: int, seed: int, port: int, time
 
 
 def run_soak(job: JobSpec, iterations: int, seed: int = 0, timeout_s: float = 60.0) -> dict[str, Any]:
-    from sync.launch import host_store, spawn_ranks
+    from sync.run.local import host_store, spawn_ranks
 
     store = host_store(timeout_s=timeout_s)
 

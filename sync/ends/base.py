@@ -1,10 +1,11 @@
-"""The two ends of a sync: trainer-side sources and inference-side targets.
+"""The two ends of a sync: trainer-side sources and inference-side targets, and their check.
 
 A *source* is anything with ``local_tensors() -> {Megatron local name: tensor}`` for one trainer
-rank; a *target* the same for one inference rank with vLLM names, written in place. This module
-holds the synthetic source (each rank's shards cut from seeded full weights by the plan's own shard
-rules) and a plain target that allocates the engine's tensors; megatron-core models and real
-engines plug in through the same two methods.
+rank; a *target* the same for one inference rank with vLLM names, written in place. Megatron-core
+models (``sync.ends.megatron``), the reference engine, vLLM workers and the synthetic ends of tests
+and benchmarks (``sync.ends.synthetic``) all plug in through that one method; :func:`check_locals`
+holds them to the plan before any byte moves, and :func:`fill_from_full` writes a rank's shards of
+full weights into its tensors.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import numpy as np
 import torch
 
 from planners.errors import RLSyncError
-from planners.models import LogicalTensor
 from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
 
-__all__ = ["Source", "Target", "SyntheticSource", "BufferTarget", "synthetic_tensor", "trained_tensor", "check_locals",
-           "EndpointError", "fill_from_full"]
+__all__ = ["Source", "Target", "check_locals", "EndpointError", "fill_from_full"]
 
 
 class EndpointError(RLSyncError, ValueError):
@@ -33,23 +32,6 @@ class Source(Protocol):
 
 class Target(Protocol):
     def local_tensors(self) -> dict[str, torch.Tensor]: ...
-
-
-def synthetic_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> torch.Tensor:
-    """Deterministic full weights of logical tensor ``index`` for ``(seed, version)``."""
-    rng = np.random.default_rng([seed, version, index])
-    return torch.from_numpy(rng.standard_normal(t.shape, dtype=np.float32)).to(TORCH_DTYPES[t.dtype])
-
-
-def trained_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> torch.Tensor:
-    """Weights that look trained and change a little each step: seeded base weights (norms near 1,
-    matrices ~N(0, 0.1^2): activations stay finite through many layers) plus a seeded step of
-    N(0, 0.02^2) per version -- the trainer's update in ``rlsync run``."""
-    base = np.random.default_rng([seed, index]).standard_normal(t.shape, dtype=np.float32) * 0.1
-    if len(t.shape) == 1:
-        base += 1.0
-    step = np.random.default_rng([seed, index, version]).standard_normal(t.shape, dtype=np.float32) * 0.02
-    return torch.from_numpy(base + step).to(TORCH_DTYPES[t.dtype])
 
 
 def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
@@ -68,37 +50,6 @@ def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
             src = block(whole.to(dst.device, dst.dtype), 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n)
             with torch.no_grad():
                 block(dst.view(-1), int(p["base"]), t.outer, int(p["dim"]), t.inner, int(p["off"]), n).copy_(src)
-
-
-def _allocate(plan: SyncPlan, rank: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    return {plan.local_name[i]: torch.zeros(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]], device=device)
-            for i in plan.locals_of(rank)}
-
-
-class SyntheticSource:
-    """A trainer rank's shards of seeded full weights; ``set_version`` changes every weight."""
-
-    def __init__(self, plan: SyncPlan, rank: int, seed: int = 0, version: int = 0, device: str = "cpu") -> None:
-        self.plan, self.rank, self.seed, self.device = plan, rank, seed, device
-        self.tensors = _allocate(plan, rank, device)
-        self.set_version(version)
-
-    def set_version(self, version: int) -> None:
-        fill_from_full(self.plan, self.rank, self.tensors,
-                       lambda tid: synthetic_tensor(self.plan.tensors[tid], tid, self.seed, version))
-
-    def local_tensors(self) -> dict[str, torch.Tensor]:
-        return self.tensors
-
-
-class BufferTarget:
-    """An inference rank's parameters, allocated from the plan and zero until synced."""
-
-    def __init__(self, plan: SyncPlan, rank: int, device: str = "cpu") -> None:
-        self.tensors = _allocate(plan, rank, device)
-
-    def local_tensors(self) -> dict[str, torch.Tensor]:
-        return self.tensors
 
 
 def check_locals(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor], side: str) -> list[torch.Tensor]:

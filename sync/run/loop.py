@@ -1,7 +1,7 @@
 """``rlsync run``: the RLHF refresh loop on Ray -- trainer and engine actors, one sync per iteration.
 
 One Ray actor per rank. Trainer actors build megatron-core ``GPTModel`` s (or synthetic shards),
-engine actors :class:`~sync.engines.reference.ReferenceEngine` s wrapped as versioned targets; all
+engine actors :class:`~sync.ends.reference.ReferenceEngine` s wrapped as versioned targets; all
 join the sync's standalone gloo group through a TCP store on the driver's host. Each iteration:
 
 1. the trainer steps: seeded weights of the next version, written into the model in place;
@@ -52,8 +52,8 @@ class RankActor:
         import ray
         import torch
 
-        from sync.endpoints import SyntheticSource
-        from sync.launch import LocalRun, _megatron_source
+        from sync.ends.synthetic import SyntheticSource
+        from sync.run.local import LocalRun, _megatron_source
 
         torch.set_num_threads(1)
         if rank < plan.num_trainer:
@@ -70,11 +70,11 @@ class RankActor:
     def join(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int) -> None:
         """Join (or rejoin: new engines, or after a fault) the sync group; an engine keeps its weights
         and what it knows of the version it serves."""
-        from sync.endpoints import BufferTarget
-        from sync.engines.reference import ReferenceEngine, engine_groups
+        from sync.ends.synthetic import BufferTarget
+        from sync.ends.reference import ReferenceEngine, engine_groups
         from sync.session import Session
         from sync.transport import standalone_transport
-        from sync.versioned import VersionedTarget
+        from sync.ends.versioned import VersionedTarget
 
         self.job, self.rank = job, rank
         self.is_trainer = rank < plan.num_trainer
@@ -109,7 +109,8 @@ class RankActor:
 
     def update(self, version: int) -> None:
         """The trainer's step: the seeded weights of ``version``, written into the model in place."""
-        from sync.endpoints import fill_from_full, trained_tensor
+        from sync.ends.base import fill_from_full
+        from sync.ends.synthetic import trained_tensor
 
         if self.is_trainer:
             plan = self.plan
@@ -220,7 +221,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     (its ``sync`` is the iteration). ``on_iteration(row)`` is called after each iteration."""
     import ray
 
-    from sync.launch import host_store
+    from sync.run.local import host_store
 
     started = time.perf_counter()
     if not ray.is_initialized():
@@ -359,8 +360,8 @@ def _compare_logits(ray, actors, plan: SyncPlan, job: JobSpec, version: int, tok
                     first_ranks: list[int]) -> dict[int, float | None]:
     """Each engine's float32 logits against the HF model holding version ``version``'s full weights;
     ``{engine's first rank: None if they agree, else the worst gap}``."""
-    from sync.endpoints import trained_tensor
-    from sync.oracle import hf_logits, logits_agree
+    from sync.ends.synthetic import trained_tensor
+    from sync.verify.logits import hf_logits, logits_agree
 
     got = ray.get([a.logits.remote(tokens) for a in actors])
     weights = {t.name: trained_tensor(t, i, SEED, version) for i, t in enumerate(plan.tensors)}

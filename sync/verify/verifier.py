@@ -15,7 +15,8 @@ from planners.schedule.buckets import stage2_origin
 from planners.plan import SyncPlan
 from planners.schedule.runs import RUN_DTYPE, block_runs
 from sync.copier import triton_available
-from sync.tensors import CHECKSUM_BYTES_PER_ELEMENT, TORCH_DTYPES, block_pieces, wrap_int64, block, checksum_block, checksum_flat
+from sync.tensors import TORCH_DTYPES, block
+from sync.verify.checksums import CHECKSUM_BYTES_PER_ELEMENT, block_pieces, wrap_int64, checksum_block, checksum_flat
 
 __all__ = ["Verifier"]
 
@@ -71,7 +72,7 @@ class Verifier:
         """Batched checksum programs over these tensors (built once per set of tensors)."""
         if self._prepared is not None and self._prepared["flats"] is flats:
             return self._prepared
-        from sync.checksums import RunSums
+        from sync.verify.batched import RunSums
 
         plan, c = self.plan, self.plan.chunks
         n_dst = len(plan.local_name) - self.inf_first
@@ -123,7 +124,7 @@ class Verifier:
 
 
 def _batched(flats: dict[int, torch.Tensor]) -> bool:
-    """CUDA tensors and Triton: checksums by :class:`sync.checksums.RunSums`."""
+    """CUDA tensors and Triton: checksums by :class:`sync.verify.batched.RunSums`."""
     return bool(flats) and next(iter(flats.values())).device.type == "cuda" and triton_available()
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels behind ``sync.checksums`` (imported only on CUDA machines with Triton).
+"""Triton kernels behind ``sync.verify.batched`` (imported only on CUDA machines with Triton).
 
 Per tile they sum ``h(x)`` over its elements (``x`` the element's bit pattern, sign-extended to
 int64, ``h`` as in ``sync.tensors``) and ``h(x)`` times the element's destination position relative
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sync.tensors import MIX_K1, MIX_K2
+from sync.verify.checksums import MIX_K1, MIX_K2
 
 __all__ = ["tile_sums_flat", "tile_sums_rows"]
 

@@ -233,7 +233,7 @@ def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int, 
 
 
 def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int, mode: str = "arena") -> dict:
-    from sync.launch import host_store, spawn_ranks
+    from sync.run.local import host_store, spawn_ranks
 
     plan = build_plan(JobSpec.from_dict(spec)).validate()
     payload = int(plan.chunks["nbytes"].sum())
