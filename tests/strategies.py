@@ -40,11 +40,12 @@ def specs(draw):
     if family == "deepseek_v3":
         cfg.update(n_routed_experts=experts, moe_intermediate_size=48, n_shared_experts=draw(st.sampled_from([0, 1, 2])),
                    first_k_dense_replace=draw(st.integers(0, 2)), q_lora_rank=draw(st.sampled_from([None, 12])),
-                   kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_experts_per_tok=2)
+                   kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_experts_per_tok=2,
+                   n_group=1, topk_group=1)
     if family == "glm4_moe":
         cfg.update(n_routed_experts=experts, moe_intermediate_size=48, n_shared_experts=draw(st.sampled_from([0, 1, 2])),
                    first_k_dense_replace=draw(st.integers(0, 2)), attention_bias=draw(st.booleans()),
-                   use_qk_norm=draw(st.booleans()), num_experts_per_tok=2)
+                   use_qk_norm=draw(st.booleans()), num_experts_per_tok=2, n_group=1, topk_group=1)
     moe = family in MOE_FAMILIES
     ep = draw(st.sampled_from([e for e in (1, 2, 3, 4) if experts % e == 0])) if moe else 1
     trainer = dict(tp=t_tp, pp=t_pp, ep=ep, cp=draw(st.sampled_from([1, 1, 2] if t_tp * t_pp <= 8 else [1])))

@@ -5,7 +5,11 @@ A family module (``planners.models.llama`` and its siblings) declares a :class:`
 other spellings real configs use for them, and a ``build`` function that turns the checked values
 (:class:`ConfigValues`) into a :class:`ModelSpec`. Errors name each key as the job wrote it
 (``model.hf_config.num_experts``, ``model.overrides.num_experts``, ``model.config[path].num_experts``)
-and say what would be valid. A null value counts as absent, as in Hugging Face configs.
+and say what would be valid. A null value counts as absent, as in Hugging Face configs, except for a key
+whose kind ends in ``?``: there an explicit null is a value (DeepSeek's ``q_lora_rank: null`` is no
+q compression; an absent one is transformers' default). Defaults are transformers' own, so a
+``config.json`` written by ``save_pretrained`` (which leaves out keys equal to their defaults) reads the
+same as the full one.
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ class ConfigValues:
         return self.values[key]
 
     def _read(self, key: str, kind: str, default: Any) -> Any:
+        if kind.endswith("?"):  # an explicit null is a value
+            if key in self.config and self.config[key] is None:
+                return None
+            kind = kind[:-1]
         what, ok = KINDS[kind]
         value = self.config.get(key)
         for other in self.family.spellings.get(key, ()):
@@ -152,7 +160,7 @@ class ConfigValues:
         return dict(family=self.family.name, model_type=self.model_type, hidden_size=self["hidden_size"],
                     num_layers=self["num_hidden_layers"], vocab_size=self["vocab_size"],
                     tie_word_embeddings=self["tie_word_embeddings"], dtype=dtype,
-                    rope_theta=float(self.rope("rope_theta", "pos_float", 10000.0)),
+                    rope_theta=float(self.rope("rope_theta", "pos_float", self.family.all_keys()["rope_theta"][1] or 10000.0)),
                     rms_norm_eps=float(self["rms_norm_eps"]), config=dict(self.config), paths=paths,
                     pattern_keys=("num_hidden_layers", *self.family.moe_keys))
 

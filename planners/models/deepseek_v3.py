@@ -40,7 +40,7 @@ def build(v: ConfigValues) -> ModelSpec:
                     v["qk_rope_head_dim"], v["v_head_dim"])
     routing = MoE(experts, v["moe_intermediate_size"], v["num_experts_per_tok"], v["n_shared_experts"],
                   router=v["scoring_func"], router_bias=v["topk_method"] == "noaux_tc",
-                  norm_topk_prob=v.norm_topk_prob(False), n_group=v["n_group"], topk_group=v["topk_group"],
+                  norm_topk_prob=v.norm_topk_prob(True), n_group=v["n_group"], topk_group=v["topk_group"],
                   routed_scaling_factor=float(v["routed_scaling_factor"]))
     return ModelSpec(**v.common(), attention=attention, mlp=v.dense_mlp(moe), moe_layers=moe,
                      moe=routing if moe else None)
@@ -49,22 +49,24 @@ def build(v: ConfigValues) -> ModelSpec:
 FAMILY = Family(
     name="deepseek_v3",
     model_types=("deepseek_v3", "kimi_k2"),
-    keys={
+    keys={  # defaults: transformers' DeepseekV3Config
+        "intermediate_size": ("nonneg_int", 18432),
+        "num_experts_per_tok": ("nonneg_int", 8),
         "n_routed_experts": ("nonneg_int", REQUIRED),
         "moe_intermediate_size": ("pos_int", REQUIRED),
-        "first_k_dense_replace": ("nonneg_int", 0),
+        "first_k_dense_replace": ("nonneg_int", 3),
         "moe_layer_freq": ("pos_int", 1),
-        "n_shared_experts": ("nonneg_int", 0),
+        "n_shared_experts": ("nonneg_int", 1),
         "topk_method": ("str", "noaux_tc"),
         "scoring_func": ("router", "sigmoid"),
-        "routed_scaling_factor": ("pos_float", 1.0),
-        "q_lora_rank": ("pos_int", None),  # None: no q compression (q_proj)
+        "routed_scaling_factor": ("pos_float", 2.5),
+        "q_lora_rank": ("pos_int?", 1536),  # an explicit null: no q compression (q_proj)
         "kv_lora_rank": ("pos_int", REQUIRED),
         "qk_nope_head_dim": ("pos_int", REQUIRED),
         "qk_rope_head_dim": ("pos_int", REQUIRED),
         "v_head_dim": ("pos_int", REQUIRED),
-        "n_group": ("pos_int", 1),
-        "topk_group": ("pos_int", 1),
+        "n_group": ("pos_int", 8),
+        "topk_group": ("pos_int", 4),
     },
     moe_keys=("n_routed_experts", "first_k_dense_replace", "moe_layer_freq"),
     build=build,

@@ -48,7 +48,10 @@ def build(v: ConfigValues) -> ModelSpec:
 FAMILY = Family(
     name="glm4_moe",
     model_types=("glm4_moe",),
-    keys={
+    keys={  # defaults: transformers' Glm4MoeConfig
+        "intermediate_size": ("nonneg_int", 10944),
+        "num_experts_per_tok": ("nonneg_int", 8),
+        "rms_norm_eps": ("pos_float", 1e-5),
         "attention_bias": ("bool", False),
         "use_qk_norm": ("bool", False),
         "partial_rotary_factor": ("fraction", None),  # None: rope_parameters' or 0.5 (transformers' default)

@@ -32,6 +32,9 @@ FAMILY = Family(
     keys={
         "intermediate_size": ("pos_int", REQUIRED),  # the experts' width
         "num_local_experts": ("pos_int", REQUIRED),
+        "num_experts_per_tok": ("nonneg_int", 2),
+        "rope_theta": ("pos_float", 1e6),
+        "rms_norm_eps": ("pos_float", 1e-5),
     },
     moe_keys=("num_local_experts",),
     build=build,

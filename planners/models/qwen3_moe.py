@@ -43,6 +43,8 @@ FAMILY = Family(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
     keys={
+        "intermediate_size": ("nonneg_int", 6144),
+        "num_experts_per_tok": ("nonneg_int", 8),
         "attention_bias": ("bool", False),
         "num_experts": ("nonneg_int", REQUIRED),
         "moe_intermediate_size": ("pos_int", REQUIRED),

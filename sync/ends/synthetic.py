@@ -21,15 +21,20 @@ def synthetic_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> t
     return torch.from_numpy(rng.standard_normal(t.shape, dtype=np.float32)).to(TORCH_DTYPES[t.dtype])
 
 
-def trained_tensor(t: LogicalTensor, index: int, seed: int, version: int) -> torch.Tensor:
+def trained_tensor(t: LogicalTensor, index: int, seed: int, version: int, held_as: str | None = None) -> torch.Tensor:
     """Weights that look trained and change a little each step: seeded base weights (norms near 1,
     matrices ~N(0, 0.1^2): activations stay finite through many layers) plus a seeded step of
-    N(0, 0.02^2) per version -- the trainer's update in ``rlsync run``."""
+    N(0, 0.02^2) per version -- the trainer's update in ``rlsync run``. ``held_as``: the dtype the
+    trainer holds its parameters in; values are rounded through it, so a tensor the engine keeps wider
+    (GLM-4.5's float32 router) holds exactly what a trainer in that dtype can send."""
     base = np.random.default_rng([seed, index]).standard_normal(t.shape, dtype=np.float32) * 0.1
     if len(t.shape) == 1:
         base += 1.0
     step = np.random.default_rng([seed, index, version]).standard_normal(t.shape, dtype=np.float32) * 0.02
-    return torch.from_numpy(base + step).to(TORCH_DTYPES[t.dtype])
+    weights = torch.from_numpy(base + step)
+    if held_as is not None and TORCH_DTYPES[held_as].itemsize < TORCH_DTYPES[t.dtype].itemsize:
+        weights = weights.to(TORCH_DTYPES[held_as])
+    return weights.to(TORCH_DTYPES[t.dtype])
 
 
 def _allocate(plan: SyncPlan, rank: int, device: torch.device | str) -> dict[str, torch.Tensor]:

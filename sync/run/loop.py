@@ -115,7 +115,7 @@ class RankActor:
         if self.is_trainer:
             plan = self.plan
             fill_from_full(plan, self.rank, self.source.local_tensors(),
-                           lambda tid: trained_tensor(plan.tensors[tid], tid, SEED, version))
+                           lambda tid: trained_tensor(plan.tensors[tid], tid, SEED, version, self.job.model.dtype))
 
     def generate(self, prompt: list[int], steps: int) -> dict[str, Any] | None:
         """Engines decode ``steps`` tokens greedily (every rank of an engine gets the same ids, as the
@@ -364,7 +364,7 @@ def _compare_logits(ray, actors, plan: SyncPlan, job: JobSpec, version: int, tok
     from sync.verify.logits import hf_logits, logits_agree
 
     got = ray.get([a.logits.remote(tokens) for a in actors])
-    weights = {t.name: trained_tensor(t, i, SEED, version) for i, t in enumerate(plan.tensors)}
+    weights = {t.name: trained_tensor(t, i, SEED, version, job.model.dtype) for i, t in enumerate(plan.tensors)}
     want = hf_logits(job.model, weights, tokens)
     return {r: logits_agree(got[r], want) for r in first_ranks if got[r] is not None}
 

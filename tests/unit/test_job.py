@@ -162,7 +162,7 @@ def hf(base, **changes):
     (dict(preset="tiny_deepseek_v3", overrides=dict(n_routed_experts="8")),
      r"model.overrides.n_routed_experts must be a non-negative integer, got '8'"),
     (dict(preset="tiny_deepseek_v3", overrides=dict(q_lora_rank=0)), r"model.overrides.q_lora_rank must be a positive integer"),
-    (dict(preset="tiny_deepseek_v3", overrides=dict(intermediate_size=None)),
+    (dict(preset="tiny_deepseek_v3", overrides=dict(intermediate_size=0)),
      r"model.overrides.intermediate_size must be a positive integer: layers \[0\] are dense"),
     (dict(preset="tiny_mixtral", overrides=dict(num_local_experts=None)),
      r"model.overrides.num_local_experts is required for model_type 'mixtral'; give a positive integer"),
@@ -231,3 +231,42 @@ def test_bad_config_files_name_the_file(tmp_path, model, message):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(JobError, match=message):
         JobSpec.from_dict(dict(model=model, trainer=dict(tp=1), inference=dict(tp=1)), base_dir=tmp_path)
+
+
+def test_defaults_are_transformers_own(tmp_path):
+    """A config.json written by save_pretrained leaves out every key equal to its default: each family
+    must read it as the full config (its defaults are transformers' own)."""
+    transformers = pytest.importorskip("transformers")
+    from planners.models import FAMILIES, spec_from_config
+
+    shape = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=8, vocab_size=256, head_dim=16,
+                 num_key_value_heads=8)
+    per_family = dict(qwen3_moe=dict(num_experts=8, moe_intermediate_size=32, decoder_sparse_step=2),
+                      mixtral=dict(num_local_experts=4, intermediate_size=32),
+                      deepseek_v3=dict(n_routed_experts=8, moe_intermediate_size=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                                       qk_rope_head_dim=8, v_head_dim=16, first_k_dense_replace=1),
+                      glm4_moe=dict(n_routed_experts=8, moe_intermediate_size=16))
+    checked = 0
+    for family in FAMILIES.values():
+        for model_type in family.model_types:
+            if model_type not in transformers.models.auto.configuration_auto.CONFIG_MAPPING:
+                continue  # kimi_k2 ships its config with the checkpoint
+            config = transformers.AutoConfig.for_model(model_type, **shape, **per_family.get(family.name, {}))
+            config.to_json_file(tmp_path / f"{model_type}.json")  # the diff against the defaults
+            full = config.to_dict()
+            written = spec_from_config(tmp_path / f"{model_type}.json", "model.config")
+            assert written == spec_from_config(full), model_type
+            assert (written.rope_theta, written.rms_norm_eps) == (config.rope_parameters["rope_theta"], config.rms_norm_eps)
+            if written.is_moe:
+                m = written.moe
+                assert m.top_k == config.num_experts_per_tok, model_type
+                assert m.norm_topk_prob == getattr(config, "norm_topk_prob", True), model_type
+                assert m.routed_scaling_factor == getattr(config, "routed_scaling_factor", 1.0), model_type
+                assert m.n_group == getattr(config, "n_group", 1), model_type
+            checked += 1
+    assert checked == 8  # llama, mistral, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v3, glm4_moe
+    # DeepSeek's q_lora_rank: absent is transformers' default (1536), an explicit null is no q compression
+    lite = {k: v for k, v in transformers.AutoConfig.for_model("deepseek_v3", **shape, **per_family["deepseek_v3"]).to_dict().items()
+            if k != "q_lora_rank"}
+    assert spec_from_config(lite).attention.q_lora_rank == 1536
+    assert spec_from_config({**lite, "q_lora_rank": None}).attention.q_lora_rank is None
