@@ -1,4 +1,10 @@
-"""Shared helpers for tests: random full weights and the simulate-vs-reference check."""
+"""Tests. ``tests/unit``: one process, no network, under half a minute (``pytest tests/unit``): exact
+plans, oracles, properties and fuzzing, job and config errors, copy and checksum programs, the vLLM
+adapter on stubs. ``tests/integration``: local processes over gloo, Ray, megatron-core models,
+Hugging Face logits, GPUs (skipped without CUDA). The modules beside this one are what both share:
+independent oracles (``vllm_reference``, ``megatron_oracle``), expected ends (``expected``), hypothesis
+strategies (``strategies``) and a fake vLLM (``fake_vllm``). Here: random full weights and the
+simulate-vs-reference check."""
 
 from __future__ import annotations
 
