@@ -9,24 +9,45 @@ today; an FSDP/DTensor trainer or an SGLang engine is one more module and one li
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import Any, Protocol
 
 from planners.errors import LayoutError
 from planners.sides import megatron, vllm
 
-__all__ = ["TRAINERS", "ENGINES", "trainer_side", "engine_side"]
-
-TRAINERS: dict[str, ModuleType] = {megatron.NAME: megatron}
-ENGINES: dict[str, ModuleType] = {vllm.NAME: vllm}
+__all__ = ["TrainerSide", "EngineSide", "TRAINERS", "ENGINES", "trainer_side", "engine_side"]
 
 
-def trainer_side(kind: str) -> ModuleType:
+class TrainerSide(Protocol):
+    """What a trainer side's module provides."""
+
+    NAME: str
+
+    def check(self, spec: Any, layout: Any) -> None: ...
+
+    def template(self, spec: Any, cat: Any, layout: Any, rank: int) -> tuple: ...
+
+
+class EngineSide(Protocol):
+    """What an engine side's module provides (``placement``: the expert placement its slots hold)."""
+
+    NAME: str
+
+    def check(self, spec: Any, layout: Any, placement: Any) -> None: ...
+
+    def template(self, spec: Any, cat: Any, layout: Any, placement: Any, rank: int) -> tuple: ...
+
+
+TRAINERS: dict[str, TrainerSide] = {megatron.NAME: megatron}
+ENGINES: dict[str, EngineSide] = {vllm.NAME: vllm}
+
+
+def trainer_side(kind: str) -> TrainerSide:
     if kind not in TRAINERS:
         raise LayoutError(f"trainer.kind {kind!r} is not supported; use one of {sorted(TRAINERS)}")
     return TRAINERS[kind]
 
 
-def engine_side(kind: str) -> ModuleType:
+def engine_side(kind: str) -> EngineSide:
     if kind not in ENGINES:
         raise LayoutError(f"inference.kind {kind!r} is not supported; use one of {sorted(ENGINES)}")
     return ENGINES[kind]

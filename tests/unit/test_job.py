@@ -80,6 +80,8 @@ def job(**changes):
     (dict(deployment=dict(nodes=0)), r"deployment.nodes must be a positive integer, got 0"),
     (dict(inference__engines=1 << 20), r"exceed 1048576; check trainer.tp"),
     (dict(trainer__tpp=2), r"valid keys: cp, dp, ep, etp, .*tp"),
+    (dict(trainer__kind="fsdp"), r"trainer.kind 'fsdp' is not supported; use one of \['megatron'\]"),
+    (dict(inference__kind="sglang"), r"inference.kind 'sglang' is not supported; use one of \['vllm'\]"),
     (dict(model=dict(hf_config=dict(model_type="gpt2"))), r"model.hf_config.model_type 'gpt2' is not supported; use one of"),
     (dict(model=dict(hf_config=dict(model_type=3))), r"model.hf_config.model_type 3 is not supported"),
     (dict(model=dict(hf_config=dict(hidden_size=8))), r"model.hf_config.model_type is required; use one of"),
