@@ -15,12 +15,12 @@ from typing import Any
 
 from planners.errors import ModelError
 from planners.models import deepseek_v3, glm4_moe, llama, mixtral, qwen3_moe
-from planners.models.blocks import GQA, MLA, DenseMLP, MoE, Names
+from planners.models.blocks import GQA, MLA, DenseMLP, MoE, Names, VllmTraits
 from planners.models.catalog import Catalog, LogicalTensor, catalog, expert_names, router_prefix
 from planners.models.config import ConfigValues, Family, read_config_file
 from planners.models.spec import DTYPES, ModelSpec
 
-__all__ = ["ModelSpec", "GQA", "MLA", "DenseMLP", "MoE", "Names", "LogicalTensor", "Catalog", "catalog",
+__all__ = ["ModelSpec", "GQA", "MLA", "DenseMLP", "MoE", "Names", "VllmTraits", "LogicalTensor", "Catalog", "catalog",
            "expert_names", "router_prefix", "Family", "FAMILIES", "family", "family_of", "spec_from_config",
            "read_config_file", "PRESETS", "preset", "DTYPES"]
 

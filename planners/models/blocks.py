@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["GQA", "MLA", "DenseMLP", "MoE", "Names"]
+__all__ = ["GQA", "MLA", "DenseMLP", "MoE", "Names", "VllmTraits"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,12 @@ class Names:
 
     moe_block: str = "mlp"  # model.layers.{i}.{moe_block}.gate / .experts (Mixtral: block_sparse_moe)
     expert_projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # Mixtral: w1, w3, w2
+
+
+@dataclass(frozen=True)
+class VllmTraits:
+    """What vLLM's model class of a family does with a layout, where families differ."""
+
+    io_on_every_stage: bool = False  # embeddings, final norm and head on every PP stage (not first/last only)
+    moe_layer_on_every_stage: bool = False  # refuses a PP stage holding no MoE layer ("No ... layer found")
+    tp_at_most_experts: bool = False  # refuses inference.tp above the routed experts

@@ -6,7 +6,7 @@ The multi-token-prediction layers (``num_nextn_predict_layers``) are not served 
 
 from __future__ import annotations
 
-from planners.models.blocks import MoE
+from planners.models.blocks import MoE, VllmTraits
 from planners.models.config import REQUIRED, ConfigValues, Family
 from planners.models.spec import ModelSpec
 
@@ -42,7 +42,7 @@ def build(v: ConfigValues) -> ModelSpec:
                   n_group=v["n_group"], topk_group=v["topk_group"],
                   routed_scaling_factor=float(v["routed_scaling_factor"]))
     return ModelSpec(**v.common(), attention=attention, mlp=v.dense_mlp(moe), moe_layers=moe,
-                     moe=routing if moe else None)
+                     moe=routing if moe else None, vllm=VllmTraits(moe_layer_on_every_stage=True))
 
 
 FAMILY = Family(

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from planners.models.blocks import MoE, Names
+from planners.models.blocks import MoE, Names, VllmTraits
 from planners.models.config import REQUIRED, ConfigValues, Family
 from planners.models.spec import ModelSpec
 
@@ -23,7 +23,7 @@ def build(v: ConfigValues) -> ModelSpec:
                      moe=MoE(v["num_local_experts"], v["intermediate_size"], v["num_experts_per_tok"],
                              norm_topk_prob=v.norm_topk_prob(True)),
                      names=Names(moe_block="block_sparse_moe", expert_projections=("w1", "w3", "w2")),
-                     io_on_every_stage=True)
+                     vllm=VllmTraits(io_on_every_stage=True, moe_layer_on_every_stage=True))
 
 
 FAMILY = Family(

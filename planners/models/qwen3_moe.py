@@ -4,7 +4,7 @@ layer except ``mlp_only_layers``. vLLM's model keeps embeddings, norm and head o
 from __future__ import annotations
 
 from planners.errors import ModelError
-from planners.models.blocks import MoE
+from planners.models.blocks import MoE, VllmTraits
 from planners.models.config import REQUIRED, ConfigValues, Family
 from planners.models.spec import ModelSpec
 
@@ -24,6 +24,11 @@ PRESETS = {
 }
 
 
+# vLLM's Qwen3MoeForCausalLM: io on every stage; "No Qwen3MoE layer found" for a stage without a MoE layer;
+# "Tensor parallel size ... is greater than the number of experts"
+VLLM = VllmTraits(io_on_every_stage=True, moe_layer_on_every_stage=True, tp_at_most_experts=True)
+
+
 def build(v: ConfigValues) -> ModelSpec:
     layers, experts, step = v["num_hidden_layers"], v["num_experts"], v["decoder_sparse_step"]
     dense_only = set(v["mlp_only_layers"])
@@ -34,7 +39,7 @@ def build(v: ConfigValues) -> ModelSpec:
     moe = tuple(i for i in range(layers) if i not in dense_only and experts > 0 and (i + 1) % step == 0)
     v.check_expert_count(moe, "num_experts")
     return ModelSpec(**v.common(), attention=v.gqa(qkv_bias=v["attention_bias"], qk_norm=True),
-                     mlp=v.dense_mlp(moe), moe_layers=moe, io_on_every_stage=True,
+                     mlp=v.dense_mlp(moe), moe_layers=moe, vllm=VLLM,
                      moe=MoE(experts, v["moe_intermediate_size"], v["num_experts_per_tok"],
                              norm_topk_prob=v.norm_topk_prob(False)) if moe else None)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from planners.errors import ModelError
-from planners.models.blocks import GQA, MLA, DenseMLP, MoE, Names
+from planners.models.blocks import GQA, MLA, DenseMLP, MoE, Names, VllmTraits
 
 __all__ = ["ModelSpec", "DTYPES"]
 
@@ -32,9 +32,7 @@ class ModelSpec:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     names: Names = Names()
-    # vLLM's model class for this family keeps embeddings, final norm and head on every PP stage
-    # (its Qwen3-MoE and Mixtral do), not only on the first and last
-    io_on_every_stage: bool = False
+    vllm: VllmTraits = VllmTraits()  # what vLLM's model class of the family does with a layout
     # the config.json keys it was read from (what a Hugging Face model of it is built from)
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     # each key as the job spec wrote it (model.hf_config.k, model.overrides.k, model.preset[p].k), and the

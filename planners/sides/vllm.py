@@ -14,7 +14,7 @@ Parameter names are those of vLLM's model classes, with global layer indices:
   ``kv_b_proj`` by heads; shared experts as a TP-sharded gated MLP.
 * PP: layers split by vLLM's rule; embeddings on the first stage (and, when tied, on the last
   stage, which uses them as its head); final norm and ``lm_head`` on the last. Families whose vLLM
-  model keeps embeddings, norm and head on every stage say so (``ModelSpec.io_on_every_stage``).
+  model keeps embeddings, norm and head on every stage say so (``ModelSpec.vllm``).
 * Names follow vLLM before 0.24 (``mlp.experts.w13_weight``); later versions add a
   ``routed_experts.`` segment that an engine adapter maps.
 """
@@ -76,6 +76,17 @@ def check(spec: ModelSpec, layout: InferenceLayout, placement: Placement | None)
                              f"({spec.moe_pattern()}); set inference.enable_ep: false for a dense model")
         return
     m, group = spec.moe, f"inference dp*tp = {layout.dp}*{tp} = {layout.dp * tp}"
+    if spec.vllm.tp_at_most_experts and tp > m.num_experts:
+        raise ShardError(f"inference.tp={tp} exceeds the routed experts ({spec.key('experts', m.num_experts)}): vLLM's "
+                         f"{spec.model_type} model refuses it (\"Tensor parallel size {tp} is greater than the number "
+                         f"of experts\"); use inference.tp <= {m.num_experts}, with inference.dp for more ranks")
+    if spec.vllm.moe_layer_on_every_stage:
+        moe = set(spec.moe_layers)
+        for stage, layers in enumerate(vllm_pp_layers(spec.num_layers, layout.pp)):
+            if not moe & set(layers):
+                raise ShardError(f"inference.pp={layout.pp}: pipeline stage {stage} holds layers {list(layers)} and no MoE "
+                                 f"layer ({spec.moe_pattern()}); vLLM's {spec.model_type} model refuses such a stage "
+                                 "(\"No ... layer found\"): use fewer stages")
     require_divides(layout.moe_tp_size, m.intermediate_size,
                     f"without expert parallelism vLLM splits every expert over the engine's DP x TP ranks ({group}), "
                     f"which must divide {spec.key('moe_intermediate_size', m.intermediate_size)}; or set "
@@ -118,7 +129,7 @@ def _locals_for(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placemen
     rank = _Rank(spec, cat, layout, placement, dp_rank, tp_rank)
     stages = vllm_pp_layers(spec.num_layers, layout.pp)
     first, last = pp_rank == 0, pp_rank == layout.pp - 1
-    if spec.io_on_every_stage:
+    if spec.vllm.io_on_every_stage:
         first = last = True
     if first or (last and spec.tie_word_embeddings):
         rank.vocab_rows("model.embed_tokens.weight", "model.embed_tokens.weight")

@@ -80,6 +80,12 @@ def job(**changes):
     (dict(deployment=dict(nodes=0)), r"deployment.nodes must be a positive integer, got 0"),
     (dict(inference__engines=1 << 20), r"exceed 1048576; check trainer.tp"),
     (dict(trainer__tpp=2), r"valid keys: cp, dp, ep, etp, .*tp"),
+    # layouts vLLM's model classes refuse at start-up (tests/vllm shows vLLM refusing them)
+    (dict(model=dict(preset="tiny_glm4_moe"), trainer=dict(tp=1), inference=dict(tp=1, pp=3)),
+     r"inference.pp=3: pipeline stage 0 holds layers \[0\] and no MoE layer \(.*first_k_dense_replace=1\); vLLM's "
+     r"glm4_moe model refuses such a stage"),
+    (dict(model=dict(preset="tiny_qwen3_moe", overrides=dict(num_experts=2)), trainer=dict(tp=1), inference=dict(tp=4)),
+     r"inference.tp=4 exceeds the routed experts \(model.overrides.num_experts=2\): vLLM's qwen3_moe model refuses it"),
     (dict(trainer__kind="fsdp"), r"trainer.kind 'fsdp' is not supported; use one of \['megatron'\]"),
     (dict(inference__kind="sglang"), r"inference.kind 'sglang' is not supported; use one of \['vllm'\]"),
     (dict(model=dict(hf_config=dict(model_type="gpt2"))), r"model.hf_config.model_type 'gpt2' is not supported; use one of"),

@@ -24,7 +24,7 @@ CASES = [
     ("tiny_glm4_moe", dict(tp=2, pp=3, ep=2), dict(tp=2, dp=2, enable_ep=True), {}),
     ("tiny_glm4_moe", dict(tp=2, ep=4, etp=1), dict(tp=8), {}),  # tp > kv heads; experts over dp*tp without EP
     ("tiny_glm4_moe", dict(tp=1, dp=4, ep=2), dict(tp=2, dp=2, enable_ep=True), dict(mode="colocated", gpus_per_node=4)),
-    ("tiny_glm4_moe", dict(tp=2, pp=1, ep=2), dict(tp=1, pp=3, engines=2), {}),  # engine PP: first/last stage io
+    ("tiny_glm4_moe", dict(tp=2, pp=1, ep=2), dict(tp=1, pp=2, engines=2), {}),  # engine PP: first/last stage io
 ]
 
 

@@ -7,12 +7,16 @@ them), and vLLM must hold nothing the plan does not write."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from engine_ranks import build_engine
-from planners import JobSpec, build_plan
+from planners import JobError, JobSpec, build_plan
+from planners.layouts import InferenceLayout
+from planners.models import preset, spec_from_config
 from sync.ends.vllm import map_parameter_names
 from sync.tensors import TORCH_DTYPES, as_bits, simulate_tensors
 
@@ -57,3 +61,18 @@ def test_vllm_loads_what_the_plan_writes(name, tmp_path):
             have, expect = params[vllm_name], ours[plan_name]
             assert tuple(have.shape) == tuple(expect.shape) and have.dtype == expect.dtype, (rank, plan_name)
             assert torch.equal(as_bits(have), as_bits(expect)), f"rank {rank}: {plan_name} differs"
+
+
+@pytest.mark.parametrize("model,inference,vllm_says", [
+    (dict(preset="tiny_glm4_moe"), dict(tp=1, pp=3), "No Glm4MoE layer found"),  # stage 0: the dense layer alone
+    (dict(preset="tiny_qwen3_moe", overrides=dict(num_experts=2)), dict(tp=4), "is greater than the number of experts"),
+])
+def test_layouts_vllm_refuses_are_refused_before_planning(model, inference, vllm_says, tmp_path):
+    model = dict(model, overrides=dict(model.get("overrides", {}), torch_dtype="float32"))
+    with pytest.raises(JobError, match="vLLM's .* model refuses"):
+        JobSpec.from_dict(dict(model=model, trainer=dict(tp=1), inference=inference))
+    # and vLLM itself refuses them: the job as it would be without the planner's check
+    unchecked = SimpleNamespace(model=spec_from_config(preset(model["preset"]), overrides=model["overrides"]),
+                                inference=InferenceLayout(**inference), eplb=SimpleNamespace(num_redundant_experts=0))
+    with pytest.raises(RuntimeError, match=vllm_says):
+        build_engine(unchecked, {}, tmp_path)
