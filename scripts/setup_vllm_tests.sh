@@ -28,6 +28,8 @@ STAMP=$VENV/.rlsync_vllm_ok
 
 if [[ "${FORCE:-0}" == 1 ]]; then rm -rf "$VENV"; fi
 if [[ -f "$STAMP" ]] && "$VENV/bin/python" -c 'import vllm, torch, planners, sync; assert vllm.__version__.startswith("0.33.0"), vllm.__version__; assert torch.__version__.startswith("2.13.0"), torch.__version__' 2>/dev/null; then
+  # rlsync again (cheap): its vLLM plugin entry point must match this checkout's pyproject
+  "$VENV/bin/python" -m pip --disable-pip-version-check install -q --no-deps -e "$REPO"
   echo "vLLM test environment ready at $VENV"; exit 0
 fi
 
@@ -99,6 +101,8 @@ VLLM_TARGET_DEVICE=cpu "$VENV/bin/python" - <<'EOF'
 import torch, vllm, planners, sync
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert not torch.cuda.is_available()
+from importlib.metadata import entry_points
+assert any(e.value == "sync.ends.vllm_plugin:register" for e in entry_points(group="vllm.general_plugins"))
 from vllm.platforms import current_platform
 print("torch", torch.__version__, "vllm", vllm.__version__,
       "platform", type(current_platform).__name__)

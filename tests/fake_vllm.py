@@ -14,6 +14,7 @@ import torch
 from planners import JobSpec, build_plan
 from planners.eplb.stats import synthetic_load
 from sync.ends.vllm import RLSyncWorkerExtension
+from sync.ends.vllm_processing import RECORDS, ProcessingRecord
 from sync.tensors import TORCH_DTYPES
 from sync.transport import Transport
 
@@ -123,8 +124,11 @@ def stub_vllm(monkeypatch, *, tp=(0, 2), pp=(0, 1), dp=(0, 2)) -> None:
 class FakeWorker(RLSyncWorkerExtension):
     """vLLM's GPU worker as the extension sees it: ``model_runner`` and ``vllm_config``."""
 
-    def __init__(self, model, eplb_state=None, **settings):
+    def __init__(self, model, eplb_state=None, processing: ProcessingRecord | None = ProcessingRecord(), **settings):
+        """``processing``: what this fake vLLM's post-load processing did (by default: nothing at all)."""
         self.model_runner = FakeRunner(model, eplb_state)
+        if processing is not None:
+            RECORDS[model] = processing
         parallel = dict(tensor_parallel_size=2, pipeline_parallel_size=1, data_parallel_size=2,
                         enable_expert_parallel=True, enable_eplb=eplb_state is not None,
                         eplb_config=SimpleNamespace(num_redundant_experts=4), expert_placement_strategy="linear")

@@ -75,19 +75,14 @@ import re
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import torch
 
-from planners.errors import RLSyncError
 from planners.layouts import InferenceLayout
 from planners.plan import SyncPlan
+from sync.ends.vllm_experts import EngineConfigError, ExpertMaps, find_eplb_maps, moe_layer_rows
 
 __all__ = ["RLSyncWorkerExtension", "map_parameter_names", "engine_global_rank", "ParamTarget", "EngineConfigError",
            "find_eplb_maps", "check_engine_config", "moe_layer_rows"]
-
-
-class EngineConfigError(RLSyncError, ValueError):
-    """The vLLM engine's settings do not fit the plan (names the ``LLM(...)`` argument to change)."""
 
 
 def engine_global_rank(num_trainer: int, layout: InferenceLayout, engine: int, dp: int, pp: int, tp: int) -> int:
@@ -96,7 +91,6 @@ def engine_global_rank(num_trainer: int, layout: InferenceLayout, engine: int, d
 
 
 _ROUTED = re.compile(r"\.experts\.(w13_weight|w2_weight)$")
-_MOE_W13 = re.compile(r"^model\.layers\.(\d+)\.[A-Za-z_]+\.experts\.w13_weight$")
 
 
 def map_parameter_names(plan_names: list[str], engine_names: list[str]) -> dict[str, str]:
@@ -115,68 +109,18 @@ def map_parameter_names(plan_names: list[str], engine_names: list[str]) -> dict[
     return out
 
 
-def moe_layer_rows(plan: SyncPlan, rank: int) -> list[int]:
-    """Rows of ``plan.placement`` (MoE layers of the whole model, ascending) that this inference rank's
-    pipeline stage holds, in vLLM's order (its stage-local MoE layer index)."""
-    def layer(name: str) -> int | None:
-        m = _MOE_W13.match(name)
-        return int(m.group(1)) if m else None
-
-    everywhere = sorted({x for x in map(layer, plan.local_name) if x is not None})
-    mine = sorted({x for x in (layer(plan.local_name[i]) for i in plan.locals_of(rank)) if x is not None})
-    index = {x: k for k, x in enumerate(everywhere)}
-    return [index[x] for x in mine]
-
-
 def _model_of(runner) -> torch.nn.Module:
     """The runner's model, unwrapped (CUDA-graph wrappers are no modules): ``get_model()`` when there."""
     get = getattr(runner, "get_model", None)
     return get() if callable(get) else runner.model
 
 
-def find_eplb_maps(runner, model: torch.nn.Module):
-    """The object holding this model's three EPLB maps on vLLM's model runner, or None (EPLB off).
-
-    Older vLLM: ``runner.eplb_state`` holds them itself. Newer: ``runner.eplb_state.model_states``
-    (one per model: main and MoE drafter); the one whose ``model`` is ``model`` or one of its
-    submodules (vLLM registers the MoE part of the model) is ours. Model runner v2 keeps the state
-    at ``runner.eplb.state``."""
-    if runner is None:
-        return None
-    state = getattr(runner, "eplb_state", None)
-    if state is None:
-        state = getattr(getattr(runner, "eplb", None), "state", None)
-    if state is None:
-        return None
-    per_model = getattr(state, "model_states", None)
-    if per_model is None:
-        if hasattr(state, "physical_to_logical_map"):
-            return state
-        raise EngineConfigError(f"vLLM's EPLB state {type(state).__name__} has neither physical_to_logical_map nor "
-                                "model_states; this vLLM version is not supported by the adapter")
-    states = list(per_model.values())
-    if not states:
-        return None  # EPLB on, but no MoE model registered with it
-    ours = {id(m) for m in model.modules()}
-    mine = [s for s in states if id(getattr(s, "model", None)) in ours]
-    if len(mine) == 1:
-        return mine[0]
-    if not mine and len(states) == 1 and not hasattr(states[0], "model"):
-        return states[0]
-    raise EngineConfigError(f"cannot tell which of vLLM's {len(states)} EPLB model states belongs to the synced model "
-                            f"({len(mine)} match it)")
-
-
-def _is_identity(phy2log: np.ndarray) -> bool:
-    L, P = phy2log.shape
-    return bool(np.array_equal(phy2log, np.broadcast_to(np.arange(P), (L, P))))
-
-
 class ParamTarget:
     """A sync target over a live model's parameters (renamed to the plan's names, written in place).
 
-    ``model_runner``: vLLM's model runner, where the EPLB maps live (see ``find_eplb_maps``); without
-    one (or with EPLB off in the engine) only the identity placement without redundant slots fits."""
+    ``model_runner``: vLLM's model runner, where the EPLB maps live (see ``find_eplb_maps``; without
+    one, the states the rlsync plugin saw vLLM fill); with EPLB off in the engine only the identity
+    placement without redundant slots fits."""
 
     def __init__(self, plan: SyncPlan, rank: int, model: torch.nn.Module, model_runner=None) -> None:
         from sync.ends.base import check_locals
@@ -188,10 +132,14 @@ class ParamTarget:
         self.tensors = {ours: params[theirs].data for ours, theirs in self.names.items()}
         check_locals(plan, rank, self.tensors, "target")
         self.model, self.model_runner, self.rank = model, model_runner, rank
-        self.moe_rows = moe_layer_rows(plan, rank)
-        self.placement = None
+        self.experts = ExpertMaps(plan, rank, self.eplb_maps)
+        self.moe_rows = self.experts.moe_rows
         if plan.placement is not None:
-            self._maps(plan.placement)  # fail now, before any byte moves, if the engine cannot take it
+            self.experts.check(plan.placement)  # fail now, before any byte moves, if the engine cannot take it
+
+    @property
+    def placement(self):
+        return self.experts.placement
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         return self.tensors
@@ -200,63 +148,13 @@ class ParamTarget:
         """vLLM's object holding the three maps now (looked up each time: vLLM may rebuild it)."""
         return find_eplb_maps(self.model_runner, self.model)
 
-    def _maps(self, placement):
-        """(holder, phy2log rows, log2phy rows, counts) for this stage, checked against the engine's
-        tensors; holder None when the engine runs without EPLB (then the placement must be trivial)."""
-        phy2log = np.asarray(placement.phy2log)
-        E = int(phy2log.max()) + 1 if phy2log.size else 0
-        holder = self.eplb_maps()
-        if holder is None:
-            if phy2log.shape[1] != E:
-                raise EngineConfigError(
-                    f"the plan has {phy2log.shape[1] - E} redundant expert slots but the vLLM engine runs without EPLB: "
-                    f"start it with enable_eplb=True and eplb_config={{'num_redundant_experts': {phy2log.shape[1] - E}}} "
-                    "(vLLM 0.10.x: num_redundant_experts=...) and enable_expert_parallel=True")
-            if not _is_identity(phy2log):
-                raise EngineConfigError(
-                    "the plan's expert placement is not the identity (EPLB rebalanced it) but the vLLM engine runs "
-                    "without EPLB, so it would route tokens to the wrong experts: start it with enable_eplb=True "
-                    "(and enable_expert_parallel=True), or set eplb.enabled: false in the job")
-            return None, None, None, None
-        p2l, l2p, cnt = holder.physical_to_logical_map, holder.logical_to_physical_map, holder.logical_replica_count
-        rows = phy2log[self.moe_rows]
-        L, P = tuple(p2l.shape)
-        where = f"inference rank {self.rank}"
-        if P != rows.shape[1]:
-            raise EngineConfigError(
-                f"{where}: vLLM has {P} physical expert slots per layer, the plan {rows.shape[1]}: set "
-                f"eplb_config={{'num_redundant_experts': {rows.shape[1] - E}}} (vLLM 0.10.x: num_redundant_experts=...) "
-                "to match the job's eplb.num_redundant_experts")
-        if L != len(self.moe_rows):
-            raise EngineConfigError(f"{where}: vLLM's EPLB state has {L} MoE layers, this pipeline stage of the plan "
-                                    f"{len(self.moe_rows)}: pipeline_parallel_size or the model differ from the job")
-        experts = int(cnt.shape[1])
-        if E > experts or tuple(l2p.shape[:2]) != (L, experts):
-            raise EngineConfigError(f"{where}: vLLM's EPLB maps are for {experts} experts (logical_to_physical_map "
-                                    f"{tuple(l2p.shape)}), the plan has {E}")
-        log2phy = placement.log2phy(experts)[self.moe_rows]
-        if log2phy.shape[2] > l2p.shape[2]:
-            raise EngineConfigError(f"{where}: the placement gives an expert {log2phy.shape[2]} replicas, vLLM's "
-                                    f"logical_to_physical_map holds at most {l2p.shape[2]}")
-        counts = (log2phy >= 0).sum(axis=2)
-        return holder, rows, log2phy, counts
-
     def check_placement(self, placement) -> None:
         """Refuse (EngineConfigError, before any byte moves) a placement the engine's EPLB maps cannot hold."""
-        self._maps(placement)
+        self.experts.check(placement)
 
     def set_placement(self, placement) -> None:
-        """Install the EPLB maps matching the new weights, in place in vLLM's tensors (its MoE layers
-        route through views of them): slot -> expert, expert -> slots (-1 padded), replica counts."""
-        holder, rows, log2phy, counts = self._maps(placement)
-        if holder is not None:
-            p2l, l2p, cnt = holder.physical_to_logical_map, holder.logical_to_physical_map, holder.logical_replica_count
-            R = log2phy.shape[2]
-            p2l.copy_(torch.from_numpy(np.ascontiguousarray(rows)).to(device=p2l.device, dtype=p2l.dtype))
-            l2p[..., R:].fill_(-1)
-            l2p[..., :R].copy_(torch.from_numpy(np.ascontiguousarray(log2phy)).to(device=l2p.device, dtype=l2p.dtype))
-            cnt.copy_(torch.from_numpy(np.ascontiguousarray(counts)).to(device=cnt.device, dtype=cnt.dtype))
-        self.placement = placement
+        """Install the EPLB maps matching the new weights, in place in vLLM's tensors."""
+        self.experts.install(placement)
 
 
 def _redundant_of(parallel) -> int | None:
@@ -315,46 +213,44 @@ def check_engine_config(plan: SyncPlan, rank: int, vllm_config, group_sizes: dic
 
 
 class RLSyncWorkerExtension:
-    """Methods mixed into vLLM's GPU worker (``self`` is the worker: ``self.model_runner``)."""
+    """Methods mixed into vLLM's GPU worker (``self`` is the worker: ``self.model_runner``), for vLLM
+    versions without the weight-transfer API; the same engine end as the ``rlsync`` backend."""
 
     def rlsync_init(self, plan_json: dict[str, Any], engine_index: int, host: str, port: int,
-                    backend: str = "nccl", ipc: bool | str = False) -> int:
-        """Join the sync group. ``ipc``: trainer processes share this worker's GPU (colocated, separate
-        processes): their chunks arrive by CUDA IPC ("arena" or "direct", see ``PlanExecutor``); use
-        ``backend="gloo"`` then, for control only (NCCL cannot join two processes of one GPU)."""
-        from vllm.distributed import parallel_state as vps
+                    backend: str = "nccl", ipc: bool | str = False, mode: str = "auto") -> int:
+        """Join the sync group; returns this worker's global sync rank. ``mode``: "auto" (in place only
+        where vLLM's post-load processing was the identity, else reload), "in_place" or "reload"."""
+        from sync.ends.vllm_engine import join
 
-        from sync.session import Session, settings_of
-        from sync.transport import standalone_transport
-
-        plan = SyncPlan.from_dict(plan_json)
-        settings = settings_of(plan)
-        layout = InferenceLayout(**{k: plan.meta["inference"][k] for k in ("tp", "pp", "dp", "enable_ep", "engines")})
-        if not 0 <= engine_index < layout.engines:
-            raise EngineConfigError(f"engine_index {engine_index} is outside the job's {layout.engines} engines")
-        groups = {"tp": vps.get_tp_group(), "pp": vps.get_pp_group(), "dp": vps.get_dp_group()}
-        rank = engine_global_rank(plan.num_trainer, layout, engine_index, groups["dp"].rank_in_group,
-                                  groups["pp"].rank_in_group, groups["tp"].rank_in_group)
-        check_engine_config(plan, rank, getattr(self, "vllm_config", None),
-                            {k: g.world_size for k, g in groups.items() if hasattr(g, "world_size")})
         runner = self.model_runner
-        target = ParamTarget(plan, rank, _model_of(runner), model_runner=runner)
-        transport = standalone_transport(rank, plan.num_ranks, host, port, settings.timeout_s, backend)
-        self._rlsync = Session.open(plan, rank, transport, target=target, settings=settings, ipc=ipc)
-        self._rlsync_versions = 0
-        return rank
+        self._rlsync_end = join(SyncPlan.from_dict(plan_json), engine_index, host, port,
+                                getattr(self, "vllm_config", None), _model_of(runner), runner, backend, ipc, mode)
+        return self._rlsync_end.rank
 
     def rlsync_sync(self, plan_json: dict[str, Any] | None = None, version: int | None = None) -> dict[str, Any]:
-        """One refresh (``version``: what the trainer syncs; by default one more than the last)."""
-        if plan_json is not None:  # e.g. a new EPLB placement: same group, new plan (checked before any byte moves)
-            self._rlsync.replan(SyncPlan.from_dict(plan_json))
-        self._rlsync_versions = self._rlsync_versions + 1 if version is None else version
-        stats = self._rlsync.sync(self._rlsync_versions)
-        return {"rank": stats.rank, "seconds": stats.global_seconds, "verified": stats.verified,
-                "bytes_received": stats.bytes_received, "mismatched": stats.mismatched,
-                "engine": dict(vars(self._rlsync.target.state))}
+        """One refresh (``version``: what the trainer syncs; by default one more than the last), with a
+        new plan (e.g. a new EPLB placement) if given: receive, verify, install the placement, reset
+        the expert loads. Returns the report (mode, verified, what the engine serves)."""
+        end = self._rlsync_end
+        end.start()
+        try:
+            end.receive(version, None if plan_json is None else SyncPlan.from_dict(plan_json))
+        finally:
+            report = end.finish()
+        return report.as_dict()
+
+    def rlsync_expert_load(self) -> dict[str, Any]:
+        """The engine's expert load since the last sync: ``{"rows": MoE layers of the plan's placement this
+        stage holds, "load": [rows, logical experts]}``, summed over the engine's expert-parallel ranks."""
+        end = self._rlsync_end
+        return {"rows": list(end.target.experts.moe_rows), "load": end.expert_load().tolist()}
 
     @property
-    def _rlsync_target(self) -> ParamTarget:
-        """The engine's parameters as a sync target (inside its versioned wrapper)."""
-        return self._rlsync.target.inner
+    def _rlsync(self):
+        """The worker's sync session."""
+        return self._rlsync_end.session
+
+    @property
+    def _rlsync_target(self):
+        """The engine's weights as a sync target (in place: the live parameters)."""
+        return self._rlsync_end.target.inner

@@ -244,5 +244,6 @@ def test_the_engine_takes_every_sync_setting_from_the_plan_as_the_trainer_does(m
     assert len(ours) > len(between(Session.open(plan, 0, trainer.transport, settings=job.sync.model_copy(
         update=dict(bucket_mb=256.0))).executor))  # the job's small buckets, not the default 256 MB
     assert calls[0][4] == 7.0  # the job's timeout
-    target = worker._rlsync.target
+    assert worker._rlsync_end.mode == "in_place"  # the fake vLLM's processing touched nothing
+    target = worker._rlsync.target.versioned
     assert isinstance(target, VersionedTarget) and target.staging and target.staging_bytes > 0

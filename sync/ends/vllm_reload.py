@@ -1,0 +1,169 @@
+"""Reload mode: a sync lands in the loaded layout, then vLLM's own post-load processing re-lays it.
+
+Where vLLM's ``process_weights_after_loading`` is not the identity (see ``sync.ends.vllm_processing``),
+the tensors its kernels read are not the ones a sync can address. :class:`ReloadTarget` then uses vLLM's
+layerwise reload (``vllm.model_executor.model_loader.reload``), the machinery vLLM's own weight-transfer
+backends use for checkpoint-format updates:
+
+* ``begin``: ``initialize_layerwise_reload(model)`` keeps every layer's kernel tensors aside and puts the
+  layers back in their loaded layout on the meta device; the layers the plan writes are materialized
+  (zeroed: vocabulary padding no sync writes stays zero, as vLLM's loaders leave it) and become the
+  sync's target. Kernel tensors are not touched: the engine's served version is intact until commit.
+* ``commit`` (after verification): each written layer gets vLLM's processing (its quant method's
+  ``process_weights_after_loading``, the results copied into the kernel tensors' storage, which CUDA
+  graphs captured), then ``finalize_layerwise_reload`` puts the other layers' kernel tensors back and
+  re-runs the attention layers' processing (MLA derives its absorbed weights from ``kv_b_proj`` there).
+* ``abort``: ``finalize_layerwise_reload`` alone: every layer gets its old kernel tensors back, so a
+  failed sync leaves the previous version serving, and says so.
+
+"Verified" in this mode means the loaded-layout bytes are the trainer's, and the kernel tensors are
+vLLM's processing of exactly those bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from planners.plan import SyncPlan
+from sync.ends.base import check_locals
+from sync.ends.versioned import EngineState
+from sync.ends.vllm_experts import EngineConfigError, ExpertMaps
+from sync.tensors import TORCH_DTYPES
+
+__all__ = ["ReloadTarget", "reload_available"]
+
+
+def reload_available() -> bool:
+    try:
+        from vllm.model_executor.model_loader.reload import layerwise  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(layerwise, "_layerwise_process") and hasattr(layerwise, "initialize_layerwise_reload")
+
+
+def _loaded_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the model as vLLM loads it (before processing), by full name: the meta tensors
+    vLLM recorded when it built the model, or the live tensor where it recorded none (biases and
+    other tensors reload never moves to meta)."""
+    from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        params, buffers = get_layerwise_info(module).restore_metadata
+        live = dict(module.named_parameters(recurse=False))
+        live.update(dict(module.named_buffers(recurse=False)))
+        for leaf, t in {**live, **buffers, **params}.items():
+            if t is not None:
+                out[prefix + leaf] = t
+    return out
+
+
+class ReloadTarget:
+    """One engine rank's weights in reload mode (versioned: ``begin``/``commit``/``abort``, ``state``)."""
+
+    def __init__(self, plan: SyncPlan, rank: int, model: torch.nn.Module, model_config, find_holder) -> None:
+        from sync.ends.vllm import map_parameter_names
+
+        if not reload_available():
+            raise EngineConfigError("this vLLM has no layerwise reload (vllm.model_executor.model_loader.reload): "
+                                    "the engine's post-load processing is not the identity, so a sync cannot write "
+                                    "the tensors its kernels read; use vLLM 0.12 or later")
+        self.plan, self.rank, self.model, self.model_config = plan, rank, model, model_config
+        layout = _loaded_layout(model)
+        wanted = [plan.local_name[i] for i in plan.locals_of(rank)]
+        self.names = map_parameter_names(wanted, [n for n in layout if not n.endswith(("_expert_map", "expert_mask"))])
+        # before any byte moves: the plan's shapes and dtypes are the loaded layout's
+        check_locals(plan, rank, {ours: layout[theirs] for ours, theirs in self.names.items()}, "target")
+        self._index = {plan.local_name[i]: int(i) for i in plan.locals_of(rank)}
+        self.modules = {}  # plan name -> (module name, leaf)
+        for ours, theirs in self.names.items():
+            module, _, leaf = theirs.rpartition(".")
+            self.modules[ours] = (module, leaf)
+        deferred = sorted({m for m, _ in self.modules.values() if _is_deferred_attention(model.get_submodule(m))})
+        if deferred:
+            raise EngineConfigError(f"plan tensors live in attention layers vLLM processes last ({deferred[:3]}); "
+                                    "reload mode does not write those")
+        self.experts = ExpertMaps(plan, rank, find_holder)
+        if plan.placement is not None:
+            self.experts.check(plan.placement)
+        self.state = EngineState()
+        self._tensors: dict[str, torch.Tensor] | None = None
+        self._live: dict[str, torch.Tensor] = {}  # staged copies of tensors reload keeps live (not on meta)
+
+    # -- the sync target -------------------------------------------------------------------------
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            raise RuntimeError("reload mode: the engine's layers are materialized for a sync only between begin and "
+                               "commit (the executor calls begin first)")
+        return self._tensors
+
+    def check_placement(self, placement) -> None:
+        self.experts.check(placement)
+
+    def begin(self, version: int) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import (get_layerwise_info,
+                                                                        initialize_layerwise_reload)
+        from vllm.model_executor.model_loader.reload.meta import materialize_layer
+
+        self.state.updating, self.state.error = version, None
+        initialize_layerwise_reload(self.model)
+        tensors, self._live = {}, {}
+        with torch.no_grad():
+            for module_name in sorted({m for m, _ in self.modules.values()}):
+                module = self.model.get_submodule(module_name)
+                materialize_layer(module, get_layerwise_info(module))
+            for ours, (module_name, leaf) in self.modules.items():
+                t = getattr(self.model.get_submodule(module_name), leaf)
+                if self._is_staged_by_reload(module_name, leaf):
+                    t.data.zero_()
+                    tensors[ours] = t.data
+                else:  # reload leaves it live: stage a copy in the plan's dtype, written at commit
+                    i = self._index[ours]
+                    copy = torch.empty(tuple(self.plan.local_shape[i]), dtype=TORCH_DTYPES[self.plan.local_dtype[i]],
+                                       device=t.device)
+                    copy.copy_(t.data.reshape(copy.shape)) if t.numel() == copy.numel() else copy.zero_()
+                    self._live[ours] = copy
+                    tensors[ours] = copy
+        self._tensors = tensors
+
+    def _is_staged_by_reload(self, module_name: str, leaf: str) -> bool:
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+        params, buffers = get_layerwise_info(self.model.get_submodule(module_name)).restore_metadata
+        return leaf in params or leaf in buffers
+
+    def commit(self, version: int) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import (_layerwise_process, finalize_layerwise_reload,
+                                                                        get_layerwise_info)
+
+        with torch.no_grad():
+            for ours, copy in self._live.items():
+                module_name, leaf = self.modules[ours]
+                live = getattr(self.model.get_submodule(module_name), leaf)
+                live.data.copy_(copy.reshape(live.shape))
+            for module_name in sorted({m for m, _ in self.modules.values()}):
+                module = self.model.get_submodule(module_name)
+                _layerwise_process(module, get_layerwise_info(module))
+            finalize_layerwise_reload(self.model, self.model_config)
+        self._tensors, self._live = None, {}
+        self.state = EngineState(serving=version)
+
+    def abort(self, error: str, written: list[str]) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        with torch.no_grad():
+            finalize_layerwise_reload(self.model, self.model_config)  # every layer's old kernel tensors back
+        self._tensors, self._live = None, {}
+        self.state.updating, self.state.error = None, error  # still serving the version it served
+
+    def set_placement(self, placement) -> None:
+        self.experts.install(placement)
+
+
+def _is_deferred_attention(module: torch.nn.Module) -> bool:
+    try:
+        from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    except ImportError:
+        return False
+    return bool(is_deferred_attention_layer(module))
