@@ -19,7 +19,7 @@ from planners.errors import RLSyncError
 from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
 
-__all__ = ["Source", "Target", "check_locals", "EndpointError", "fill_from_full"]
+__all__ = ["Source", "Target", "check_locals", "EndpointError", "fill_from_full", "zero_unwritten"]
 
 
 class EndpointError(RLSyncError, ValueError):
@@ -50,6 +50,31 @@ def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
             src = block(whole.to(dst.device, dst.dtype), 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n)
             with torch.no_grad():
                 block(dst.view(-1), int(p["base"]), t.outer, int(p["dim"]), t.inner, int(p["off"]), n).copy_(src)
+
+
+def zero_unwritten(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Zero the elements of ``rank``'s tensors that no sync writes (vocabulary padding rows), in place,
+    as vLLM's checkpoint loaders leave them: an engine started from dummy weights holds noise there,
+    which verification (a checksum of the whole tensor) would count. Returns the names it zeroed in."""
+    zeroed = []
+    mine = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
+    for local in np.unique(mine["local"]):
+        pieces = mine[mine["local"] == local]
+        dst = tensors[plan.local_name[local]]
+        covered = 0
+        for p in pieces:
+            t = plan.tensors[p["tensor"]]
+            covered += t.outer * int(p["hi"] - p["lo"]) * t.inner
+        if covered == dst.numel():
+            continue
+        written = torch.zeros(dst.numel(), dtype=torch.bool, device=dst.device)
+        for p in pieces:
+            t = plan.tensors[p["tensor"]]
+            block(written, int(p["base"]), t.outer, int(p["dim"]), t.inner, int(p["off"]), int(p["hi"] - p["lo"])).fill_(True)
+        with torch.no_grad():
+            dst.view(-1)[~written] = 0
+        zeroed.append(plan.local_name[local])
+    return zeroed
 
 
 def check_locals(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor], side: str) -> list[torch.Tensor]:

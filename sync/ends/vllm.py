@@ -123,7 +123,7 @@ class ParamTarget:
     placement without redundant slots fits."""
 
     def __init__(self, plan: SyncPlan, rank: int, model: torch.nn.Module, model_runner=None) -> None:
-        from sync.ends.base import check_locals
+        from sync.ends.base import check_locals, zero_unwritten
 
         params = dict(model.named_parameters())
         params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
@@ -131,6 +131,7 @@ class ParamTarget:
         self.names = map_parameter_names(names, list(params))
         self.tensors = {ours: params[theirs].data for ours, theirs in self.names.items()}
         check_locals(plan, rank, self.tensors, "target")
+        zero_unwritten(plan, rank, self.tensors)  # padding as vLLM's loaders leave it, whatever loaded the engine
         self.model, self.model_runner, self.rank = model, model_runner, rank
         self.experts = ExpertMaps(plan, rank, self.eplb_maps)
         self.moe_rows = self.experts.moe_rows

@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "in_place", "reload")
 
 
-def choose_mode(model: torch.nn.Module, asked: str = "auto") -> tuple[str, str]:
-    """(mode, why) for this model: in place only where vLLM's processing was provably the identity."""
+def choose_mode(model: torch.nn.Module, modules: set[str] | None, asked: str = "auto") -> tuple[str, str]:
+    """(mode, why) for a model whose ``modules`` hold the plan's tensors (None: not all found among its
+    live tensors): in place only where vLLM's processing provably left them, and everything that could
+    derive from them, as loaded."""
     if asked not in MODES:
         raise EngineConfigError(f"mode {asked!r} is not one of {MODES}")
     if asked == "reload":
@@ -58,14 +60,28 @@ def choose_mode(model: torch.nn.Module, asked: str = "auto") -> tuple[str, str]:
                 "mode 'auto'")
         return "reload", ("nothing recorded vLLM's post-load processing of this model (the rlsync vLLM plugin did "
                           "not watch it load)")
-    if record.changed:
-        reasons = record.reasons(set(record.changed))
+    blocking = record.changed if modules is None else record.blocking(modules)
+    if blocking:
+        reasons = record.describe(blocking)
         if asked == "in_place":
             raise EngineConfigError(f"mode 'in_place' asked for, but vLLM's post-load processing re-laid "
-                                    f"{len(record.changed)} module(s) ({reasons}): a sync written in place would be "
+                                    f"{len(blocking)} module(s) ({reasons}): a sync written in place would be "
                                     "verified while the kernels read other bytes; use mode 'auto' or 'reload'")
-        return "reload", f"vLLM's post-load processing re-laid {len(record.changed)} module(s): {reasons}"
-    return "in_place", "vLLM's post-load processing left every tensor as loaded"
+        return "reload", f"vLLM's post-load processing re-laid {len(blocking)} module(s): {reasons}"
+    return "in_place", "vLLM's post-load processing left every tensor the sync writes as loaded"
+
+
+def plan_modules(plan: SyncPlan, rank: int, model: torch.nn.Module) -> set[str] | None:
+    """Names of the modules holding this rank's plan tensors (vLLM's names); None when some plan tensor
+    is no longer among the model's live tensors (processing dropped it)."""
+    from sync.ends.vllm import map_parameter_names
+
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    try:
+        mapped = map_parameter_names([plan.local_name[i] for i in plan.locals_of(rank)], names)
+    except KeyError:
+        return None
+    return {theirs.rpartition(".")[0] for theirs in mapped.values()}
 
 
 @dataclass
@@ -82,6 +98,7 @@ class SyncReport:
     mismatched: list[str] = field(default_factory=list)
     placement_installed: bool = False
     placement_moved: bool = False  # the installed placement differs from the one before
+    error: str | None = None  # the sync failed: what the engine serves is in ``engine``
     engine: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -140,7 +157,7 @@ class EngineEnd:
         from sync.ends.vllm_reload import ReloadTarget
 
         self.plan, self.rank, self.model, self.runner = plan, rank, model, runner
-        self.mode, self.mode_reason = choose_mode(model, mode)
+        self.mode, self.mode_reason = choose_mode(model, plan_modules(plan, rank, model), mode)
         if self.mode == "in_place":
             weights = ParamTarget(plan, rank, model, model_runner=runner)
         else:
@@ -175,7 +192,12 @@ class EngineEnd:
             self.plan = plan
         version = self.versions + 1 if version is None else int(version)
         self.versions = version
-        stats = self.session.sync(version)
+        try:
+            stats = self.session.sync(version)
+        except BaseException as e:
+            self.report = SyncReport(self.rank, self.mode, self.mode_reason, version, None, error=f"{type(e).__name__}: {e}",
+                                     engine=dict(vars(self.target.state)))
+            raise
         self.report = SyncReport(self.rank, self.mode, self.mode_reason, version, stats.verified,
                                  stats.global_seconds, stats.bytes_received, list(stats.mismatched))
         return self.report

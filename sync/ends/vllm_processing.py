@@ -25,7 +25,8 @@ import torch
 
 from sync.verify.checksums import checksum_flat
 
-__all__ = ["TensorFacts", "ModuleFacts", "ProcessingRecord", "snapshot", "compare", "RECORDS", "record_of"]
+__all__ = ["TensorFacts", "ModuleFacts", "ProcessingRecord", "snapshot", "compare", "derived_tensors", "RECORDS",
+           "record_of"]
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,23 @@ class ModuleFacts:
 @dataclass
 class ProcessingRecord:
     """What vLLM's post-load processing did to one model: ``changed`` maps module names to why their
-    processing was not the identity (empty: the identity everywhere)."""
+    processing was not the identity (empty: the identity everywhere); ``scalars_only`` names those whose
+    only change was to scalar tensors of their own (kv-cache and quantization scales vLLM resets to
+    defaults: nothing derived from weights is a scalar)."""
 
     changed: dict[str, str] = field(default_factory=dict)
+    scalars_only: set[str] = field(default_factory=set)
+    relaid: set[str] = field(default_factory=set)  # some tensor kept its shape, dtype and strides, not its values
 
-    def identity_for(self, modules: set[str]) -> bool:
-        return not any(m in self.changed for m in modules)
+    def blocking(self, modules: set[str]) -> dict[str, str]:
+        """The changes that make writing ``modules`` in place wrong: any change to those modules, and
+        anywhere else any change but scalars (a tensor elsewhere may be derived from them: MLA absorbs
+        ``kv_b_proj`` into its attention layers' weights while processing)."""
+        return {m: why for m, why in self.changed.items() if m in modules or m not in self.scalars_only}
 
-    def reasons(self, modules: set[str], most: int = 3) -> str:
-        hits = [f"{m}: {self.changed[m]}" for m in sorted(modules) if m in self.changed]
+    @staticmethod
+    def describe(changes: dict[str, str], most: int = 3) -> str:
+        hits = [f"{m}: {why}" for m, why in sorted(changes.items())]
         more = f" and {len(hits) - most} more" if len(hits) > most else ""
         return "; ".join(hits[:most]) + more
 
@@ -78,12 +87,12 @@ def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reachable(value, where: str, own: set[int], out: dict[str, tuple[int, ...]], depth: int = 0) -> None:
+def _reachable(value, where: str, own: set[int], out: dict[str, torch.Tensor], depth: int = 0) -> None:
     """Tensors ``value`` holds that are not the module's own (by storage), one level into containers,
     closures, partials and plain objects: a prepacked copy hides in any of them."""
     if isinstance(value, torch.Tensor):
         if not value.is_meta and value.numel() and value.untyped_storage().data_ptr() not in own:
-            out[where] = tuple(value.shape)
+            out[where] = value
         return
     if depth >= 2 or isinstance(value, (str, bytes, int, float, bool, type(None), torch.nn.Module, type)):
         return
@@ -116,14 +125,20 @@ _MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buf
                      "_forward_pre_hooks", "_backward_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"}
 
 
-def _facts(module: torch.nn.Module) -> ModuleFacts:
-    own = _own_tensors(module)
-    storages = {t.untyped_storage().data_ptr() for t in own.values() if not t.is_meta}
-    derived: dict[str, tuple[int, ...]] = {}
+def derived_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors the module's attributes reach that are not its own parameters or buffers (by storage):
+    what processing derived from weights (MLA's absorbed ``W_UK_T``) or packed them into."""
+    storages = {t.untyped_storage().data_ptr() for t in _own_tensors(module).values() if not t.is_meta}
+    out: dict[str, torch.Tensor] = {}
     for key, value in vars(module).items():
         if key not in _MODULE_INTERNALS and not key.startswith("_forward") and not key.startswith("_backward"):
-            _reachable(value, key, storages, derived)
-    return ModuleFacts({n: TensorFacts.of(t) for n, t in own.items()}, derived)
+            _reachable(value, key, storages, out)
+    return out
+
+
+def _facts(module: torch.nn.Module) -> ModuleFacts:
+    derived = {where: tuple(t.shape) for where, t in derived_tensors(module).items()}
+    return ModuleFacts({n: TensorFacts.of(t) for n, t in _own_tensors(module).items()}, derived)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, ModuleFacts]:
@@ -136,15 +151,18 @@ def compare(before: dict[str, ModuleFacts], after: dict[str, ModuleFacts]) -> Pr
     """Every module whose tensors processing removed, added, re-shaped, re-strided, re-typed or changed
     in value, or whose attributes now reach tensors they did not before."""
     changed: dict[str, str] = {}
+    scalars_only: set[str] = set()
+    relaid: set[str] = set()
     for name in sorted(before.keys() | after.keys()):
         old, new = before.get(name), after.get(name)
         old_t = old.tensors if old else {}
         new_t = new.tensors if new else {}
-        why = []
+        why, scalar = [], True
         if old_t.keys() != new_t.keys():
             gone, added = sorted(old_t.keys() - new_t.keys()), sorted(new_t.keys() - old_t.keys())
-            why.append(f"tensors {'removed ' + ','.join(gone) if gone else ''}{' added ' + ','.join(added) if added else ''}"
-                       .strip())
+            why.append(" ".join(filter(None, [f"removed {','.join(gone)}" if gone else "",
+                                              f"added {','.join(added)}" if added else ""])))
+            scalar = False
         for t in sorted(old_t.keys() & new_t.keys()):
             a, b = old_t[t], new_t[t]
             if (a.shape, a.dtype) != (b.shape, b.dtype):
@@ -153,9 +171,23 @@ def compare(before: dict[str, ModuleFacts], after: dict[str, ModuleFacts]) -> Pr
                 why.append(f"{t} re-strided {a.stride} -> {b.stride}")
             elif a.checksum != b.checksum:
                 why.append(f"{t} re-laid (same shape, other values)")
+                relaid.add(name)
+            else:
+                continue
+            scalar = scalar and _numel(a.shape) <= 1 and _numel(b.shape) <= 1
         new_derived = set(new.derived if new else {}) - set(old.derived if old else {})
         if new_derived:
             why.append("now holds derived tensors " + ", ".join(sorted(new_derived)[:3]))
+            scalar = False
         if why:
             changed[name] = "; ".join(why)
-    return ProcessingRecord(changed)
+            if scalar:
+                scalars_only.add(name)
+    return ProcessingRecord(changed, scalars_only, relaid)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

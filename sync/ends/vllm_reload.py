@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import torch
 
+from planners.errors import RLSyncError
 from planners.plan import SyncPlan
 from sync.ends.base import check_locals
 from sync.ends.versioned import EngineState
 from sync.ends.vllm_experts import EngineConfigError, ExpertMaps
+from sync.ends.vllm_processing import TensorFacts, record_of
 from sync.tensors import TORCH_DTYPES
 
-__all__ = ["ReloadTarget", "reload_available"]
+__all__ = ["ReloadTarget", "ReloadError", "reload_available"]
 
 
 def reload_available() -> bool:
@@ -38,7 +40,8 @@ def reload_available() -> bool:
         from vllm.model_executor.model_loader.reload import layerwise  # noqa: F401
     except ImportError:
         return False
-    return hasattr(layerwise, "_layerwise_process") and hasattr(layerwise, "initialize_layerwise_reload")
+    return all(hasattr(layerwise, f) for f in ("initialize_layerwise_reload", "finalize_layerwise_reload",
+                                                "get_layerwise_info", "_copy_and_restore_kernel_tensors"))
 
 
 def _loaded_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -74,7 +77,8 @@ class ReloadTarget:
         wanted = [plan.local_name[i] for i in plan.locals_of(rank)]
         self.names = map_parameter_names(wanted, [n for n in layout if not n.endswith(("_expert_map", "expert_mask"))])
         # before any byte moves: the plan's shapes and dtypes are the loaded layout's
-        check_locals(plan, rank, {ours: layout[theirs] for ours, theirs in self.names.items()}, "target")
+        self._layout = {ours: layout[theirs] for ours, theirs in self.names.items()}
+        check_locals(plan, rank, self._layout, "target")
         self._index = {plan.local_name[i]: int(i) for i in plan.locals_of(rank)}
         self.modules = {}  # plan name -> (module name, leaf)
         for ours, theirs in self.names.items():
@@ -93,10 +97,9 @@ class ReloadTarget:
 
     # -- the sync target -------------------------------------------------------------------------
     def local_tensors(self) -> dict[str, torch.Tensor]:
-        if self._tensors is None:
-            raise RuntimeError("reload mode: the engine's layers are materialized for a sync only between begin and "
-                               "commit (the executor calls begin first)")
-        return self._tensors
+        """During a sync (between begin and commit or abort): the materialized loaded-layout tensors the
+        bytes land in. Outside one: the loaded layout itself (meta tensors: shapes and dtypes to check)."""
+        return self._layout if self._tensors is None else self._tensors
 
     def check_placement(self, placement) -> None:
         self.experts.check(placement)
@@ -134,20 +137,58 @@ class ReloadTarget:
         return leaf in params or leaf in buffers
 
     def commit(self, version: int) -> None:
-        from vllm.model_executor.model_loader.reload.layerwise import (_layerwise_process, finalize_layerwise_reload,
-                                                                        get_layerwise_info)
+        """vLLM's processing of the verified bytes, checked, then copied into the kernel tensors. Until the
+        copy nothing the kernels read has changed: a processing that fails or that does not reproduce
+        what vLLM's load did leaves the engine serving its previous version, and raises."""
+        from vllm.model_executor.model_loader.reload.layerwise import (_copy_and_restore_kernel_tensors,
+                                                                        finalize_layerwise_reload, get_layerwise_info)
 
+        layers = {m: self.model.get_submodule(m) for m in sorted({m for m, _ in self.modules.values()})}
+        backups = []  # tensors reload keeps live are kernel tensors: their old values, until the checks pass
+        try:
+            with torch.no_grad():
+                for ours, copy in self._live.items():
+                    module_name, leaf = self.modules[ours]
+                    live = getattr(self.model.get_submodule(module_name), leaf)
+                    backups.append((live, live.data.clone()))
+                    live.data.copy_(copy.reshape(live.shape))
+                written = {m: _facts(layer) for m, layer in layers.items()}
+                for layer in layers.values():
+                    _process(layer)
+                self._check_reproduces_load(layers, written)
+        except BaseException as e:
+            with torch.no_grad():
+                for live, old in backups:
+                    live.data.copy_(old)
+            self.abort(f"vLLM's processing of version {version}: {e}", [])
+            raise
         with torch.no_grad():
-            for ours, copy in self._live.items():
-                module_name, leaf = self.modules[ours]
-                live = getattr(self.model.get_submodule(module_name), leaf)
-                live.data.copy_(copy.reshape(live.shape))
-            for module_name in sorted({m for m, _ in self.modules.values()}):
-                module = self.model.get_submodule(module_name)
-                _layerwise_process(module, get_layerwise_info(module))
-            finalize_layerwise_reload(self.model, self.model_config)
+            for layer in layers.values():
+                info = get_layerwise_info(layer)
+                _copy_and_restore_kernel_tensors(layer, info)
+                info.reset()
+            finalize_layerwise_reload(self.model, self.model_config)  # the other layers; attention processed last
         self._tensors, self._live = None, {}
         self.state = EngineState(serving=version)
+
+    def _check_reproduces_load(self, layers: dict[str, torch.nn.Module], written: dict[str, dict]) -> None:
+        """Where vLLM's load re-laid a layer's tensors, its processing now must re-lay the new bytes too,
+        into the kernel tensors' shapes: a processing that runs differently on an update than on the first
+        load (vLLM 0.33's CPU MoE skips its prepack then) would hand the kernels an unprocessed layout."""
+        from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
+
+        record = record_of(self.model)
+        for name, layer in layers.items():
+            kernel_params, kernel_buffers = get_layerwise_info(layer).kernel_tensors or ({}, {})
+            for leaf, kernel in {**kernel_buffers, **kernel_params}.items():
+                now = getattr(layer, leaf, None)
+                if now is not None and tuple(now.shape) != tuple(kernel.shape):
+                    raise ReloadError(f"vLLM's processing of {name}.{leaf} gave shape {tuple(now.shape)}, its kernel "
+                                      f"tensor is {tuple(kernel.shape)}: vLLM's reload does not reproduce its load here")
+            if record is not None and name in record.relaid and written[name] == _facts(layer):
+                raise ReloadError(f"vLLM re-laid {name} when it loaded the model ({record.changed[name]}) but its "
+                                  "processing of an update left the new bytes as written: the kernels would read an "
+                                  "unprocessed layout (vLLM's weight-update path differs from its load path here)")
 
     def abort(self, error: str, written: list[str]) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
@@ -159,6 +200,28 @@ class ReloadTarget:
 
     def set_placement(self, placement) -> None:
         self.experts.install(placement)
+
+
+class ReloadError(RLSyncError, RuntimeError):
+    """vLLM's processing of an update did not give what its load gave; the engine keeps its old version."""
+
+
+def _facts(layer: torch.nn.Module) -> dict:
+    return {leaf: TensorFacts.of(t) for leaf, t in {**dict(layer.named_parameters(recurse=False)),
+                                                    **dict(layer.named_buffers(recurse=False))}.items()}
+
+
+def _process(layer: torch.nn.Module) -> None:
+    """vLLM's post-load processing of one layer (its quant method's), as its loader runs it."""
+    from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+
+    if hasattr(layer, "_already_called_process_weights_after_loading"):  # online quantization runs once per load
+        delattr(layer, "_already_called_process_weights_after_loading")
+    quant_method = getattr(layer, "quant_method", None)
+    if isinstance(quant_method, QuantizeMethodBase):
+        quant_method.process_weights_after_loading(layer)
+        if hasattr(layer, "update_param_tp_status"):
+            layer.update_param_tp_status()
 
 
 def _is_deferred_attention(module: torch.nn.Module) -> bool:
