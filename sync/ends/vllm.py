@@ -1,72 +1,59 @@
-"""vLLM adapter: a worker extension that receives syncs in place (importable without vLLM).
+"""vLLM adapter: the engine settings a sync needs, the parameter names it writes, and the worker
+extension for vLLM versions without the weight-transfer API (importable without vLLM).
 
-vLLM's documented hook for RL weight updates is a *worker extension class*: pass
-``worker_extension_cls="sync.ends.vllm.RLSyncWorkerExtension"`` to ``LLM(...)`` (or the engine
-args) and call its methods on every worker with ``llm.collective_rpc(name, args=...)``:
+Two routes lead into a vLLM engine, with one engine end behind both (``sync.ends.vllm_engine``):
 
-1. ``rlsync_init(plan_json, engine_index, host, port, backend, ipc)`` -- every engine worker
-   checks its vLLM settings against the plan, joins the sync's standalone group (trainer ranks join
-   the same store), maps the plan's parameter names onto ``model.named_parameters()``, checks shapes
-   and dtypes, and finds the engine's EPLB maps; returns its global sync rank. Every sync setting
-   (buckets, timeout, verification, staging) is the job's, carried by the plan: the engine opens its
-   rank exactly as the trainer ranks do (``sync.session``), so both derive the same buckets.
-2. ``rlsync_sync(plan_json=None, version=None)`` -- receives one refresh (a new plan, e.g. with a new
-   EPLB placement, may be passed), verifies it, installs the placement's EPLB maps, returns stats and
-   what the engine serves.
+* vLLM's weight-transfer API (vLLM with ``vllm.distributed.weight_transfer``): the ``rlsync`` backend,
+  ``sync.ends.vllm_backend`` -- ``weight_transfer_config=WeightTransferConfig(backend="rlsync")``; the
+  rlsync vLLM plugin (``sync.ends.vllm_plugin``, an entry point every vLLM process runs) registers it;
+* the worker extension here: ``worker_extension_cls="sync.ends.vllm.RLSyncWorkerExtension"``, driven by
+  ``llm.collective_rpc(name, args=...)`` on every worker:
+
+  1. ``rlsync_init(plan_json, engine_index, host, port, backend, ipc, mode="auto")`` -- checks the
+     engine's settings against the plan, joins the sync's standalone group (trainer ranks join the same
+     store), binds the rank's tensors in the chosen mode; returns its global sync rank. Every sync
+     setting (buckets, timeout, verification, staging) is the job's, carried by the plan.
+  2. ``rlsync_sync(plan_json=None, version=None)`` -- one refresh (a new plan, e.g. with a new EPLB
+     placement, may be passed): receives, verifies, installs the placement, resets the expert loads;
+     returns the report (mode, verified, what the engine serves).
+  3. ``rlsync_expert_load()`` -- the expert load since the last sync, ``[moe layers, experts]``.
+
+Either way the engine end writes *in place* only where vLLM's post-load processing provably left every
+tensor the sync writes as loaded (the plugin records what processing did while vLLM loads the model),
+and otherwise uses vLLM's layerwise reload, re-running vLLM's own processing on the verified bytes; a
+processing that does not reproduce what vLLM's load gave is refused with the old version kept. The
+report says which mode ran and why.
 
 Engine settings
 ---------------
 Every engine of the job is one ``LLM`` (or ``vllm serve``) whose settings mirror the job spec::
 
     LLM(model=...,                                  # the same architecture and sizes as job.model
-        worker_extension_cls="sync.ends.vllm.RLSyncWorkerExtension",
+        weight_transfer_config=WeightTransferConfig(backend="rlsync"),  # or worker_extension_cls=...
         tensor_parallel_size=job.inference.tp,
         pipeline_parallel_size=job.inference.pp,    # 1 unless the job sets inference.pp
         data_parallel_size=job.inference.dp,
         enable_expert_parallel=job.inference.enable_ep,
         # MoE with job.eplb.num_redundant_experts = R > 0, or job.eplb.enabled:
         enable_eplb=True,
-        eplb_config={"num_redundant_experts": R,    # vLLM 0.10.x: num_redundant_experts=R and
-                     "step_interval": 10**9},       #   eplb_step_interval=10**9 instead; the huge interval
-                                                    #   keeps vLLM's own rebalancer from moving experts
+        eplb_config={"num_redundant_experts": R},   # vLLM 0.10.x: num_redundant_experts=R; the engine end
+                                                    #   counts loads itself and vLLM never rearranges
         dtype="bfloat16",                           # the plan's inference dtype (bf16 by default)
         quantization=None,                          # unquantized weights only (no fp8, no AWQ/GPTQ)
+        load_format="dummy",                        # optional: the first sync brings the weights
         # leave expert_placement_strategy at its default "linear" (slots of an EP rank contiguous)
     )
 
 ``engine_index`` numbers the job's engines (``job.inference.engines``): global sync rank =
 trainer ranks + ``engine_index * dp * pp * tp`` + vLLM's (DP rank, PP rank, TP rank) in that order,
-read from vLLM's ``parallel_state`` groups. ``rlsync_init`` refuses (``EngineConfigError``) an engine
-whose TP/PP/DP sizes, expert parallelism, redundant experts, dtype or quantization disagree with
-the plan, and a plan with redundant slots or a non-identity placement when the engine's EPLB is off.
+read from vLLM's ``parallel_state`` groups. Joining refuses (``EngineConfigError``) an engine whose
+TP/PP/DP sizes, expert parallelism, redundant experts, dtype or quantization disagree with the plan,
+and a plan with redundant slots or a non-identity placement when the engine's EPLB is off. Where the
+EPLB maps live and how loads are read: ``sync.ends.vllm_experts``.
 
-EPLB maps
----------
-vLLM keeps the expert placement on the model runner (``model_runner.eplb_state``; model runner v2:
-``model_runner.eplb.state``), not on the model. The older layout holds three tensors on that state
-itself; newer releases hold one state per model (main model and MoE drafter) in
-``eplb_state.model_states``, each with the same three tensors and its ``model``:
-
-* ``physical_to_logical_map [moe_layers, slots]``,
-* ``logical_to_physical_map [moe_layers, experts, W]`` (-1 padded; W is vLLM's replica capacity),
-* ``logical_replica_count [moe_layers, experts]``.
-
-Each FusedMoE layer keeps views (row ``layer``) of the last two, taken once at load time and used
-for routing, so the adapter overwrites all three in place (their own dtype and device; the -1
-padding kept to W) for the MoE layers of the worker's pipeline stage; it never rebinds them.
-
-Names checked against vLLM source snapshots (vllm-project/vllm, not tied to release tags here): the
-single-state ``EplbState`` with the three maps as its own fields (commit 0014ec6c, settings
-``parallel_config.eplb_window_size``/``eplb_step_interval``: the vLLM 0.10 line; a later single-state
-version reads ``parallel_config.eplb_config``), the per-model ``EplbState.model_states`` of
-``EplbModelState`` (commit 50feac95: ``eplb_config`` with ``use_async`` and ``policy``),
-``GPUModelRunner.eplb_state`` (None unless ``enable_eplb``) and ``get_model()``, model runner v2's
-``EPLBController`` (``eplb.state``), ``FusedMoE.set_eplb_state`` (per-layer row views) and
-``ParallelConfig.expert_placement_strategy`` ("linear" | "round_robin"). Parameter names: vLLM 0.11
-to 0.23 (``mlp.experts.w13_weight``) and 0.24+ (``mlp.experts.routed_experts.w13_weight``).
-Unquantized weights with the default Triton MoE backend (FlashInfer and AITER re-layout expert
-weights after loading: a sync must then rerun the model's ``process_weights_after_loading``, which
-is not done here). MLA engines need the same after a sync.
+Parameter names: vLLM 0.11 to 0.23 (``mlp.experts.w13_weight``) and 0.24+
+(``mlp.experts.routed_experts.w13_weight``); checked against vLLM 0.33.0's own model classes and
+loaders by ``tests/vllm``.
 """
 
 from __future__ import annotations
