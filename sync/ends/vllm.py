@@ -183,6 +183,16 @@ def check_engine_config(plan: SyncPlan, rank: int, vllm_config, group_sizes: dic
             strategy = getattr(parallel, "expert_placement_strategy", None)
             if strategy is not None and inf.get("enable_ep") and strategy != "linear":
                 problems.append(f"expert_placement_strategy={strategy!r}; the plan assumes 'linear' (the default)")
+    offload = getattr(vllm_config, "offload_config", None)
+    uva_gb = getattr(getattr(offload, "uva", None), "cpu_offload_gb", 0) or getattr(
+        getattr(vllm_config, "cache_config", None), "cpu_offload_gb", 0) or 0
+    prefetch = getattr(getattr(offload, "prefetch", None), "offload_group_size", 0) or 0
+    if uva_gb > 0 or prefetch > 0:
+        # offloaded weights live in host memory the transport cannot receive into, and vLLM's layerwise
+        # reload does not compose with offloading
+        setting = f"cpu_offload_gb={uva_gb:g}" if uva_gb > 0 else f"offload_group_size={prefetch}"
+        problems.append(f"{setting}: the sync writes device-resident weights; start the engine without weight "
+                        "offloading (cpu_offload_gb=0, offload_group_size=0)")
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is not None:
         quant = getattr(model_config, "quantization", None)

@@ -247,3 +247,16 @@ def test_the_engine_takes_every_sync_setting_from_the_plan_as_the_trainer_does(m
     assert worker._rlsync_end.mode == "in_place"  # the fake vLLM's processing touched nothing
     target = worker._rlsync.target.versioned
     assert isinstance(target, VersionedTarget) and target.staging and target.staging_bytes > 0
+
+
+@pytest.mark.parametrize("offload, setting", [(dict(uva=SimpleNamespace(cpu_offload_gb=4.0)), "cpu_offload_gb=4"),
+                                              (dict(prefetch=SimpleNamespace(offload_group_size=2)),
+                                               "offload_group_size=2")])
+def test_weight_offloading_is_refused_naming_the_setting(offload, setting):
+    from sync.ends.vllm import check_engine_config
+
+    plan = build_plan(JobSpec.from_dict(JOB))
+    config = SimpleNamespace(offload_config=SimpleNamespace(**offload))
+    with pytest.raises(EngineConfigError, match=setting):
+        check_engine_config(plan, plan.num_trainer, config)
+    check_engine_config(plan, plan.num_trainer, SimpleNamespace(offload_config=SimpleNamespace()))
