@@ -167,6 +167,7 @@ def _engine_rank(local: int, plan, sync_port: int, vllm_port: int, folder: str, 
                                                                 mode=case.get("mode", "auto"))))
         out["mode"] = engine.mode
         out["mode_reason"] = engine.end.mode_reason
+        out["staging_bytes"] = getattr(engine.end.target.versioned, "staging_bytes", 0)
         for step in case["versions"]:
             if state is not None and step.get("counts") is not None:  # what the MoE kernels count, pass by pass
                 for counts in step["counts"]:

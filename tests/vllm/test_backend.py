@@ -34,9 +34,12 @@ def assert_holds_what_vllm_loads(engine: dict, versions: int) -> None:
 
 def test_in_place_where_processing_is_the_identity(tmp_path):
     """Unquantized MoE whose expert processing leaves the weights (as Triton MoE on CUDA does)."""
-    results = run(job("tiny_qwen3_moe"), [dict(version=1), dict(version=2)], tmp_path, prepack="identity")
+    # the job's small buckets and staging: both ends derive the same rounds from the plan, or nothing arrives
+    small = dict(job("tiny_qwen3_moe"), sync=dict(bucket_mb=0.05, staging=True))
+    results = run(small, [dict(version=1), dict(version=2)], tmp_path, prepack="identity")
     engine = results[1]
     assert engine["mode"] == "in_place", engine["mode_reason"]
+    assert engine["staging_bytes"] > 0
     assert [r["verified"] for r in engine["reports"]] == [True, True], engine["reports"]
     assert [r["engine"]["serving"] for r in engine["reports"]] == [1, 2]
     assert_holds_what_vllm_loads(engine, 2)
