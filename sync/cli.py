@@ -3,7 +3,7 @@
 ``rlsync plan JOB.yaml [--json PATH] [--explain TENSOR]`` builds, validates and summarizes a plan.
 ``rlsync eplb ...`` computes an expert placement from a load file or a synthetic load and reports
 its balance (table, placement JSON, PNG of per-GPU load before/after). ``rlsync run`` runs the
-refresh loop on Ray; ``rlsync bench sync|gpu|multi-gpu|plan|eplb`` the benchmarks.
+refresh loop on Ray; ``rlsync bench sync|gpu|multi-gpu|plan|eplb|probe`` the benchmarks.
 """
 
 from __future__ import annotations
@@ -184,10 +184,11 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    if args.bench in ("gpu", "plan", "eplb", "multi-gpu"):  # benchmarks with options of their own
+    if args.bench in ("gpu", "plan", "eplb", "multi-gpu", "probe"):  # benchmarks with options of their own
         import importlib
 
-        importlib.import_module(f"sync.bench.{args.bench.replace('-', '_')}").main(args.rest)
+        rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # "rlsync bench NAME -- --option"
+        importlib.import_module(f"sync.bench.{args.bench.replace('-', '_')}").main(rest)
         return 0
 
     from dataclasses import replace
@@ -340,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "(rlsync bench plan [JOB.yaml ...])"),
                        ("eplb", "EPLB policies at DeepSeek-V3 shape: time and balance (options: rlsync bench eplb -- --help)"),
                        ("multi-gpu", "trainer and engines on the GPUs of one host over NCCL (options: rlsync bench "
-                                     "multi-gpu -- --help)")):
+                                     "multi-gpu -- --help)"),
+                       ("probe", "what watching vLLM's post-load processing costs at engine start, as passes over "
+                                 "the weights (options: rlsync bench probe -- --help)")):
         extra = bsub.add_parser(name, help=what)
         extra.add_argument("rest", nargs=argparse.REMAINDER, help=f"options of sync/bench/{name.replace('-', '_')}.py")
     args = parser.parse_args(argv)
