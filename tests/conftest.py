@@ -50,9 +50,14 @@ def exact():
 
 
 def _has_vllm() -> bool:
-    import importlib.util
+    """vLLM installed (not ``tests/vllm``, which ``find_spec`` would take for a namespace package)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 # tests/vllm runs in the environment scripts/setup_vllm_tests.sh makes (vLLM installed); elsewhere it is left out
