@@ -10,6 +10,8 @@ slots sets them on the config afterwards (the model classes size their expert st
 
 from __future__ import annotations
 
+import vllm_cpu  # noqa: F401  (first: vLLM's platform)
+
 import json
 import multiprocessing as mp
 import os

@@ -23,6 +23,8 @@ are (``"identity"``, the way unquantized Triton MoE on CUDA leaves them).
 
 from __future__ import annotations
 
+import vllm_cpu  # noqa: F401  (first: vLLM's platform)
+
 import json
 import os
 import socket

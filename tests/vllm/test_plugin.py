@@ -3,6 +3,8 @@ safe to run again, registering the backend vLLM's factory hands out."""
 
 from __future__ import annotations
 
+import vllm_cpu  # noqa: F401  (first: vLLM's platform)
+
 from importlib.metadata import entry_points
 
 

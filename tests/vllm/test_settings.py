@@ -3,6 +3,8 @@ refused before any byte moves, naming the ``LLM(...)`` argument."""
 
 from __future__ import annotations
 
+import vllm_cpu  # noqa: F401  (first: vLLM's platform)
+
 import pytest
 
 from engine_sync import write_config

@@ -7,6 +7,8 @@ them), and vLLM must hold nothing the plan does not write."""
 
 from __future__ import annotations
 
+import vllm_cpu  # noqa: F401  (first: vLLM's platform)
+
 from types import SimpleNamespace
 
 import numpy as np
