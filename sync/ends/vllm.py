@@ -243,6 +243,13 @@ class RLSyncWorkerExtension:
         end = self._rlsync_end
         return {"rows": list(end.target.experts.moe_rows), "load": end.expert_load().tolist()}
 
+    def rlsync_report(self) -> dict[str, Any] | None:
+        """The last sync's report on this worker, through either route (the rlsync weight-transfer backend
+        when the engine runs it, else this extension)."""
+        backend = getattr(self, "weight_transfer_engine", None)
+        end = getattr(backend, "end", None) or getattr(self, "_rlsync_end", None)
+        return None if end is None or end.report is None else end.report.as_dict()
+
     @property
     def _rlsync(self):
         """The worker's sync session."""

@@ -87,14 +87,20 @@ def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _reachable(value, where: str, own: set[int], out: dict[str, torch.Tensor], depth: int = 0) -> None:
+OPAQUE = object()  # stands for an object a kernel closure holds that cannot be looked into (a oneDNN handle)
+
+
+def _reachable(value, where: str, own: set[int], out: dict, depth: int = 0, in_closure: bool = False) -> None:
     """Tensors ``value`` holds that are not the module's own (by storage), one level into containers,
-    closures, partials and plain objects: a prepacked copy hides in any of them."""
+    closures, partials and plain objects: a prepacked copy hides in any of them. An object a closure
+    holds that is none of those (a native kernel handle with its own copy of the weights) counts too,
+    as ``OPAQUE``: nothing says it does not hold one."""
     if isinstance(value, torch.Tensor):
         if not value.is_meta and value.numel() and value.untyped_storage().data_ptr() not in own:
             out[where] = value
         return
-    if depth >= 2 or isinstance(value, (str, bytes, int, float, bool, type(None), torch.nn.Module, type)):
+    if isinstance(value, (str, bytes, int, float, bool, complex, type(None), torch.nn.Module, type, torch.dtype,
+                          torch.device)):
         return
     if isinstance(value, dict):
         items = value.items()
@@ -103,14 +109,18 @@ def _reachable(value, where: str, own: set[int], out: dict[str, torch.Tensor], d
     elif isinstance(value, functools.partial):
         items = [("args", value.args), ("keywords", value.keywords)]
     elif callable(value) and getattr(value, "__closure__", None):
-        items = [(f"closure{i}", c.cell_contents) for i, c in enumerate(value.__closure__)
-                 if _cell_is_set(c)]
+        items = [(f"closure{i}", c.cell_contents) for i, c in enumerate(value.__closure__) if _cell_is_set(c)]
+        in_closure = True
     elif hasattr(value, "__dict__") and not callable(value):
         items = vars(value).items()
     else:
+        if in_closure and not callable(value):
+            out[where] = OPAQUE
+        return
+    if depth >= 2:
         return
     for key, item in items:
-        _reachable(item, f"{where}.{key}", own, out, depth + 1)
+        _reachable(item, f"{where}.{key}", own, out, depth + 1, in_closure)
 
 
 def _cell_is_set(cell) -> bool:
@@ -128,8 +138,12 @@ _MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buf
 def derived_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Tensors the module's attributes reach that are not its own parameters or buffers (by storage):
     what processing derived from weights (MLA's absorbed ``W_UK_T``) or packed them into."""
+    return {where: t for where, t in _derived(module).items() if t is not OPAQUE}
+
+
+def _derived(module: torch.nn.Module) -> dict:
     storages = {t.untyped_storage().data_ptr() for t in _own_tensors(module).values() if not t.is_meta}
-    out: dict[str, torch.Tensor] = {}
+    out: dict = {}
     for key, value in vars(module).items():
         if key not in _MODULE_INTERNALS and not key.startswith("_forward") and not key.startswith("_backward"):
             _reachable(value, key, storages, out)
@@ -137,7 +151,7 @@ def derived_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _facts(module: torch.nn.Module) -> ModuleFacts:
-    derived = {where: tuple(t.shape) for where, t in derived_tensors(module).items()}
+    derived = {where: () if t is OPAQUE else tuple(t.shape) for where, t in _derived(module).items()}
     return ModuleFacts({n: TensorFacts.of(t) for n, t in _own_tensors(module).items()}, derived)
 
 

@@ -63,6 +63,11 @@ def test_a_packed_copy_hidden_in_a_closure_or_a_kernel_object_is_found():
     record = processed(model, pack)
     assert "derived tensors" in record.changed["a"]
     assert "cpu_linear.closure0" in record.changed["a"] and "quant_method.kernel.workspace" in record.changed["a"]
+    # a native kernel handle in a closure (oneDNN's, holding its own copy of the weights) cannot be looked into
+    handle = model_with(a=torch.randn(4, 3))
+    native = torch.Generator()  # an object of C++ with nothing to look into, as such a handle is
+    record = processed(handle, lambda m: setattr(m.a, "cpu_linear", lambda x, weight, bias: (native, x)))
+    assert "cpu_linear.closure0" in record.changed["a"]
     # a closure over the layer's own weight derives nothing
     plain = model_with(a=torch.randn(4, 3))
     assert processed(plain, lambda m: setattr(m.a, "cpu_linear", lambda x, w=m.a.weight: x @ w.t())).changed == {}
