@@ -88,6 +88,7 @@ class ReloadTarget:
         if deferred:
             raise EngineConfigError(f"plan tensors live in attention layers vLLM processes last ({deferred[:3]}); "
                                     "reload mode does not write those")
+        self.aliases = _aliases(model, self.modules, self._layout)  # plan name -> [(module, leaf)] sharing it
         self.experts = ExpertMaps(plan, rank, find_holder)
         if plan.placement is not None:
             self.experts.check(plan.placement)
@@ -113,7 +114,7 @@ class ReloadTarget:
         initialize_layerwise_reload(self.model)
         tensors, self._live = {}, {}
         with torch.no_grad():
-            for module_name in sorted({m for m, _ in self.modules.values()}):
+            for module_name in self._written_layers():
                 module = self.model.get_submodule(module_name)
                 materialize_layer(module, get_layerwise_info(module))
             for ours, (module_name, leaf) in self.modules.items():
@@ -130,6 +131,14 @@ class ReloadTarget:
                     tensors[ours] = copy
         self._tensors = tensors
 
+    def _written_layers(self) -> list[str]:
+        """The layers a sync rewrites: those the plan writes, and those sharing a tensor with one (a tied
+        ``lm_head``): vLLM loads the shared tensor once, but each layer's processing derives its own copy
+        (the CPU platform packs ``lm_head`` for its matmul), so each must be processed again."""
+        written = {m for m, _ in self.modules.values()}
+        written.update(m for shared in self.aliases.values() for m, _ in shared)
+        return sorted(written)
+
     def _is_staged_by_reload(self, module_name: str, leaf: str) -> bool:
         from vllm.model_executor.model_loader.reload.layerwise import get_layerwise_info
 
@@ -143,7 +152,7 @@ class ReloadTarget:
         from vllm.model_executor.model_loader.reload.layerwise import (_copy_and_restore_kernel_tensors,
                                                                         finalize_layerwise_reload, get_layerwise_info)
 
-        layers = {m: self.model.get_submodule(m) for m in sorted({m for m, _ in self.modules.values()})}
+        layers = {m: self.model.get_submodule(m) for m in self._written_layers()}
         backups = []  # tensors reload keeps live are kernel tensors: their old values, until the checks pass
         try:
             with torch.no_grad():
@@ -152,6 +161,11 @@ class ReloadTarget:
                     live = getattr(self.model.get_submodule(module_name), leaf)
                     backups.append((live, live.data.clone()))
                     live.data.copy_(copy.reshape(live.shape))
+                for ours, shared in self.aliases.items():  # tied layers: the same bytes, processed their own way
+                    for module_name, leaf in shared:
+                        alias = getattr(self.model.get_submodule(module_name), leaf)
+                        if alias.untyped_storage().data_ptr() != self._tensors[ours].untyped_storage().data_ptr():
+                            alias.data.copy_(self._tensors[ours].reshape(alias.shape))
                 written = {m: _facts(layer) for m, layer in layers.items()}
                 for layer in layers.values():
                     _process(layer)
@@ -200,6 +214,41 @@ class ReloadTarget:
 
     def set_placement(self, placement) -> None:
         self.experts.install(placement)
+
+
+def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
+             layout: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, str]]]:
+    """For each plan tensor, the tensors of other layers that are the same tensor (tied word embeddings:
+    ``lm_head.weight`` is ``embed_tokens.weight``), by (module, leaf). Such a layer is reloaded with the
+    plan tensor's bytes; one that holds anything else the plan does not write cannot be, and is refused."""
+    from vllm.model_executor.model_loader.reload.meta import SKIP_TENSORS
+
+    def key(t: torch.Tensor):
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+
+    written = {(m, leaf) for m, leaf in modules.values()}
+    holders: dict[tuple, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules():
+        for leaf, t in {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}.items():
+            if t is not None and not t.is_meta and t.numel():
+                holders.setdefault(key(t), []).append((name, leaf))
+    out: dict[str, list[tuple[str, str]]] = {}
+    for ours, (module_name, leaf) in modules.items():
+        kernel = getattr(model.get_submodule(module_name), leaf)
+        if kernel is None or kernel.is_meta or not kernel.numel():
+            continue
+        shared = [h for h in holders.get(key(kernel), []) if h not in written and h[0] != module_name]
+        for other, other_leaf in shared:
+            module = model.get_submodule(other)
+            rest = [n for n, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+                    if n != other_leaf and n not in SKIP_TENSORS]
+            if rest:
+                raise EngineConfigError(f"{other}.{other_leaf} is the same tensor as {module_name}.{leaf}, which the plan "
+                                        f"writes, but {other} also holds {rest}, which it does not: reload cannot "
+                                        "re-process that layer")
+        if shared:
+            out[ours] = shared
+    return out
 
 
 class ReloadError(RLSyncError, RuntimeError):

@@ -15,10 +15,16 @@ own load bit for bit.
 
 Two things this CPU machine lacks are stood in for, and only these: torch's CPU build has no
 accelerator (vLLM calls ``torch.accelerator.empty_cache``/``synchronize`` unconditionally: no-ops here),
-and this CUDA wheel of vLLM lacks its compiled CPU MoE ``prepack_moe_weight``, which vLLM's CPU MoE
-processing calls to re-lay expert weights for its kernel. The stand-in re-lays them as a permutation
-(``prepack="permute"``: each expert's rows reversed, as a prepack reorders them) or leaves them as they
-are (``"identity"``, the way unquantized Triton MoE on CUDA leaves them).
+and this CUDA wheel of vLLM lacks its compiled CPU kernels:
+
+* ``prepack_moe_weight``, which vLLM's CPU MoE processing calls to re-lay expert weights for its kernel.
+  The stand-in re-lays them as a permutation (``prepack="permute"``: each expert's rows reversed, as a
+  prepack reorders them) or leaves them as they are (``"identity"``, the way unquantized Triton MoE on
+  CUDA leaves them);
+* with ``onednn=True``, oneDNN's matmul (``create_onednn_mm``/``onednn_mm``), which vLLM's CPU platform
+  gives every linear and ``lm_head``: the handle keeps its own copy of the weights, and linears drop
+  theirs (shape ``[0]``), as in a real CPU engine. The stand-in's handle holds that copy as a tensor, so
+  the comparison with vLLM's own load sees what the kernel reads.
 """
 
 from __future__ import annotations
@@ -58,7 +64,27 @@ def full_weights(plan, version: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {t.name: synthetic_tensor(t, i, seed, version) for i, t in enumerate(plan.tensors)}
 
 
-def _stand_ins(prepack: str) -> None:
+class _OneDnnHandle:
+    """What oneDNN's matmul handle is to vLLM: its own copy of the weight ``[K, N]``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.k, self.n = weight.shape
+        self.packed = weight.contiguous().clone()
+
+
+def _onednn_mm(handle: _OneDnnHandle, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.reshape(-1, handle.k) @ handle.packed
+    out = out if bias is None else out + bias
+    return out.reshape(*x.shape[:-1], handle.n)
+
+
+def _stand_ins(prepack: str, onednn: bool = False) -> None:
+    if onednn:
+        from vllm import _custom_ops as ops
+
+        ops._supports_onednn = True
+        ops.create_onednn_mm = lambda weight, primitive_cache_size=128: _OneDnnHandle(weight)
+        ops.onednn_mm = _onednn_mm
     torch.accelerator.empty_cache = lambda: None
     torch.accelerator.synchronize = lambda *args: None
     library = torch.library.Library("_C", "FRAGMENT")
@@ -133,7 +159,7 @@ def _engine_rank(local: int, plan, sync_port: int, vllm_port: int, folder: str, 
     from vllm.plugins import load_general_plugins
 
     load_general_plugins()  # what every vLLM process does first: registers the backend, watches loading
-    _stand_ins(case["prepack"])
+    _stand_ins(case["prepack"], case.get("onednn", False))
     from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory

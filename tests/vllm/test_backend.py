@@ -66,6 +66,23 @@ def test_reload_reruns_vllms_processing_where_it_derives_tensors(tmp_path):
     assert all(not np.array_equal(engine["synced"][0][n], engine["synced"][1][n]) for n in absorbed)
 
 
+def test_reload_reprocesses_a_tied_lm_head_with_its_own_packed_copy(tmp_path):
+    """vLLM's CPU platform gives every linear and ``lm_head`` a oneDNN matmul holding its own copy of the
+    weights. With tied word embeddings the plan writes ``embed_tokens`` only; ``lm_head`` shares that
+    tensor but packs its own copy, which vLLM's layerwise reload alone leaves stale (seen in a running
+    CPU engine: tokens off Hugging Face's while every sync said verified). The backend reloads it too."""
+    tied = job("tiny_qwen3")
+    assert tied["model"]["preset"] == "tiny_qwen3" and JobSpec.from_dict(tied).model.config["tie_word_embeddings"]
+    results = run(tied, [dict(version=1), dict(version=2)], tmp_path, prepack="identity", onednn=True)
+    engine = results[1]
+    assert engine["mode"] == "reload", engine["mode_reason"]
+    assert [r["verified"] for r in engine["reports"]] == [True, True], engine["reports"]
+    packed = [n for n in engine["synced"][0] if n.startswith("lm_head:")]
+    assert packed, sorted(engine["synced"][0])[:8]  # the copy the logits read is compared below
+    assert_holds_what_vllm_loads(engine, 2)
+    assert all(not np.array_equal(engine["synced"][0][n], engine["synced"][1][n]) for n in packed)
+
+
 def test_vllm_moe_padding_skipped_on_update_is_refused_with_the_old_version_kept(tmp_path):
     results = run(job("tiny_deepseek_v3"), [dict(version=1)], tmp_path, prepack="identity", reference=False)
     engine = results[1]
