@@ -220,7 +220,9 @@ def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
              layout: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, str]]]:
     """For each plan tensor, the tensors of other layers that are the same tensor (tied word embeddings:
     ``lm_head.weight`` is ``embed_tokens.weight``), by (module, leaf). Such a layer is reloaded with the
-    plan tensor's bytes; one that holds anything else the plan does not write cannot be, and is refused."""
+    plan tensor's bytes; one that holds anything else the plan does not write cannot be, and is refused.
+    Tensors reload keeps live (a router's correction bias the experts also hold) are not staged: written
+    where they are, every holder sees them, and nothing is reloaded for them."""
     from vllm.model_executor.model_loader.reload.meta import SKIP_TENSORS
 
     def key(t: torch.Tensor):
@@ -230,12 +232,12 @@ def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
     holders: dict[tuple, list[tuple[str, str]]] = {}
     for name, module in model.named_modules():
         for leaf, t in {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}.items():
-            if t is not None and not t.is_meta and t.numel():
+            if t is not None and not t.is_meta and t.numel() and leaf not in SKIP_TENSORS:
                 holders.setdefault(key(t), []).append((name, leaf))
     out: dict[str, list[tuple[str, str]]] = {}
     for ours, (module_name, leaf) in modules.items():
         kernel = getattr(model.get_submodule(module_name), leaf)
-        if kernel is None or kernel.is_meta or not kernel.numel():
+        if leaf in SKIP_TENSORS or kernel is None or kernel.is_meta or not kernel.numel():
             continue
         shared = [h for h in holders.get(key(kernel), []) if h not in written and h[0] != module_name]
         for other, other_leaf in shared:
