@@ -163,9 +163,10 @@ def run_engine(case: str, out: str) -> None:
         llm.start_weight_update()
         try:
             llm.update_weights({"update_info": {"version": version}})
+            llm.finish_weight_update(weight_version=str(version))
         except Exception as e:  # noqa: BLE001 - what the engine says is the result
+            # vLLM's worker ends an update whose update_weights raised: no finish_weight_update then
             entry["error"] = f"{type(e).__name__}: {e}"[-600:]
-        llm.finish_weight_update(weight_version=str(version))
         llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         entry["reports"] = llm.collective_rpc("rlsync_report")
         entry["tokens"] = generate()

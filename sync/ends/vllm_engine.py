@@ -197,6 +197,10 @@ class EngineEnd:
         except BaseException as e:
             self.report = SyncReport(self.rank, self.mode, self.mode_reason, version, None, error=f"{type(e).__name__}: {e}",
                                      engine=dict(vars(self.target.state)))
+            # vLLM's worker ends an update whose update_weights raised (no finish_weight_update follows):
+            # so does the end, and the next start_weight_update opens a new one
+            self._open_round = False
+            self.target.pending = None
             raise
         self.report = SyncReport(self.rank, self.mode, self.mode_reason, version, stats.verified,
                                  stats.global_seconds, stats.bytes_received, list(stats.mismatched))

@@ -154,6 +154,9 @@ class ReloadTarget:
 
         layers = {m: self.model.get_submodule(m) for m in self._written_layers()}
         backups = []  # tensors reload keeps live are kernel tensors: their old values, until the checks pass
+        # processing also sets plain attributes the kernels call (the CPU platform's ``cpu_linear``, a
+        # matmul handle holding its own copy of the new weights): the old ones, until the checks pass
+        attributes = {m: _attributes(layer) for m, layer in layers.items()}
         try:
             with torch.no_grad():
                 for ours, copy in self._live.items():
@@ -174,6 +177,8 @@ class ReloadTarget:
             with torch.no_grad():
                 for live, old in backups:
                     live.data.copy_(old)
+            for module_name, layer in layers.items():
+                _put_back_attributes(layer, attributes[module_name])
             self.abort(f"vLLM's processing of version {version}: {e}", [])
             raise
         with torch.no_grad():
@@ -255,6 +260,17 @@ def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
 
 class ReloadError(RLSyncError, RuntimeError):
     """vLLM's processing of an update did not give what its load gave; the engine keeps its old version."""
+
+
+def _attributes(layer: torch.nn.Module) -> dict:
+    """A layer's own attributes but its tensors and submodules (which reload keeps and puts back)."""
+    return {k: v for k, v in vars(layer).items() if k not in ("_parameters", "_buffers", "_modules")}
+
+
+def _put_back_attributes(layer: torch.nn.Module, saved: dict) -> None:
+    for key in [k for k in vars(layer) if k not in saved and k not in ("_parameters", "_buffers", "_modules")]:
+        delattr(layer, key)
+    vars(layer).update(saved)
 
 
 def _facts(layer: torch.nn.Module) -> dict:

@@ -174,3 +174,29 @@ def test_the_placement_waits_for_committed_weights_and_then_resets_the_loads():
     report = sync(2, verified=True)
     np.testing.assert_array_equal(holder.physical_to_logical_map.numpy(), plan.placement.phy2log)
     assert report.placement_installed and report.placement_moved and not holder.expert_load_pass.any()
+
+
+def test_a_failed_update_ends_the_round_as_vllms_worker_does():
+    """vLLM's worker ends an update whose ``update_weights`` raised and sends no ``finish_weight_update``:
+    the next ``start_weight_update`` must open a new round, and the held-back placement is dropped."""
+    from planners.errors import SyncError
+
+    job, plan = rebalanced_plan()
+    rank = plan.num_trainer
+    model = fake_vllm_model(plan, rank, routed=True)
+    eplb = per_model_state(model, len(job.model.moe_layers), job.model.num_experts, job.num_physical_experts)
+    RECORDS[model] = ProcessingRecord()
+    end = EngineEnd(plan, rank, model, runner=FakeRunner(model, eplb), settings=job.sync)
+
+    def refused(version):
+        end.target.pending = plan.placement
+        raise SyncError("the trainer went away")
+
+    end.session = SimpleNamespace(sync=refused)
+    end.start()
+    with pytest.raises(SyncError):
+        end.receive(1)
+    assert end.report.error and end.report.verified is None and end.target.pending is None
+    end.start()  # a new round, not "called twice"
+    with pytest.raises(RuntimeError, match="called twice"):
+        end.start()
