@@ -17,7 +17,7 @@ tests/megatron_oracle.py).
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any
 from unittest import mock
 
@@ -29,7 +29,7 @@ from planners.sides.megatron import chunk_prefix
 from planners.sides.shards import padded_vocab
 from sync.tensors import TORCH_DTYPES
 
-__all__ = ["build_gpt_model", "MegatronSource", "local_name"]
+__all__ = ["build_gpt_model", "MegatronSource", "local_name", "on_device"]
 
 _TE_NAMES = [
     (re.compile(r"self_attention\.linear_qkv\.layer_norm_weight$"), "input_layernorm.weight"),
@@ -49,12 +49,13 @@ def local_name(name: str) -> str:
     return _GROUPED.sub(lambda m: f"mlp.experts.local_experts.{m.group(2)}.{m.group(1)}.weight", name)
 
 
-def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu") -> Any:
+def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu", sequence_parallel: bool = False) -> Any:
     """A GPTModel for this process's rank (``megatron.core.parallel_state`` must be initialized with
     ``layout``), local layer spec, parameters in the model's dtype on ``device``. With ``layout.vpp > 1``
     the list of this rank's ``vpp`` model chunks instead, as Megatron's ``get_model`` builds them
     (chunk ``v`` with ``vp_stage=v``; embedding on chunk 0 of the first stage, output on the last chunk
-    of the last stage)."""
+    of the last stage). ``sequence_parallel`` changes activations only (training MoE under TP needs it),
+    never the parameters a sync reads."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -72,9 +73,9 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp, context_parallel_size=1,
-        sequence_parallel=False, num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        sequence_parallel=sequence_parallel and layout.tp > 1, num_layers_in_first_pipeline_stage=layout.first_stage_layers,
         num_layers_in_last_pipeline_stage=layout.last_stage_layers, use_cpu_initialization=True,
-        perform_initialization=False, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        perform_initialization=False, attention_dropout=0.0, hidden_dropout=0.0, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
     )
     if spec.is_moe:
         m = spec.moe
@@ -84,6 +85,9 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
                   moe_layer_freq=[int(i in spec.moe_layers) for i in range(spec.num_layers)],
                   moe_shared_expert_intermediate_size=m.shared_intermediate_size or None,
                   moe_router_enable_expert_bias=m.router_bias, moe_router_score_function=m.router,
+                  # Megatron's softmax router normalizes over the chosen experts unless it takes the
+                  # softmax first: HF's norm_topk_prob=False (Qwen3-MoE's default) is the latter
+                  moe_router_pre_softmax=m.router == "softmax" and not m.norm_topk_prob,
                   moe_router_topk_scaling_factor=m.routed_scaling_factor if m.routed_scaling_factor != 1 else None)
         if m.n_group > 1:
             kw.update(moe_router_num_groups=m.n_group, moe_router_group_topk=m.topk_group)
@@ -97,9 +101,7 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
                                                 vp_stage=vp_stage)
         with ExitStack() as stack:
             stack.enter_context(torch.device(device))
-            # CPU-only torch: the router's expert_bias asks CUDA for a device; tied embeddings under PP call .cuda()
-            stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: device))
-            stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
+            stack.enter_context(on_device(device))
             chunks.append(GPTModel(
                 config=config, transformer_layer_spec=layer_spec,
                 vocab_size=padded_vocab(spec.vocab_size, layout.vocab_divisible_by * layout.tp),
@@ -109,6 +111,23 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu")
                 vp_stage=vp_stage,
             ))
     return chunks if layout.vpp > 1 else chunks[0]
+
+
+def on_device(device: str = "cpu") -> ExitStack:
+    """Megatron-core asks CUDA for its device where it builds and runs a model (the router's expert bias,
+    RoPE's frequencies, tied embeddings under PP call ``.cuda()``): on a CPU-only torch, ``device``."""
+    stack = ExitStack()
+    if device == "cpu" or not torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+        from megatron.core.transformer.moe import moe_utils
+
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: device))
+        stack.enter_context(mock.patch.object(torch.Tensor, "cuda", lambda self, *a, **k: self))
+        # the forward forks the CUDA RNG around dropout; the model is built without dropout
+        stack.enter_context(mock.patch.object(CudaRNGStatesTracker, "fork", lambda self, *a, **k: nullcontext()))
+        # megatron-core 0.16.1 reads Transformer Engine's GEMM in the router without TE installed (NameError)
+        stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
+    return stack
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
