@@ -19,7 +19,7 @@ from planners.errors import RLSyncError
 from planners.plan import SyncPlan
 from sync.tensors import TORCH_DTYPES, block
 
-__all__ = ["Source", "Target", "check_locals", "EndpointError", "fill_from_full", "zero_unwritten"]
+__all__ = ["Source", "Target", "check_locals", "EndpointError", "fill_from_full", "read_full", "zero_unwritten"]
 
 
 class EndpointError(RLSyncError, ValueError):
@@ -50,6 +50,27 @@ def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
             src = block(whole.to(dst.device, dst.dtype), 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n)
             with torch.no_grad():
                 block(dst.view(-1), int(p["base"]), t.outer, int(p["dim"]), t.inner, int(p["off"]), n).copy_(src)
+
+
+def read_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of :func:`fill_from_full`: trainer ``rank``'s pieces of each full HF tensor it holds,
+    as ``{tensor id: (full tensor with this rank's elements, bool mask of them)}``; merging every rank's
+    gives the full weights (or gradients) the trainer holds."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    pieces = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
+    for tid in np.unique(pieces["tensor"]):
+        t = plan.tensors[tid]
+        first = tensors[plan.local_name[pieces[pieces["tensor"] == tid][0]["local"]]]
+        whole = torch.zeros(int(np.prod(t.shape)), dtype=first.dtype)
+        held = torch.zeros(whole.numel(), dtype=torch.bool)
+        for p in pieces[pieces["tensor"] == tid]:
+            n = int(p["hi"] - p["lo"])
+            src = block(tensors[plan.local_name[p["local"]]].detach().reshape(-1).cpu(), int(p["base"]), t.outer,
+                        int(p["dim"]), t.inner, int(p["off"]), n)
+            block(whole, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n).copy_(src)
+            block(held, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n).fill_(True)
+        out[int(tid)] = (whole.reshape(t.shape), held.reshape(t.shape))
+    return out
 
 
 def zero_unwritten(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -88,19 +88,23 @@ class ReferenceEngine(BufferTarget):
     # -- forward ----------------------------------------------------------------------------
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Logits ``[seq, vocab]`` for one sequence of token ids (every rank returns them); ``dtype``:
-        compute in it (float32 to compare with a reference) instead of the weights' own."""
+        """Logits ``[seq, vocab]`` for one sequence of token ids, or ``[batch, seq, vocab]`` for a batch of
+        equal-length sequences (every rank returns them); ``dtype``: compute in it (float32 to compare
+        with a reference) instead of the weights' own."""
+        if tokens.dim() == 1:
+            return self.forward(tokens[None], dtype)[0]
         self._w = self.tensors if dtype is None else {k: v.to(dtype) for k, v in self.tensors.items()}
         W, spec = self._w, self.spec
         tp, tp_rank = self.lay.tp, self.coords.tp
-        seq = tokens.shape[0]
+        self._batch, seq = tokens.shape
+        tokens = tokens.reshape(-1)  # one row per token; attention alone sees the sequences
         emb = W["model.embed_tokens.weight"]
         vp = emb.shape[0]
         local = tokens - tp_rank * vp
         mask = (local >= 0) & (local < vp)
         x = emb[local.clamp(0, vp - 1)] * mask[:, None].to(emb.dtype)
         x = self._sum(x, self.tp_group)
-        positions = torch.arange(seq)
+        positions = torch.arange(seq).repeat(self._batch)
         moe_layers = list(spec.moe_layers)
         counts = []
         for i in range(spec.num_layers):
@@ -115,10 +119,10 @@ class ReferenceEngine(BufferTarget):
             x = x + out
         x = self._rms(x, W["model.norm.weight"])
         head = W["model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"]
-        logits = torch.zeros(seq, vp * tp, dtype=x.dtype)
+        logits = torch.zeros(x.shape[0], vp * tp, dtype=x.dtype)
         logits[:, tp_rank * vp:(tp_rank + 1) * vp] = x @ head.T
         self.slot_counts = np.stack(counts) if counts else None
-        return self._sum(logits, self.tp_group)[:, : spec.vocab_size]
+        return self._sum(logits, self.tp_group)[:, : spec.vocab_size].reshape(self._batch, seq, -1)
 
     def _gated(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
         """This rank's part of a TP-sharded SwiGLU MLP (``gate_up_proj``, ``down_proj``)."""
@@ -134,17 +138,19 @@ class ReferenceEngine(BufferTarget):
         if a.qkv_bias:
             qkv = qkv + W[f"{p}.self_attn.qkv_proj.bias"]
         q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
-        seq = h.shape[0]
-        q, k, v = q.view(seq, nq, d), k.view(seq, nkv, d), v.view(seq, nkv, d)
+        rows = h.shape[0]
+        q, k, v = q.reshape(rows, nq, d), k.reshape(rows, nkv, d), v.reshape(rows, nkv, d)
         if a.qk_norm:
             q, k = self._rms(q, W[f"{p}.self_attn.q_norm.weight"]), self._rms(k, W[f"{p}.self_attn.k_norm.weight"])
         q, k = self._rope(q, positions), self._rope(k, positions)
         k = k.repeat_interleave(nq // nkv, dim=1)
         v = v.repeat_interleave(nq // nkv, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) * d ** -0.5
+        batch, seq = self._batch, rows // self._batch
+        q, k, v = (t.reshape(batch, seq, nq, d) for t in (q, k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * d ** -0.5
         causal = torch.ones(seq, seq, dtype=torch.bool).tril()
         probs = torch.softmax(scores.masked_fill(~causal, float("-inf")).float(), dim=-1).to(q.dtype)
-        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(seq, nq * d)
+        attn = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(rows, nq * d)
         return self._sum(attn @ W[f"{p}.self_attn.o_proj.weight"].T, self.tp_group)
 
     def _route(self, h: torch.Tensor, router: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 
 from planners.models import ModelSpec
 
-__all__ = ["hf_config", "hf_logits", "logits_agree"]
+__all__ = ["hf_config", "hf_logits", "hf_model", "logits_agree"]
 
 
 def hf_config(spec: ModelSpec) -> dict:
@@ -39,8 +39,8 @@ def _fused_experts(weights: dict[str, torch.Tensor], keys: set[str]) -> dict[str
     return out
 
 
-def hf_logits(spec: ModelSpec, weights: dict[str, torch.Tensor], tokens: list[int]) -> np.ndarray:
-    """Float32 logits ``[len(tokens), vocab]`` of the HF model holding ``weights`` (HF checkpoint names)."""
+def hf_model(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The float32 HF model (eval mode) holding ``weights`` (HF checkpoint names, one tensor per expert)."""
     import transformers
 
     cfg = transformers.AutoConfig.for_model(**hf_config(spec))
@@ -55,6 +55,12 @@ def hf_logits(spec: ModelSpec, weights: dict[str, torch.Tensor], tokens: list[in
         raise ValueError(f"weights do not fit transformers' {type(model).__name__}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict(state, strict=False)
+    return model
+
+
+def hf_logits(spec: ModelSpec, weights: dict[str, torch.Tensor], tokens: list[int]) -> np.ndarray:
+    """Float32 logits ``[len(tokens), vocab]`` of the HF model holding ``weights`` (HF checkpoint names)."""
+    model = hf_model(spec, weights)
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
 
