@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -229,19 +231,28 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0 if r["verified"] else 1
 
 
-def _iteration_table(title: str) -> Table:
+def _iteration_table(title: str, learning: bool = False) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("iteration", "engines", "sync s", "predicted ms", "bound ms", "MB", "GB/s", "balancedness",
-                "engines serve", "verified"):
+    columns = ("iteration", "reward", "log-prob gap", "rollout s", "train s") if learning else ("iteration",)
+    for col in columns + ("engines", "sync s", "predicted ms", "bound ms", "MB", "GB/s", "balancedness",
+                          "engines serve", "verified"):
         table.add_column(col, justify="right")
     return table
 
 
-def _iteration_row(r: dict) -> list[str]:
+def _iteration_row(r: dict, learning: bool = False) -> list[str]:
+    row = _sync_cells(r)
+    if not learning:
+        return row
+    return row[:1] + [f"{r['reward_mean']:.3f}", f"{r['logprob_mismatch']:.1e}", f"{r['rollout_seconds']:.2f}",
+                      f"{r['train_seconds']:.2f}"] + row[1:]
+
+
+def _sync_cells(r: dict) -> list[str]:
     b, secs = r["balancedness"], r["sync_seconds"]
     served = sorted({str(s["serving"]) if s["complete"] or s["serving"] is not None else "incomplete"
                      for s in r["engine_states"].values()})
-    verdict = "[green]yes[/]" if r["verified"] else "[red]NO[/]"
+    verdict = "[green]yes[/]" if r["verified"] else "- (no sync)" if r["verified"] is None else "[red]NO[/]"
     if r["errors"]:
         verdict = f"[red]failed:[/] {escape('; '.join(list(r['errors'].values())[:2])[:160])}"
     elif r.get("logits_gap"):
@@ -268,21 +279,36 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except FaultError as e:
         console.print(f"[red]error:[/] --fault: {e}")
         return 2
-    table = _iteration_table(f"{job.name} on Ray: one sync per iteration")
+    grpo = None
+    if (args.step or ("grpo" if args.trainer == "megatron" else "seeded")) == "grpo":
+        from sync.rl.task import GRPOSettings
+
+        grpo = GRPOSettings(prompts=args.prompts, group=args.group, lr=args.lr, kl_coef=args.kl, seed=args.seed)
+    learning = grpo is not None
+    table = _iteration_table(f"{job.name} on Ray: " + ("GRPO, " if learning else "") +
+                             ("one sync per iteration" if not args.no_sync else "engines never refreshed (control)"),
+                             learning)
     progress = Progress(TextColumn("iterations"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
     task = progress.add_task("run", total=args.iterations)
 
     def on_iteration(row: dict) -> None:
-        table.add_row(*_iteration_row(row))
+        table.add_row(*_iteration_row(row, learning))
         progress.advance(task)
 
     with Live(Group(table, progress), console=console, refresh_per_second=4, transient=False):
         report = run_job(job, iterations=args.iterations, report_dir=args.report, address=args.address,
                          trainer=args.trainer, console=console, engines_schedule=schedule, fault=fault,
-                         on_iteration=on_iteration)
+                         on_iteration=on_iteration, step=args.step, grpo=grpo, sync_weights=not args.no_sync)
     console.print()
     console.print(f"wall {report['wall_seconds']:.1f} s; report in {args.report}" if args.report else
                   f"wall {report['wall_seconds']:.1f} s")
+    rows = [r for r in report["iterations"] if "reward_mean" in r]
+    if len(rows) >= 2:
+        head, tail = rows[: min(5, len(rows) // 2)], rows[-min(5, len(rows) // 2):]
+        rise = np.mean([r["reward_mean"] for r in tail]) - np.mean([r["reward_mean"] for r in head])
+        console.print(f"reward: first {len(head)} iterations {np.mean([r['reward_mean'] for r in head]):.3f}, last "
+                      f"{len(tail)} {np.mean([r['reward_mean'] for r in tail]):.3f} (rise {rise:+.3f}); largest "
+                      f"trainer/engine log-prob gap {max(r['logprob_mismatch'] for r in rows):.1e}")
     if not report["verified"]:
         console.print("[red]verification failed[/] in iteration(s) "
                       + ", ".join(str(r["iteration"]) for r in report["iterations"] if not r["verified"]))
@@ -317,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--address", default=None, help="join a Ray cluster (default: start Ray locally)")
     r.add_argument("--trainer", choices=["megatron", "synthetic"], default="megatron",
                    help="trainer ranks: megatron-core GPTModels or synthetic shards")
+    r.add_argument("--step", choices=["grpo", "seeded"], default=None,
+                   help="the trainer's step: GRPO on the engines' rollouts (default with megatron) or seeded weights "
+                        "(default with synthetic)")
+    r.add_argument("--no-sync", action="store_true",
+                   help="GRPO control: the engines keep the initial weights (reward must not rise)")
+    r.add_argument("--prompts", type=int, default=8, help="GRPO: prompts per iteration")
+    r.add_argument("--group", type=int, default=4, help="GRPO: completions per prompt")
+    r.add_argument("--lr", type=float, default=2e-3, help="GRPO: Adam's learning rate")
+    r.add_argument("--kl", type=float, default=0.0, help="GRPO: weight of the KL to the initial policy")
+    r.add_argument("--seed", type=int, default=0, help="GRPO: prompts and sampling seed")
     r.add_argument("--engines", metavar="N,N,...", help="engines per iteration (elastic), e.g. 2,1,3")
     r.add_argument("--fault", metavar="KIND:RANK:STAGE:ITERATION[:BUCKET]",
                    help="chaos: kill, stall or corrupt one rank in one iteration's sync (see sync/faults.py); "

@@ -37,6 +37,9 @@ import numpy as np
 from planners import JobSpec, SyncPlan, build_plan
 from planners.eplb import balance_report
 from planners.eplb.stats import ExpertLoadWindow
+from sync.ends.synthetic import trained_tensor
+from sync.rl.task import GRPOSettings, TargetTokens
+from sync.run.grpo import check_grpo_job, rollout, train, trainer_weights
 
 __all__ = ["run_job", "RankActor"]
 
@@ -48,7 +51,8 @@ class RankActor:
     """One trainer or engine rank (wrapped by ``ray.remote`` in :func:`run_job`)."""
 
     def setup(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int, trainer_port: int,
-              trainer: str) -> dict[str, Any]:
+              trainer: str, grpo=None) -> dict[str, Any]:
+        """``grpo``: the GRPO settings when the trainer steps by policy gradients (megatron only)."""
         import ray
         import torch
 
@@ -60,12 +64,30 @@ class RankActor:
             if trainer == "megatron":
                 run = LocalRun(timeout_s=job.sync.timeout_s, job=job)
                 self.source = _megatron_source(plan, run, rank, host, trainer_port)
+                if grpo is not None:
+                    from sync.rl.trainer import PolicyTrainer
+
+                    self.policy = PolicyTrainer(self.source.chunks[0], job.model, grpo, self._initial_policy(job, plan, rank, grpo))
             else:
                 self.source = SyntheticSource(plan, rank)
         self.join(job, plan, rank, host, port)
         ctx = ray.get_runtime_context()
         return {"rank": rank, "node_id": ctx.get_node_id(), "placement_group": ctx.get_placement_group_id(),
                 "device": int(plan.devices[rank])}
+
+    def _initial_policy(self, job: JobSpec, plan: SyncPlan, rank: int, grpo):
+        """A frozen copy of the initial policy (version 0's weights) for the KL term; None without one."""
+        if not grpo.kl_coef:
+            return None
+        from sync.ends.base import fill_from_full
+        from sync.ends.megatron import MegatronSource, build_gpt_model
+
+        model = build_gpt_model(job.model, job.trainer).eval()
+        fill_from_full(plan, rank, MegatronSource(model).local_tensors(),
+                       lambda tid: trained_tensor(plan.tensors[tid], tid, SEED, 0, job.model.dtype))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
 
     def join(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int) -> None:
         """Join (or rejoin: new engines, or after a fault) the sync group; an engine keeps its weights
@@ -132,6 +154,52 @@ class RankActor:
         # its last token counts every token the engine has processed, once
         engine.forward(torch.tensor(seq[:-1]))
         return {"tokens": seq, "counts": engine.slot_counts}
+
+    def sample(self, prompts, settings, seed: int) -> dict[str, Any] | None:
+        """Engines: ``settings.completion_tokens`` tokens sampled at ``settings.temperature`` after each of
+        ``prompts [n, prompt_tokens]`` (a seeded generator: every rank of the engine draws alike), their
+        log-probs under the weights the engine serves, computed as the trainer computes them (one pass over
+        the whole sequences, which also counts the tokens each expert slot served)."""
+        import torch
+
+        engine = None if self.is_trainer else self.target.inner
+        if not hasattr(engine, "forward"):
+            return None
+        sequences = torch.as_tensor(np.asarray(prompts))
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(settings.completion_tokens):
+            logits = engine.forward(sequences, dtype=torch.float32)[:, -1] / settings.temperature
+            drawn = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+            sequences = torch.cat([sequences, drawn], dim=1)
+        logits = engine.forward(sequences[:, :-1], dtype=torch.float32) / settings.temperature
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, 1:, None])[..., 0]
+        return {"tokens": sequences.numpy(), "logprobs": logprobs[:, settings.prompt_tokens - 1:].numpy(),
+                "counts": engine.slot_counts}
+
+    def train(self, tokens, advantages, settings) -> dict[str, Any] | None:
+        """Trainer ranks: one GRPO step on this rank's data-parallel share of the batch. Returns the share's
+        completion log-probs under the weights before the step (those the engines sampled with)."""
+        import torch
+        from megatron.core import parallel_state as ps
+
+        if not self.is_trainer:
+            return None
+        dp, d = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        n = len(tokens)
+        share = slice(d * n // dp, (d + 1) * n // dp)
+        out = self.policy.step(torch.as_tensor(np.asarray(tokens)[share]),
+                               torch.as_tensor(np.asarray(advantages)[share], dtype=torch.float32),
+                               settings.prompt_tokens, n * settings.completion_tokens)
+        return {"share": (share.start, share.stop), "logprobs": out["logprobs"].numpy(), "loss": out["loss"]}
+
+    def full_weights(self) -> dict[int, tuple[Any, Any]] | None:
+        """Trainer ranks: their pieces of the full HF weights (``sync.ends.base.read_full``)."""
+        from sync.ends.base import read_full
+
+        if not self.is_trainer:
+            return None
+        return {tid: (v.numpy(), m.numpy()) for tid, (v, m) in
+                read_full(self.plan, self.rank, self.source.local_tensors()).items()}
 
     def logits(self, tokens: list[int]) -> Any:
         """Float32 logits of an engine for ``tokens`` (None on trainers and weight-only engines)."""
@@ -212,8 +280,15 @@ class _Placement:
 def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = None, address: str | None = None,
             trainer: str = "megatron", tokens: int = 8, steps: int = 4, console=None,
             engines_schedule: list[int] | None = None, fault=None,
-            on_iteration: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_iteration: Callable[[dict[str, Any]], None] | None = None, step: str | None = None,
+            grpo: GRPOSettings | None = None, sync_weights: bool = True) -> dict[str, Any]:
     """Run the refresh loop; returns the report (also written to ``report_dir/report.json``).
+
+    ``step``: ``"grpo"`` (the default with megatron trainers) -- engines sample rollouts of a task
+    with a verifiable reward, the trainer takes a GRPO step on them (``grpo``: its settings) and the new
+    weights are synced before the next rollout; ``"seeded"`` (the default with synthetic trainers) --
+    seeded weights of the next version, engines decode greedily. ``sync_weights=False``: the control,
+    where the engines keep the initial weights (synced once before iteration 1) and never get another.
 
     ``engines_schedule[i]`` is the number of engines in iteration i+1 (elastic engines): when it
     changes, engines start or stop, every rank joins a new sync group, and the next sync plans for
@@ -223,6 +298,17 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
 
     from sync.run.local import host_store
 
+    step = step or ("grpo" if trainer == "megatron" else "seeded")
+    if step not in ("grpo", "seeded"):
+        raise ValueError(f"step={step!r}: 'grpo' or 'seeded'")
+    grpo = (grpo or GRPOSettings()) if step == "grpo" else None
+    if grpo is not None:
+        check_grpo_job(job, grpo, trainer)
+        if engines_schedule:
+            raise ValueError("elastic engines (--engines) run with --step seeded")
+    elif not sync_weights:
+        raise ValueError("--no-sync is the GRPO control: it runs with --step grpo")
+    task = TargetTokens(job.model.vocab_size) if grpo is not None else None
     started = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -241,7 +327,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     def regroup(actors: list, fresh: set[int]) -> list[dict]:
         """Every rank joins a new sync group; ``fresh`` actors set up first (models, engines)."""
         port = store_port()
-        return [p for p in ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer) if r in fresh
+        return [p for p in ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer, grpo) if r in fresh
                                     else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
                 if p is not None]
 
@@ -251,6 +337,13 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     rng = np.random.default_rng(SEED)
     rows: list[dict[str, Any]] = []
     before_loads = after_loads = None
+    initial_sync = None
+    if grpo is not None:  # the engines start from the trainer's initial policy
+        ray.get([a.update.remote(0) for a in actors])
+        results, lost = _sync_all(ray, actors, 0, job.sync.timeout_s)
+        initial_sync = _row(0, job, plan, results, lost, {}, placed)
+        if lost or initial_sync["errors"] or not initial_sync["verified"]:
+            raise RuntimeError(f"the initial sync (version 0) failed: {initial_sync['errors'] or 'not verified'}")
     for it in range(1, iterations + 1):
         engines = engines_schedule[(it - 1) % len(engines_schedule)] if engines_schedule else job.inference.engines
         if engines != job.inference.engines:  # elastic engines: a new set, a new group, a new plan
@@ -262,19 +355,30 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             actors = actors[: plan.num_ranks] + [Actor.options(**where.options(plan, r)).remote() for r in sorted(fresh)]
             placed = [p for p in placed if p["rank"] < plan.num_ranks] + regroup(actors, fresh)
             say(f"iteration {it}: now {engines} engine(s), {plan.num_ranks} ranks")
-        ray.get([a.update.remote(it) for a in actors])
-        prompt = rng.integers(0, job.model.vocab_size, tokens).tolist()
-        gen = ray.get([a.generate.remote(prompt, steps) for a in actors])
         first_ranks = [r for r in range(plan.num_trainer, plan.num_ranks) if (r - plan.num_trainer) % job.inference.engine_size == 0]
+        learning: dict[str, Any] = {}
+        if grpo is None:
+            ray.get([a.update.remote(it) for a in actors])
+            prompt = rng.integers(0, job.model.vocab_size, tokens).tolist()
+            gen = ray.get([a.generate.remote(prompt, steps) for a in actors])
+            per_engine = [gen[r]["counts"] for r in first_ranks if gen[r] is not None and gen[r]["counts"] is not None]
+            probe = next((g["tokens"] for g in gen if g is not None), prompt)
+        else:  # rollouts with the weights the engines serve, then the step they teach
+            rolled = rollout(ray, actors, plan, job, grpo, task, it)
+            rewards = task.reward(rolled.tokens[:, grpo.prompt_tokens:])
+            trained = train(ray, actors, plan, rolled.tokens, rewards, grpo)
+            per_engine, probe = rolled.counts, rolled.tokens[0].tolist()
+            learning = dict(reward_mean=float(rewards.mean()), loss=trained["loss"],
+                            logprob_mismatch=float(np.max(np.abs(trained["logprobs"] - rolled.logprobs))),
+                            rollout_seconds=rolled.seconds, train_seconds=trained["seconds"])
         balance: dict[str, float] = {}
         if window is not None:
-            per_engine = [gen[r]["counts"] for r in first_ranks if gen[r] is not None and gen[r]["counts"] is not None]
             if per_engine:  # every rank of an engine counts all of its tokens: one rank per engine
                 window.record(np.sum(per_engine, axis=0), plan.placement.phy2log)
             load = window.load()
             groups, n_nodes, gpus = job.eplb_shape()
             balance["before"] = balance_report(load, plan.placement, gpus, n_nodes).balancedness
-            if job.eplb.enabled:
+            if job.eplb.enabled and sync_weights:  # a placement reaches the engines with a sync only
                 new_plan = build_plan(job, load).validate()
                 balance["after"] = balance_report(load, new_plan.placement, gpus, n_nodes).balancedness
                 before_loads, after_loads = (load, plan.placement.phy2log, gpus), (load, new_plan.placement.phy2log, gpus)
@@ -282,11 +386,14 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
                 ray.get([a.set_plan.remote(plan) for a in actors])
         if fault is not None and fault.sync == it and fault.rank < len(actors):
             ray.get(actors[fault.rank].arm.remote(fault))
-        results, lost = _sync_all(ray, actors, it, job.sync.timeout_s)
-        row = _row(it, job, plan, results, lost, balance, placed)
-        if job.sync.verify == "logits" and not lost:
-            seq = next((g["tokens"] for g in gen if g is not None), prompt)
-            row["logits_gap"] = _compare_logits(ray, actors, plan, job, it, seq, first_ranks)
+        results, lost = _sync_all(ray, actors, it, job.sync.timeout_s) if sync_weights else ([], {})
+        row = {**_row(it, job, plan, results, lost, balance, placed), **learning}
+        if not sync_weights:
+            row["verified"] = None  # nothing was synced
+        elif job.sync.verify == "logits" and not lost:
+            weights = (trainer_weights(ray, actors, plan) if grpo is not None else
+                       {t.name: trained_tensor(t, i, SEED, it, job.model.dtype) for i, t in enumerate(plan.tensors)})
+            row["logits_gap"] = _compare_logits(ray, actors, job, weights, probe, first_ranks)
             row["verified"] = row["verified"] and all(g is None for g in row["logits_gap"].values())
         rows.append(row)
         if on_iteration is not None:
@@ -302,8 +409,9 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             placed = [p for p in placed if p["rank"] not in restart] + regroup(actors, restart)
             say(f"iteration {it}: sync failed; restarted rank(s) {sorted(restart)}, every rank joined a new group")
     last_ok = next((r for r in reversed(rows) if not r["errors"]), None)
-    report = dict(job=job.describe(), iterations=rows, wall_seconds=time.perf_counter() - started,
-                  verified=all(r["verified"] for r in rows),
+    report = dict(job=job.describe(), step=step, synced=sync_weights, grpo=vars(grpo) if grpo else None,
+                  initial_sync=initial_sync, iterations=rows, wall_seconds=time.perf_counter() - started,
+                  verified=all(r["verified"] is not False for r in rows),
                   placement=sorted(placed, key=lambda p: p["rank"]),  # node, placement group, plan device
                   expert_placement=plan.placement.phy2log.tolist() if plan.placement is not None else None,
                   cross_node_bytes_planned=int(plan.chunks["nbytes"][plan.chunks["link"] == 2].sum()),
@@ -356,15 +464,13 @@ def _cross_node_sent(results, placed) -> int:
     return sum(n for r in results for peer, n in r["sent_to"].items() if node_of[peer] != node_of[r["rank"]])
 
 
-def _compare_logits(ray, actors, plan: SyncPlan, job: JobSpec, version: int, tokens: list[int],
+def _compare_logits(ray, actors, job: JobSpec, weights: dict, tokens: list[int],
                     first_ranks: list[int]) -> dict[int, float | None]:
-    """Each engine's float32 logits against the HF model holding version ``version``'s full weights;
+    """Each engine's float32 logits against the HF model holding the trainer's full ``weights``;
     ``{engine's first rank: None if they agree, else the worst gap}``."""
-    from sync.ends.synthetic import trained_tensor
     from sync.verify.logits import hf_logits, logits_agree
 
     got = ray.get([a.logits.remote(tokens) for a in actors])
-    weights = {t.name: trained_tensor(t, i, SEED, version, job.model.dtype) for i, t in enumerate(plan.tensors)}
     want = hf_logits(job.model, weights, tokens)
     return {r: logits_agree(got[r], want) for r in first_ranks if got[r] is not None}
 
@@ -389,7 +495,43 @@ def _write_report(folder: Path, report: dict, plan: SyncPlan, before, after) -> 
     fig.tight_layout()
     fig.savefig(folder / "traffic.png", dpi=100)
     plt.close(fig)
+    rows = [r for r in report["iterations"] if "reward_mean" in r]
+    if rows:
+        _plot_learning(folder, rows, report["synced"])
     if before is not None:
         load, old, gpus = before
         plot_gpu_loads(gpu_loads(load, old, gpus), gpu_loads(load, after[1], gpus), folder / "expert_load.png",
                        title="per-GPU expert load before/after rebalancing")
+
+
+def _plot_learning(folder: Path, rows: list[dict], synced: bool) -> None:
+    """reward.png, mismatch.png and time_share.png of a GRPO run."""
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in rows]
+    label = "synced every iteration" if synced else "control: engines never refreshed"
+    for name, key, ylabel, log in (("reward", "reward_mean", "mean reward (share of target tokens)", False),
+                                   ("mismatch", "logprob_mismatch", "max |trainer - engine| log-prob", True)):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(its, [r[key] for r in rows], marker="o", label=label)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = np.zeros(len(rows))
+    for key, part in (("rollout_seconds", "rollout"), ("train_seconds", "train"), ("sync_seconds", "sync")):
+        seconds = np.array([r.get(key) or 0.0 for r in rows])
+        ax.bar(its, seconds, bottom=bottom, label=part)
+        bottom += seconds
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("seconds")
+    ax.set_title("where each iteration goes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "time_share.png", dpi=100)
+    plt.close(fig)
