@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="GRPO control: the engines keep the initial weights (reward must not rise)")
     r.add_argument("--prompts", type=int, default=8, help="GRPO: prompts per iteration")
     r.add_argument("--group", type=int, default=4, help="GRPO: completions per prompt")
-    r.add_argument("--lr", type=float, default=2e-3, help="GRPO: Adam's learning rate")
+    r.add_argument("--lr", type=float, default=1e-2, help="GRPO: Adam's learning rate")
     r.add_argument("--kl", type=float, default=0.0, help="GRPO: weight of the KL to the initial policy")
     r.add_argument("--seed", type=int, default=0, help="GRPO: prompts and sampling seed")
     r.add_argument("--engines", metavar="N,N,...", help="engines per iteration (elastic), e.g. 2,1,3")

@@ -25,7 +25,7 @@ class GRPOSettings:
     prompt_tokens: int = 4
     completion_tokens: int = 6
     temperature: float = 1.0
-    lr: float = 2e-3
+    lr: float = 1e-2
     kl_coef: float = 0.0
     seed: int = 0
 

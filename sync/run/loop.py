@@ -4,10 +4,12 @@ One Ray actor per rank. Trainer actors build megatron-core ``GPTModel`` s (or sy
 engine actors :class:`~sync.ends.reference.ReferenceEngine` s wrapped as versioned targets; all
 join the sync's standalone gloo group through a TCP store on the driver's host. Each iteration:
 
-1. the trainer steps: seeded weights of the next version, written into the model in place;
-2. engines generate a few tokens (greedy) and count the tokens each expert slot served;
-3. the driver folds the counts into the load window and (EPLB on) recomputes placement and plan;
-4. every rank syncs version ``iteration``; checksums verify every engine tensor, and with
+1. the trainer steps. GRPO (the default with megatron trainers; ``sync.run.grpo``): engines sample
+   completions of a task with a verifiable reward, counting the tokens each expert slot served, and the
+   trainer ranks take a policy-gradient step on them. Seeded (``step="seeded"``): seeded weights of the
+   next version, written into the model in place, and engines generate a few tokens (greedy), counting;
+2. the driver folds the counts into the load window and (EPLB on) recomputes placement and plan;
+3. every rank syncs version ``iteration``; checksums verify every engine tensor, and with
    ``sync.verify: logits`` engine logits are compared with a Hugging Face model holding the trainer's
    weights.
 
@@ -304,8 +306,8 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     grpo = (grpo or GRPOSettings()) if step == "grpo" else None
     if grpo is not None:
         check_grpo_job(job, grpo, trainer)
-        if engines_schedule:
-            raise ValueError("elastic engines (--engines) run with --step seeded")
+        if engines_schedule or fault is not None:  # a restarted trainer rank would lose its training state
+            raise ValueError("elastic engines (--engines) and faults (--fault) run with --step seeded")
     elif not sync_weights:
         raise ValueError("--no-sync is the GRPO control: it runs with --step grpo")
     task = TargetTokens(job.model.vocab_size) if grpo is not None else None
