@@ -27,13 +27,13 @@ import numpy as np
 from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
 from planners.errors import PlanBuildError
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
-from planners.models import Catalog, ModelSpec, catalog
+from planners.models import Catalog, ModelSpec, catalog, expert_names
 from planners.eplb.placement import Placement
 from planners.plan import CHUNK_DTYPE, PIECE_DTYPE, SyncPlan
 from planners.sides import engine_side, trainer_side
 from planners.sides.shards import LocalTensor
 
-__all__ = ["build_plan", "build_plan_from_parts", "PlanBuildError"]
+__all__ = ["build_plan", "build_plan_from_parts", "PlanBuilder", "PlanBuildError"]
 
 
 def build_plan(job: Any, load: Any = None) -> SyncPlan:
@@ -48,28 +48,88 @@ def build_plan_from_parts(spec: ModelSpec, trainer: TrainerLayout, inference: In
                           links: Links | None = None, meta: dict[str, Any] | None = None,
                           sides: tuple[str, str] = ("megatron", "vllm")) -> SyncPlan:
     """``sides``: the trainer's and the engine's kind (``planners.sides``)."""
-    links = links or Links()
-    trainer_rules, engine_rules = trainer_side(sides[0]), engine_side(sides[1])
-    trainer_rules.check(spec, trainer)
-    engine_rules.check(spec, inference, placement)
-    cat = catalog(spec)
-    devices = np.asarray(deployment.device_ids(trainer, inference), dtype=np.int64)
-    T = trainer.world_size
+    return PlanBuilder(spec, trainer, inference, deployment, placement, links, meta, sides).plan(placement)
 
-    templates = [trainer_rules.template(spec, cat, trainer, r) for r in range(T)]
-    templates += [engine_rules.template(spec, cat, inference, placement, r) for r in range(inference.world_size)]
-    local_rank, names, shapes, dtypes, pieces = _tables(templates)
 
-    piece_rank = local_rank[pieces["local"]]
-    seg = _Segments(cat, pieces[piece_rank < T], piece_rank[piece_rank < T], devices)
-    cuts = _cuts(cat, seg, pieces[piece_rank >= T], piece_rank[piece_rank >= T], devices, deployment.gpus_per_node)
-    chunks = _route(cat, seg, cuts, devices, deployment.gpus_per_node, links)
+class PlanBuilder:
+    """A job's plan in two parts: what no expert placement can touch, built once here, and the routed
+    experts' slots, built per placement by :meth:`plan` (a refresh with a new placement pays for that
+    part only). The placement-free part covers both sides' local tensors and every piece but the
+    engines' expert-slot pieces, the trainer's segments, and the chunks of every other tensor, routed
+    first; the experts are routed after them, from where that routing left every rank's links. So
+    :meth:`plan` gives the same plan for a placement whichever placements it planned before."""
 
-    return SyncPlan(
-        tensors=cat.tensors, local_rank=local_rank, local_name=names, local_shape=shapes, local_dtype=dtypes,
-        pieces=pieces, chunks=chunks, devices=devices, num_trainer=T, gpus_per_node=deployment.gpus_per_node,
-        links=links, meta=meta or {}, placement=placement,
-    )
+    def __init__(self, spec: ModelSpec, trainer: TrainerLayout, inference: InferenceLayout, deployment: Deployment,
+                 placement: Placement | None = None, links: Links | None = None, meta: dict[str, Any] | None = None,
+                 sides: tuple[str, str] = ("megatron", "vllm")) -> None:
+        self.spec, self.trainer, self.inference, self.deployment = spec, trainer, inference, deployment
+        self.links, self.meta = links or Links(), meta or {}
+        trainer_rules, self.engine_rules = trainer_side(sides[0]), engine_side(sides[1])
+        trainer_rules.check(spec, trainer)
+        self.engine_rules.check(spec, inference, placement)
+        self.cat = cat = catalog(spec)
+        self.devices = np.asarray(deployment.device_ids(trainer, inference), dtype=np.int64)
+        self.T = T = trainer.world_size
+        self.num_physical = placement.num_physical if placement is not None else spec.num_experts
+
+        templates = [trainer_rules.template(spec, cat, trainer, r) for r in range(T)]
+        templates += [self.engine_rules.template(spec, cat, inference, placement, r) for r in range(inference.world_size)]
+        self.local_rank, self.names, self.shapes, self.dtypes, self.pieces = _tables(templates)
+        self.piece_rank = piece_rank = self.local_rank[self.pieces["local"]]
+        self.seg = _Segments(cat, self.pieces[piece_rank < T], piece_rank[piece_rank < T], self.devices)
+
+        self._slots(placement)
+        fixed = (piece_rank >= T) & ~self.in_slot
+        cuts = _cuts(cat, self.seg, self.pieces[fixed], piece_rank[fixed], self.devices, deployment.gpus_per_node)
+        self.fixed_chunks, self.busy = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links)
+
+    def _slots(self, placement: Placement | None) -> None:
+        """The engines' expert-slot pieces: for each, its MoE layer, physical slot and projection, so that
+        a placement says which logical tensor fills it."""
+        spec, cat = self.spec, self.cat
+        expert = np.array([t.expert for t in cat.tensors], dtype=np.int64)
+        self.in_slot = (self.piece_rank >= self.T) & (expert[self.pieces["tensor"]] >= 0)
+        self.slot_rows = np.flatnonzero(self.in_slot)
+        if not len(self.slot_rows):
+            return
+        layers = list(spec.moe_layers)
+        self.expert_tensor = np.array([[[cat.index[n] for n in expert_names(spec, layer, e)]
+                                        for e in range(spec.num_experts)] for layer in layers], dtype=np.int64)
+        moe_of, proj_of = np.full(len(cat), -1, np.int64), np.full(len(cat), -1, np.int64)
+        moe_of[self.expert_tensor.reshape(-1)] = np.repeat(np.arange(len(layers)), self.expert_tensor[0].size)
+        proj_of[self.expert_tensor.reshape(-1)] = np.tile(np.arange(self.expert_tensor.shape[2]),
+                                                          len(layers) * spec.num_experts)
+        rows = self.pieces[self.slot_rows]
+        self.slot_layer, self.slot_proj = moe_of[rows["tensor"]], proj_of[rows["tensor"]]
+        locals_ = rows["local"].astype(np.int64)
+        kinds, which = np.unique(locals_, return_inverse=True)
+        self.slot_phys = self.engine_rules.slots_of(self.inference, self.num_physical,
+                                                    self.piece_rank[self.slot_rows].astype(np.int64) - self.T,
+                                                    [self.shapes[int(k)] for k in kinds], which,
+                                                    rows["base"].astype(np.int64))
+
+    def plan(self, placement: Placement | None = None) -> SyncPlan:
+        """The plan for ``placement`` (the identity, expert ``e`` in slot ``e``, when None)."""
+        pieces = self.pieces
+        if len(self.slot_rows):
+            if placement is not None:
+                placement.check(len(self.spec.moe_layers), self.spec.num_experts, self.num_physical)
+                phy2log = np.asarray(placement.phy2log, dtype=np.int64)
+            else:
+                phy2log = np.broadcast_to(np.arange(self.num_physical), (len(self.spec.moe_layers), self.num_physical))
+            pieces = pieces.copy()
+            pieces["tensor"][self.slot_rows] = self.expert_tensor[
+                self.slot_layer, phy2log[self.slot_layer, self.slot_phys], self.slot_proj]
+        moving = self.in_slot
+        cuts = _cuts(self.cat, self.seg, pieces[moving], self.piece_rank[moving], self.devices,
+                     self.deployment.gpus_per_node)
+        chunks, _ = _route(self.cat, self.seg, cuts, self.devices, self.deployment.gpus_per_node, self.links, self.busy)
+        return SyncPlan(
+            tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
+            local_dtype=self.dtypes, pieces=pieces, chunks=_sorted_chunks([self.fixed_chunks, chunks]),
+            devices=self.devices, num_trainer=self.T, gpus_per_node=self.deployment.gpus_per_node, links=self.links,
+            meta=self.meta, placement=placement,
+        )
 
 
 def _tables(templates: list[tuple[LocalTensor, ...]]):
@@ -202,8 +262,13 @@ def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn) 
     return c
 
 
-def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int, links: Links) -> np.ndarray:
+def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int, links: Links,
+           busy: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Chunks for the cuts ``c``, and every rank's (out, in) busy seconds after them; ``busy``: where
+    earlier routing left them (the placement-free tensors, routed once, before the experts)."""
     n_ranks = len(devices)
+    if not len(c.tensor):
+        return np.zeros(0, CHUNK_DTYPE), busy if busy is not None else (np.zeros(n_ranks), np.zeros(n_ranks))
     inv_bw = 1.0 / links.bandwidths()
     row_bytes = np.array([t.row_bytes for t in cat.tensors], dtype=np.int64)
     nbytes = (c.hi - c.lo) * row_bytes[c.tensor]
@@ -222,8 +287,8 @@ def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int
     simple = (n_dest == 1) & ~has_local & (n_holders[starts] == 1)
     rows = starts[simple]
     parts.append(_stage1_rows(seg, c, rows, seg.first[c.seg[rows]], nbytes, devices, gpn))
-    out_busy = np.zeros(n_ranks)
-    in_busy = np.zeros(n_ranks)
+    out_busy = np.zeros(n_ranks) if busy is None else busy[0].copy()
+    in_busy = np.zeros(n_ranks) if busy is None else busy[1].copy()
     if len(parts[-1]):
         p = parts[-1]
         cost = p["nbytes"] * inv_bw[p["link"]]
@@ -236,6 +301,11 @@ def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int
     parts.extend(_greedy(seg, c, starts, n_dest, rest, nbytes, devices, gpn, inv_bw, out_busy, in_busy))
 
     chunks = np.concatenate([p for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros(0, CHUNK_DTYPE)
+    return chunks, (out_busy, in_busy)
+
+
+def _sorted_chunks(parts: list[np.ndarray]) -> np.ndarray:
+    chunks = np.concatenate(parts) if parts else np.zeros(0, CHUNK_DTYPE)
     order = np.lexsort((chunks["lo"], chunks["tensor"], chunks["dst"], chunks["src"], chunks["stage"]))
     return chunks[order]
 
@@ -315,6 +385,7 @@ def _greedy(seg, c, starts, n_dest, deliveries, nbytes, devices, gpn, inv_bw, ou
             s2_dst.append(i)
     stage1 = _stage1_rows(seg, c, np.array(s1_rows, dtype=np.int64), np.array(s1_holders, dtype=np.int64),
                           nbytes, devices, gpn)
+    out_busy[:], in_busy[:] = out_b, in_b  # the caller's arrays: where this routing left every rank
     return [stage1, _stage2_rows(c, np.array(s2_src, dtype=np.int64), np.array(s2_dst, dtype=np.int64), nbytes, devices, gpn)]
 
 

@@ -28,7 +28,11 @@ def random_weights(job: JobSpec, seed: int = 0) -> dict[str, np.ndarray]:
 
 def assert_plan_exact(job: JobSpec, seed: int = 0, load=None):
     """Build, validate and simulate ``job``; every inference rank must equal the direct slices."""
-    plan = build_plan(job, load).validate()
+    return assert_simulates_exactly(job, build_plan(job, load).validate(), seed)
+
+
+def assert_simulates_exactly(job: JobSpec, plan, seed: int = 0):
+    """``plan.simulate`` of random weights gives every inference rank exactly the direct slices."""
     full = random_weights(job, seed)
     got = plan.simulate(full)
     placement = plan.placement

@@ -36,6 +36,11 @@ class EngineSide(Protocol):
 
     def template(self, spec: Any, cat: Any, layout: Any, placement: Any, rank: int) -> tuple: ...
 
+    def slots_of(self, layout: Any, num_physical: int, ranks: Any, local_shapes: list, which: Any, bases: Any) -> Any:
+        """The physical expert slot each expert piece fills (engine ranks, ``local_shapes[which]`` their
+        local tensors' shapes, the pieces' flat offsets; arrays)."""
+        ...
+
 
 TRAINERS: dict[str, TrainerSide] = {megatron.NAME: megatron}
 ENGINES: dict[str, EngineSide] = {vllm.NAME: vllm}

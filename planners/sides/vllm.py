@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
+
 from planners.errors import LayoutError, ShardError
 from planners.layouts import InferenceLayout, vllm_pp_layers
 from planners.models import GQA, MLA, Catalog, ModelSpec, expert_names, router_prefix
@@ -114,6 +116,17 @@ def inference_locals(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, pla
     """Local tensors of inference ``rank`` (engine-local numbering), tagged with ``global_rank``."""
     return [LocalTensor(global_rank, t.name, t.shape, t.dtype, t.pieces)
             for t in template(spec, cat, layout, placement, rank)]
+
+
+def slots_of(layout: InferenceLayout, num_physical: int, ranks: np.ndarray, local_shapes: list[tuple[int, ...]],
+             which: np.ndarray, bases: np.ndarray) -> np.ndarray:
+    """The physical expert slot each expert piece fills: engine ``ranks``, the shape of each piece's
+    local tensor (``local_shapes[which]``), the pieces' flat ``bases``. FusedMoE stacks a rank's slots
+    along dimension 0 of ``w13_weight`` / ``w2_weight``, so the block a piece lands in says which."""
+    starts = np.array([layout.expert_slots(num_physical, c.dp * layout.tp + c.tp).start
+                       for c in (layout.coords(r) for r in range(layout.world_size))], dtype=np.int64)
+    per_slot = np.array([int(np.prod(shape[1:])) for shape in local_shapes], dtype=np.int64)
+    return starts[ranks] + bases // per_slot[which]
 
 
 def template(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | None,
