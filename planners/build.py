@@ -81,7 +81,10 @@ class PlanBuilder:
         self._slots(placement)
         fixed = (piece_rank >= T) & ~self.in_slot
         cuts = _cuts(cat, self.seg, self.pieces[fixed], piece_rank[fixed], self.devices, deployment.gpus_per_node)
-        self.fixed_chunks, self.busy = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links)
+        fixed_chunks, self.busy = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links)
+        self.fixed_chunks = _sorted_chunks([fixed_chunks])
+        self.keys = _ChunkKeys(len(self.devices), cat)
+        self.fixed_keys = self.keys(self.fixed_chunks) if self.keys.usable else None
 
     def _slots(self, placement: Placement | None) -> None:
         """The engines' expert-slot pieces: for each, its MoE layer, physical slot and projection, so that
@@ -126,7 +129,7 @@ class PlanBuilder:
         chunks, _ = _route(self.cat, self.seg, cuts, self.devices, self.deployment.gpus_per_node, self.links, self.busy)
         return SyncPlan(
             tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
-            local_dtype=self.dtypes, pieces=pieces, chunks=_sorted_chunks([self.fixed_chunks, chunks]),
+            local_dtype=self.dtypes, pieces=pieces, chunks=self.keys.merge(self.fixed_chunks, self.fixed_keys, chunks),
             devices=self.devices, num_trainer=self.T, gpus_per_node=self.deployment.gpus_per_node, links=self.links,
             meta=self.meta, placement=placement,
         )
@@ -270,8 +273,7 @@ def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int
     if not len(c.tensor):
         return np.zeros(0, CHUNK_DTYPE), busy if busy is not None else (np.zeros(n_ranks), np.zeros(n_ranks))
     inv_bw = 1.0 / links.bandwidths()
-    row_bytes = np.array([t.row_bytes for t in cat.tensors], dtype=np.int64)
-    nbytes = (c.hi - c.lo) * row_bytes[c.tensor]
+    nbytes = (c.hi - c.lo) * cat.row_bytes[c.tensor]
     starts = np.r_[0, np.flatnonzero(np.diff(c.delivery)) + 1]
     n_dest = np.diff(np.r_[starts, len(c.delivery)])
     n_holders = seg.first[c.seg + 1] - seg.first[c.seg]
@@ -304,10 +306,41 @@ def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int
     return chunks, (out_busy, in_busy)
 
 
+_ORDER = ("stage", "src", "dst", "tensor", "lo")  # the plan's chunk order, most significant first
+
+
 def _sorted_chunks(parts: list[np.ndarray]) -> np.ndarray:
+    """Chunks in the plan's order: by stage, sender, receiver, tensor, offset (stable)."""
     chunks = np.concatenate(parts) if parts else np.zeros(0, CHUNK_DTYPE)
-    order = np.lexsort((chunks["lo"], chunks["tensor"], chunks["dst"], chunks["src"], chunks["stage"]))
+    order = np.lexsort(tuple(chunks[f] for f in reversed(_ORDER)))
     return chunks[order]
+
+
+class _ChunkKeys:
+    """The plan's chunk order as one int64 per chunk, the five fields packed at widths fixed by the
+    job (ranks, tensors, the longest split dimension), so keys of chunks routed apart compare."""
+
+    def __init__(self, n_ranks: int, cat: Catalog) -> None:
+        longest = max((t.shape[t.split_dim] for t in cat.tensors), default=1)
+        widths = [2, n_ranks, n_ranks, len(cat), longest]
+        self.bits = [max(int(w), 1).bit_length() for w in widths]
+        self.usable = sum(self.bits) <= 63
+
+    def __call__(self, chunks: np.ndarray) -> np.ndarray:
+        key = np.zeros(len(chunks), np.int64)
+        for f, b in zip(_ORDER, self.bits):
+            key <<= b
+            key |= chunks[f]
+        return key
+
+    def merge(self, fixed: np.ndarray, fixed_key: np.ndarray, moving: np.ndarray) -> np.ndarray:
+        """``fixed`` (in the plan's order, keys ``fixed_key``) with ``moving`` merged in: the order a
+        stable sort of both gives, without sorting ``fixed`` again."""
+        if not self.usable:
+            return _sorted_chunks([fixed, moving])
+        key = self(moving)
+        order = np.argsort(key, kind="stable")
+        return np.insert(fixed, np.searchsorted(fixed_key, key[order], side="right"), moving[order])
 
 
 def _stage1_rows(seg: _Segments, c: _Cuts, rows: np.ndarray, holders: np.ndarray, nbytes, devices, gpn) -> np.ndarray:

@@ -9,7 +9,10 @@ the engine serves and are left out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
+
+import numpy as np
 
 from planners.models.blocks import GQA, MLA
 from planners.models.spec import DTYPES, ModelSpec
@@ -76,6 +79,11 @@ class Catalog:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @cached_property
+    def row_bytes(self) -> np.ndarray:
+        """Bytes of one index along each tensor's split dimension, by tensor id (int64)."""
+        return np.array([t.row_bytes for t in self.tensors], dtype=np.int64)
 
 
 def expert_names(spec: ModelSpec, layer: int, expert: int) -> tuple[str, str, str]:
