@@ -38,7 +38,8 @@ __all__ = ["build_plan", "build_plan_from_parts", "PlanBuilder", "PlanBuildError
 
 def build_plan(job: Any, load: Any = None) -> SyncPlan:
     """Plan for a :class:`planners.job.JobSpec`; with EPLB enabled and expert ``load [moe_layers,
-    experts]`` given, the plan fills the balanced placement computed from it."""
+    experts]`` given, the plan fills the balanced placement computed from it. (Refreshing with a new
+    load every iteration: keep a ``PlanBuilder.for_job(job)`` and call ``plan(job.placement(load))``.)"""
     return build_plan_from_parts(job.model, job.trainer, job.inference, job.deployment, job.placement(load),
                                  job.links, meta=job.describe(), sides=(job.trainer_kind, job.engine_kind))
 
@@ -85,6 +86,12 @@ class PlanBuilder:
         self.fixed_chunks = _sorted_chunks([fixed_chunks])
         self.keys = _ChunkKeys(len(self.devices), cat)
         self.fixed_keys = self.keys(self.fixed_chunks) if self.keys.usable else None
+
+    @classmethod
+    def for_job(cls, job: Any) -> "PlanBuilder":
+        """The builder of a :class:`planners.job.JobSpec` (its initial placement planned first)."""
+        return cls(job.model, job.trainer, job.inference, job.deployment, job.placement(None), job.links,
+                   meta=job.describe(), sides=(job.trainer_kind, job.engine_kind))
 
     def _slots(self, placement: Placement | None) -> None:
         """The engines' expert-slot pieces: for each, its MoE layer, physical slot and projection, so that

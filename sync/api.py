@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from planners import JobSpec, SyncPlan, build_plan
+from planners import JobSpec, SyncPlan
+from planners.build import PlanBuilder
 from planners.eplb import balance_report
 from sync.session import Session
 from sync.transport import Transport, standalone_transport
@@ -44,8 +45,10 @@ class SyncReport:
 class Synchronizer:
     def __init__(self, job: JobSpec, rank: int, transport: Transport, source=None, target=None) -> None:
         self.job, self.rank = job, rank
+        # what no expert placement touches is planned once; a new load replans the expert slots only
+        self.builder = PlanBuilder.for_job(job)
         # at start-up, not at the first sync: a model built for another layout is named right away
-        self.session = Session.open(build_plan(job), rank, transport, source, target, job.sync)
+        self.session = Session.open(self.builder.plan(job.placement(None)), rank, transport, source, target, job.sync)
 
     @classmethod
     def from_job(cls, job: JobSpec, rank: int, source=None, target=None, host: str = "127.0.0.1",
@@ -79,7 +82,7 @@ class Synchronizer:
     def sync(self, version: int, expert_load=None) -> SyncReport:
         """Sync ``version``; a failed sync raises (``SyncError``), after the engine state says so."""
         if expert_load is not None and self.job.eplb.enabled:
-            self.session.replan(build_plan(self.job, expert_load))
+            self.session.replan(self.builder.plan(self.job.placement(expert_load)))
         stats = self.session.sync(version)
         plan, target = self.plan, self.target
         moved = int(plan.chunks["nbytes"].sum())

@@ -36,7 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from planners import JobSpec, SyncPlan, build_plan
+from planners import JobSpec, SyncPlan
+from planners.build import PlanBuilder
 from planners.eplb import balance_report
 from planners.eplb.stats import ExpertLoadWindow
 from sync.ends.synthetic import trained_tensor
@@ -316,7 +317,8 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     say = console.print if console is not None else (lambda *a, **k: None)
     window = ExpertLoadWindow(len(job.model.moe_layers), job.model.num_experts, job.eplb.window) if job.model.is_moe else None
-    plan = build_plan(job).validate()
+    builder = PlanBuilder.for_job(job)  # what no placement touches, once; each new load replans the experts
+    plan = builder.plan(job.placement(None)).validate()
     where = _Placement(ray, job.deployment.gpus_per_node)
     Actor = ray.remote(RankActor)
     host = "127.0.0.1" if address is None else ray.util.get_node_ip_address()
@@ -350,7 +352,8 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
         engines = engines_schedule[(it - 1) % len(engines_schedule)] if engines_schedule else job.inference.engines
         if engines != job.inference.engines:  # elastic engines: a new set, a new group, a new plan
             job = replace(job, inference=replace(job.inference, engines=engines))
-            plan = build_plan(job, window.load() if window is not None and job.eplb.enabled else None).validate()
+            builder = PlanBuilder.for_job(job)
+            plan = builder.plan(job.placement(window.load() if window is not None and job.eplb.enabled else None)).validate()
             for a in actors[plan.num_ranks:]:
                 ray.kill(a)
             fresh = set(range(len(actors), plan.num_ranks))
@@ -381,7 +384,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             groups, n_nodes, gpus = job.eplb_shape()
             balance["before"] = balance_report(load, plan.placement, gpus, n_nodes).balancedness
             if job.eplb.enabled and sync_weights:  # a placement reaches the engines with a sync only
-                new_plan = build_plan(job, load).validate()
+                new_plan = builder.plan(job.placement(load)).validate()
                 balance["after"] = balance_report(load, new_plan.placement, gpus, n_nodes).balancedness
                 before_loads, after_loads = (load, plan.placement.phy2log, gpus), (load, new_plan.placement.phy2log, gpus)
                 plan = new_plan
