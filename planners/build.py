@@ -111,6 +111,13 @@ class PlanBuilder:
                                                           len(layers) * spec.num_experts)
         rows = self.pieces[self.slot_rows]
         self.slot_layer, self.slot_proj = moe_of[rows["tensor"]], proj_of[rows["tensor"]]
+        # every expert of a (layer, projection) is cut alike by the trainer's shards: a slot piece spans
+        # the same segments of whichever expert fills it, counted from that expert's first segment
+        self.first_segment = np.searchsorted(self.seg.points, np.arange(len(cat), dtype=np.int64) * self.seg.stride)
+        t = rows["tensor"].astype(np.int64)
+        s0 = np.searchsorted(self.seg.points, t * self.seg.stride + rows["lo"], side="right") - 1
+        s1 = np.searchsorted(self.seg.points, t * self.seg.stride + rows["hi"], side="left")
+        self.slot_spans = (s0 - self.first_segment[t], s1 - self.first_segment[t])
         locals_ = rows["local"].astype(np.int64)
         kinds, which = np.unique(locals_, return_inverse=True)
         self.slot_phys = self.engine_rules.slots_of(self.inference, self.num_physical,
@@ -131,8 +138,12 @@ class PlanBuilder:
             pieces["tensor"][self.slot_rows] = self.expert_tensor[
                 self.slot_layer, phy2log[self.slot_layer, self.slot_phys], self.slot_proj]
         moving = self.in_slot
+        spans = None
+        if len(self.slot_rows):
+            first = self.first_segment[pieces["tensor"][self.slot_rows]]
+            spans = (first + self.slot_spans[0], first + self.slot_spans[1])
         cuts = _cuts(self.cat, self.seg, pieces[moving], self.piece_rank[moving], self.devices,
-                     self.deployment.gpus_per_node)
+                     self.deployment.gpus_per_node, spans)
         chunks, _ = _route(self.cat, self.seg, cuts, self.devices, self.deployment.gpus_per_node, self.links, self.busy)
         return SyncPlan(
             tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
@@ -198,6 +209,15 @@ class _Segments:
         self.holder_off = tp["off"][piece] + start - tp["lo"][piece]  # offset at the segment's start
         self.holder_device = devices[self.holder_rank]
         self.first = np.searchsorted(seg, np.arange(len(self.points) + 1))
+        self._by_device: tuple[np.ndarray, np.ndarray] | None = None
+
+    def by_device(self, n_dev: int) -> tuple[np.ndarray, np.ndarray]:
+        """Holder rows sorted by (segment, device): the sorted keys and the rows (computed once)."""
+        if self._by_device is None:
+            key = self.holder_seg * n_dev + self.holder_device
+            order = np.argsort(key, kind="stable")
+            self._by_device = key[order], order
+        return self._by_device
 
 
 def _ramp(count: np.ndarray) -> np.ndarray:
@@ -223,10 +243,15 @@ class _Cuts:
     local_holder: np.ndarray  # holder row on the same device, or -1
 
 
-def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn) -> _Cuts:
+def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn,
+          spans: tuple[np.ndarray, np.ndarray] | None = None) -> _Cuts:
+    """``spans``: each piece's first and past-last segment, where the caller knows them."""
     t = ip["tensor"].astype(np.int64) * seg.stride
-    s0 = np.searchsorted(seg.points, t + ip["lo"], side="right") - 1
-    s1 = np.searchsorted(seg.points, t + ip["hi"], side="left")
+    if spans is None:
+        s0 = np.searchsorted(seg.points, t + ip["lo"], side="right") - 1
+        s1 = np.searchsorted(seg.points, t + ip["hi"], side="left")
+    else:
+        s0, s1 = spans
     count = s1 - s0
     bad = (s0 < 0) | (count < 1)
     bad[~bad] |= seg.points[s0[~bad]] // seg.stride != ip["tensor"][~bad]
@@ -262,12 +287,11 @@ def _cuts(cat, seg: _Segments, ip: np.ndarray, ranks: np.ndarray, devices, gpn) 
 
     # same-device holders
     n_dev = int(devices.max()) + 1
-    hkey = seg.holder_seg * n_dev + seg.holder_device
-    hsort = np.argsort(hkey, kind="stable")
+    hkey, hsort = seg.by_device(n_dev)
     ckey = c.seg * n_dev + device
-    pos = np.searchsorted(hkey[hsort], ckey)
+    pos = np.searchsorted(hkey, ckey)
     pos = np.minimum(pos, len(hsort) - 1)
-    hit = hkey[hsort][pos] == ckey
+    hit = hkey[pos] == ckey
     c.local_holder = np.where(hit, hsort[pos], -1)
     return c
 
