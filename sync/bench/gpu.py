@@ -23,6 +23,9 @@ IPC of the flat send arena, packed by the sender and unpacked by the receiver (t
 direct mode, where the engine copies straight from the trainer's shared tensors (one copy).
 
 Every variant's engine tensors are compared bit for bit with the ``slices`` result, after poisoning.
+
+``--replan`` measures instead what a new expert placement costs the MoE case: the PlanBuilder's replan,
+the session's rebind and the first sync by the new plan, against a sync with the placement unchanged.
 """
 
 from __future__ import annotations
@@ -211,6 +214,58 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     return rows
 
 
+def run_replan(name: str, spec: dict, reps: int) -> dict:
+    """A refresh after a placement change against one with the placement unchanged, in one session:
+    syncs by the same plan (median), then, for each of ``reps`` new placements, the PlanBuilder's
+    replan (CPU), the session's rebind (``Session.replan``: checks, new executor) and the first sync by
+    the new plan (which binds its copy programs), and a second sync by it. The last is verified."""
+    from planners.build import PlanBuilder
+
+    job = JobSpec.from_dict(spec)
+    builder = PlanBuilder.for_job(job)
+    loads = [synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=s) for s in range(reps + 1)]
+    plan = builder.plan(job.placement(loads[0]))
+    sources, targets = endpoints(plan)
+    session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings())
+    srcs, tgts = session.sources, session.targets
+
+    def timed_sync(verify: bool = False):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stats = session.executor.sync(srcs, tgts, verify=verify)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, stats
+
+    timed_sync()  # binds
+    unchanged = [timed_sync()[0] for _ in range(reps)]
+    plan_s, rebind_s, first_s, second_s = [], [], [], []
+    checked = None
+    for load in loads[1:]:
+        t0 = time.perf_counter()
+        new = builder.plan(job.placement(load))
+        t1 = time.perf_counter()
+        session.replan(new)
+        t2 = time.perf_counter()
+        first, _ = timed_sync()
+        plan_s.append(t1 - t0)
+        rebind_s.append(t2 - t1)
+        first_s.append(first)
+        second_s.append(timed_sync()[0])
+    _, checked = timed_sync(verify=True)
+    med = statistics.median
+    row = dict(case=name, copies="replan", payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
+               sync_unchanged_s=med(unchanged), replan_plan_s=med(plan_s), rebind_s=med(rebind_s),
+               first_sync_s=med(first_s), second_sync_s=med(second_s),
+               changed_over_unchanged=(med(rebind_s) + med(first_s)) / med(unchanged),
+               with_planning_over_unchanged=(med(plan_s) + med(rebind_s) + med(first_s)) / med(unchanged),
+               spread=dict(unchanged=[min(unchanged), max(unchanged)], first=[min(first_s), max(first_s)],
+                           rebind=[min(rebind_s), max(rebind_s)]),
+               verified=bool(checked.verified))
+    session.close() if hasattr(session, "close") else None
+    torch.cuda.empty_cache()
+    return row
+
+
 def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int, mode: str) -> dict:
     from sync.transport import standalone_transport
 
@@ -276,10 +331,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ipc", action="store_true", help="add the two-process CUDA IPC case")
     ap.add_argument("--ipc-bucket-mb", type=int, nargs="*", default=[256, 4096])
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--replan", action="store_true",
+                    help="only: a refresh after an expert placement change against one without (the MoE case)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the GPU benchmark needs a CUDA device")
     card = torch.cuda.get_device_name()
+    if args.replan:
+        name = "dsv3-like tp2ep4->dp8ep8+32"
+        row = run_replan(name, CASES[name], args.reps)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(card=card, rows=[row]), indent=1))
+        return
     rows = [r for name in args.cases for r in run_case(name, CASES[name], args.reps, args.slices_reps)]
     if args.ipc:
         name = "dense 1.7B tp1->tp1"
