@@ -176,6 +176,7 @@ class _Binding:
     unpack: dict[tuple[int, int], list]
     device: torch.device
     ipc_unpack: dict[tuple[int, int], list] = field(default_factory=dict)  # (stage, round) -> programs from peers' arenas
+    local_fixed: dict[int, list] = field(default_factory=dict)  # stage -> the local programs of placement-free chunks
     held: list = field(default_factory=list)  # the endpoints' dicts, so that their ids stay theirs
 
 
@@ -228,6 +229,9 @@ class PlanExecutor:
                                  process_of=self.process_of)
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
         self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
+        # chunks of routed experts: the only ones a new expert placement changes (see adopt)
+        self._moving = np.array([t.expert >= 0 for t in plan.tensors], dtype=bool)[c["tensor"]] if len(c) else np.zeros(0, bool)
+        self._previous: PlanExecutor | None = None
         self._local_dst = {s: set(np.unique(c["dst_local"][rows]).tolist()) for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
         self.verifier = Verifier(plan, self.ranks, bucket_bytes)
@@ -322,12 +326,49 @@ class PlanExecutor:
             return not _PTRS_EQUAL(tensors, key[1], key[2])
         return list(map(torch.Tensor.data_ptr, tensors)) != key[1]
 
+    def adopt(self, previous: "PlanExecutor | None") -> None:
+        """Take over what ``previous`` (this process's executor of the plan before, e.g. before a new
+        expert placement) bound and that this plan leaves as it was: the endpoints' checked views, and
+        the local copy programs of the placement-free chunks, where those chunks are the same. Used by
+        the next bind, if the endpoints' tensors are still where ``previous`` bound them."""
+        if previous is not None and previous._binding is not None and previous.ranks == self.ranks \
+                and previous.copies == self.copies and previous.tile_bytes == self.tile_bytes \
+                and self.plan.same_locals(previous.plan):
+            self._previous = previous
+
+    def _reusable(self, key: tuple) -> "tuple[PlanExecutor, _Binding] | None":
+        previous, self._previous = self._previous, None  # once: the old executor is let go after this bind
+        if previous is None:
+            return None
+        old = previous._binding
+        if old is None or old.key[0] != key[0] or old.key[1] != key[1]:
+            return None  # other endpoints, or their tensors moved: bind from scratch
+        return previous, old
+
+    def _local_programs(self, flats, stage: int, cast, reuse) -> tuple[list, list]:
+        """(all local programs of ``stage``, those of its placement-free chunks): the latter taken from
+        ``reuse`` where its placement-free chunks are exactly these."""
+        rows = self.local_rows[stage]
+        fixed, moving = rows[~self._moving[rows]], rows[self._moving[rows]]
+        kept = None
+        if reuse is not None:
+            previous, old = reuse
+            old_rows = previous.local_rows[stage]
+            old_fixed = old_rows[~previous._moving[old_rows]]
+            if np.array_equal(previous._chunks[old_fixed], self._chunks[fixed]):
+                kept = old.local_fixed.get(stage, [])
+        fixed_programs = self._programs(flats, fixed, None, None, cast) if kept is None else kept
+        return fixed_programs + self._programs(flats, moving, None, None, cast), fixed_programs
+
     def _bind(self, given, key: tuple, stats: SyncStats) -> _Binding:
         """Views of the hosted ranks' tensors by plan local id, and the copy programs over them."""
         t0 = time.perf_counter()
         plan = self.plan
+        reuse = self._reusable(key)
         flats: dict[int, torch.Tensor] = {}
-        for r, tensors, side in given:
+        if reuse is not None:  # the same tensors, already checked against the same local tables
+            flats = reuse[1].flats
+        for r, tensors, side in given if reuse is None else []:
             ids = plan.locals_of(r)
             flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
@@ -346,8 +387,8 @@ class PlanExecutor:
         wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
         cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given])
-        for s, rows in self.local_rows.items():
-            binding.local[s] = self._programs(flats, rows, None, None, cast)
+        for s in self.local_rows:
+            binding.local[s], binding.local_fixed[s] = self._local_programs(flats, s, cast, reuse)
         for (s, k), rnd in self.rounds.items():
             rows, lo, hi, off = self._items(rnd, sending=True)
             binding.pack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("dst", self._arena["send"][k % 2]), off)

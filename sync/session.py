@@ -101,11 +101,13 @@ class Session:
         old = self.plan
         self.plan = plan
         try:
-            self.check_ends()
+            # a new expert placement leaves every local tensor as it was: only the placement is new to the ends
+            self.check_ends(placement_only=plan.same_locals(old))
         except Exception:
             self.plan = old
             raise
-        self.executor = self._executor(plan)
+        previous, self.executor = self.executor, self._executor(plan)
+        self.executor.adopt(previous)  # what the old plan bound and this one leaves alone
 
     def set_ends(self, source=None, target=None) -> None:
         """New sources or targets for the hosted ranks (same plan)."""
@@ -115,14 +117,17 @@ class Session:
             self.targets = {r: versioned(t, self.settings) for r, t in _by_rank(target, self.ranks).items()}
         self.check_ends()
 
-    def check_ends(self) -> None:
-        """Every hosted rank's tensors against the plan (an end built for another layout is named now)."""
+    def check_ends(self, placement_only: bool = False) -> None:
+        """Every hosted rank's tensors against the plan (an end built for another layout is named now).
+        ``placement_only``: the ends were checked against the same local tensors already (the executor
+        checks them again wherever their tensors moved); only the expert placement is checked."""
         for r, end in {**self.sources, **self.targets}.items():
             # an engine that cannot hold the placement says which of its settings to change: first
             check = getattr(getattr(end, "inner", end), "check_placement", None)
             if check is not None and self.plan.placement is not None:
                 check(self.plan.placement)
-            check_locals(self.plan, r, end.local_tensors(), "source" if r < self.plan.num_trainer else "target")
+            if not placement_only:
+                check_locals(self.plan, r, end.local_tensors(), "source" if r < self.plan.num_trainer else "target")
 
     def _executor(self, plan: SyncPlan) -> PlanExecutor:
         return PlanExecutor(plan, self.ranks if len(self.ranks) > 1 else self.ranks[0], self.transport,

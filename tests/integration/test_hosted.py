@@ -109,3 +109,41 @@ def test_direct_messages_depend_on_the_backend(monkeypatch):
     nccl = PlanExecutor(plan, 0, _NcclLike())
     assert any(b.direct for b in gloo.buckets) and not any(b.direct for b in nccl.buckets)
     assert sum(b.nbytes for b in gloo.buckets) == sum(b.nbytes for b in nccl.buckets)
+
+
+def test_a_new_expert_placement_rebinds_only_the_expert_copies():
+    """After a placement change the new executor keeps the old one's checked views and the copy programs
+    of every placement-free chunk, builds the experts' anew, and syncs bit-exactly by the new plan; an
+    endpoint whose tensors moved meanwhile is bound from scratch."""
+    from planners.build import PlanBuilder
+    from planners.eplb import rebalance
+    from planners.eplb.stats import synthetic_load
+
+    job = JobSpec.from_dict(JOB)
+    builder = PlanBuilder.for_job(job)
+    plans = [builder.plan(rebalance(synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.5, seed=s),
+                                    job.num_physical_experts, *job.eplb_shape())) for s in (1, 2, 3)]
+    assert not np.array_equal(plans[0].pieces, plans[1].pieces)  # the experts did move
+    ranks = range(plans[0].num_ranks)
+    sources, targets = endpoints(plans[0], ranks, 1)
+    old = PlanExecutor(plans[0], ranks, SoloTransport())
+    assert old.sync(sources, targets).verified
+    new = PlanExecutor(plans[1], ranks, SoloTransport())
+    new.adopt(old)
+    stats = new.sync(sources, targets)
+    assert stats.verified and stats.bind_seconds > 0
+    assert new._binding.flats is old._binding.flats
+    assert all(new._binding.local_fixed[s] is old._binding.local_fixed[s] for s in (1, 2))
+    for r, target in targets.items():
+        for name, want in source_shards(plans[1], r, 1).items():
+            assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
+    moved = next(iter(targets.values()))
+    name = next(iter(moved.tensors))
+    moved.tensors[name] = moved.tensors[name].clone()
+    third = PlanExecutor(plans[2], ranks, SoloTransport())
+    third.adopt(new)
+    assert third.sync(sources, targets).verified
+    assert third._binding.flats is not new._binding.flats
+    for r, target in targets.items():
+        for name, want in source_shards(plans[2], r, 1).items():
+            assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
