@@ -40,7 +40,7 @@ def union_bytes(group: np.ndarray, tensor: np.ndarray, lo: np.ndarray, hi: np.nd
 def lower_bound(plan) -> float:
     T, gpn = plan.num_trainer, plan.gpus_per_node
     bw = plan.links.bandwidths()
-    row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.float64)
+    row_bytes = plan.table.row_bytes.astype(np.float64)
     rank_of = plan.local_rank[plan.pieces["local"]].astype(np.int64)
     dev = plan.devices[rank_of]
     node = dev // gpn

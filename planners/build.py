@@ -97,7 +97,7 @@ class PlanBuilder:
         """The engines' expert-slot pieces: for each, its MoE layer, physical slot and projection, so that
         a placement says which logical tensor fills it."""
         spec, cat = self.spec, self.cat
-        expert = np.array([t.expert for t in cat.tensors], dtype=np.int64)
+        expert = cat.table.expert
         self.in_slot = (self.piece_rank >= self.T) & (expert[self.pieces["tensor"]] >= 0)
         self.slot_rows = np.flatnonzero(self.in_slot)
         if not len(self.slot_rows):
@@ -145,12 +145,14 @@ class PlanBuilder:
         cuts = _cuts(self.cat, self.seg, pieces[moving], self.piece_rank[moving], self.devices,
                      self.deployment.gpus_per_node, spans)
         chunks, _ = _route(self.cat, self.seg, cuts, self.devices, self.deployment.gpus_per_node, self.links, self.busy)
-        return SyncPlan(
+        plan = SyncPlan(
             tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
             local_dtype=self.dtypes, pieces=pieces, chunks=self.keys.merge(self.fixed_chunks, self.fixed_keys, chunks),
             devices=self.devices, num_trainer=self.T, gpus_per_node=self.deployment.gpus_per_node, links=self.links,
             meta=self.meta, placement=placement,
         )
+        plan.table = self.cat.table  # the same tensors: their size arrays are computed once per job
+        return plan
 
 
 def _tables(templates: list[tuple[LocalTensor, ...]]):

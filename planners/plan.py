@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,7 @@ import numpy as np
 from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links, stage_time
 from planners.errors import PlanError
 from planners.models import LogicalTensor
+from planners.models.catalog import TensorTable
 from planners.eplb.placement import Placement
 
 __all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
@@ -73,6 +75,11 @@ class SyncPlan:
     @property
     def inference_ranks(self) -> range:
         return range(self.num_trainer, self.num_ranks)
+
+    @cached_property
+    def table(self) -> TensorTable:
+        """The tensors' sizes as arrays by tensor id (a builder hands over its catalog's)."""
+        return TensorTable.of(self.tensors)
 
     def locals_of(self, rank: int) -> np.ndarray:
         return np.flatnonzero(self.local_rank == rank)

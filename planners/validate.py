@@ -67,7 +67,7 @@ def validate_plan(plan: SyncPlan) -> None:
     T = plan.num_trainer
     if len(c) and (c["lo"] >= c["hi"]).any():
         _fail(plan, "empty chunk", np.flatnonzero(c["lo"] >= c["hi"]))
-    row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.int64)
+    row_bytes = plan.table.row_bytes
     if len(c) and (c["nbytes"] != (c["hi"] - c["lo"]) * row_bytes[c["tensor"]]).any():
         _fail(plan, "byte count disagrees with the chunk's range", np.flatnonzero(c["nbytes"] != (c["hi"] - c["lo"]) * row_bytes[c["tensor"]]))
 

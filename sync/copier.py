@@ -39,7 +39,12 @@ class CopyProgram:
                  use_triton: bool | None = None) -> None:
         self.nbytes = int((runs["nbytes"] * runs["rows"]).sum()) if len(runs) else 0
         self.num_runs = len(runs)
-        devices = {t.device for t in ends.values()}
+        # the ends the runs use: a binding hands over every tensor it holds (tens of thousands)
+        ids = np.unique(np.concatenate([runs["src"], runs["dst"]])).tolist() if len(runs) else []
+        missing = [i for i in ids if i not in ends]
+        if missing:
+            raise ValueError(f"runs reach ends {missing[:5]} the program was not given")
+        devices = {ends[i].device for i in ids} if ids else {t.device for t in list(ends.values())[:1]}
         if len(devices) > 1:
             raise ValueError(f"a copy program works on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
@@ -49,7 +54,6 @@ class CopyProgram:
         self.pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if not len(runs):
             return
-        ids = sorted(ends)
         size = np.array([ends[i].numel() * ends[i].element_size() for i in ids], dtype=np.int64)
         for side in ("src", "dst"):
             last = runs[f"{side}_off"] + (runs["rows"] - 1) * runs[f"{side}_stride"] + runs["nbytes"]
@@ -58,7 +62,7 @@ class CopyProgram:
         if use_triton:
             self._tiles(runs, ends, ids, tile_bytes)
         else:
-            flat = {k: _bytes(t) for k, t in ends.items()}
+            flat = {k: _bytes(ends[k]) for k in ids}
             # as_strided counts its offset from the storage's start, not the view's
             view = lambda t, off, rows, n, stride: (t[off: off + n] if rows == 1  # noqa: E731
                                                     else t.as_strided((rows, n), (stride, 1), t.storage_offset() + off))

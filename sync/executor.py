@@ -177,6 +177,7 @@ class _Binding:
     device: torch.device
     ipc_unpack: dict[tuple[int, int], list] = field(default_factory=dict)  # (stage, round) -> programs from peers' arenas
     local_fixed: dict[int, list] = field(default_factory=dict)  # stage -> the local programs of placement-free chunks
+    cast: np.ndarray | None = None  # by plan local id: the endpoint's tensor is wider than the wire
     held: list = field(default_factory=list)  # the endpoints' dicts, so that their ids stay theirs
 
 
@@ -230,7 +231,7 @@ class PlanExecutor:
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
         self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)
-        self._moving = np.array([t.expert >= 0 for t in plan.tensors], dtype=bool)[c["tensor"]] if len(c) else np.zeros(0, bool)
+        self._moving = plan.table.expert[c["tensor"]] >= 0
         self._previous: PlanExecutor | None = None
         self._local_dst = {s: set(np.unique(c["dst_local"][rows]).tolist()) for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
@@ -384,9 +385,12 @@ class PlanExecutor:
         peer_arenas = self.arena_ipc.open(self._arena["send"], self._ipc_offsets()) if self.arena_ipc else {}
         if self.direct_ipc is not None:  # the tensors that processes on this GPU read directly, as they are now
             self.direct_ipc.share({q: {lid: flats[lid] for lid in lids} for q, lids in self._lent_locals.items()}, device)
-        wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
-        cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
-        binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given])
+        if reuse is not None:  # the same tensors and local dtypes: the same casts
+            cast = reuse[1].cast
+        else:
+            wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
+            cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
+        binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given], cast=cast)
         for s in self.local_rows:
             binding.local[s], binding.local_fixed[s] = self._local_programs(flats, s, cast, reuse)
         for (s, k), rnd in self.rounds.items():

@@ -81,9 +81,32 @@ class Catalog:
         return sum(t.nbytes for t in self.tensors)
 
     @cached_property
+    def table(self) -> "TensorTable":
+        return TensorTable.of(self.tensors)
+
+    @property
     def row_bytes(self) -> np.ndarray:
         """Bytes of one index along each tensor's split dimension, by tensor id (int64)."""
-        return np.array([t.row_bytes for t in self.tensors], dtype=np.int64)
+        return self.table.row_bytes
+
+
+@dataclass(frozen=True, eq=False)
+class TensorTable:
+    """Every tensor's sizes as arrays by tensor id (int64): vectorized code indexes them by chunk."""
+
+    itemsize: np.ndarray
+    outer: np.ndarray  # elements before the split dimension
+    inner: np.ndarray  # elements after it
+    row_bytes: np.ndarray  # bytes of one index along it
+    expert: np.ndarray  # the routed expert a tensor belongs to, -1 for others
+
+    @classmethod
+    def of(cls, tensors: list[LogicalTensor]) -> "TensorTable":
+        itemsize = np.array([DTYPES[t.dtype] for t in tensors], dtype=np.int64)
+        outer = np.array([t.outer for t in tensors], dtype=np.int64)
+        inner = np.array([t.inner for t in tensors], dtype=np.int64)
+        return cls(itemsize, outer, inner, np.array([t.row_bytes for t in tensors], dtype=np.int64),
+                   np.array([t.expert for t in tensors], dtype=np.int64))
 
 
 def expert_names(spec: ModelSpec, layer: int, expert: int) -> tuple[str, str, str]:

@@ -56,7 +56,7 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
     c = plan.chunks
     process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
     fan = fanout(plan, process_of)
-    row_bytes = np.array([t.row_bytes for t in plan.tensors], dtype=np.int64)
+    row_bytes = plan.table.row_bytes
     if rank is None:
         rows = np.arange(len(c))
     else:
@@ -101,7 +101,7 @@ def fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
 def _direct(plan: SyncPlan, rows: np.ndarray, direct_bytes: int) -> np.ndarray:
     """Which chunks are large and contiguous in both the source and the destination tensor."""
     c = plan.chunks[rows]
-    outer = np.array([t.outer for t in plan.tensors], dtype=np.int64)[c["tensor"]]
+    outer = plan.table.outer[c["tensor"]]
     n = c["hi"] - c["lo"]
     whole_rows = lambda side: (c[f"{side}_off"] == 0) & (c[f"{side}_dim"] == n)  # noqa: E731
     contiguous = (outer == 1) | (whole_rows("src") & whole_rows("dst"))

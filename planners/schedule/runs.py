@@ -39,9 +39,8 @@ def block_runs(plan: SyncPlan, c: np.ndarray, lo: np.ndarray | None = None, hi: 
     rows = np.arange(len(c))
     lo = c["lo"].astype(np.int64) if lo is None else np.asarray(lo, dtype=np.int64)
     hi = c["hi"].astype(np.int64) if hi is None else np.asarray(hi, dtype=np.int64)
-    itemsize = np.array([t.nbytes // max(t.numel, 1) for t in plan.tensors], dtype=np.int64)[c["tensor"]]
-    outer = np.array([t.outer for t in plan.tensors], dtype=np.int64)[c["tensor"]]
-    inner = np.array([t.inner for t in plan.tensors], dtype=np.int64)[c["tensor"]]
+    table = plan.table
+    itemsize, outer, inner = table.itemsize[c["tensor"]], table.outer[c["tensor"]], table.inner[c["tensor"]]
     row_bytes = (hi - lo) * inner * itemsize
 
     def end(side: str, buffer: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ def plan():
 def broken(plan, edit):
     chunks = plan.chunks.copy()
     chunks = edit(chunks)
-    return SyncPlan(**{**vars(plan), "chunks": chunks})
+    return dataclasses.replace(plan, chunks=chunks)
 
 
 def first(chunks, stage):
