@@ -10,6 +10,8 @@ reference's; elements several ranks hold must agree between them too.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +42,15 @@ def initial(plan, tid: int) -> torch.Tensor:
     return trained_tensor(plan.tensors[tid], tid, 0, 0, "float32")
 
 
-def rank_main(rank: int, job: dict, port: int, tokens: np.ndarray, advantages: np.ndarray) -> dict:
+def reference_weights(plan, tid: int) -> torch.Tensor:
+    """The KL term's reference policy: other weights than the policy's, so that the term has a gradient."""
+    from sync.ends.synthetic import trained_tensor
+
+    return trained_tensor(plan.tensors[tid], tid, 0, 1, "float32")
+
+
+def rank_main(rank: int, job: dict, port: int, tokens: np.ndarray, advantages: np.ndarray,
+              settings: GRPOSettings = SETTINGS) -> dict:
     from megatron.core import parallel_state as ps
 
     from sync.ends.base import fill_from_full, read_full
@@ -57,7 +67,12 @@ def rank_main(rank: int, job: dict, port: int, tokens: np.ndarray, advantages: n
     model = build_gpt_model(job.model, lay)
     params = {local_name(n): p for n, p in model.named_parameters()}
     fill_from_full(plan, rank, {n: p.data for n, p in params.items()}, lambda tid: initial(plan, tid))
-    trainer = PolicyTrainer(model, job.model, SETTINGS)
+    reference = None
+    if settings.kl_coef:
+        reference = build_gpt_model(job.model, lay).eval()
+        fill_from_full(plan, rank, {local_name(n): p.data for n, p in reference.named_parameters()},
+                       lambda tid: reference_weights(plan, tid))
+    trainer = PolicyTrainer(model, job.model, settings, reference)
     dp, d = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     share = slice(d * len(tokens) // dp, (d + 1) * len(tokens) // dp)
     out = trainer.step(torch.tensor(tokens[share]), torch.tensor(advantages[share], dtype=torch.float32),
@@ -66,7 +81,7 @@ def rank_main(rank: int, job: dict, port: int, tokens: np.ndarray, advantages: n
     def numpy(pieces):
         return {tid: (v.numpy(), m.numpy()) for tid, (v, m) in pieces.items()}
 
-    return {"share": (share.start, share.stop), "logprobs": out["logprobs"].numpy(), "loss": out["loss"],
+    return {"share": (share.start, share.stop), "logprobs": out["logprobs"].numpy(), "loss": out["loss"], "kl": out["kl"],
             "grads": numpy(read_full(plan, rank, {n: p.grad for n, p in params.items()})),
             "weights": numpy(read_full(plan, rank, {n: p.data for n, p in params.items()}))}
 
@@ -101,22 +116,34 @@ def per_expert(name: str, t: torch.Tensor) -> dict[str, np.ndarray]:
     return {name: t}
 
 
-def reference_step(job: JobSpec, plan, tokens: np.ndarray, advantages: np.ndarray) -> dict:
+def reference_step(job: JobSpec, plan, tokens: np.ndarray, advantages: np.ndarray, settings: GRPOSettings = SETTINGS) -> dict:
     from sync.verify.logits import hf_model
 
     model = hf_model(job.model, {t.name: initial(plan, i) for i, t in enumerate(plan.tensors)})
     ids = torch.tensor(tokens)
-    logits = model(ids[:, :-1]).logits.float() / SETTINGS.temperature
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0][:, SETTINGS.prompt_tokens - 1:]
+
+    def logprobs(m):
+        logits = m(ids[:, :-1]).logits.float() / settings.temperature
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0][:, settings.prompt_tokens - 1:]
+
+    logp = logprobs(model)
     adv = torch.tensor(advantages, dtype=torch.float32)
-    loss = -(torch.exp(logp - logp.detach()) * adv[:, None]).sum() / (SETTINGS.sequences * SETTINGS.completion_tokens)
-    optimizer = torch.optim.Adam(model.parameters(), lr=SETTINGS.lr)
+    total = settings.sequences * settings.completion_tokens
+    loss = -(torch.exp(logp - logp.detach()) * adv[:, None]).sum() / total
+    kl = torch.zeros(())
+    if settings.kl_coef:
+        with torch.no_grad():
+            ref = logprobs(hf_model(job.model, {t.name: reference_weights(plan, i) for i, t in enumerate(plan.tensors)}))
+        kl = (torch.exp(ref - logp) - (ref - logp) - 1).sum()
+        loss = loss + settings.kl_coef * kl / total
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     loss.backward()
     named = dict(model.named_parameters())
     grads = {k: v for n, p in named.items() for k, v in per_expert(n, p.grad).items()}
     optimizer.step()
     weights = {k: v for n, p in named.items() for k, v in per_expert(n, p).items()}
-    return {"logprobs": logp.detach().numpy(), "loss": float(loss), "grads": grads, "weights": weights}
+    return {"logprobs": logp.detach().numpy(), "loss": float(loss), "kl": float(kl) / total, "grads": grads,
+            "weights": weights}
 
 
 LAYOUTS = [
@@ -132,13 +159,24 @@ LAYOUTS = [
 @pytest.mark.parametrize("preset, trainer", LAYOUTS, ids=[f"{p}-{'-'.join(f'{k}{v}' for k, v in t.items())}"
                                                           for p, t in LAYOUTS])
 def test_one_grpo_step_equals_single_process_pytorch(preset, trainer):
+    check_step(preset, trainer, SETTINGS)
+
+
+def test_the_kl_term_to_a_reference_policy_equals_single_process_pytorch():
+    """The KL (k3) to a frozen reference policy, here other weights than the policy's so that it pulls."""
+    want = check_step("tiny_qwen3_moe", dict(tp=2, ep=2), dataclasses.replace(SETTINGS, kl_coef=0.5))
+    assert want["kl"] > 1e-3  # the term is there and large enough to move the gradients checked above
+
+
+def check_step(preset: str, trainer: dict, settings: GRPOSettings) -> dict:
     job = JobSpec.from_dict(job_dict(preset, trainer))
     plan = build_plan(job)
     tokens, advantages = batch(job.model.vocab_size)
     store = host_store()
-    results, _ = spawn_ranks(plan.num_trainer, rank_main, (job_dict(preset, trainer), store.port, tokens, advantages),
-                             timeout_s=240)
-    want = reference_step(job, plan, tokens, advantages)
+    results, _ = spawn_ranks(plan.num_trainer, rank_main,
+                             (job_dict(preset, trainer), store.port, tokens, advantages, settings), timeout_s=240)
+    want = reference_step(job, plan, tokens, advantages, settings)
+    assert abs(sum({r["share"]: r["kl"] for r in results.values()}.values()) - want["kl"]) < 1e-6
     for r in results.values():
         lo, hi = r["share"]
         np.testing.assert_allclose(r["logprobs"], want["logprobs"][lo:hi], atol=1e-5)
@@ -153,9 +191,10 @@ def test_one_grpo_step_equals_single_process_pytorch(preset, trainer):
     moved = 0
     for name in weights:
         before = initial(plan, [t.name for t in plan.tensors].index(name)).numpy()
-        adam = before - SETTINGS.lr * grads[name] / (np.abs(grads[name]) + 1e-8)
+        adam = before - settings.lr * grads[name] / (np.abs(grads[name]) + 1e-8)
         np.testing.assert_allclose(weights[name], adam, atol=1e-6, err_msg=name)
         clear = np.abs(want["grads"][name]) > 1e-3 * scale
         np.testing.assert_allclose(weights[name][clear], want["weights"][name][clear], atol=1e-6, err_msg=name)
         moved += int((weights[name] != before).sum())
     assert moved > 0.5 * sum(w.size for w in weights.values())  # the step moved most weights: the check bites
+    return want
