@@ -55,7 +55,6 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
     process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
-    fan = fanout(plan, process_of)
     row_bytes = plan.table.row_bytes
     if rank is None:
         rows = np.arange(len(c))
@@ -65,6 +64,9 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
     if skip is not None:
         rows = rows[~skip[rows]]
     out: list[Bucket] = []
+    if not len(rows):  # every chunk stays in this process (or travels another way): no buckets
+        return out
+    fan = fanout(plan, process_of)
     start = 0
     while start < len(rows):
         first = c[rows[start]]
@@ -92,9 +94,9 @@ def fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
     out = {}
     for stage in (1, 2):
         m = (src != dst) & (c["stage"] == stage)
-        pairs = np.unique(np.stack([src[m], dst[m]], axis=1), axis=0) if m.any() else np.zeros((0, 2), dtype=np.int64)
         n = int(process_of.max()) + 1
-        out[stage] = np.bincount(pairs[:, 0], minlength=n) + np.bincount(pairs[:, 1], minlength=n)
+        pairs = np.unique(src[m].astype(np.int64) * n + dst[m])  # distinct (source, destination) processes
+        out[stage] = np.bincount(pairs // n, minlength=n) + np.bincount(pairs % n, minlength=n)
     return out
 
 
