@@ -79,7 +79,7 @@ class PlanBuilder:
         self.piece_rank = piece_rank = self.local_rank[self.pieces["local"]]
         self.seg = _Segments(cat, self.pieces[piece_rank < T], piece_rank[piece_rank < T], self.devices)
 
-        self._slots(placement)
+        self._slots()
         fixed = (piece_rank >= T) & ~self.in_slot
         cuts = _cuts(cat, self.seg, self.pieces[fixed], piece_rank[fixed], self.devices, deployment.gpus_per_node)
         fixed_chunks, self.busy = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links)
@@ -93,7 +93,7 @@ class PlanBuilder:
         return cls(job.model, job.trainer, job.inference, job.deployment, job.placement(None), job.links,
                    meta=job.describe(), sides=(job.trainer_kind, job.engine_kind))
 
-    def _slots(self, placement: Placement | None) -> None:
+    def _slots(self) -> None:
         """The engines' expert-slot pieces: for each, its MoE layer, physical slot and projection, so that
         a placement says which logical tensor fills it."""
         spec, cat = self.spec, self.cat
@@ -127,7 +127,7 @@ class PlanBuilder:
 
     def plan(self, placement: Placement | None = None) -> SyncPlan:
         """The plan for ``placement`` (the identity, expert ``e`` in slot ``e``, when None)."""
-        pieces = self.pieces
+        pieces, spans = self.pieces, None
         if len(self.slot_rows):
             if placement is not None:
                 placement.check(len(self.spec.moe_layers), self.spec.num_experts, self.num_physical)
@@ -135,14 +135,11 @@ class PlanBuilder:
             else:
                 phy2log = np.broadcast_to(np.arange(self.num_physical), (len(self.spec.moe_layers), self.num_physical))
             pieces = pieces.copy()
-            pieces["tensor"][self.slot_rows] = self.expert_tensor[
-                self.slot_layer, phy2log[self.slot_layer, self.slot_phys], self.slot_proj]
-        moving = self.in_slot
-        spans = None
-        if len(self.slot_rows):
-            first = self.first_segment[pieces["tensor"][self.slot_rows]]
+            filled = self.expert_tensor[self.slot_layer, phy2log[self.slot_layer, self.slot_phys], self.slot_proj]
+            pieces["tensor"][self.slot_rows] = filled
+            first = self.first_segment[filled]
             spans = (first + self.slot_spans[0], first + self.slot_spans[1])
-        cuts = _cuts(self.cat, self.seg, pieces[moving], self.piece_rank[moving], self.devices,
+        cuts = _cuts(self.cat, self.seg, pieces[self.in_slot], self.piece_rank[self.in_slot], self.devices,
                      self.deployment.gpus_per_node, spans)
         chunks, _ = _route(self.cat, self.seg, cuts, self.devices, self.deployment.gpus_per_node, self.links, self.busy)
         plan = SyncPlan(
@@ -306,7 +303,7 @@ def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int
     if not len(c.tensor):
         return np.zeros(0, CHUNK_DTYPE), busy if busy is not None else (np.zeros(n_ranks), np.zeros(n_ranks))
     inv_bw = 1.0 / links.bandwidths()
-    nbytes = (c.hi - c.lo) * cat.row_bytes[c.tensor]
+    nbytes = (c.hi - c.lo) * cat.table.row_bytes[c.tensor]
     starts = np.r_[0, np.flatnonzero(np.diff(c.delivery)) + 1]
     n_dest = np.diff(np.r_[starts, len(c.delivery)])
     n_holders = seg.first[c.seg + 1] - seg.first[c.seg]

@@ -87,10 +87,9 @@ class SyncPlan:
     def same_locals(self, other: "SyncPlan") -> bool:
         """Whether every rank holds the same local tensors (names, shapes, dtypes) in both plans, as after
         a new expert placement: ends checked against one fit the other."""
-        if self.local_name is other.local_name and self.local_shape is other.local_shape:
-            return self.local_dtype == other.local_dtype and np.array_equal(self.local_rank, other.local_rank)
-        return (self.local_name == other.local_name and self.local_shape == other.local_shape
-                and self.local_dtype == other.local_dtype and np.array_equal(self.local_rank, other.local_rank))
+        same = lambda a, b: a is b or a == b  # noqa: E731  (a builder's plans share their tables)
+        return (same(self.local_name, other.local_name) and same(self.local_shape, other.local_shape)
+                and same(self.local_dtype, other.local_dtype) and np.array_equal(self.local_rank, other.local_rank))
 
     # -- iteration ------------------------------------------------------------------------
     def transfers(self, stage: int | None = None) -> Iterator[Transfer]:

@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from sync.channels.faulty import Fault, FaultError
-    from sync.run.loop import run_job
+    from sync.run.loop import default_step, run_job
 
     job = JobSpec.from_yaml(args.job)
     schedule = [int(x) for x in args.engines.split(",")] if args.engines else None
@@ -280,7 +280,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/] --fault: {e}")
         return 2
     grpo = None
-    if (args.step or ("grpo" if args.trainer == "megatron" else "seeded")) == "grpo":
+    if (args.step or default_step(args.trainer)) == "grpo":
         from sync.rl.task import GRPOSettings
 
         grpo = GRPOSettings(prompts=args.prompts, group=args.group, lr=args.lr, kl_coef=args.kl, seed=args.seed)

@@ -366,12 +366,15 @@ class PlanExecutor:
         t0 = time.perf_counter()
         plan = self.plan
         reuse = self._reusable(key)
-        flats: dict[int, torch.Tensor] = {}
-        if reuse is not None:  # the same tensors, already checked against the same local tables
-            flats = reuse[1].flats
-        for r, tensors, side in given if reuse is None else []:
-            ids = plan.locals_of(r)
-            flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
+        if reuse is not None:  # the same tensors, already checked against the same local tables: the same casts
+            flats, cast = reuse[1].flats, reuse[1].cast
+        else:
+            flats = {}
+            for r, tensors, side in given:
+                ids = plan.locals_of(r)
+                flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
+            wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
+            cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
         if (self.arena_ipc or self.direct_ipc) and device.type != "cuda":
             raise ValueError(f"ipc={self.ipc!r} moves CUDA tensors between processes on one GPU, but rank "
@@ -385,11 +388,6 @@ class PlanExecutor:
         peer_arenas = self.arena_ipc.open(self._arena["send"], self._ipc_offsets()) if self.arena_ipc else {}
         if self.direct_ipc is not None:  # the tensors that processes on this GPU read directly, as they are now
             self.direct_ipc.share({q: {lid: flats[lid] for lid in lids} for q, lids in self._lent_locals.items()}, device)
-        if reuse is not None:  # the same tensors and local dtypes: the same casts
-            cast = reuse[1].cast
-        else:
-            wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
-            cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given], cast=cast)
         for s in self.local_rows:
             binding.local[s], binding.local_fixed[s] = self._local_programs(flats, s, cast, reuse)

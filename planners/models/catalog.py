@@ -82,12 +82,8 @@ class Catalog:
 
     @cached_property
     def table(self) -> "TensorTable":
+        """Every tensor's sizes as arrays by tensor id (computed once)."""
         return TensorTable.of(self.tensors)
-
-    @property
-    def row_bytes(self) -> np.ndarray:
-        """Bytes of one index along each tensor's split dimension, by tensor id (int64)."""
-        return self.table.row_bytes
 
 
 @dataclass(frozen=True, eq=False)

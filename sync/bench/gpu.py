@@ -261,8 +261,6 @@ def run_replan(name: str, spec: dict, reps: int) -> dict:
                spread=dict(unchanged=[min(unchanged), max(unchanged)], first=[min(first_s), max(first_s)],
                            rebind=[min(rebind_s), max(rebind_s)]),
                verified=bool(checked.verified))
-    session.close() if hasattr(session, "close") else None
-    torch.cuda.empty_cache()
     return row
 
 

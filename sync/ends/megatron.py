@@ -49,13 +49,12 @@ def local_name(name: str) -> str:
     return _GROUPED.sub(lambda m: f"mlp.experts.local_experts.{m.group(2)}.{m.group(1)}.weight", name)
 
 
-def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu", sequence_parallel: bool = False) -> Any:
+def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu") -> Any:
     """A GPTModel for this process's rank (``megatron.core.parallel_state`` must be initialized with
     ``layout``), local layer spec, parameters in the model's dtype on ``device``. With ``layout.vpp > 1``
     the list of this rank's ``vpp`` model chunks instead, as Megatron's ``get_model`` builds them
     (chunk ``v`` with ``vp_stage=v``; embedding on chunk 0 of the first stage, output on the last chunk
-    of the last stage). ``sequence_parallel`` changes activations only (training MoE under TP needs it),
-    never the parameters a sync reads."""
+    of the last stage)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -73,7 +72,7 @@ def build_gpt_model(spec: ModelSpec, layout: TrainerLayout, device: str = "cpu",
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.etp, context_parallel_size=1,
-        sequence_parallel=sequence_parallel and layout.tp > 1, num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        sequence_parallel=False, num_layers_in_first_pipeline_stage=layout.first_stage_layers,
         num_layers_in_last_pipeline_stage=layout.last_stage_layers, use_cpu_initialization=True,
         perform_initialization=False, attention_dropout=0.0, hidden_dropout=0.0, params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
     )

@@ -81,7 +81,8 @@ def record_of(model: torch.nn.Module) -> ProcessingRecord | None:
     return RECORDS.get(model)
 
 
-def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's own parameters and buffers (not its submodules'), by leaf name."""
     out = {n: p for n, p in module.named_parameters(recurse=False)}
     out.update({n: b for n, b in module.named_buffers(recurse=False) if b is not None})
     return out
@@ -142,7 +143,7 @@ def derived_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _derived(module: torch.nn.Module) -> dict:
-    storages = {t.untyped_storage().data_ptr() for t in _own_tensors(module).values() if not t.is_meta}
+    storages = {t.untyped_storage().data_ptr() for t in own_tensors(module).values() if not t.is_meta}
     out: dict = {}
     for key, value in vars(module).items():
         if key not in _MODULE_INTERNALS and not key.startswith("_forward") and not key.startswith("_backward"):
@@ -152,7 +153,7 @@ def _derived(module: torch.nn.Module) -> dict:
 
 def _facts(module: torch.nn.Module) -> ModuleFacts:
     derived = {where: () if t is OPAQUE else tuple(t.shape) for where, t in _derived(module).items()}
-    return ModuleFacts({n: TensorFacts.of(t) for n, t in _own_tensors(module).items()}, derived)
+    return ModuleFacts({n: TensorFacts.of(t) for n, t in own_tensors(module).items()}, derived)
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, ModuleFacts]:

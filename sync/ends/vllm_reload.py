@@ -29,7 +29,7 @@ from planners.plan import SyncPlan
 from sync.ends.base import check_locals
 from sync.ends.versioned import EngineState
 from sync.ends.vllm_experts import EngineConfigError, ExpertMaps
-from sync.ends.vllm_processing import TensorFacts, record_of
+from sync.ends.vllm_processing import TensorFacts, own_tensors, record_of
 from sync.tensors import TORCH_DTYPES
 
 __all__ = ["ReloadTarget", "ReloadError", "reload_available"]
@@ -54,9 +54,7 @@ def _loaded_layout(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         params, buffers = get_layerwise_info(module).restore_metadata
-        live = dict(module.named_parameters(recurse=False))
-        live.update(dict(module.named_buffers(recurse=False)))
-        for leaf, t in {**live, **buffers, **params}.items():
+        for leaf, t in {**own_tensors(module), **buffers, **params}.items():
             if t is not None:
                 out[prefix + leaf] = t
     return out
@@ -88,7 +86,7 @@ class ReloadTarget:
         if deferred:
             raise EngineConfigError(f"plan tensors live in attention layers vLLM processes last ({deferred[:3]}); "
                                     "reload mode does not write those")
-        self.aliases = _aliases(model, self.modules, self._layout)  # plan name -> [(module, leaf)] sharing it
+        self.aliases = _aliases(model, self.modules)  # plan name -> [(module, leaf)] sharing it
         self.experts = ExpertMaps(plan, rank, find_holder)
         if plan.placement is not None:
             self.experts.check(plan.placement)
@@ -167,8 +165,7 @@ class ReloadTarget:
                 for ours, shared in self.aliases.items():  # tied layers: the same bytes, processed their own way
                     for module_name, leaf in shared:
                         alias = getattr(self.model.get_submodule(module_name), leaf)
-                        if alias.untyped_storage().data_ptr() != self._tensors[ours].untyped_storage().data_ptr():
-                            alias.data.copy_(self._tensors[ours].reshape(alias.shape))
+                        alias.data.copy_(self._tensors[ours].reshape(alias.shape))
                 written = {m: _facts(layer) for m, layer in layers.items()}
                 for layer in layers.values():
                     _process(layer)
@@ -221,8 +218,7 @@ class ReloadTarget:
         self.experts.install(placement)
 
 
-def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
-             layout: dict[str, torch.Tensor]) -> dict[str, list[tuple[str, str]]]:
+def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]]) -> dict[str, list[tuple[str, str]]]:
     """For each plan tensor, the tensors of other layers that are the same tensor (tied word embeddings:
     ``lm_head.weight`` is ``embed_tokens.weight``), by (module, leaf). Such a layer is reloaded with the
     plan tensor's bytes; one that holds anything else the plan does not write cannot be, and is refused.
@@ -236,8 +232,8 @@ def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
     written = {(m, leaf) for m, leaf in modules.values()}
     holders: dict[tuple, list[tuple[str, str]]] = {}
     for name, module in model.named_modules():
-        for leaf, t in {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}.items():
-            if t is not None and not t.is_meta and t.numel() and leaf not in SKIP_TENSORS:
+        for leaf, t in own_tensors(module).items():
+            if not t.is_meta and t.numel() and leaf not in SKIP_TENSORS:
                 holders.setdefault(key(t), []).append((name, leaf))
     out: dict[str, list[tuple[str, str]]] = {}
     for ours, (module_name, leaf) in modules.items():
@@ -247,8 +243,7 @@ def _aliases(model: torch.nn.Module, modules: dict[str, tuple[str, str]],
         shared = [h for h in holders.get(key(kernel), []) if h not in written and h[0] != module_name]
         for other, other_leaf in shared:
             module = model.get_submodule(other)
-            rest = [n for n, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-                    if n != other_leaf and n not in SKIP_TENSORS]
+            rest = [n for n in own_tensors(module) if n != other_leaf and n not in SKIP_TENSORS]
             if rest:
                 raise EngineConfigError(f"{other}.{other_leaf} is the same tensor as {module_name}.{leaf}, which the plan "
                                         f"writes, but {other} also holds {rest}, which it does not: reload cannot "
@@ -274,8 +269,7 @@ def _put_back_attributes(layer: torch.nn.Module, saved: dict) -> None:
 
 
 def _facts(layer: torch.nn.Module) -> dict:
-    return {leaf: TensorFacts.of(t) for leaf, t in {**dict(layer.named_parameters(recurse=False)),
-                                                    **dict(layer.named_buffers(recurse=False))}.items()}
+    return {leaf: TensorFacts.of(t) for leaf, t in own_tensors(layer).items()}
 
 
 def _process(layer: torch.nn.Module) -> None:

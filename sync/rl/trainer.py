@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from planners.models import ModelSpec
+from sync.ends.megatron import on_device
 from sync.rl.task import GRPOSettings
 
 __all__ = ["PolicyTrainer", "check_trainable"]
@@ -48,7 +49,7 @@ def check_trainable(job) -> None:
 
 
 class PolicyTrainer:
-    """One trainer rank's policy: ``logprobs`` of token sequences and a GRPO ``step`` on a batch."""
+    """One trainer rank's policy: ``token_logprobs`` of token sequences and a GRPO ``step`` on a batch."""
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, settings: GRPOSettings,
                  reference: torch.nn.Module | None = None) -> None:
@@ -62,8 +63,6 @@ class PolicyTrainer:
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        from sync.ends.megatron import on_device
-
         model = self.model if model is None else model
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
         seq = inputs.shape[1]
@@ -76,10 +75,6 @@ class PolicyTrainer:
             padding = torch.arange(first, first + part) >= self.spec.vocab_size
             logits = (logits.float() / self.settings.temperature).masked_fill(padding, float("-inf"))
             return -vocab_parallel_cross_entropy(logits, labels)
-
-    @torch.no_grad()
-    def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.token_logprobs(tokens)
 
     # -- one GRPO step ---------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor, advantages: torch.Tensor, completion_start: int,
@@ -98,8 +93,6 @@ class PolicyTrainer:
             kl = (torch.exp(ref - logp) - (ref - logp) - 1).sum()  # k3: unbiased, never negative
         loss = (-objective + self.settings.kl_coef * kl) / total_tokens
         self.optimizer.zero_grad(set_to_none=False)
-        from sync.ends.megatron import on_device
-
         with on_device():  # Megatron's backward of its TP and EP communication asks CUDA for buffers too
             loss.backward()
         self.reduce_gradients()

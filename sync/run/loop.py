@@ -44,7 +44,7 @@ from sync.ends.synthetic import trained_tensor
 from sync.rl.task import GRPOSettings, TargetTokens
 from sync.run.grpo import check_grpo_job, rollout, train, trainer_weights
 
-__all__ = ["run_job", "RankActor"]
+__all__ = ["run_job", "RankActor", "default_step"]
 
 SEED = 0
 BUNDLE_CPU = 0.01  # a token CPU share per GPU slot: Ray packs and pins by it, 2 cores can hold every rank
@@ -135,7 +135,6 @@ class RankActor:
     def update(self, version: int) -> None:
         """The trainer's step: the seeded weights of ``version``, written into the model in place."""
         from sync.ends.base import fill_from_full
-        from sync.ends.synthetic import trained_tensor
 
         if self.is_trainer:
             plan = self.plan
@@ -280,6 +279,11 @@ class _Placement:
             remove_placement_group(pg)
 
 
+def default_step(trainer: str) -> str:
+    """The trainer's step when none is asked for: GRPO where it can train (megatron-core), else seeded."""
+    return "grpo" if trainer == "megatron" else "seeded"
+
+
 def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = None, address: str | None = None,
             trainer: str = "megatron", tokens: int = 8, steps: int = 4, console=None,
             engines_schedule: list[int] | None = None, fault=None,
@@ -301,7 +305,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
 
     from sync.run.local import host_store
 
-    step = step or ("grpo" if trainer == "megatron" else "seeded")
+    step = step or default_step(trainer)
     if step not in ("grpo", "seeded"):
         raise ValueError(f"step={step!r}: 'grpo' or 'seeded'")
     grpo = (grpo or GRPOSettings()) if step == "grpo" else None
