@@ -10,7 +10,7 @@ runs), ``job`` (the YAML job spec and its validation), ``errors`` (every error, 
 
 from planners.build import build_plan, build_plan_from_parts
 from planners.cost import Links
-from planners.eplb.placement import Placement
+from planners.eplb.placement import EnginePlacements, Placement
 from planners.errors import RLSyncError
 from planners.job import EplbSettings, JobError, JobSpec, SyncSettings
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
@@ -20,5 +20,5 @@ from planners.plan import PlanError, SyncPlan
 __all__ = [
     "JobSpec", "JobError", "SyncSettings", "EplbSettings", "build_plan", "build_plan_from_parts",
     "SyncPlan", "PlanError", "TrainerLayout", "InferenceLayout", "Deployment", "Links",
-    "ModelSpec", "LogicalTensor", "catalog", "Placement", "RLSyncError",
+    "ModelSpec", "LogicalTensor", "catalog", "Placement", "EnginePlacements", "RLSyncError",
 ]

@@ -28,7 +28,7 @@ from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
 from planners.errors import PlanBuildError
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
 from planners.models import Catalog, ModelSpec, catalog, expert_names
-from planners.eplb.placement import Placement
+from planners.eplb.placement import EnginePlacements, Placement
 from planners.plan import CHUNK_DTYPE, PIECE_DTYPE, SyncPlan
 from planners.sides import engine_side, trainer_side
 from planners.sides.shards import LocalTensor
@@ -45,7 +45,7 @@ def build_plan(job: Any, load: Any = None) -> SyncPlan:
 
 
 def build_plan_from_parts(spec: ModelSpec, trainer: TrainerLayout, inference: InferenceLayout,
-                          deployment: Deployment, placement: Placement | None = None,
+                          deployment: Deployment, placement: Placement | EnginePlacements | None = None,
                           links: Links | None = None, meta: dict[str, Any] | None = None,
                           sides: tuple[str, str] = ("megatron", "vllm")) -> SyncPlan:
     """``sides``: the trainer's and the engine's kind (``planners.sides``)."""
@@ -61,7 +61,7 @@ class PlanBuilder:
     :meth:`plan` gives the same plan for a placement whichever placements it planned before."""
 
     def __init__(self, spec: ModelSpec, trainer: TrainerLayout, inference: InferenceLayout, deployment: Deployment,
-                 placement: Placement | None = None, links: Links | None = None, meta: dict[str, Any] | None = None,
+                 placement: Placement | EnginePlacements | None = None, links: Links | None = None, meta: dict[str, Any] | None = None,
                  sides: tuple[str, str] = ("megatron", "vllm")) -> None:
         self.spec, self.trainer, self.inference, self.deployment = spec, trainer, inference, deployment
         self.links, self.meta = links or Links(), meta or {}
@@ -111,6 +111,8 @@ class PlanBuilder:
                                                           len(layers) * spec.num_experts)
         rows = self.pieces[self.slot_rows]
         self.slot_layer, self.slot_proj = moe_of[rows["tensor"]], proj_of[rows["tensor"]]
+        engine_ranks = self.piece_rank[self.slot_rows].astype(np.int64) - self.T
+        self.slot_engine = engine_ranks // self.inference.engine_size  # engines are the slowest rank coordinate
         # every expert of a (layer, projection) is cut alike by the trainer's shards: a slot piece spans
         # the same segments of whichever expert fills it, counted from that expert's first segment
         self.first_segment = np.searchsorted(self.seg.points, np.arange(len(cat), dtype=np.int64) * self.seg.stride)
@@ -121,21 +123,29 @@ class PlanBuilder:
         locals_ = rows["local"].astype(np.int64)
         kinds, which = np.unique(locals_, return_inverse=True)
         self.slot_phys = self.engine_rules.slots_of(self.inference, self.num_physical,
-                                                    self.piece_rank[self.slot_rows].astype(np.int64) - self.T,
+                                                    engine_ranks,
                                                     [self.shapes[int(k)] for k in kinds], which,
                                                     rows["base"].astype(np.int64))
 
-    def plan(self, placement: Placement | None = None) -> SyncPlan:
-        """The plan for ``placement`` (the identity, expert ``e`` in slot ``e``, when None)."""
+    def _phy2log(self, placement: Placement | EnginePlacements | None) -> np.ndarray:
+        """``[engines, L, P]``: the expert every engine's slot serves (shared placements broadcast)."""
+        layers, engines = len(self.spec.moe_layers), self.inference.engines
+        if placement is None:
+            return np.broadcast_to(np.arange(self.num_physical), (engines, layers, self.num_physical))
+        placement.check(layers, self.spec.num_experts, self.num_physical, engines)
+        if placement.engines is None:
+            return np.broadcast_to(placement.phy2log, (engines, layers, self.num_physical))
+        return placement.phy2log
+
+    def plan(self, placement: Placement | EnginePlacements | None = None) -> SyncPlan:
+        """The plan for ``placement`` (the identity, expert ``e`` in slot ``e``, when None): one shared
+        by every engine, or one per engine."""
         pieces, spans = self.pieces, None
         if len(self.slot_rows):
-            if placement is not None:
-                placement.check(len(self.spec.moe_layers), self.spec.num_experts, self.num_physical)
-                phy2log = np.asarray(placement.phy2log, dtype=np.int64)
-            else:
-                phy2log = np.broadcast_to(np.arange(self.num_physical), (len(self.spec.moe_layers), self.num_physical))
+            phy2log = self._phy2log(placement)
             pieces = pieces.copy()
-            filled = self.expert_tensor[self.slot_layer, phy2log[self.slot_layer, self.slot_phys], self.slot_proj]
+            experts = phy2log[self.slot_engine, self.slot_layer, self.slot_phys]
+            filled = self.expert_tensor[self.slot_layer, experts, self.slot_proj]
             pieces["tensor"][self.slot_rows] = filled
             first = self.first_segment[filled]
             spans = (first + self.slot_spans[0], first + self.slot_spans[1])

@@ -31,10 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from planners.cost import Links
 from planners.eplb import check_load
-from planners.errors import JobError, LayoutError, ModelError, PlacementError, ShardError
+from planners.errors import EplbError, JobError, LayoutError, ModelError, PlacementError, ShardError
 from planners.layouts import MAX_RANKS, Deployment, InferenceLayout, TrainerLayout
 from planners.models import PRESETS, ModelSpec, preset, spec_from_config
-from planners.eplb.placement import Placement
+from planners.eplb.placement import EnginePlacements, Placement
 from planners.schedule.buckets import ALIGN
 from planners.sides import ENGINES, TRAINERS, engine_side, trainer_side
 
@@ -105,6 +105,7 @@ class EplbSettings(_Strict):
     policy: Literal["default", "deepseek"] = "default"
     num_groups: int | None = Field(None, ge=1)  # expert groups for hierarchical packing; default: model's n_group
     window: int = Field(1000, ge=1)  # forward passes of load statistics kept
+    per_engine: bool = False  # rlsync run: each engine gets its own placement, balanced by its own load
 
 
 _TrainerSection = _section(TrainerLayout, kind=(str, "megatron"))
@@ -294,9 +295,11 @@ class JobSpec:
     def num_physical_experts(self) -> int:
         return self.model.num_experts + self.eplb.num_redundant_experts
 
-    def placement(self, load: Any = None) -> Placement | None:
+    def placement(self, load: Any = None) -> Placement | EnginePlacements | None:
         """The engines' expert placement: vLLM's initial one (slot i serves expert i % E), or, with
-        EPLB enabled and ``load [moe_layers, experts]`` given, a balanced one computed from it."""
+        EPLB enabled and ``load`` given, a balanced one computed from it: ``load [moe_layers, experts]``
+        gives one placement every engine shares; ``load [engines, moe_layers, experts]`` gives each
+        engine its own, balanced for its own traffic (as vLLM's EPLB balances each engine's EP group)."""
         if not self.model.is_moe:
             return None
         if load is not None:
@@ -306,11 +309,36 @@ class JobSpec:
         from planners.eplb import rebalance
 
         groups, nodes, gpus = self.eplb_shape()
+        if load.ndim == 3:
+            return EnginePlacements(tuple(rebalance(engine_load, self.num_physical_experts, groups, nodes, gpus,
+                                                    policy=self.eplb.policy) for engine_load in load))
         return rebalance(load, self.num_physical_experts, groups, nodes, gpus, policy=self.eplb.policy)
 
     def check_load(self, load: Any) -> np.ndarray:
-        """``load`` as a float array ``[moe_layers, experts]``; EplbError naming the load otherwise."""
-        return check_load(load, len(self.model.moe_layers), self.model.num_experts)
+        """``load`` as a float array ``[moe_layers, experts]`` or, per engine, ``[engines, moe_layers,
+        experts]``; EplbError naming the load otherwise."""
+        L, E, engines = len(self.model.moe_layers), self.model.num_experts, self.inference.engines
+        try:
+            per_engine = np.ndim(load) == 3
+        except (TypeError, ValueError):  # ragged or not numeric: check_load names it
+            per_engine = False
+        if per_engine:
+            if len(load) != engines:
+                raise EplbError(f"a per-engine load has shape {np.shape(load)}; expected [{engines} engines "
+                                f"(inference.engines), {L} MoE layers, {E} experts]")
+            return np.stack([check_load(engine_load, L, E) for engine_load in load])
+        return check_load(load, L, E)
+
+    def balancedness(self, load: Any, placement: Placement | EnginePlacements) -> float:
+        """Mean over max GPU load of ``placement`` under ``load`` (as vLLM logs it): of the worst-balanced
+        engine where each engine has its own load or placement."""
+        from planners.eplb import balance_report
+
+        load = self.check_load(load)
+        _, nodes, gpus = self.eplb_shape()
+        loads = load if load.ndim == 3 else [load] * self.inference.engines
+        return min(balance_report(engine_load, placement.of_engine(k), gpus, nodes).balancedness
+                   for k, engine_load in enumerate(loads))
 
     def eplb_shape(self) -> tuple[int, int, int]:
         """(expert groups, nodes, GPUs) of one engine's EP group, as the placement sees them."""

@@ -22,7 +22,7 @@ from planners.cost import CROSS_NODE, LINK_NAMES, SAME_DEVICE, SAME_NODE, Links,
 from planners.errors import PlanError
 from planners.models import LogicalTensor
 from planners.models.catalog import TensorTable
-from planners.eplb.placement import Placement
+from planners.eplb.placement import EnginePlacements, Placement, placement_from_phy2log
 
 __all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
 
@@ -65,7 +65,7 @@ class SyncPlan:
     gpus_per_node: int
     links: Links = field(default_factory=Links)
     meta: dict[str, Any] = field(default_factory=dict)
-    placement: Placement | None = None  # the expert placement the engines get with these weights
+    placement: Placement | EnginePlacements | None = None  # the expert placement the engines get with these weights
 
     # -- shape of the job ---------------------------------------------------------------
     @property
@@ -80,6 +80,14 @@ class SyncPlan:
     def table(self) -> TensorTable:
         """The tensors' sizes as arrays by tensor id (a builder hands over its catalog's)."""
         return TensorTable.of(self.tensors)
+
+    def placement_of(self, rank: int) -> Placement | None:
+        """The expert placement inference rank ``rank`` (global) serves: its engine's own, where each
+        engine has one. Engines are the slowest coordinate of the inference ranks."""
+        if self.placement is None or self.placement.engines is None:
+            return self.placement
+        per_engine = len(self.inference_ranks) // len(self.placement.engines)
+        return self.placement.of_engine((rank - self.num_trainer) // per_engine)
 
     def locals_of(self, rank: int) -> np.ndarray:
         return np.flatnonzero(self.local_rank == rank)
@@ -216,7 +224,7 @@ class SyncPlan:
             gpus_per_node=int(d["gpus_per_node"]),
             links=Links(**d["links"]),
             meta=dict(d["meta"]),
-            placement=None if d.get("phy2log") is None else Placement(np.asarray(d["phy2log"], dtype=np.int64)),
+            placement=None if d.get("phy2log") is None else placement_from_phy2log(d["phy2log"]),
         )
 
     def to_json(self, path: str | Path) -> None:

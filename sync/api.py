@@ -10,7 +10,9 @@ Engine ranks pass ``target=`` (their parameters) instead of ``source=``; the syn
 as a versioned target (``sync.staging`` in the job: receive into a copy, swap after verification), so
 ``report.engine`` says which version the engine serves and whether it is complete. With EPLB enabled,
 a new ``expert_load`` recomputes the placement and the plan (every rank computes the same one) and
-the engine target gets the new maps with the weights -- only once they are verified.
+the engine target gets the new maps with the weights -- only once they are verified. ``expert_load``
+is ``[moe_layers, experts]`` (one placement for every engine) or ``[engines, moe_layers, experts]``
+(each engine balanced by its own traffic).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from typing import Any
 
 from planners import JobSpec, SyncPlan
 from planners.build import PlanBuilder
-from planners.eplb import balance_report
 from sync.session import Session
 from sync.transport import Transport, standalone_transport
 
@@ -37,7 +38,8 @@ class SyncReport:
     bound_seconds: float  # the plan's lower bound with the job's link bandwidths
     verified: bool | None
     placement: Any  # the expert placement the engines serve from now on (None for dense models)
-    balancedness: float | None = None  # of that placement under ``expert_load`` (mean/max GPU load, as vLLM logs it)
+    balancedness: float | None = None  # of that placement under ``expert_load`` (mean/max GPU load, as vLLM
+    # logs it; of the worst-balanced engine where engines have their own loads)
     engine: Any = None  # engine ranks: the EngineState (serving, complete, written, error)
     staging_bytes: int = 0  # engine ranks: memory the staged copy costs (0 in place)
 
@@ -88,8 +90,7 @@ class Synchronizer:
         moved = int(plan.chunks["nbytes"].sum())
         balance = None
         if expert_load is not None and plan.placement is not None:
-            _, nodes, gpus = self.job.eplb_shape()
-            balance = balance_report(expert_load, plan.placement, gpus, nodes).balancedness
+            balance = self.job.balancedness(expert_load, plan.placement)
         return SyncReport(version, stats.global_seconds, stats.stage_seconds, moved,
                           moved / max(stats.global_seconds, 1e-12) / 1e9, plan.lower_bound(), stats.verified,
                           plan.placement, balance, target.state if target else None,

@@ -72,8 +72,8 @@ class BroadcastExecutor:
                         block(full, 0, t.outer, t.shape[t.split_dim], t.inner, int(p["lo"]), n))
         stats.seconds = time.perf_counter() - t0
         stats.stage_seconds = {1: stats.seconds}
-        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device, [target],
-                    plan.placement)
+        finish_sync(stats, flats, self.verifier if verify else None, self.transport, self._wait, device,
+                    {self.rank: target}, plan)
         return stats
 
     def _gather(self, tid, t, flats, full, device, stats) -> None:

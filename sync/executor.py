@@ -74,9 +74,9 @@ class SyncStats:
 
 
 def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: Transport, wait, device,
-                targets=(), placement=None) -> None:
+                targets: dict | None = None, plan: SyncPlan | None = None) -> None:
     """After the bytes moved: verify (when asked) and learn the slowest rank's time, on every rank.
-    Engine ``targets`` then get the plan's expert ``placement`` -- unless verification failed: an
+    Engine ``targets`` ({plan rank: target}) then get their engine's expert placement in ``plan`` -- unless verification failed: an
     engine whose weights did not all arrive must not route tokens by the new slots (a staged engine
     keeps serving its old weights, and they belong to the old placement)."""
     if verifier is not None:
@@ -85,10 +85,10 @@ def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: T
     elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
     wait(transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
     stats.global_seconds = float(elapsed.item())
-    if placement is not None and stats.verified is not False:
-        for t in targets:
+    if plan is not None and plan.placement is not None and stats.verified is not False:
+        for rank, t in (targets or {}).items():
             if t is not None and hasattr(t, "set_placement"):
-                t.set_placement(placement)
+                t.set_placement(plan.placement_of(rank))
 
 
 def versioned_sync(target, version: int, body, written, strict: bool = False) -> SyncStats:
@@ -535,7 +535,7 @@ class PlanExecutor:
         stats.seconds = time.perf_counter() - t_start
         stats.peak_buffer_bytes = self._arena["send"].numel() if self._arena else 0
         finish_sync(stats, binding.flats, self.verifier if verify else None, self.transport, self._wait, binding.device,
-                    target.values() if isinstance(target, dict) else [target], self.plan.placement)
+                    target if isinstance(target, dict) else {r: target for r in self.ranks}, self.plan)
         return stats
 
     def _count_lent(self, stage: int, stats: SyncStats) -> None:

@@ -125,7 +125,7 @@ class Session:
             # an engine that cannot hold the placement says which of its settings to change: first
             check = getattr(getattr(end, "inner", end), "check_placement", None)
             if check is not None and self.plan.placement is not None:
-                check(self.plan.placement)
+                check(self.plan.placement_of(r))
             if not placement_only:
                 check_locals(self.plan, r, end.local_tensors(), "source" if r < self.plan.num_trainer else "target")
 

@@ -35,10 +35,10 @@ def assert_simulates_exactly(job: JobSpec, plan, seed: int = 0):
     """``plan.simulate`` of random weights gives every inference rank exactly the direct slices."""
     full = random_weights(job, seed)
     got = plan.simulate(full)
-    placement = plan.placement
-    phy2log = placement.phy2log if placement is not None else None
     T = job.trainer.world_size
     for r in range(job.inference.world_size):
+        placement = plan.placement_of(T + r)  # its engine's own, where engines have their own
+        phy2log = placement.phy2log if placement is not None else None
         want = reference_rank(job.model, job.inference, phy2log, r % job.inference.engine_size, full)
         have = got[T + r]
         assert sorted(have) == sorted(want), f"rank {T + r}: names differ: {sorted(set(have) ^ set(want))}"

@@ -21,9 +21,13 @@ def expected_engine(job, plan, version, seed=0, held_as=None):
         return w.to(held_as[t.name]).to(w.dtype) if t.name in held_as else w
 
     full = {t.name: as_bits(weight(i, t)).numpy() for i, t in enumerate(plan.tensors)}
-    phy2log = plan.placement.phy2log if plan.placement is not None else None
     T = job.trainer.world_size
-    return {T + r: reference_rank(job.model, job.inference, phy2log, r % job.inference.engine_size, full)
+
+    def phy2log(rank):  # its engine's own placement, where engines have their own
+        placement = plan.placement_of(rank)
+        return placement.phy2log if placement is not None else None
+
+    return {T + r: reference_rank(job.model, job.inference, phy2log(T + r), r % job.inference.engine_size, full)
             for r in range(job.inference.world_size)}
 
 

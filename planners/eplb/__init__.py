@@ -9,10 +9,10 @@ relabels a new placement so experts stay where they were.
 """
 
 from planners.eplb.metrics import BalanceReport, balance_report, replication_bound
-from planners.eplb.placement import Placement
+from planners.eplb.placement import EnginePlacements, Placement
 from planners.eplb.policies import POLICIES, gpu_loads, rebalance
-from planners.eplb.stats import ExpertLoadWindow, check_load, synthetic_load
+from planners.eplb.stats import EngineLoadWindows, ExpertLoadWindow, check_load, synthetic_load
 from planners.errors import EplbError, PlacementError
 
-__all__ = ["Placement", "rebalance", "POLICIES", "gpu_loads", "BalanceReport", "balance_report", "replication_bound",
-           "ExpertLoadWindow", "check_load", "synthetic_load", "EplbError", "PlacementError"]
+__all__ = ["Placement", "EnginePlacements", "rebalance", "POLICIES", "gpu_loads", "BalanceReport", "balance_report", "replication_bound",
+           "ExpertLoadWindow", "EngineLoadWindows", "check_load", "synthetic_load", "EplbError", "PlacementError"]

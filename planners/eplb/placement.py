@@ -3,6 +3,10 @@
 ``phy2log [L, P]`` per MoE layer (L layers in model order) and physical slot; slots are
 contiguous per EP rank (rank r owns ``[r*P/ep, (r+1)*P/ep)``). ``log2phy [L, E, R]`` lists each
 logical expert's slots (-1 padded) and ``logcnt [L, E]`` counts them.
+
+A :class:`Placement` is shared by every engine of a job; :class:`EnginePlacements` gives each engine
+its own (vLLM balances each engine's EP group by that engine's own load). Both answer
+``of_engine(k)``: the placement engine ``k`` serves.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 
 from planners.errors import PlacementError
 
-__all__ = ["Placement"]
+__all__ = ["Placement", "EnginePlacements", "placement_from_phy2log"]
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: shard rules cache on it
@@ -35,6 +39,15 @@ class Placement:
     @property
     def num_layers(self) -> int:
         return self.phy2log.shape[0]
+
+    def of_engine(self, engine: int) -> "Placement":
+        """The placement engine ``engine`` serves: this one, shared by all."""
+        return self
+
+    @property
+    def engines(self) -> tuple["Placement", ...] | None:
+        """Each engine's placement where they differ; None where every engine shares this one."""
+        return None
 
     @property
     def num_physical(self) -> int:
@@ -58,8 +71,9 @@ class Placement:
             out[layer, sorted_experts, np.arange(P) - starts] = order[layer]
         return out
 
-    def check(self, num_layers: int, num_experts: int, num_physical: int) -> None:
-        """Raise PlacementError unless this placement covers every expert of every MoE layer."""
+    def check(self, num_layers: int, num_experts: int, num_physical: int, engines: int | None = None) -> None:
+        """Raise PlacementError unless this placement covers every expert of every MoE layer
+        (``engines``: how many engines share it; any number can)."""
         if self.phy2log.shape != (num_layers, num_physical):
             raise PlacementError(
                 f"placement.phy2log has shape {self.phy2log.shape}; expected ({num_layers} MoE layers, {num_physical} slots)"
@@ -72,3 +86,60 @@ class Placement:
                 raise PlacementError(
                     f"placement: MoE layer {layer} has no slot for experts {missing[:8].tolist()}; every expert needs one"
                 )
+
+
+@dataclass(frozen=True, eq=False)
+class EnginePlacements:
+    """One placement per engine (engine ``k`` of the inference layout serves ``placements[k]``), all
+    with the same MoE layers and slots."""
+
+    placements: tuple[Placement, ...]
+
+    def __post_init__(self) -> None:
+        placements = tuple(p if isinstance(p, Placement) else Placement(np.asarray(p)) for p in self.placements)
+        if not placements:
+            raise PlacementError("per-engine placements: got none; give one per engine")
+        shapes = {p.phy2log.shape for p in placements}
+        if len(shapes) != 1:
+            raise PlacementError(f"per-engine placements differ in shape ({sorted(shapes)}); every engine has "
+                                 "the same MoE layers and expert slots")
+        object.__setattr__(self, "placements", placements)
+
+    def of_engine(self, engine: int) -> Placement:
+        return self.placements[engine]
+
+    @property
+    def engines(self) -> tuple[Placement, ...]:
+        return self.placements
+
+    @property
+    def phy2log(self) -> np.ndarray:
+        """``[engines, L, P]``."""
+        return np.stack([p.phy2log for p in self.placements])
+
+    @property
+    def num_layers(self) -> int:
+        return self.placements[0].num_layers
+
+    @property
+    def num_physical(self) -> int:
+        return self.placements[0].num_physical
+
+    def check(self, num_layers: int, num_experts: int, num_physical: int, engines: int | None = None) -> None:
+        """Placement.check for every engine's; with ``engines``, one placement per engine."""
+        if engines is not None and len(self.placements) != engines:
+            raise PlacementError(f"per-engine placements: got {len(self.placements)} for {engines} engines "
+                                 "(inference.engines); give one per engine")
+        for k, p in enumerate(self.placements):
+            try:
+                p.check(num_layers, num_experts, num_physical)
+            except PlacementError as e:
+                raise PlacementError(f"engine {k}'s {e}") from None
+
+
+def placement_from_phy2log(phy2log) -> Placement | EnginePlacements:
+    """``[L, P]`` (shared by every engine) or ``[engines, L, P]`` (one per engine)."""
+    p = np.asarray(phy2log, dtype=np.int64)
+    if p.ndim == 3:
+        return EnginePlacements(tuple(Placement(row) for row in p))
+    return Placement(p)

@@ -17,7 +17,7 @@ import numpy as np
 
 from planners.errors import EplbError
 
-__all__ = ["ExpertLoadWindow", "synthetic_load", "drift", "read_load", "load_array", "check_load"]
+__all__ = ["ExpertLoadWindow", "EngineLoadWindows", "synthetic_load", "drift", "read_load", "load_array", "check_load"]
 
 
 def check_load(load: Any, layers: int | None = None, experts: int | None = None) -> np.ndarray:
@@ -38,6 +38,17 @@ def check_load(load: Any, layers: int | None = None, experts: int | None = None)
     return arr
 
 
+def logical_counts(slot_counts: np.ndarray, phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[L, E]`` tokens per logical expert from ``slot_counts [L, P]`` under ``phy2log [L, P]``."""
+    slot_counts = np.asarray(slot_counts, dtype=np.float64)
+    if slot_counts.shape != phy2log.shape:
+        raise ValueError(f"slot counts {slot_counts.shape} and phy2log {phy2log.shape} must both be [layers, slots]")
+    layers = phy2log.shape[0]
+    flat = (np.arange(layers)[:, None] * num_experts + phy2log).ravel()
+    logical = np.bincount(flat, weights=slot_counts.ravel(), minlength=layers * num_experts)
+    return logical.reshape(layers, num_experts)
+
+
 @dataclass
 class ExpertLoadWindow:
     num_layers: int
@@ -51,13 +62,7 @@ class ExpertLoadWindow:
 
     def record(self, slot_counts: np.ndarray, phy2log: np.ndarray) -> None:
         """One pass of per-slot token counts ``[L, P]`` under placement ``phy2log [L, P]``."""
-        slot_counts = np.asarray(slot_counts, dtype=np.float64)
-        if slot_counts.shape != phy2log.shape or phy2log.shape[0] != self.num_layers:
-            raise ValueError(f"slot counts {slot_counts.shape} and phy2log {phy2log.shape} must both be "
-                             f"[{self.num_layers} layers, slots]")
-        flat = (np.arange(self.num_layers)[:, None] * self.num_experts + phy2log).ravel()
-        logical = np.bincount(flat, weights=slot_counts.ravel(), minlength=self.num_layers * self.num_experts)
-        self.record_logical(logical.reshape(self.num_layers, self.num_experts))
+        self.record_logical(logical_counts(slot_counts, phy2log, self.num_experts))
 
     def record_logical(self, counts: np.ndarray) -> None:
         counts = np.asarray(counts, dtype=np.float64)
@@ -91,6 +96,49 @@ class ExpertLoadWindow:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExpertLoadWindow":
         return cls(d["num_layers"], d["num_experts"], d["window"], [np.asarray(p, dtype=np.float64) for p in d["passes"]])
+
+
+@dataclass
+class EngineLoadWindows:
+    """The expert loads of a job's engines: one window per engine where each engine is balanced by its
+    own load (``per_engine``), else one window summing every engine's (they share a placement)."""
+
+    num_layers: int
+    num_experts: int
+    engines: int
+    per_engine: bool = False
+    window: int = 1000
+    windows: list[ExpertLoadWindow] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.resize(self.engines)
+
+    def resize(self, engines: int) -> None:
+        """Engines started or stopped: a new engine starts with an empty window."""
+        self.engines = engines
+        want = engines if self.per_engine else 1
+        self.windows = self.windows[:want] + [ExpertLoadWindow(self.num_layers, self.num_experts, self.window)
+                                              for _ in range(want - len(self.windows))]
+
+    def record(self, slot_counts: list[np.ndarray], placement) -> None:
+        """One pass: ``slot_counts[k] [L, P]`` tokens engine k's slots served under ``placement`` (shared,
+        or per engine)."""
+        if len(slot_counts) != self.engines:
+            raise ValueError(f"slot counts of {len(slot_counts)} engines for {self.engines}")
+        logical = [logical_counts(counts, placement.of_engine(k).phy2log, self.num_experts)
+                   for k, counts in enumerate(slot_counts)]
+        if self.per_engine:
+            for window, counts in zip(self.windows, logical):
+                window.record_logical(counts)
+        else:
+            self.windows[0].record_logical(np.sum(logical, axis=0))
+
+    def load(self) -> np.ndarray:
+        """``[L, E]`` summed over the engines, or ``[engines, L, E]`` per engine."""
+        if self.per_engine:
+            return np.stack([w.load() for w in self.windows])
+        return self.windows[0].load()
+
 
 
 def synthetic_load(num_layers: int, num_experts: int, zipf: float = 1.0, seed: int = 0,

@@ -28,7 +28,7 @@ import numpy as np
 from planners.errors import LayoutError, ShardError
 from planners.layouts import InferenceLayout, vllm_pp_layers
 from planners.models import GQA, MLA, Catalog, ModelSpec, expert_names, router_prefix
-from planners.eplb.placement import Placement
+from planners.eplb.placement import EnginePlacements, Placement
 from planners.sides.shards import LocalTensor, Locals, padded_vocab, require_divides
 
 __all__ = ["NAME", "check", "template", "inference_locals", "VLLM_NAMES"]
@@ -50,7 +50,7 @@ kv_a_proj_with_mqa.weight (q_lora_rank unset), kv_a_layernorm.weight, kv_b_proj.
 """
 
 
-def check(spec: ModelSpec, layout: InferenceLayout, placement: Placement | None) -> None:
+def check(spec: ModelSpec, layout: InferenceLayout, placement: Placement | EnginePlacements | None) -> None:
     """Raise ShardError, naming the fields as the job wrote them, unless the model's shapes divide over
     the engine layout as vLLM requires (and ``placement`` fits its expert slots)."""
     tp = layout.tp
@@ -108,10 +108,10 @@ def check(spec: ModelSpec, layout: InferenceLayout, placement: Placement | None)
         raise ShardError(f"inference EP size ({group}) exceeds the routed experts "
                          f"({spec.key('experts', m.num_experts)}); some ranks would hold none")
     if placement is not None:
-        placement.check(len(spec.moe_layers), m.num_experts, P)
+        placement.check(len(spec.moe_layers), m.num_experts, P, layout.engines)
 
 
-def inference_locals(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | None,
+def inference_locals(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | EnginePlacements | None,
                      rank: int, global_rank: int) -> list[LocalTensor]:
     """Local tensors of inference ``rank`` (engine-local numbering), tagged with ``global_rank``."""
     return [LocalTensor(global_rank, t.name, t.shape, t.dtype, t.pieces)
@@ -129,11 +129,12 @@ def slots_of(layout: InferenceLayout, num_physical: int, ranks: np.ndarray, loca
     return starts[ranks] + bases // per_slot[which]
 
 
-def template(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | None,
+def template(spec: ModelSpec, cat: Catalog, layout: InferenceLayout, placement: Placement | EnginePlacements | None,
              rank: int) -> tuple[LocalTensor, ...]:
     """The (shared, rank-less) local tensors of ``rank``: ranks with equal shard coordinates share one."""
     c = layout.coords(rank)
-    return _locals_for(spec, cat, layout, placement, c.dp, c.pp, c.tp)
+    mine = placement.of_engine(c.engine) if placement is not None else None  # each engine's own, where given
+    return _locals_for(spec, cat, layout, mine, c.dp, c.pp, c.tp)
 
 
 @lru_cache(maxsize=1024)

@@ -58,7 +58,7 @@ class ReferenceEngine(BufferTarget):
         self.job, self.spec, self.lay = job, job.model, job.inference
         self.coords = self.lay.coords(rank - plan.num_trainer)
         self.tp_group, self.ep_group = tp_group, ep_group
-        self.placement = plan.placement
+        self.placement = plan.placement_of(rank)
         self.slot_counts: np.ndarray | None = None  # [moe layers, slots] tokens served per physical slot
         self._w = self.tensors  # the weights the forward pass computes with
 

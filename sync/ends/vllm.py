@@ -123,7 +123,7 @@ class ParamTarget:
         self.experts = ExpertMaps(plan, rank, self.eplb_maps)
         self.moe_rows = self.experts.moe_rows
         if plan.placement is not None:
-            self.experts.check(plan.placement)  # fail now, before any byte moves, if the engine cannot take it
+            self.experts.check(plan.placement_of(rank))  # fail now, before any byte moves, if the engine cannot take it
 
     @property
     def placement(self):

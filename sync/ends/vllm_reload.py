@@ -89,7 +89,7 @@ class ReloadTarget:
         self.aliases = _aliases(model, self.modules)  # plan name -> [(module, leaf)] sharing it
         self.experts = ExpertMaps(plan, rank, find_holder)
         if plan.placement is not None:
-            self.experts.check(plan.placement)
+            self.experts.check(plan.placement_of(rank))
         self.state = EngineState()
         self._tensors: dict[str, torch.Tensor] | None = None
         self._live: dict[str, torch.Tensor] = {}  # staged copies of tensors reload keeps live (not on meta)

@@ -38,8 +38,7 @@ import numpy as np
 
 from planners import JobSpec, SyncPlan
 from planners.build import PlanBuilder
-from planners.eplb import balance_report
-from planners.eplb.stats import ExpertLoadWindow
+from planners.eplb.stats import EngineLoadWindows
 from sync.ends.synthetic import trained_tensor
 from sync.rl.task import GRPOSettings, TargetTokens
 from sync.run.grpo import check_grpo_job, rollout, train, trainer_weights
@@ -320,7 +319,8 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     say = console.print if console is not None else (lambda *a, **k: None)
-    window = ExpertLoadWindow(len(job.model.moe_layers), job.model.num_experts, job.eplb.window) if job.model.is_moe else None
+    window = (EngineLoadWindows(len(job.model.moe_layers), job.model.num_experts, job.inference.engines,
+                                job.eplb.per_engine, job.eplb.window) if job.model.is_moe else None)
     builder = PlanBuilder.for_job(job)  # what no placement touches, once; each new load replans the experts
     plan = builder.plan(job.placement(None)).validate()
     where = _Placement(ray, job.deployment.gpus_per_node)
@@ -356,6 +356,8 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
         engines = engines_schedule[(it - 1) % len(engines_schedule)] if engines_schedule else job.inference.engines
         if engines != job.inference.engines:  # elastic engines: a new set, a new group, a new plan
             job = replace(job, inference=replace(job.inference, engines=engines))
+            if window is not None:
+                window.resize(engines)
             builder = PlanBuilder.for_job(job)
             plan = builder.plan(job.placement(window.load() if window is not None and job.eplb.enabled else None)).validate()
             for a in actors[plan.num_ranks:]:
@@ -370,27 +372,29 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
             ray.get([a.update.remote(it) for a in actors])
             prompt = rng.integers(0, job.model.vocab_size, tokens).tolist()
             gen = ray.get([a.generate.remote(prompt, steps) for a in actors])
-            per_engine = [gen[r]["counts"] for r in first_ranks if gen[r] is not None and gen[r]["counts"] is not None]
+            slot_counts = [gen[r]["counts"] for r in first_ranks if gen[r] is not None and gen[r]["counts"] is not None]
             probe = next((g["tokens"] for g in gen if g is not None), prompt)
         else:  # rollouts with the weights the engines serve, then the step they teach
             rolled = rollout(ray, actors, plan, job, grpo, task, it)
             rewards = task.reward(rolled.tokens[:, grpo.prompt_tokens:])
             trained = train(ray, actors, plan, rolled.tokens, rewards, grpo)
-            per_engine, probe = rolled.counts, rolled.tokens[0].tolist()
+            slot_counts, probe = rolled.counts, rolled.tokens[0].tolist()
             learning = dict(reward_mean=float(rewards.mean()), loss=trained["loss"],
                             logprob_mismatch=float(np.max(np.abs(trained["logprobs"] - rolled.logprobs))),
                             rollout_seconds=rolled.seconds, train_seconds=trained["seconds"])
         balance: dict[str, float] = {}
         if window is not None:
-            if per_engine:  # every rank of an engine counts all of its tokens: one rank per engine
-                window.record(np.sum(per_engine, axis=0), plan.placement.phy2log)
+            if len(slot_counts) == job.inference.engines:  # every rank of an engine counts all of its tokens
+                window.record(slot_counts, plan.placement)
             load = window.load()
-            groups, n_nodes, gpus = job.eplb_shape()
-            balance["before"] = balance_report(load, plan.placement, gpus, n_nodes).balancedness
+            _, _, gpus = job.eplb_shape()
+            balance["before"] = job.balancedness(load, plan.placement)
             if job.eplb.enabled and sync_weights:  # a placement reaches the engines with a sync only
                 new_plan = builder.plan(job.placement(load)).validate()
-                balance["after"] = balance_report(load, new_plan.placement, gpus, n_nodes).balancedness
-                before_loads, after_loads = (load, plan.placement.phy2log, gpus), (load, new_plan.placement.phy2log, gpus)
+                balance["after"] = job.balancedness(load, new_plan.placement)
+                first_load = load[0] if load.ndim == 3 else load  # the plot shows engine 0's GPUs
+                before_loads = (first_load, plan.placement.of_engine(0).phy2log, gpus)
+                after_loads = (first_load, new_plan.placement.of_engine(0).phy2log, gpus)
                 plan = new_plan
                 ray.get([a.set_plan.remote(plan) for a in actors])
         if fault is not None and fault.sync == it and fault.rank < len(actors):

@@ -24,6 +24,11 @@ CASES = {
     "moe_ep_eplb": dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
                         inference=dict(tp=2, dp=2, enable_ep=True), eplb=dict(enabled=True, num_redundant_experts=4),
                         deployment=dict(gpus_per_node=2)),
+    # two engines, each balanced by its own load: their slots differ, and both share one node's stage 1
+    "moe_per_engine_eplb": dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
+                                inference=dict(tp=1, dp=2, enable_ep=True, engines=2),
+                                eplb=dict(enabled=True, num_redundant_experts=2, per_engine=True),
+                                deployment=dict(gpus_per_node=4)),
     "glm4_moe_ep_eplb": dict(model=dict(preset="tiny_glm4_moe"), trainer=dict(tp=2, ep=2),
                              inference=dict(tp=2, dp=2, enable_ep=True), eplb=dict(enabled=True, num_redundant_experts=4),
                              deployment=dict(gpus_per_node=2)),
@@ -40,7 +45,13 @@ def test_syncs_are_bit_exact_every_version(name):
         from planners.eplb.stats import synthetic_load
 
         load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=3)
+        if job.eplb.per_engine:
+            load = np.stack([synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=3 + k)
+                             for k in range(job.inference.engines)])
     plan = build_plan(job, load).validate()
+    if job.eplb.per_engine:
+        first, second = plan.placement.of_engine(0).phy2log, plan.placement.of_engine(1).phy2log
+        assert not np.array_equal(first, second)
     versions = [1, 2, 3]
     results, _ = run_local(plan, LocalRun(versions=versions, bucket_bytes=8 << 10, timeout_s=30, return_tensors=True))
     for i, version in enumerate(versions):

@@ -96,10 +96,16 @@ def test_engines_get_the_new_placement_only_after_a_verified_sync(bad):
     from sync.executor import SyncStats, finish_sync
     from sync.transport import SoloTransport
 
+    class Plan:  # the plan's side of it: each engine rank's placement
+        placement = "new"
+
+        def placement_of(self, rank):
+            return f"new for rank {rank}"
+
     target, stats = _Recorder(), SyncStats(0)
-    finish_sync(stats, {}, _Verdict(bad), SoloTransport(), lambda w, what: None, torch.device("cpu"), [target], "new")
+    finish_sync(stats, {}, _Verdict(bad), SoloTransport(), lambda w, what: None, torch.device("cpu"), {3: target}, Plan())
     assert stats.verified is (bad == 0)
-    assert target.placements == ([] if bad else ["new"])
+    assert target.placements == ([] if bad else ["new for rank 3"])
 
 
 def test_staging_beyond_its_budget_is_refused_before_any_byte_moves():

@@ -50,3 +50,18 @@ def test_without_syncs_the_engines_fall_behind_the_trainer(ray_local):
     assert gaps[0] <= 1e-4  # both still hold the initial policy
     assert min(gaps[1:]) > 1e-2, gaps  # the trainer stepped; the engines did not follow
     assert all(r["verified"] is None and r["sync_seconds"] is None for r in report["iterations"])
+
+
+def test_engines_balanced_by_their_own_traffic_still_sample_what_the_trainer_computes(ray_local):
+    """``eplb.per_engine``: each engine's rollouts give it its own load and so its own placement; every sync
+    fills each engine's slots by its own placement, and its log-probs still equal the trainer's."""
+    from sync.run.loop import run_job
+
+    job = JobSpec.from_dict({**JOB, "inference": dict(tp=1, dp=2, enable_ep=True, engines=2),
+                             "eplb": dict(enabled=True, num_redundant_experts=2, per_engine=True)})
+    report = run_job(job, iterations=2, grpo=SETTINGS)
+    rows = report["iterations"]
+    assert all(r["verified"] and not r["errors"] for r in rows), [r["errors"] for r in rows]
+    assert all(r["logprob_mismatch"] <= 1e-4 for r in rows), [r["logprob_mismatch"] for r in rows]
+    first, second = report["expert_placement"]  # [engines, MoE layers, slots]
+    assert first != second  # different prompts, different loads, different placements

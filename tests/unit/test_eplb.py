@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 
 from conftest import assert_plan_exact
 from planners import JobSpec
-from planners.eplb import POLICIES, EplbError, balance_report, gpu_loads, rebalance
+from planners.eplb import POLICIES, EplbError, PlacementError, balance_report, gpu_loads, rebalance
 from planners.eplb.loop import rebalance_loop
 from planners.eplb.stability import moved_slots
-from planners.eplb.stats import ExpertLoadWindow, read_load, synthetic_load
+from planners.eplb.placement import EnginePlacements, Placement, placement_from_phy2log
+from planners.eplb.stats import EngineLoadWindows, ExpertLoadWindow, read_load, synthetic_load
 
 
 def test_deepseek_readme_example():
@@ -190,6 +191,45 @@ def test_load_window_folds_slots_and_slides(tmp_path):
     assert read_load(tmp_path / "load.npy").tolist() == [[5, 5, 5]]
     with pytest.raises(ValueError, match="non-negative"):
         w.record_logical(np.array([[-1, 0, 0]]))
+
+
+def test_engine_windows_keep_each_engines_load_or_one_for_all():
+    phy2log = [np.array([[0, 1, 2, 0]]), np.array([[0, 1, 2, 1]])]  # engine 1 replicates expert 1
+    counts = [np.array([[1, 2, 3, 4]]), np.array([[1, 1, 1, 1]])]
+    placements = EnginePlacements(tuple(Placement(p) for p in phy2log))
+    own = EngineLoadWindows(1, 3, engines=2, per_engine=True)
+    own.record(counts, placements)
+    assert own.load().tolist() == [[[5, 2, 3]], [[1, 2, 1]]]
+    shared = EngineLoadWindows(1, 3, engines=2)
+    shared.record(counts, placements)  # summed in logical experts, each engine by its own slots
+    assert shared.load().tolist() == [[6, 4, 4]]
+    own.resize(3)  # a new engine starts from nothing
+    assert own.load().shape == (3, 1, 3) and own.load()[2].sum() == 0
+    with pytest.raises(ValueError, match="2 engines for 3"):
+        own.record(counts, placements)
+
+
+def test_per_engine_loads_give_each_engine_its_own_placement():
+    job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
+                                 inference=dict(tp=2, dp=2, enable_ep=True, engines=2),
+                                 eplb=dict(enabled=True, num_redundant_experts=4)))
+    L, E = len(job.model.moe_layers), job.model.num_experts
+    hot = [synthetic_load(L, E, zipf=1.5, seed=s) for s in (1, 2)]
+    placement = job.placement(np.stack(hot))
+    for k in range(2):  # each engine's own: what a shared load of its traffic alone would give
+        assert np.array_equal(placement.of_engine(k).phy2log, job.placement(hot[k]).phy2log)
+    assert job.balancedness(np.stack(hot), placement) == min(job.balancedness(hot[k], job.placement(hot[k]))
+                                                             for k in range(2))
+    again = placement_from_phy2log(placement.phy2log.tolist())
+    assert isinstance(again, EnginePlacements) and np.array_equal(again.phy2log, placement.phy2log)
+    with pytest.raises(EplbError, match=r"expected \[2 engines \(inference.engines\)"):
+        job.placement(np.stack(hot * 2))
+    with pytest.raises(PlacementError, match="engine 1's placement: MoE layer 0 has no slot"):
+        bad = placement.phy2log.copy()
+        bad[1, 0] = 0
+        job.placement(None)  # the identity is fine
+        from planners.build import PlanBuilder
+        PlanBuilder.for_job(job).plan(placement_from_phy2log(bad))
 
 
 @pytest.mark.parametrize("preset,inference,redundant", [

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_simulates_exactly
 from planners.build import PlanBuilder, build_plan_from_parts
-from planners.eplb import rebalance
+from planners.eplb import EnginePlacements, rebalance
 from planners.eplb.stats import synthetic_load
 from strategies import jobs
 
@@ -19,15 +19,28 @@ def builder_of(job) -> PlanBuilder:
                        job.describe(), (job.trainer_kind, job.engine_kind))
 
 
+def placement_of(job, seed: int, per_engine: bool):
+    """A balanced placement for a synthetic load: one every engine shares, or one per engine."""
+    groups, nodes, gpus = job.eplb_shape()
+
+    def balanced(s):
+        load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, zipf=1.5, seed=s)
+        return rebalance(load, job.num_physical_experts, groups, nodes, gpus)
+
+    if per_engine:
+        return EnginePlacements(tuple(balanced(seed * 31 + k) for k in range(job.inference.engines)))
+    return balanced(seed)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-@given(jobs(), st.lists(st.integers(0, 2**16), min_size=2, max_size=4))
-def test_replanning_a_placement_equals_planning_it_from_scratch(job, seeds):
+@given(jobs(), st.lists(st.tuples(st.integers(0, 2**16), st.booleans()), min_size=2, max_size=4))
+def test_replanning_a_placement_equals_planning_it_from_scratch(job, changes):
+    """Shared and per-engine placements in any order: the cached part plus the placement's equals a
+    from-scratch plan, and every engine rank simulates to its own engine's slots."""
     assume(job.model.is_moe)
     builder = builder_of(job)
-    groups, nodes, gpus = job.eplb_shape()
-    for seed in seeds:
-        load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, zipf=1.5, seed=seed)
-        placement = rebalance(load, job.num_physical_experts, groups, nodes, gpus)
+    for seed, per_engine in changes:
+        placement = placement_of(job, seed, per_engine)
         fresh = build_plan_from_parts(job.model, job.trainer, job.inference, job.deployment, placement, job.links,
                                       job.describe(), (job.trainer_kind, job.engine_kind))
         again = builder.plan(placement)
@@ -49,3 +62,29 @@ def test_only_the_expert_slots_move():
     assert moved.any() and expert[one.pieces["tensor"][moved]].all()
     fixed = ~expert[one.chunks["tensor"]]
     assert np.array_equal(one.chunks[fixed], two.chunks[~expert[two.chunks["tensor"]]])
+
+
+def test_engines_with_their_own_placements_share_stage_one_where_their_slots_coincide():
+    """Two colocated engines on one node: slots serving the same expert in both cross into the node once
+    (one stage-1 copy, then NVLink), and each engine's slots hold its own placement's experts."""
+    from planners import JobSpec
+
+    job = JobSpec.from_dict({"name": "two-engines", "model": {"preset": "tiny_qwen3_moe"}, "trainer": {"tp": 2, "ep": 2},
+                             "inference": {"tp": 2, "dp": 1, "enable_ep": True, "engines": 2},
+                             "deployment": {"mode": "disaggregated", "gpus_per_node": 4},  # both engines on node 1
+                             "eplb": {"enabled": True, "num_redundant_experts": 4}})
+    builder = builder_of(job)
+    L, E = len(job.model.moe_layers), job.model.num_experts
+    same = builder.plan(job.placement(np.stack([synthetic_load(L, E, seed=1)] * 2)))
+    mixed = builder.plan(job.placement(np.stack([synthetic_load(L, E, seed=1), synthetic_load(L, E, seed=2)])))
+    assert mixed.placement.engines is not None
+    assert not np.array_equal(mixed.placement.of_engine(0).phy2log, mixed.placement.of_engine(1).phy2log)
+    for plan in (same, mixed):
+        assert_simulates_exactly(job, plan.validate())
+        s1 = plan.chunks[plan.chunks["stage"] == 1]
+        # no (tensor, range) crosses into the node twice: the node gets the model once, whatever each
+        # engine's placement, and the second engine's copies come over NVLink
+        keys = np.stack([s1["tensor"], s1["lo"], s1["hi"]], axis=1)
+        assert len(np.unique(keys, axis=0)) == len(keys)
+        assert plan.bytes_by_link(1)["cross node"] == sum(t.nbytes for t in plan.tensors)
+        assert plan.bytes_by_link(2)["same node"] > 0
