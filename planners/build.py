@@ -30,6 +30,7 @@ from planners.layouts import Deployment, InferenceLayout, TrainerLayout
 from planners.models import Catalog, ModelSpec, catalog, expert_names
 from planners.eplb.placement import EnginePlacements, Placement
 from planners.plan import CHUNK_DTYPE, PIECE_DTYPE, SyncPlan
+from planners.schedule.buckets import chunk_origins
 from planners.sides import engine_side, trainer_side
 from planners.sides.shards import LocalTensor
 
@@ -82,10 +83,19 @@ class PlanBuilder:
         self._slots()
         fixed = (piece_rank >= T) & ~self.in_slot
         cuts = _cuts(cat, self.seg, self.pieces[fixed], piece_rank[fixed], self.devices, deployment.gpus_per_node)
-        fixed_chunks, self.busy = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links)
+        # the other tensors are routed once, balanced around what the experts of vLLM's initial placement
+        # load every link with (a new placement loads them about as much: it moves experts, not bytes)
+        self.first_holder = np.zeros(len(self.seg.points), np.int64)  # where each segment's deliveries start
+        initial = np.zeros(0, CHUNK_DTYPE)
+        if len(self.slot_rows):
+            self.first_holder = _first_holders(self.seg, self._expert_cuts(self._filled(None)), len(self.devices))
+            initial = self._expert_chunks(self._filled(None))[0]
+        fixed_chunks, _ = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links,
+                                 _stage1_busy(initial, len(self.devices), self.links))
         self.fixed_chunks = _sorted_chunks([fixed_chunks])
         self.keys = _ChunkKeys(len(self.devices), cat)
         self.fixed_keys = self.keys(self.fixed_chunks) if self.keys.usable else None
+        self._scopes: dict[tuple[int, ...], _Scope] = {}
 
     @classmethod
     def for_job(cls, job: Any) -> "PlanBuilder":
@@ -128,38 +138,124 @@ class PlanBuilder:
                                                     rows["base"].astype(np.int64))
 
     def _phy2log(self, placement: Placement | EnginePlacements | None) -> np.ndarray:
-        """``[engines, L, P]``: the expert every engine's slot serves (shared placements broadcast)."""
+        """``[engines, L, P]``: the expert every engine's slot serves (shared placements broadcast; None:
+        vLLM's initial placement, slot ``i`` serving expert ``i % E``)."""
         layers, engines = len(self.spec.moe_layers), self.inference.engines
         if placement is None:
-            return np.broadcast_to(np.arange(self.num_physical), (engines, layers, self.num_physical))
+            identity = np.arange(self.num_physical) % self.spec.num_experts
+            return np.broadcast_to(identity, (engines, layers, self.num_physical))
         placement.check(layers, self.spec.num_experts, self.num_physical, engines)
         if placement.engines is None:
             return np.broadcast_to(placement.phy2log, (engines, layers, self.num_physical))
         return placement.phy2log
 
+    def _filled(self, placement: Placement | EnginePlacements | None) -> np.ndarray:
+        """The logical tensor every expert-slot piece holds under ``placement``."""
+        experts = self._phy2log(placement)[self.slot_engine, self.slot_layer, self.slot_phys]
+        return self.expert_tensor[self.slot_layer, experts, self.slot_proj]
+
+    def _expert_chunks(self, filled: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Chunks and their feeders (see ``_route_by_rule``) of the expert-slot pieces ``slots`` (positions
+        in ``slot_rows``; all by default) holding the logical tensors ``filled``."""
+        cuts = self._expert_cuts(filled, slots)
+        nbytes = (cuts.hi - cuts.lo) * self.cat.table.row_bytes[cuts.tensor]
+        return _route_by_rule(self.seg, cuts, nbytes, self.devices, self.deployment.gpus_per_node, self.links,
+                              self.first_holder)
+
+    def _expert_cuts(self, filled: np.ndarray, slots: np.ndarray | None = None) -> "_Cuts":
+        slots = np.arange(len(self.slot_rows)) if slots is None else slots
+        rows = self.slot_rows[slots]
+        pieces = self.pieces[rows]
+        pieces["tensor"] = filled
+        first = self.first_segment[filled]
+        spans = (first + self.slot_spans[0][slots], first + self.slot_spans[1][slots])
+        return _cuts(self.cat, self.seg, pieces, self.piece_rank[rows], self.devices, self.deployment.gpus_per_node, spans)
+
     def plan(self, placement: Placement | EnginePlacements | None = None) -> SyncPlan:
-        """The plan for ``placement`` (the identity, expert ``e`` in slot ``e``, when None): one shared
-        by every engine, or one per engine."""
-        pieces, spans = self.pieces, None
+        """The whole job's plan for ``placement`` (vLLM's initial placement when None): one shared by
+        every engine, or one per engine."""
+        pieces, moving = self.pieces, np.zeros(0, CHUNK_DTYPE)
         if len(self.slot_rows):
-            phy2log = self._phy2log(placement)
+            filled = self._filled(placement)
             pieces = pieces.copy()
-            experts = phy2log[self.slot_engine, self.slot_layer, self.slot_phys]
-            filled = self.expert_tensor[self.slot_layer, experts, self.slot_proj]
             pieces["tensor"][self.slot_rows] = filled
-            first = self.first_segment[filled]
-            spans = (first + self.slot_spans[0], first + self.slot_spans[1])
-        cuts = _cuts(self.cat, self.seg, pieces[self.in_slot], self.piece_rank[self.in_slot], self.devices,
-                     self.deployment.gpus_per_node, spans)
-        chunks, _ = _route(self.cat, self.seg, cuts, self.devices, self.deployment.gpus_per_node, self.links, self.busy)
+            moving = self._expert_chunks(filled)[0]
+        return self._plan(pieces, self.keys.merge(self.fixed_chunks, self.fixed_keys, moving), placement, None)
+
+    def rank_plan(self, placement: Placement | EnginePlacements | None, ranks) -> SyncPlan:
+        """The part of :meth:`plan` that plan ``ranks`` (one, or those one process hosts) sync by: the chunks
+        they send or receive and the stage-2 chunks their stage-1 sends feed (which their checksums
+        cover), in the whole plan's order, and their own pieces. It routes only the expert deliveries
+        those ranks take part in, so its cost follows the ranks' share of the job, not the job."""
+        scope = self._scope(ranks)
+        pieces, moving = self.pieces[scope.piece_rows], np.zeros(0, CHUNK_DTYPE)
+        if len(self.slot_rows):
+            filled = self._filled(placement)
+            pieces["tensor"][scope.own_slot_at] = filled[scope.own_slots]
+            # every slot holding what a hosted trainer rank sends or a hosted engine rank receives: a
+            # delivery's route depends on the other deliveries of its segment (_route_by_rule)
+            wanted = scope.held.copy()
+            wanted[filled[scope.own_slots]] = True
+            slots = np.flatnonzero(wanted[filled])
+            chunks, feeder = self._expert_chunks(filled[slots], slots)
+            moving = chunks[scope.hosted[chunks["src"]] | scope.hosted[chunks["dst"]] | scope.hosted[feeder]]
+        chunks = self.keys.merge(scope.fixed_chunks, scope.fixed_keys, moving)
+        return self._plan(pieces, chunks, placement, scope.ranks)
+
+    def _plan(self, pieces: np.ndarray, chunks: np.ndarray, placement, scope) -> SyncPlan:
         plan = SyncPlan(
             tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
-            local_dtype=self.dtypes, pieces=pieces, chunks=self.keys.merge(self.fixed_chunks, self.fixed_keys, chunks),
-            devices=self.devices, num_trainer=self.T, gpus_per_node=self.deployment.gpus_per_node, links=self.links,
-            meta=self.meta, placement=placement,
+            local_dtype=self.dtypes, pieces=pieces, chunks=chunks, devices=self.devices, num_trainer=self.T,
+            gpus_per_node=self.deployment.gpus_per_node, links=self.links, meta=self.meta, placement=placement,
+            scope=scope,
         )
         plan.table = self.cat.table  # the same tensors: their size arrays are computed once per job
         return plan
+
+    def _scope(self, ranks) -> "_Scope":
+        """What no placement changes about ``ranks``' part of the plan (computed once per set of ranks)."""
+        key = tuple(sorted({int(ranks)} if np.ndim(ranks) == 0 else {int(r) for r in ranks}))
+        if key in self._scopes:
+            return self._scopes[key]
+        if not key or key[0] < 0 or key[-1] >= len(self.devices):
+            raise PlanBuildError(f"ranks {list(key)} are not plan ranks (0 to {len(self.devices) - 1})")
+        s = _Scope()
+        s.ranks = key
+        s.hosted = np.zeros(len(self.devices), dtype=bool)
+        s.hosted[list(key)] = True
+        piece_hosted = s.hosted[self.piece_rank]
+        s.piece_rows = np.flatnonzero(piece_hosted)
+        slot_hosted = piece_hosted[self.slot_rows]
+        s.own_slots = np.flatnonzero(slot_hosted)  # positions in slot_rows of the hosted ranks' slot pieces
+        s.own_slot_at = np.searchsorted(s.piece_rows, self.slot_rows[s.own_slots])  # and in s.piece_rows
+        s.held = np.zeros(len(self.cat), dtype=bool)  # tensors a hosted trainer rank holds part of
+        held_rows = s.hosted[self.seg.holder_rank]
+        s.held[self.seg.points[self.seg.holder_seg[held_rows]] // self.seg.stride] = True
+        c = self.fixed_chunks
+        feeder = np.where(c["stage"] == 1, c["src"], c["src"][np.maximum(self._fixed_origin(), 0)])
+        keep = s.hosted[c["src"]] | s.hosted[c["dst"]] | s.hosted[feeder]
+        s.fixed_chunks = c[keep]
+        s.fixed_keys = self.fixed_keys[keep] if self.fixed_keys is not None else None
+        self._scopes[key] = s
+        return s
+
+    def _fixed_origin(self) -> np.ndarray:
+        if not hasattr(self, "_origin"):
+            self._origin = chunk_origins(self.fixed_chunks)
+        return self._origin
+
+
+class _Scope:
+    """Plan ranks' share of a builder's tables (see PlanBuilder.rank_plan)."""
+
+    ranks: tuple[int, ...]
+    hosted: np.ndarray  # [plan ranks] bool
+    piece_rows: np.ndarray  # rows of the builder's pieces that are the hosted ranks'
+    own_slots: np.ndarray  # their expert-slot pieces, as positions in slot_rows
+    own_slot_at: np.ndarray  # where those pieces are in piece_rows
+    held: np.ndarray  # [tensors] some hosted trainer rank holds part of it
+    fixed_chunks: np.ndarray
+    fixed_keys: np.ndarray | None
 
 
 def _tables(templates: list[tuple[LocalTensor, ...]]):
@@ -344,6 +440,135 @@ def _route(cat: Catalog, seg: _Segments, c: _Cuts, devices: np.ndarray, gpn: int
 
     chunks = np.concatenate([p for p in parts if len(p)]) if any(len(p) for p in parts) else np.zeros(0, CHUNK_DTYPE)
     return chunks, (out_busy, in_busy)
+
+
+def _mix(*keys: np.ndarray) -> np.ndarray:
+    """A well-spread 63-bit hash of integer columns (splitmix64's finalizer over their combination):
+    the same for the same values, wherever and with whatever else it is computed."""
+    h = np.zeros(len(keys[0]), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in keys:
+            h = (h ^ np.asarray(k).astype(np.uint64)) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= h >> np.uint64(31)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(29)
+    return (h >> np.uint64(1)).astype(np.int64)
+
+
+def _pick_holder(seg: _Segments, segment: np.ndarray, node_of_dest: np.ndarray, choice: np.ndarray, node: np.ndarray,
+                 n_holders: int) -> np.ndarray:
+    """Holder rows for cuts of ``segment``: the ``choice``-th (modulo) of the holders on the destination's
+    node where there are any (NVLink), else of all its holders."""
+    first = seg.first[segment]
+    count = seg.first[segment + 1] - first
+    near = np.zeros(len(segment), dtype=np.int64)
+    for j in range(n_holders):  # holders per segment are few (data-parallel replicas of one shard)
+        has = j < count
+        near[has] += node[seg.holder_rank[first[has] + j]] == node_of_dest[has]
+    pool = np.where(near > 0, near, count)
+    target = choice % pool  # the target-th near holder, or the target-th holder
+    out = first + target
+    if (near > 0).any():
+        seen = np.zeros(len(segment), dtype=np.int64)
+        found = np.zeros(len(segment), dtype=bool)
+        for j in range(n_holders):
+            has = (j < count) & (near > 0) & ~found
+            hit = has & (node[seg.holder_rank[np.minimum(first + j, len(seg.holder_rank) - 1)]] == node_of_dest)
+            take = hit & (seen == target)
+            out[take] = first[take] + j
+            found |= take
+            seen += hit
+    return out
+
+
+def _first_holders(seg: _Segments, c: _Cuts, n_ranks: int) -> np.ndarray:
+    """Per segment, the holder (index among its holders) its deliveries start from, chosen once per job
+    so the holders of every set send about equal bytes: segments largest first, each starting at the
+    holder that has sent least so far, its deliveries (counted in ``c``, the initial placement's) then
+    taking the holders in turn. Placement-free, so every rank derives the same."""
+    out = np.zeros(len(seg.points), np.int64)
+    starts = np.r_[0, np.flatnonzero(np.diff(c.delivery)) + 1] if len(c.delivery) else np.zeros(0, np.int64)
+    segment = c.seg[starts]
+    count = np.bincount(segment, minlength=len(seg.points))
+    size = np.bincount(segment, weights=(c.hi - c.lo)[starts], minlength=len(seg.points))
+    n_holders = seg.first[1:] - seg.first[:-1]
+    busy = np.zeros(n_ranks)
+    for s in np.flatnonzero((count > 0) & (n_holders > 1))[np.argsort(-size[(count > 0) & (n_holders > 1)], kind="stable")]:
+        holders = seg.holder_rank[seg.first[s]:seg.first[s + 1]]
+        k, n = int(count[s]), len(holders)
+        start = int(np.argmin(busy[holders]))
+        each = size[s] / k
+        turns = np.arange(k)
+        np.add.at(busy, holders[(start + turns) % n], each)
+        out[s] = start
+    return out
+
+
+def _route_by_rule(seg: _Segments, c: _Cuts, nbytes: np.ndarray, devices: np.ndarray, gpn: int,
+                   links: Links, first_holder: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Chunks for the cuts ``c`` (the routed experts' slots), each delivery routed on its own: a
+    destination whose GPU holds the bytes copies them and feeds the rest of its group in stage 2;
+    otherwise a destination picked by a hash of the delivery is its entry, fed by a holder picked the
+    same way (one on its node where there is one). Those whose own link from a holder is as fast as
+    the entry's take their own stage-1 copy; the rest get stage 2 from the entry. A delivery's route
+    depends on the delivery alone, so a rank routes only the deliveries it takes part in and gets
+    exactly the chunks a whole-job plan gives it. Also returns each chunk's *feeder*: the holder
+    whose stage-1 send brings its bytes (for stage 2, the entry's)."""
+    if not len(c.tensor):
+        return np.zeros(0, CHUNK_DTYPE), np.zeros(0, np.int64)
+    inv_bw = 1.0 / links.bandwidths()
+    node = devices // gpn
+    starts = np.r_[0, np.flatnonzero(np.diff(c.delivery)) + 1]
+    n_dest = np.diff(np.r_[starts, len(c.delivery)])
+    of = np.repeat(np.arange(len(starts)), n_dest)  # each cut row's delivery
+    local = c.local_holder >= 0
+    first_local = np.full(len(starts), -1, np.int64)
+    rows_local = np.flatnonzero(local)
+    first_local[of[rows_local[::-1]]] = rows_local[::-1]  # the first local row of each delivery
+    dest_node = node[c.rank]
+    n_holders = int((seg.first[c.seg + 1] - seg.first[c.seg]).max(initial=0))
+    key = _mix(c.tensor[starts], c.lo[starts], c.hi[starts], dest_node[starts])
+    entry = np.where(first_local >= 0, first_local, starts + key % n_dest)
+    fed_locally = first_local >= 0
+    # the entry's holder, where no destination holds the bytes
+    remote_entry = entry[~fed_locally]
+    entry_holder = np.full(len(starts), -1, np.int64)
+    # a segment's deliveries take its holders in turn, from the one _first_holders picked for it: each
+    # holder sends an equal share of every segment, whichever nodes need it
+    segment = c.seg[remote_entry]
+    turn = np.arange(len(segment)) - np.searchsorted(segment, segment)  # deliveries are sorted by segment
+    entry_holder[~fed_locally] = _pick_holder(seg, segment, dest_node[remote_entry], first_holder[segment] + turn, node,
+                                              n_holders)
+    holder_near = np.zeros(len(starts), dtype=bool)
+    holder_near[~fed_locally] = node[seg.holder_rank[entry_holder[~fed_locally]]] == dest_node[remote_entry]
+    holder_inv = np.where(holder_near, inv_bw[SAME_NODE], inv_bw[CROSS_NODE])
+    # every other row: its own stage-1 copy (local, or from a holder as close as the entry), or stage 2
+    row_entry = entry[of]
+    others = np.flatnonzero(np.arange(len(c.delivery)) != row_entry)
+    same_dev = devices[c.rank[others]] == devices[c.rank[row_entry[others]]]
+    own_inv = np.where(same_dev, inv_bw[SAME_DEVICE], inv_bw[SAME_NODE])
+    remote_others = others[~local[others]]
+    direct = ~fed_locally[of[remote_others]] & (own_inv[~local[others]] >= holder_inv[of[remote_others]])
+    own = remote_others[direct]
+    fanned = remote_others[~direct]
+    own_holder = _pick_holder(seg, c.seg[own], dest_node[own], _mix(c.seg[own]) + c.rank[own], node, n_holders)
+    # stage-1 rows: local copies (every row with a same-device holder), remote entries, own copies
+    s1_rows = np.concatenate([rows_local, remote_entry, own])
+    s1_holders = np.concatenate([c.local_holder[rows_local], entry_holder[~fed_locally], own_holder])
+    stage1 = _stage1_rows(seg, c, s1_rows, s1_holders, nbytes, devices, gpn)
+    stage2 = _stage2_rows(c, row_entry[fanned], fanned, nbytes, devices, gpn)
+    feeder_of_delivery = np.where(fed_locally, seg.holder_rank[np.maximum(c.local_holder[np.maximum(first_local, 0)], 0)],
+                                  seg.holder_rank[np.maximum(entry_holder, 0)])
+    feeder = np.concatenate([seg.holder_rank[s1_holders], feeder_of_delivery[of[fanned]]])
+    return np.concatenate([stage1, stage2]), feeder
+
+
+def _stage1_busy(chunks: np.ndarray, n_ranks: int, links: Links) -> tuple[np.ndarray, np.ndarray]:
+    """Every rank's (out, in) seconds over its links in stage 1 of ``chunks`` (local copies are free)."""
+    s1 = chunks[(chunks["stage"] == 1) & (chunks["link"] != SAME_DEVICE)]
+    cost = s1["nbytes"] / links.bandwidths()[s1["link"]]
+    out = np.bincount(s1["src"], weights=cost, minlength=n_ranks), np.bincount(s1["dst"], weights=cost, minlength=n_ranks)
+    return out[0].astype(np.float64), out[1].astype(np.float64)  # (an empty bincount is integer)
 
 
 _ORDER = ("stage", "src", "dst", "tensor", "lo")  # the plan's chunk order, most significant first

@@ -66,6 +66,9 @@ class SyncPlan:
     links: Links = field(default_factory=Links)
     meta: dict[str, Any] = field(default_factory=dict)
     placement: Placement | EnginePlacements | None = None  # the expert placement the engines get with these weights
+    # the plan ranks whose part this is (PlanBuilder.rank_plan): the chunks they send or receive or feed
+    # in stage 1, and their own pieces; None for the whole job's plan
+    scope: tuple[int, ...] | None = None
 
     # -- shape of the job ---------------------------------------------------------------
     @property
@@ -155,19 +158,28 @@ class SyncPlan:
         return out
 
     def predicted_time(self) -> float:
+        self.whole("predicted_time()")
         return float(sum(self.stage_times().values()))
 
     def lower_bound(self) -> float:
         """Seconds no plan can beat: see ``planners.bounds``."""
         from planners.bounds import lower_bound
 
+        self.whole("lower_bound()")
         return lower_bound(self)
 
     # -- validation -----------------------------------------------------------------------
+    def whole(self, what: str) -> None:
+        """Refuse ``what`` on a plan of some ranks only: it needs the whole job's."""
+        if self.scope is not None:
+            raise PlanError(f"{what} needs the whole job's plan (PlanBuilder.plan); this one holds ranks "
+                            f"{list(self.scope)[:8]}'s part only (PlanBuilder.rank_plan)")
+
     def validate(self) -> "SyncPlan":
         """Prove every inference byte is written exactly once, from a rank that holds it."""
         from planners.validate import validate_plan
 
+        self.whole("validate()")
         validate_plan(self)
         return self
 
@@ -176,6 +188,7 @@ class SyncPlan:
         """Run the plan in memory on full HF weights; ``{inference global rank: {vLLM name: array}}``."""
         from planners.simulate import simulate
 
+        self.whole("simulate()")
         return simulate(self, full_weights)
 
     # -- serialization --------------------------------------------------------------------
@@ -197,6 +210,7 @@ class SyncPlan:
             "pieces": {k: self.pieces[k].tolist() for k in PIECE_DTYPE.names},
             "chunks": {k: self.chunks[k].tolist() for k in CHUNK_DTYPE.names},
             "phy2log": None if self.placement is None else self.placement.phy2log.tolist(),
+            "scope": None if self.scope is None else list(self.scope),
         }
 
     @classmethod
@@ -225,6 +239,7 @@ class SyncPlan:
             links=Links(**d["links"]),
             meta=dict(d["meta"]),
             placement=None if d.get("phy2log") is None else placement_from_phy2log(d["phy2log"]),
+            scope=None if d.get("scope") is None else tuple(int(r) for r in d["scope"]),
         )
 
     def to_json(self, path: str | Path) -> None:

@@ -17,11 +17,15 @@ is ``[moe_layers, experts]`` (one placement for every engine) or ``[engines, moe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable
+
+import torch
 
 from planners import JobSpec, SyncPlan
 from planners.build import PlanBuilder
+from sync.channels.base import wait_all
 from sync.session import Session
 from sync.transport import Transport, standalone_transport
 
@@ -35,22 +39,30 @@ class SyncReport:
     stage_seconds: dict[int, float]
     bytes: int  # the whole plan's payload
     gbps: float
-    bound_seconds: float  # the plan's lower bound with the job's link bandwidths
     verified: bool | None
     placement: Any  # the expert placement the engines serve from now on (None for dense models)
     balancedness: float | None = None  # of that placement under ``expert_load`` (mean/max GPU load, as vLLM
     # logs it; of the worst-balanced engine where engines have their own loads)
     engine: Any = None  # engine ranks: the EngineState (serving, complete, written, error)
     staging_bytes: int = 0  # engine ranks: memory the staged copy costs (0 in place)
+    whole_plan: Callable[[], SyncPlan] | None = field(default=None, repr=False)  # the job's plan, built when asked
+
+    @cached_property
+    def bound_seconds(self) -> float:
+        """The whole plan's lower bound with the job's link bandwidths. Each rank syncs by its own part of
+        the plan; the bound needs the whole one, so it is built here, once, on the ranks that ask."""
+        return self.whole_plan().lower_bound()
 
 
 class Synchronizer:
     def __init__(self, job: JobSpec, rank: int, transport: Transport, source=None, target=None) -> None:
         self.job, self.rank = job, rank
-        # what no expert placement touches is planned once; a new load replans the expert slots only
+        # what no expert placement touches is planned once; a new load replans the expert slots only, and
+        # each rank only its own part of them (the chunks it sends, receives or feeds)
         self.builder = PlanBuilder.for_job(job)
         # at start-up, not at the first sync: a model built for another layout is named right away
-        self.session = Session.open(self.builder.plan(job.placement(None)), rank, transport, source, target, job.sync)
+        self.session = Session.open(self.builder.rank_plan(job.placement(None), [rank]), rank, transport, source,
+                                    target, job.sync)
 
     @classmethod
     def from_job(cls, job: JobSpec, rank: int, source=None, target=None, host: str = "127.0.0.1",
@@ -84,14 +96,23 @@ class Synchronizer:
     def sync(self, version: int, expert_load=None) -> SyncReport:
         """Sync ``version``; a failed sync raises (``SyncError``), after the engine state says so."""
         if expert_load is not None and self.job.eplb.enabled:
-            self.session.replan(self.builder.plan(self.job.placement(expert_load)))
+            self.session.replan(self.builder.rank_plan(self.job.placement(expert_load), [self.rank]))
         stats = self.session.sync(version)
         plan, target = self.plan, self.target
-        moved = int(plan.chunks["nbytes"].sum())
+        moved = self._payload(plan)
         balance = None
         if expert_load is not None and plan.placement is not None:
             balance = self.job.balancedness(expert_load, plan.placement)
+        placement = plan.placement
         return SyncReport(version, stats.global_seconds, stats.stage_seconds, moved,
-                          moved / max(stats.global_seconds, 1e-12) / 1e9, plan.lower_bound(), stats.verified,
-                          plan.placement, balance, target.state if target else None,
-                          target.staging_bytes if target else 0)
+                          moved / max(stats.global_seconds, 1e-12) / 1e9, stats.verified, placement, balance,
+                          target.state if target else None, target.staging_bytes if target else 0,
+                          whole_plan=lambda: self.builder.plan(placement))
+
+    def _payload(self, plan: SyncPlan) -> int:
+        """The whole plan's payload: every rank adds what it sends (each chunk has one sender)."""
+        transport = self.session.transport
+        device = torch.device("cuda", torch.cuda.current_device()) if transport.backend == "nccl" else torch.device("cpu")
+        sent = torch.tensor([int(plan.chunks["nbytes"][plan.chunks["src"] == self.rank].sum())], device=device)
+        wait_all([transport.all_reduce(sent)], ["adding up the payload"], self.job.sync.timeout_s)
+        return int(sent.item())

@@ -185,7 +185,7 @@ class PlanExecutor:
     def __init__(self, plan: SyncPlan, rank, transport: Transport | None = None,
                  bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int | None = None,
                  process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, ipc: bool | str = False,
-                 recheck: bool = True) -> None:
+                 recheck: bool = True, fan: dict[int, np.ndarray] | None = None) -> None:
         """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
         ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
         ``direct_bytes``: contiguous chunks at least this large skip the bucket copy and travel as
@@ -199,7 +199,9 @@ class PlanExecutor:
         ``recheck``: each sync checks that the endpoints' tensors are still where the copy programs
         were bound (one pass over every tensor, while the first local copies run on the GPU) and
         rebinds if not; with False, a binding is reused while the endpoints hand over the same dict
-        objects (for endpoints whose tensors never move)."""
+        objects (for endpoints whose tensors never move).
+        ``fan``: every process's fan-out (``planners.schedule.buckets.fanout``), needed where the plan is
+        some ranks' part only (``plan.scope``; ``sync.session`` gathers it)."""
         if copies not in ("auto", "foreach", "slices"):
             raise ValueError(f"copies must be 'auto', 'foreach' or 'slices', got {copies!r}")
         self.plan = plan
@@ -227,7 +229,7 @@ class PlanExecutor:
         if direct_bytes is None:
             direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
-                                 process_of=self.process_of)
+                                 process_of=self.process_of, fan=fan)
         local = self.hosted[c["src"]] & self.hosted[c["dst"]]
         self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)

@@ -13,8 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import torch
+
 from planners import SyncPlan, SyncSettings
 from planners.errors import PlanError
+from planners.schedule.buckets import fanout
+from sync.channels.base import wait_all
 from sync.ends.base import check_locals
 from sync.executor import PlanExecutor, SyncStats
 from sync.transport import Transport, standalone_transport
@@ -130,8 +135,30 @@ class Session:
                 check_locals(self.plan, r, end.local_tensors(), "source" if r < self.plan.num_trainer else "target")
 
     def _executor(self, plan: SyncPlan) -> PlanExecutor:
+        options = dict(self.options)
+        if plan.scope is not None:  # a rank's part of the plan: its peers' fan-out comes from the peers
+            if not set(self.ranks) <= set(plan.scope):
+                raise PlanError(f"the plan holds ranks {list(plan.scope)}'s part; this process hosts {self.ranks}")
+            options["fan"] = gathered_fanout(plan, self.ranks, self.transport, options.get("process_of"),
+                                             self.settings.timeout_s)
         return PlanExecutor(plan, self.ranks if len(self.ranks) > 1 else self.ranks[0], self.transport,
-                            self.settings.bucket_bytes, self.settings.timeout_s, **self.options)
+                            self.settings.bucket_bytes, self.settings.timeout_s, **options)
+
+
+def gathered_fanout(plan: SyncPlan, ranks: list[int], transport: Transport, process_of=None,
+                    timeout_s: float = 120.0) -> dict[int, np.ndarray]:
+    """Every process's fan-out (``planners.schedule.buckets.fanout``) where each process holds its own
+    ranks' part of the plan: each counts its own, which its part holds whole, and one all-reduce (on
+    every process, in the same order) shares them."""
+    process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
+    mine = fanout(plan, process_of)
+    me = int(process_of[ranks[0]])
+    device = torch.device("cuda", torch.cuda.current_device()) if transport.backend == "nccl" else torch.device("cpu")
+    counts = torch.zeros((2, int(process_of.max()) + 1), dtype=torch.int64, device=device)
+    counts[0, me], counts[1, me] = int(mine[1][me]), int(mine[2][me])
+    wait_all([transport.all_reduce(counts)], ["sharing fan-outs"], timeout_s)
+    counts = counts.cpu().numpy()
+    return {1: counts[0], 2: counts[1]}
 
 
 def _by_rank(ends, ranks: list[int]) -> dict[int, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 from planners.plan import SyncPlan
 from planners.validate import match_containing
 
-__all__ = ["Bucket", "bucketize", "fanout", "pair_share", "stage2_origin", "ALIGN"]
+__all__ = ["Bucket", "bucketize", "fanout", "pair_share", "stage2_origin", "chunk_origins", "ALIGN"]
 
 ALIGN = 16  # bytes: any dtype views in place, and copy kernels use 16-byte vector loads
 
@@ -46,11 +46,13 @@ class Bucket:
 
 
 def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 1 << 18,
-              skip: np.ndarray | None = None, process_of=None) -> list[Bucket]:
+              skip: np.ndarray | None = None, process_of=None, fan: dict[int, np.ndarray] | None = None) -> list[Bucket]:
     """Buckets of every pair, in (stage, round, src, dst) order; or only those that cross the
     boundary of ``rank`` (one plan rank, or a list hosted by one process that copies the chunks
     among them locally). ``skip``: chunk rows that travel some other way (a boolean mask).
-    ``process_of[r]``: the process hosting plan rank ``r`` (default: one process per rank)."""
+    ``process_of[r]``: the process hosting plan rank ``r`` (default: one process per rank).
+    ``fan``: every process's :func:`fanout`, where the plan holds only some ranks' chunks
+    (``plan.scope``) and so cannot count its peers'."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
@@ -66,7 +68,11 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
     out: list[Bucket] = []
     if not len(rows):  # every chunk stays in this process (or travels another way): no buckets
         return out
-    fan = fanout(plan, process_of)
+    if fan is None:
+        if plan.scope is not None:
+            raise ValueError(f"a plan of ranks {list(plan.scope)} only cannot count its peers' fan-out: pass fan= "
+                             "(every process's fanout(), e.g. gathered by sync.session)")
+        fan = fanout(plan, process_of)
     start = 0
     while start < len(rows):
         first = c[rows[start]]
@@ -169,7 +175,11 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
 
 def stage2_origin(plan: SyncPlan) -> np.ndarray:
     """For each chunk, the stage-1 chunk that brought its bytes to its stage-2 source (-1 for stage 1)."""
-    c = plan.chunks
+    return chunk_origins(plan.chunks)
+
+
+def chunk_origins(c: np.ndarray) -> np.ndarray:
+    """:func:`stage2_origin` of a chunk table (-1 also where the stage-1 chunk is not in it)."""
     s1, s2 = np.flatnonzero(c["stage"] == 1), np.flatnonzero(c["stage"] == 2)
     out = np.full(len(c), -1, dtype=np.int64)
     if len(s2):

@@ -88,3 +88,32 @@ def test_engines_with_their_own_placements_share_stage_one_where_their_slots_coi
         assert len(np.unique(keys, axis=0)) == len(keys)
         assert plan.bytes_by_link(1)["cross node"] == sum(t.nbytes for t in plan.tensors)
         assert plan.bytes_by_link(2)["same node"] > 0
+
+
+def scope_rows(plan, ranks) -> np.ndarray:
+    """Rows of the whole plan that ``ranks`` sync by: sent, received, or fed by their stage-1 sends."""
+    from planners.schedule.buckets import chunk_origins
+
+    c = plan.chunks
+    feeder = np.where(c["stage"] == 1, c["src"], c["src"][np.maximum(chunk_origins(c), 0)])
+    return np.isin(c["src"], ranks) | np.isin(c["dst"], ranks) | np.isin(feeder, ranks)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(jobs(), st.lists(st.tuples(st.integers(0, 2**16), st.booleans()), min_size=1, max_size=3), st.randoms())
+def test_every_rank_derives_its_part_of_the_whole_schedule(job, changes, rng):
+    """Each rank's own plan (routing only the deliveries it takes part in) holds exactly the whole plan's
+    chunks it sends, receives or feeds, in the same order, and its own pieces: every rank derives the
+    identical schedule. Also for the ranks one process hosts together."""
+    builder = builder_of(job)
+    world = job.trainer.world_size + job.inference.world_size
+    for seed, per_engine in changes:
+        placement = placement_of(job, seed, per_engine) if job.model.is_moe else None
+        whole = builder.plan(placement)
+        groups = [[r] for r in range(world)] + [sorted(rng.sample(range(world), min(3, world)))]
+        for ranks in groups:
+            part = builder.rank_plan(placement, ranks)
+            assert part.scope == tuple(ranks)
+            assert np.array_equal(part.chunks, whole.chunks[scope_rows(whole, ranks)]), ranks
+            mine = np.isin(whole.local_rank[whole.pieces["local"]], ranks)
+            assert np.array_equal(part.pieces, whole.pieces[mine]), ranks
