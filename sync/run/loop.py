@@ -52,9 +52,10 @@ BUNDLE_CPU = 0.01  # a token CPU share per GPU slot: Ray packs and pins by it, 2
 class RankActor:
     """One trainer or engine rank (wrapped by ``ray.remote`` in :func:`run_job`)."""
 
-    def setup(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int, trainer_port: int,
+    def setup(self, job: JobSpec, placement, rank: int, host: str, port: int, trainer_port: int,
               trainer: str, grpo=None) -> dict[str, Any]:
-        """``grpo``: the GRPO settings when the trainer steps by policy gradients (megatron only)."""
+        """``grpo``: the GRPO settings when the trainer steps by policy gradients (megatron only). Every
+        rank plans its own part of the job (``PlanBuilder.rank_plan``) for the driver's ``placement``."""
         import ray
         import torch
 
@@ -62,6 +63,7 @@ class RankActor:
         from sync.run.local import LocalRun, _megatron_source
 
         torch.set_num_threads(1)
+        plan = self._plan(job, placement, rank)
         if rank < plan.num_trainer:
             if trainer == "megatron":
                 run = LocalRun(timeout_s=job.sync.timeout_s, job=job)
@@ -72,7 +74,7 @@ class RankActor:
                     self.policy = PolicyTrainer(self.source.chunks[0], job.model, grpo, self._initial_policy(job, plan, rank, grpo))
             else:
                 self.source = SyntheticSource(plan, rank)
-        self.join(job, plan, rank, host, port)
+        self.join(job, placement, rank, host, port)
         ctx = ray.get_runtime_context()
         return {"rank": rank, "node_id": ctx.get_node_id(), "placement_group": ctx.get_placement_group_id(),
                 "device": int(plan.devices[rank])}
@@ -91,7 +93,13 @@ class RankActor:
             p.requires_grad_(False)
         return model
 
-    def join(self, job: JobSpec, plan: SyncPlan, rank: int, host: str, port: int) -> None:
+    def _plan(self, job: JobSpec, placement, rank: int) -> SyncPlan:
+        """This rank's part of the job's plan for ``placement`` (its builder kept while the job stays)."""
+        if getattr(self, "builder_job", None) != job:
+            self.builder, self.builder_job = PlanBuilder.for_job(job), job
+        return self.builder.rank_plan(placement, [rank])
+
+    def join(self, job: JobSpec, placement, rank: int, host: str, port: int) -> None:
         """Join (or rejoin: new engines, or after a fault) the sync group; an engine keeps its weights
         and what it knows of the version it serves."""
         from sync.ends.synthetic import BufferTarget
@@ -100,6 +108,7 @@ class RankActor:
         from sync.transport import standalone_transport
         from sync.ends.versioned import VersionedTarget
 
+        plan = self._plan(job, placement, rank)
         self.job, self.rank = job, rank
         self.is_trainer = rank < plan.num_trainer
         transport = standalone_transport(rank, plan.num_ranks, host, port, job.sync.timeout_s, store_on_rank0=False)
@@ -128,8 +137,9 @@ class RankActor:
     def target(self):
         return self.session.target
 
-    def set_plan(self, plan: SyncPlan) -> None:
-        self.session.replan(plan)
+    def set_placement(self, placement) -> None:
+        """Sync by a new expert placement from now on: this rank replans its own part."""
+        self.session.replan(self._plan(self.job, placement, self.rank))
 
     def update(self, version: int) -> None:
         """The trainer's step: the seeded weights of ``version``, written into the model in place."""
@@ -335,8 +345,10 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
     def regroup(actors: list, fresh: set[int]) -> list[dict]:
         """Every rank joins a new sync group; ``fresh`` actors set up first (models, engines)."""
         port = store_port()
-        return [p for p in ray.get([a.setup.remote(job, plan, r, host, port, trainer_port, trainer, grpo) if r in fresh
-                                    else a.join.remote(job, plan, r, host, port) for r, a in enumerate(actors)])
+        placement = plan.placement
+        return [p for p in ray.get([a.setup.remote(job, placement, r, host, port, trainer_port, trainer, grpo)
+                                    if r in fresh else a.join.remote(job, placement, r, host, port)
+                                    for r, a in enumerate(actors)])
                 if p is not None]
 
     trainer_port = store_port()
@@ -396,7 +408,7 @@ def run_job(job: JobSpec, iterations: int = 3, report_dir: str | Path | None = N
                 before_loads = (first_load, plan.placement.of_engine(0).phy2log, gpus)
                 after_loads = (first_load, new_plan.placement.of_engine(0).phy2log, gpus)
                 plan = new_plan
-                ray.get([a.set_plan.remote(plan) for a in actors])
+                ray.get([a.set_placement.remote(plan.placement) for a in actors])  # each replans its part
         if fault is not None and fault.sync == it and fault.rank < len(actors):
             ray.get(actors[fault.rank].arm.remote(fault))
         results, lost = _sync_all(ray, actors, it, job.sync.timeout_s) if sync_weights else ([], {})
