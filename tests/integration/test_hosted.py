@@ -147,3 +147,59 @@ def test_a_new_expert_placement_rebinds_only_the_expert_copies():
     for r, target in targets.items():
         for name, want in source_shards(plans[2], r, 1).items():
             assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
+
+
+def _own_part_per_device(rank: int, port: int, groups: list[list[int]], seeds: list[int]):
+    """A process per GPU syncing by its own ranks' part of the plan, replanned for each new placement."""
+    from planners.build import PlanBuilder
+    from sync.session import Session
+    from sync.transport import standalone_transport
+
+    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
+    builder = PlanBuilder.for_job(job)
+    process_of = np.zeros(job.trainer.world_size + job.inference.world_size, dtype=np.int64)
+    for p, ranks in enumerate(groups):
+        process_of[ranks] = p
+    transport = standalone_transport(rank, len(groups), "127.0.0.1", port, 60, store_on_rank0=False)
+    loads = [load_of(job, seed) for seed in seeds]
+    plan = builder.rank_plan(job.placement(loads[0]), groups[rank])
+    sources, targets = endpoints(plan, groups[rank], 1)
+    session = Session.open(plan, groups[rank], transport, sources, targets, process_of=process_of)
+    out = []
+    for version, load in enumerate(loads, start=1):
+        if version > 1:
+            session.replan(builder.rank_plan(job.placement(load), groups[rank]))
+        for s in sources.values():
+            s.set_version(version)
+        stats = session.sync(version)
+        out.append((stats.verified, {r: {k: as_bits(v).numpy() for k, v in t.tensors.items()}
+                                     for r, t in targets.items()}))
+    return out
+
+
+def load_of(job, seed):
+    from planners.eplb.stats import synthetic_load
+
+    return synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.5, seed=seed)
+
+
+def test_processes_syncing_by_their_own_part_of_the_plan_are_bit_exact_across_placements():
+    """Each process plans only its ranks' part (PlanBuilder.rank_plan) and learns its peers' fan-out
+    from them; after every new placement each engine holds exactly the whole plan's expected tensors."""
+    from planners.build import PlanBuilder
+
+    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
+    whole = PlanBuilder.for_job(job)
+    plan = whole.plan(None)
+    groups = [np.flatnonzero(plan.devices == d).tolist() for d in np.unique(plan.devices)]
+    seeds = [1, 2, 3]
+    store = host_store()
+    results, _ = spawn_ranks(len(groups), _own_part_per_device, (store.port, groups, seeds), timeout_s=120)
+    for i, seed in enumerate(seeds):
+        expected_plan = whole.plan(job.placement(load_of(job, seed))).validate()
+        for per_version in results.values():
+            verified, tensors = per_version[i]
+            assert verified
+            for r, got in tensors.items():
+                for name, want in source_shards(expected_plan, r, i + 1).items():
+                    np.testing.assert_array_equal(got[name], as_bits(want).numpy(), err_msg=f"v{i + 1} rank {r} {name}")
