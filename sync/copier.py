@@ -36,15 +36,24 @@ class CopyProgram:
     """``runs`` (``planners.schedule.runs.RUN_DTYPE``) between ``ends`` (id -> contiguous tensor, one device)."""
 
     def __init__(self, runs: np.ndarray, ends: dict[int, torch.Tensor], tile_bytes: int = 64 << 10,
-                 use_triton: bool | None = None) -> None:
+                 use_triton: bool | None = None, table=None) -> None:
+        """``table``: the ends' addresses and sizes by id (``sync.executor.EndTable``, one device), so that
+        binding looks up arrays instead of tensors."""
         self.nbytes = int((runs["nbytes"] * runs["rows"]).sum()) if len(runs) else 0
         self.num_runs = len(runs)
         # the ends the runs use: a binding hands over every tensor it holds (tens of thousands)
-        ids = np.unique(np.concatenate([runs["src"], runs["dst"]])).tolist() if len(runs) else []
-        missing = [i for i in ids if i not in ends]
-        if missing:
-            raise ValueError(f"runs reach ends {missing[:5]} the program was not given")
-        devices = {ends[i].device for i in ids} if ids else {t.device for t in list(ends.values())[:1]}
+        ids = np.unique(np.concatenate([runs["src"], runs["dst"]])) if len(runs) else np.zeros(0, np.int64)
+        if table is not None:
+            missing = ids[(ids < 0) | (ids >= len(table.nbytes))]
+            missing = missing if len(missing) else ids[table.nbytes[ids] < 0]
+        else:
+            missing = [i for i in ids.tolist() if i not in ends]
+        if len(missing):
+            raise ValueError(f"runs reach ends {list(missing[:5])} the program was not given")
+        if table is not None:  # one device, the binding's
+            devices = {ends[int(ids[0])].device} if len(ids) else {t.device for t in list(ends.values())[:1]}
+        else:
+            devices = {ends[i].device for i in ids.tolist()} if len(ids) else {t.device for t in list(ends.values())[:1]}
         if len(devices) > 1:
             raise ValueError(f"a copy program works on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop() if devices else torch.device("cpu")
@@ -54,23 +63,29 @@ class CopyProgram:
         self.pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if not len(runs):
             return
-        size = np.array([ends[i].numel() * ends[i].element_size() for i in ids], dtype=np.int64)
+        if table is not None:
+            size, ptr = table.nbytes[ids], table.ptr[ids]
+        else:
+            size = np.array([ends[i].numel() * ends[i].element_size() for i in ids.tolist()], dtype=np.int64)
+            ptr = None
         for side in ("src", "dst"):
             last = runs[f"{side}_off"] + (runs["rows"] - 1) * runs[f"{side}_stride"] + runs["nbytes"]
             if (last > size[np.searchsorted(ids, runs[side])]).any() or (runs[f"{side}_off"] < 0).any():
                 raise ValueError(f"a run reaches outside its {side} tensor")
         if use_triton:
-            self._tiles(runs, ends, ids, tile_bytes)
+            if ptr is None:
+                ptr = np.array([ends[i].data_ptr() for i in ids.tolist()], dtype=np.int64)
+            self._tiles(runs, ids, ptr, tile_bytes)
         else:
-            flat = {k: _bytes(ends[k]) for k in ids}
+            flat = {k: _bytes(ends[k]) for k in ids.tolist()}
             # as_strided counts its offset from the storage's start, not the view's
             view = lambda t, off, rows, n, stride: (t[off: off + n] if rows == 1  # noqa: E731
                                                     else t.as_strided((rows, n), (stride, 1), t.storage_offset() + off))
             self.pairs = tuple([view(flat[int(r[side])], int(r[f"{side}_off"]), int(r["rows"]), int(r["nbytes"]),
                                      int(r[f"{side}_stride"])) for r in runs] for side in ("dst", "src"))
 
-    def _tiles(self, runs: np.ndarray, ends: dict[int, torch.Tensor], ids: list[int], tile_bytes: int) -> None:
-        ptr = np.array([ends[i].data_ptr() for i in ids], dtype=np.int64)
+    def _tiles(self, runs: np.ndarray, ids: np.ndarray, ptr: np.ndarray, tile_bytes: int) -> None:
+        """``ptr``: the address of each end in ``ids`` (sorted)."""
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)  # every address is an offset from here
         base = self._base.data_ptr()
         src = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - base

@@ -166,6 +166,23 @@ class _Round:
 
 
 @dataclass
+class EndTable:
+    """Every bound tensor's device address and size in bytes, by plan local id (-1: not bound here):
+    copy programs over many tensors look them up in two arrays, not tens of thousands of tensors."""
+
+    ptr: np.ndarray
+    nbytes: np.ndarray
+
+    @classmethod
+    def of(cls, flats: dict[int, torch.Tensor], n_locals: int) -> "EndTable":
+        ptr, nbytes = np.full(n_locals, -1, np.int64), np.full(n_locals, -1, np.int64)
+        ids = np.fromiter(flats.keys(), dtype=np.int64, count=len(flats))
+        ptr[ids] = [t.data_ptr() for t in flats.values()]
+        nbytes[ids] = [t.numel() * t.element_size() for t in flats.values()]
+        return cls(ptr, nbytes)
+
+
+@dataclass
 class _Binding:
     """Copy programs bound to one set of tensors (rebuilt when the endpoints' tensors move)."""
 
@@ -179,6 +196,8 @@ class _Binding:
     local_fixed: dict[int, list] = field(default_factory=dict)  # stage -> the local programs of placement-free chunks
     cast: np.ndarray | None = None  # by plan local id: the endpoint's tensor is wider than the wire
     held: list = field(default_factory=list)  # the endpoints' dicts, so that their ids stay theirs
+    ends: "EndTable | None" = None  # every bound tensor's address and size by plan local id
+    pending: dict[int, np.ndarray] = field(default_factory=dict)  # stage -> moving local rows not yet programmed
 
 
 class PlanExecutor:
@@ -237,7 +256,8 @@ class PlanExecutor:
         self._previous: PlanExecutor | None = None
         self._local_dst = {s: set(np.unique(c["dst_local"][rows]).tolist()) for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
-        self.verifier = Verifier(plan, self.ranks, bucket_bytes)
+        self._bucket_bytes = bucket_bytes
+        self._verifier: Verifier | None = None
         self._binding: _Binding | None = None
         self._arena: dict[str, torch.Tensor] = {}
         self._written: set[int] = set()
@@ -257,6 +277,14 @@ class PlanExecutor:
                 lenders = {s: sorted(set(self.process_of[c["src"][rows]].tolist())) for s, rows in self.pulled_rows.items()}
                 self.direct_ipc = IpcDirect(signals, lent_to, lenders)
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
+
+    @property
+    def verifier(self) -> Verifier:
+        """The checksums of this plan (built at the first verified sync: a rebind that is not verified
+        does not pay for them)."""
+        if self._verifier is None:
+            self._verifier = Verifier(self.plan, self.ranks, self._bucket_bytes)
+        return self._verifier
 
     @property
     def channels(self) -> list[Channel]:
@@ -339,18 +367,28 @@ class PlanExecutor:
                 and self.plan.same_locals(previous.plan):
             self._previous = previous
 
+    def _carried_key(self, given) -> tuple:
+        """The endpoints' key: the adopted executor's, where its endpoints hand over the same dicts with
+        their tensors where they were (checked in one C++ pass, not a list of tens of thousands of addresses)."""
+        previous = self._previous
+        old = previous._binding if previous is not None else None
+        if old is not None and old.key[0] == [id(d) for _, d, _ in given] and not self._moved(given, old.key):
+            return old.key
+        return self._key(given)
+
     def _reusable(self, key: tuple) -> "tuple[PlanExecutor, _Binding] | None":
         previous, self._previous = self._previous, None  # once: the old executor is let go after this bind
         if previous is None:
             return None
         old = previous._binding
-        if old is None or old.key[0] != key[0] or old.key[1] != key[1]:
+        if old is None or not (old.key is key or (old.key[0] == key[0] and old.key[1] == key[1])):
             return None  # other endpoints, or their tensors moved: bind from scratch
         return previous, old
 
-    def _local_programs(self, flats, stage: int, cast, reuse) -> tuple[list, list]:
-        """(all local programs of ``stage``, those of its placement-free chunks): the latter taken from
-        ``reuse`` where its placement-free chunks are exactly these."""
+    def _local_programs(self, flats, stage: int, cast, reuse, ends) -> tuple[list, np.ndarray]:
+        """(the local programs of ``stage``'s placement-free chunks, the rows of its moving ones): the
+        former taken from ``reuse`` where its placement-free chunks are exactly these. The moving rows
+        are programmed when the stage runs, while the placement-free copies are under way."""
         rows = self.local_rows[stage]
         fixed, moving = rows[~self._moving[rows]], rows[self._moving[rows]]
         kept = None
@@ -360,8 +398,8 @@ class PlanExecutor:
             old_fixed = old_rows[~previous._moving[old_rows]]
             if np.array_equal(previous._chunks[old_fixed], self._chunks[fixed]):
                 kept = old.local_fixed.get(stage, [])
-        fixed_programs = self._programs(flats, fixed, None, None, cast) if kept is None else kept
-        return fixed_programs + self._programs(flats, moving, None, None, cast), fixed_programs
+        fixed_programs = self._programs(flats, fixed, None, None, cast, ends=ends) if kept is None else kept
+        return fixed_programs, moving
 
     def _bind(self, given, key: tuple, stats: SyncStats) -> _Binding:
         """Views of the hosted ranks' tensors by plan local id, and the copy programs over them."""
@@ -390,14 +428,18 @@ class PlanExecutor:
         peer_arenas = self.arena_ipc.open(self._arena["send"], self._ipc_offsets()) if self.arena_ipc else {}
         if self.direct_ipc is not None:  # the tensors that processes on this GPU read directly, as they are now
             self.direct_ipc.share({q: {lid: flats[lid] for lid in lids} for q, lids in self._lent_locals.items()}, device)
-        binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given], cast=cast)
+        ends = reuse[1].ends if reuse is not None else EndTable.of(flats, len(plan.local_name))
+        binding = _Binding(key, flats, {}, {}, {}, device, held=[d for _, d, _ in given], cast=cast, ends=ends)
         for s in self.local_rows:
-            binding.local[s], binding.local_fixed[s] = self._local_programs(flats, s, cast, reuse)
+            fixed_programs, binding.pending[s] = self._local_programs(flats, s, cast, reuse, ends)
+            binding.local[s], binding.local_fixed[s] = list(fixed_programs), fixed_programs
         for (s, k), rnd in self.rounds.items():
             rows, lo, hi, off = self._items(rnd, sending=True)
-            binding.pack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("dst", self._arena["send"][k % 2]), off)
+            binding.pack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("dst", self._arena["send"][k % 2]), off,
+                                                  ends)
             rows, lo, hi, off = self._items(rnd, sending=False)
-            binding.unpack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("src", self._arena["recv"][k % 2]), off)
+            binding.unpack[(s, k)] = self._programs(flats, rows, lo, hi, cast, ("src", self._arena["recv"][k % 2]), off,
+                                                    ends)
             for p, (peer_arena, offsets) in peer_arenas.items():
                 rows, lo, hi, off = self._ipc_items(rnd, p, offsets)
                 if len(rows):
@@ -433,7 +475,7 @@ class PlanExecutor:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
         return (cat([b.chunk for b, _ in picked]), cat([b.lo for b, _ in picked]), cat([b.hi for b, _ in picked]),
                 cat([b.offset + base for b, base in picked]))
-    def _programs(self, flats, rows, lo, hi, cast, buffer=None, off=None) -> list:
+    def _programs(self, flats, rows, lo, hi, cast, buffer=None, off=None, ends: "EndTable | None" = None) -> list:
         """Copies for chunk items: one batched program, plus one ``copy_`` per item whose source is
         wider than the wire (a cast) or for every item when unbatched. ``buffer``: (the end that is
         a flat buffer, "src" or "dst"; the buffer); ``off``: each item's byte offset in it."""
@@ -449,10 +491,10 @@ class PlanExecutor:
             m = ~slices
             kw = {f"{buffer[0]}_buffer": off[m]} if buffer is not None else {}
             runs = chunk_runs(self.plan, rows[m], lo[m], hi[m], **kw)
-            ends = dict(flats)
-            if buffer is not None:
-                ends[BUFFER] = buffer[1]
-            out.append(CopyProgram(runs, ends, self.tile_bytes, use_triton=False if self.copies == "foreach" else None))
+            tensors = flats if buffer is None else {**flats, BUFFER: buffer[1]}
+            table = ends if buffer is None else None  # a buffer end is not in the table
+            out.append(CopyProgram(runs, tensors, self.tile_bytes, use_triton=False if self.copies == "foreach" else None,
+                                   table=table))
         if slices.any():
             def end(side: str, row: int, a: int, b: int, o: int) -> torch.Tensor:
                 if buffer is not None and buffer[0] == side:
@@ -505,7 +547,7 @@ class PlanExecutor:
         given = self._endpoint_tensors(source, target)
         binding = self._binding
         if binding is None or binding.key[0] != [id(d) for _, d, _ in given]:  # new endpoints: bind first
-            binding = self._bind(given, self._key(given), stats)
+            binding = self._bind(given, self._carried_key(given), stats)
             unchecked = False
         else:  # the same dicts: check their tensors while the local copies run (one pass over them all)
             unchecked = self.recheck
@@ -566,12 +608,21 @@ class PlanExecutor:
         stats.bytes_received += int(c["nbytes"][rows].sum())
 
     def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None) -> None:
-        """Copies between hosted ranks (launched first: they overlap the network)."""
+        """Copies between hosted ranks (launched first: they overlap the network). After a new expert
+        placement the moving chunks' programs are built here, while the GPU runs the others' copies."""
         t0 = time.perf_counter()
         for program in binding.local.get(stage, []):
             program()
             if stats is not None:
                 stats.bytes_copied += program.nbytes
+        pending = binding.pending.pop(stage, None)
+        if pending is not None and len(pending):
+            moving = self._programs(binding.flats, pending, None, None, binding.cast, ends=binding.ends)
+            binding.local[stage].extend(moving)
+            for program in moving:
+                program()
+                if stats is not None:
+                    stats.bytes_copied += program.nbytes
         self._written |= self._local_dst[stage]
         if stats is not None:
             stats.pack_seconds += time.perf_counter() - t0

@@ -214,7 +214,7 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     return rows
 
 
-def run_replan(name: str, spec: dict, reps: int) -> dict:
+def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
     """A refresh after a placement change against one with the placement unchanged, in one session:
     syncs by the same plan (median), then, for each of ``reps`` new placements, the PlanBuilder's
     replan (CPU), the session's rebind (``Session.replan``: checks, new executor) and the first sync by
@@ -240,18 +240,31 @@ def run_replan(name: str, spec: dict, reps: int) -> dict:
     unchanged = [timed_sync()[0] for _ in range(reps)]
     plan_s, rebind_s, first_s, second_s = [], [], [], []
     checked = None
-    for load in loads[1:]:
+    profiler = None
+    for i, load in enumerate(loads[1:]):
+        if profile and i == len(loads) - 2:  # the last change: where the rebind and first sync spend their time
+            import cProfile
+
+            profiler = cProfile.Profile()
         t0 = time.perf_counter()
         new = builder.plan(job.placement(load))
         t1 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         session.replan(new)
         t2 = time.perf_counter()
         first, _ = timed_sync()
+        if profiler is not None:
+            profiler.disable()
         plan_s.append(t1 - t0)
         rebind_s.append(t2 - t1)
         first_s.append(first)
         second_s.append(timed_sync()[0])
     _, checked = timed_sync(verify=True)
+    if profiler is not None:
+        import pstats
+
+        pstats.Stats(profiler).sort_stats("cumtime").print_stats(35)
     med = statistics.median
     row = dict(case=name, copies="replan", payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
                sync_unchanged_s=med(unchanged), replan_plan_s=med(plan_s), rebind_s=med(rebind_s),
@@ -331,13 +344,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--replan", action="store_true",
                     help="only: a refresh after an expert placement change against one without (the MoE case)")
+    ap.add_argument("--profile", action="store_true", help="with --replan: profile the last rebind and first sync")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the GPU benchmark needs a CUDA device")
     card = torch.cuda.get_device_name()
     if args.replan:
         name = "dsv3-like tp2ep4->dp8ep8+32"
-        row = run_replan(name, CASES[name], args.reps)
+        row = run_replan(name, CASES[name], args.reps, args.profile)
         print(json.dumps(row), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(dict(card=card, rows=[row]), indent=1))
