@@ -57,6 +57,7 @@ class SyncReport:
 class Synchronizer:
     def __init__(self, job: JobSpec, rank: int, transport: Transport, source=None, target=None) -> None:
         self.job, self.rank = job, rank
+        self._prepared_load = None  # the load the next sync was prepared for (prepare)
         # what no expert placement touches is planned once; a new load replans the expert slots only, and
         # each rank only its own part of them (the chunks it sends, receives or feeds)
         self.builder = PlanBuilder.for_job(job)
@@ -93,10 +94,22 @@ class Synchronizer:
     def target(self, target) -> None:
         self.session.set_ends(target=target)
 
+    def prepare(self, expert_load) -> None:
+        """Plan and bind the next sync for the placement ``expert_load`` gives, now, without moving a byte:
+        call it as soon as the engines' loads are in (after the rollout), while the trainer steps, then
+        ``sync(version)``: the replan and the rebind are off the refresh's critical path. Every rank calls it
+        with the same load."""
+        if self.job.eplb.enabled:
+            self.session.prepare(self.builder.rank_plan(self.job.placement(expert_load), [self.rank]))
+        self._prepared_load = expert_load
+
     def sync(self, version: int, expert_load=None) -> SyncReport:
-        """Sync ``version``; a failed sync raises (``SyncError``), after the engine state says so."""
-        if expert_load is not None and self.job.eplb.enabled:
+        """Sync ``version``; a failed sync raises (``SyncError``), after the engine state says so. A new
+        ``expert_load`` replans first (unless :meth:`prepare` was given it already)."""
+        prepared, self._prepared_load = self._prepared_load, None
+        if expert_load is not None and expert_load is not prepared and self.job.eplb.enabled:
             self.session.replan(self.builder.rank_plan(self.job.placement(expert_load), [self.rank]))
+        expert_load = prepared if expert_load is None else expert_load
         stats = self.session.sync(version)
         plan, target = self.plan, self.target
         moved = self._payload(plan)

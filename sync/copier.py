@@ -41,55 +41,60 @@ class CopyProgram:
         binding looks up arrays instead of tensors."""
         self.nbytes = int((runs["nbytes"] * runs["rows"]).sum()) if len(runs) else 0
         self.num_runs = len(runs)
-        # the ends the runs use: a binding hands over every tensor it holds (tens of thousands)
-        ids = np.unique(np.concatenate([runs["src"], runs["dst"]])) if len(runs) else np.zeros(0, np.int64)
-        if table is not None:
-            missing = ids[(ids < 0) | (ids >= len(table.nbytes))]
-            missing = missing if len(missing) else ids[table.nbytes[ids] < 0]
-        else:
-            missing = [i for i in ids.tolist() if i not in ends]
-        if len(missing):
-            raise ValueError(f"runs reach ends {list(missing[:5])} the program was not given")
-        if table is not None:  # one device, the binding's
-            devices = {ends[int(ids[0])].device} if len(ids) else {t.device for t in list(ends.values())[:1]}
-        else:
-            devices = {ends[i].device for i in ids.tolist()} if len(ids) else {t.device for t in list(ends.values())[:1]}
-        if len(devices) > 1:
-            raise ValueError(f"a copy program works on one device, got {sorted(map(str, devices))}")
-        self.device = devices.pop() if devices else torch.device("cpu")
-        if use_triton is None:
-            use_triton = self.device.type == "cuda" and triton_available()
         self.launches: list[tuple] = []
         self.pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        if table is not None:  # look every run's ends up in the table: no set of ends to build
+            ids = None
+            for side in ("src", "dst"):
+                end = runs[side]
+                outside = (end < 0) | (end >= len(table.nbytes))
+                bad = end[outside] if outside.any() else end[table.nbytes[end] < 0]
+                if len(bad):
+                    raise ValueError(f"runs reach ends {bad[:5].tolist()} the program was not given")
+            self.device = table.device
+        else:
+            # the ends the runs use: a binding hands over every tensor it holds (tens of thousands)
+            ids = np.unique(np.concatenate([runs["src"], runs["dst"]])) if len(runs) else np.zeros(0, np.int64)
+            missing = [i for i in ids.tolist() if i not in ends]
+            if missing:
+                raise ValueError(f"runs reach ends {missing[:5]} the program was not given")
+            devices = {ends[i].device for i in ids.tolist()} if len(ids) else {t.device for t in list(ends.values())[:1]}
+            if len(devices) > 1:
+                raise ValueError(f"a copy program works on one device, got {sorted(map(str, devices))}")
+            self.device = devices.pop() if devices else torch.device("cpu")
+        if use_triton is None:
+            use_triton = self.device.type == "cuda" and triton_available()
         if not len(runs):
             return
-        if table is not None:
-            size, ptr = table.nbytes[ids], table.ptr[ids]
-        else:
-            size = np.array([ends[i].numel() * ends[i].element_size() for i in ids.tolist()], dtype=np.int64)
-            ptr = None
         for side in ("src", "dst"):
             last = runs[f"{side}_off"] + (runs["rows"] - 1) * runs[f"{side}_stride"] + runs["nbytes"]
-            if (last > size[np.searchsorted(ids, runs[side])]).any() or (runs[f"{side}_off"] < 0).any():
+            size = table.nbytes[runs[side]] if table is not None else \
+                np.array([ends[i].numel() * ends[i].element_size() for i in ids.tolist()], dtype=np.int64)[
+                    np.searchsorted(ids, runs[side])]
+            if (last > size).any() or (runs[f"{side}_off"] < 0).any():
                 raise ValueError(f"a run reaches outside its {side} tensor")
         if use_triton:
-            if ptr is None:
+            if table is not None:
+                src, dst = table.ptr[runs["src"]], table.ptr[runs["dst"]]
+            else:
                 ptr = np.array([ends[i].data_ptr() for i in ids.tolist()], dtype=np.int64)
-            self._tiles(runs, ids, ptr, tile_bytes)
+                src, dst = ptr[np.searchsorted(ids, runs["src"])], ptr[np.searchsorted(ids, runs["dst"])]
+            self._tiles(runs, src, dst, tile_bytes)
         else:
-            flat = {k: _bytes(ends[k]) for k in ids.tolist()}
+            used = np.unique(np.concatenate([runs["src"], runs["dst"]])).tolist() if ids is None else ids.tolist()
+            flat = {k: _bytes(ends[k]) for k in used}
             # as_strided counts its offset from the storage's start, not the view's
             view = lambda t, off, rows, n, stride: (t[off: off + n] if rows == 1  # noqa: E731
                                                     else t.as_strided((rows, n), (stride, 1), t.storage_offset() + off))
             self.pairs = tuple([view(flat[int(r[side])], int(r[f"{side}_off"]), int(r["rows"]), int(r["nbytes"]),
                                      int(r[f"{side}_stride"])) for r in runs] for side in ("dst", "src"))
 
-    def _tiles(self, runs: np.ndarray, ids: np.ndarray, ptr: np.ndarray, tile_bytes: int) -> None:
-        """``ptr``: the address of each end in ``ids`` (sorted)."""
+    def _tiles(self, runs: np.ndarray, src_ptr: np.ndarray, dst_ptr: np.ndarray, tile_bytes: int) -> None:
+        """``src_ptr``/``dst_ptr``: the address of each run's source and destination tensor."""
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)  # every address is an offset from here
         base = self._base.data_ptr()
-        src = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - base
-        dst = ptr[np.searchsorted(ids, runs["dst"])] + runs["dst_off"] - base
+        src = src_ptr + runs["src_off"] - base
+        dst = dst_ptr + runs["dst_off"] - base
         n, rows, s_stride, d_stride = runs["nbytes"], runs["rows"], runs["src_stride"], runs["dst_stride"]
         # rows long enough to fill tiles on their own become contiguous runs, one per row
         wide = (rows > 1) & (n >= _WIDE_ROW)

@@ -165,6 +165,13 @@ class _Round:
         return (b.stage, b.index, b.src, b.dst, same.index(i))
 
 
+def _distinct(ids: np.ndarray, n: int) -> set[int]:
+    """The distinct values of ``ids`` (each in ``[0, n)``) as a set."""
+    seen = np.zeros(n, dtype=bool)
+    seen[ids] = True
+    return set(np.flatnonzero(seen).tolist())
+
+
 @dataclass
 class EndTable:
     """Every bound tensor's device address and size in bytes, by plan local id (-1: not bound here):
@@ -172,6 +179,7 @@ class EndTable:
 
     ptr: np.ndarray
     nbytes: np.ndarray
+    device: torch.device
 
     @classmethod
     def of(cls, flats: dict[int, torch.Tensor], n_locals: int) -> "EndTable":
@@ -179,7 +187,10 @@ class EndTable:
         ids = np.fromiter(flats.keys(), dtype=np.int64, count=len(flats))
         ptr[ids] = [t.data_ptr() for t in flats.values()]
         nbytes[ids] = [t.numel() * t.element_size() for t in flats.values()]
-        return cls(ptr, nbytes)
+        devices = {t.device for t in flats.values()}
+        if len(devices) > 1:
+            raise ValueError(f"one process's bound tensors must be on one device, got {sorted(map(str, devices))}")
+        return cls(ptr, nbytes, devices.pop() if devices else torch.device("cpu"))
 
 
 @dataclass
@@ -254,7 +265,7 @@ class PlanExecutor:
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)
         self._moving = plan.table.expert[c["tensor"]] >= 0
         self._previous: PlanExecutor | None = None
-        self._local_dst = {s: set(np.unique(c["dst_local"][rows]).tolist()) for s, rows in self.local_rows.items()}
+        self._local_dst = {s: _distinct(c["dst_local"][rows], len(plan.local_name)) for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
         self._bucket_bytes = bucket_bytes
         self._verifier: Verifier | None = None
@@ -367,14 +378,15 @@ class PlanExecutor:
                 and self.plan.same_locals(previous.plan):
             self._previous = previous
 
-    def _carried_key(self, given) -> tuple:
-        """The endpoints' key: the adopted executor's, where its endpoints hand over the same dicts with
-        their tensors where they were (checked in one C++ pass, not a list of tens of thousands of addresses)."""
+    def _carried_key(self, given) -> tuple | None:
+        """The adopted executor's key, where its endpoints hand over the same dicts: the sync binds on it
+        and checks, while the first copies run, that their tensors are still where it says (as every
+        sync by an unchanged plan does), instead of listing tens of thousands of addresses first."""
         previous = self._previous
         old = previous._binding if previous is not None else None
-        if old is not None and old.key[0] == [id(d) for _, d, _ in given] and not self._moved(given, old.key):
+        if old is not None and old.key[0] == [id(d) for _, d, _ in given]:
             return old.key
-        return self._key(given)
+        return None
 
     def _reusable(self, key: tuple) -> "tuple[PlanExecutor, _Binding] | None":
         previous, self._previous = self._previous, None  # once: the old executor is let go after this bind
@@ -546,8 +558,12 @@ class PlanExecutor:
         t_start = time.perf_counter()
         given = self._endpoint_tensors(source, target)
         binding = self._binding
-        if binding is None or binding.key[0] != [id(d) for _, d, _ in given]:  # new endpoints: bind first
-            binding = self._bind(given, self._carried_key(given), stats)
+        carried = self._carried_key(given) if binding is None else None
+        if carried is not None:  # a new plan for the same endpoints: bind on the adopted key, check it meanwhile
+            binding = self._bind(given, carried, stats)
+            unchecked = self.recheck
+        elif binding is None or binding.key[0] != [id(d) for _, d, _ in given]:  # new endpoints: bind first
+            binding = self._bind(given, self._key(given), stats)
             unchecked = False
         else:  # the same dicts: check their tensors while the local copies run (one pass over them all)
             unchecked = self.recheck
@@ -607,6 +623,29 @@ class PlanExecutor:
         self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
         stats.bytes_received += int(c["nbytes"][rows].sum())
 
+    def _program_pending(self, binding: _Binding, stage: int) -> list:
+        """Build the moving chunks' local programs of ``stage`` if not yet built; returns those built."""
+        pending = binding.pending.pop(stage, None)
+        if pending is None or not len(pending):
+            return []
+        moving = self._programs(binding.flats, pending, None, None, binding.cast, ends=binding.ends)
+        binding.local[stage].extend(moving)
+        return moving
+
+    def bind(self, source=None, target=None) -> float:
+        """Bind every copy program to the endpoints now, moving no byte: after a new plan (an expert
+        placement known before the trainer's step ends, say), so that the next sync starts copying at
+        once. That sync still checks, while its first copies run, that the tensors have not moved.
+        Returns the seconds it took."""
+        given = self._endpoint_tensors(source, target)
+        stats = SyncStats(self.rank)
+        carried = self._carried_key(given)
+        binding = self._bind(given, carried if carried is not None else self._key(given), stats)
+        t0 = time.perf_counter()
+        for stage in list(binding.pending):
+            self._program_pending(binding, stage)
+        return stats.bind_seconds + time.perf_counter() - t0
+
     def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None) -> None:
         """Copies between hosted ranks (launched first: they overlap the network). After a new expert
         placement the moving chunks' programs are built here, while the GPU runs the others' copies."""
@@ -615,14 +654,10 @@ class PlanExecutor:
             program()
             if stats is not None:
                 stats.bytes_copied += program.nbytes
-        pending = binding.pending.pop(stage, None)
-        if pending is not None and len(pending):
-            moving = self._programs(binding.flats, pending, None, None, binding.cast, ends=binding.ends)
-            binding.local[stage].extend(moving)
-            for program in moving:
-                program()
-                if stats is not None:
-                    stats.bytes_copied += program.nbytes
+        for program in self._program_pending(binding, stage):
+            program()
+            if stats is not None:
+                stats.bytes_copied += program.nbytes
         self._written |= self._local_dst[stage]
         if stats is not None:
             stats.pack_seconds += time.perf_counter() - t0

@@ -30,13 +30,20 @@ def chunk_runs(plan: SyncPlan, rows: np.ndarray, lo: np.ndarray | None = None, h
 
     ``src_buffer``/``dst_buffer``: that end is the packed buffer, each item starting at the given
     byte offset, instead of the chunk's local tensor."""
-    return block_runs(plan, plan.chunks[np.asarray(rows, dtype=np.int64)], lo, hi, src_buffer, dst_buffer)
+    rows = np.asarray(rows, dtype=np.int64)
+    columns = {f: plan.chunks[f][rows] for f in _FIELDS}  # the fields runs read, not whole records
+    return block_runs(plan, columns, lo, hi, src_buffer, dst_buffer)
 
 
-def block_runs(plan: SyncPlan, c: np.ndarray, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
+_FIELDS = ("tensor", "lo", "hi", "src_local", "src_base", "src_dim", "src_off", "dst_local", "dst_base", "dst_dim",
+           "dst_off")
+
+
+def block_runs(plan: SyncPlan, c, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
                src_buffer: np.ndarray | None = None, dst_buffer: np.ndarray | None = None) -> np.ndarray:
-    """:func:`chunk_runs` of chunk records ``c`` (``CHUNK_DTYPE``; they need not be the plan's own rows)."""
-    rows = np.arange(len(c))
+    """:func:`chunk_runs` of chunk records ``c`` (``CHUNK_DTYPE`` records, or their fields as a dict of
+    arrays; they need not be the plan's own rows)."""
+    rows = np.arange(len(c["tensor"]))
     lo = c["lo"].astype(np.int64) if lo is None else np.asarray(lo, dtype=np.int64)
     hi = c["hi"].astype(np.int64) if hi is None else np.asarray(hi, dtype=np.int64)
     table = plan.table

@@ -223,7 +223,7 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
 
     job = JobSpec.from_dict(spec)
     builder = PlanBuilder.for_job(job)
-    loads = [synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=s) for s in range(reps + 1)]
+    loads = [synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=s) for s in range(2 * reps + 1)]
     plan = builder.plan(job.placement(loads[0]))
     sources, targets = endpoints(plan)
     session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings())
@@ -241,8 +241,8 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
     plan_s, rebind_s, first_s, second_s = [], [], [], []
     checked = None
     profiler = None
-    for i, load in enumerate(loads[1:]):
-        if profile and i == len(loads) - 2:  # the last change: where the rebind and first sync spend their time
+    for i, load in enumerate(loads[1: reps + 1]):
+        if profile and i == reps - 1:  # the last change: where the rebind and first sync spend their time
             import cProfile
 
             profiler = cProfile.Profile()
@@ -260,6 +260,14 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
         rebind_s.append(t2 - t1)
         first_s.append(first)
         second_s.append(timed_sync()[0])
+    # prepared: the new plan bound while the trainer steps (Session.prepare), then the sync
+    prepare_s, prepared_s = [], []
+    for load in loads[reps + 1:]:
+        new = builder.plan(job.placement(load))
+        t0 = time.perf_counter()
+        session.prepare(new)
+        prepare_s.append(time.perf_counter() - t0)
+        prepared_s.append(timed_sync()[0])
     _, checked = timed_sync(verify=True)
     if profiler is not None:
         import pstats
@@ -271,8 +279,10 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
                first_sync_s=med(first_s), second_sync_s=med(second_s),
                changed_over_unchanged=(med(rebind_s) + med(first_s)) / med(unchanged),
                with_planning_over_unchanged=(med(plan_s) + med(rebind_s) + med(first_s)) / med(unchanged),
+               prepare_s=med(prepare_s), prepared_sync_s=med(prepared_s),
+               prepared_over_unchanged=med(prepared_s) / med(unchanged),
                spread=dict(unchanged=[min(unchanged), max(unchanged)], first=[min(first_s), max(first_s)],
-                           rebind=[min(rebind_s), max(rebind_s)]),
+                           rebind=[min(rebind_s), max(rebind_s)], prepared=[min(prepared_s), max(prepared_s)]),
                verified=bool(checked.verified))
     return row
 

@@ -90,9 +90,10 @@ def _per_engine_rank(rank: int, port: int):
     sync.sync(1)
     L, E = len(job.model.moe_layers), job.model.num_experts
     load = np.stack([synthetic_load(L, E, 1.3, seed=2), synthetic_load(L, E, 1.3, seed=5)])  # each engine's own
+    sync.prepare(load)  # as soon as the loads are in: planned and bound while the trainer steps
     if sync.source is not None:
         sync.source.set_version(2)
-    report = sync.sync(2, expert_load=load)
+    report = sync.sync(2)
     if target is None:
         return report.verified, None, None
     want = expected_engine(job, sync.plan, 2)[rank]

@@ -203,3 +203,34 @@ def test_processes_syncing_by_their_own_part_of_the_plan_are_bit_exact_across_pl
             for r, got in tensors.items():
                 for name, want in source_shards(expected_plan, r, i + 1).items():
                     np.testing.assert_array_equal(got[name], as_bits(want).numpy(), err_msg=f"v{i + 1} rank {r} {name}")
+
+
+def test_a_placement_prepared_ahead_syncs_with_its_programs_already_bound():
+    """Session.prepare binds the new plan's copy programs before the sync (while the trainer steps):
+    the sync binds nothing, is bit-exact, and a tensor that moved after the prepare is still caught."""
+    from planners import SyncSettings
+    from planners.build import PlanBuilder
+    from sync.session import Session
+
+    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
+    builder = PlanBuilder.for_job(job)
+    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2, 3)]
+    ranks = list(range(plans[0].num_ranks))
+    sources, targets = endpoints(plans[0], ranks, 1)
+    session = Session.open(plans[0], ranks, SoloTransport(), sources, targets, SyncSettings(bucket_mb=0.01))
+    assert session.sync(1).verified
+    assert session.prepare(plans[1]) > 0
+    stats = session.sync(1)
+    assert stats.verified and stats.bind_seconds == 0
+    for r, target in targets.items():
+        for name, want in source_shards(plans[1], r, 1).items():
+            assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
+    session.prepare(plans[2])
+    moved = next(iter(targets.values()))
+    name = next(iter(moved.tensors))
+    moved.tensors[name] = moved.tensors[name].clone()  # after the prepare: the sync must rebind
+    stats = session.sync(1)
+    assert stats.verified and stats.bind_seconds > 0
+    for r, target in targets.items():
+        for name, want in source_shards(plans[2], r, 1).items():
+            assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
