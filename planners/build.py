@@ -88,8 +88,9 @@ class PlanBuilder:
         self.first_holder = np.zeros(len(self.seg.points), np.int64)  # where each segment's deliveries start
         initial = np.zeros(0, CHUNK_DTYPE)
         if len(self.slot_rows):
-            self.first_holder = _first_holders(self.seg, self._expert_cuts(self._filled(None)), len(self.devices))
-            initial = self._expert_chunks(self._filled(None))[0]
+            expert_cuts = self._expert_cuts(self._filled(None))
+            self.first_holder = _first_holders(self.seg, expert_cuts, len(self.devices))
+            initial = self._route_cuts(expert_cuts)[0]
         fixed_chunks, _ = _route(cat, self.seg, cuts, self.devices, deployment.gpus_per_node, self.links,
                                  _stage1_busy(initial, len(self.devices), self.links))
         self.fixed_chunks = _sorted_chunks([fixed_chunks])
@@ -157,7 +158,9 @@ class PlanBuilder:
     def _expert_chunks(self, filled: np.ndarray, slots: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Chunks and their feeders (see ``_route_by_rule``) of the expert-slot pieces ``slots`` (positions
         in ``slot_rows``; all by default) holding the logical tensors ``filled``."""
-        cuts = self._expert_cuts(filled, slots)
+        return self._route_cuts(self._expert_cuts(filled, slots))
+
+    def _route_cuts(self, cuts: "_Cuts") -> tuple[np.ndarray, np.ndarray]:
         nbytes = (cuts.hi - cuts.lo) * self.cat.table.row_bytes[cuts.tensor]
         return _route_by_rule(self.seg, cuts, nbytes, self.devices, self.deployment.gpus_per_node, self.links,
                               self.first_holder)

@@ -45,20 +45,28 @@ def _fail(plan: SyncPlan, what: str, rows: np.ndarray) -> None:
     )
 
 
-def _check_side(plan: SyncPlan, rows: np.ndarray, pieces: np.ndarray, side: str) -> np.ndarray:
-    """Chunks ``rows`` must read/write a block of ``pieces`` holding the same logical indices."""
-    c = plan.chunks[rows]
+def _columns(table: np.ndarray, rows: np.ndarray | None, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The ``fields`` of ``table``'s ``rows`` (all rows when None) as plain arrays: gathering a few
+    columns is much cheaper than gathering whole records."""
+    return {f: table[f] if rows is None else table[f][rows] for f in fields}
+
+
+def _check_side(plan: SyncPlan, rows: np.ndarray | None, pieces: np.ndarray, side: str) -> np.ndarray:
+    """Chunks ``rows`` (all when None) must read/write a block of ``pieces`` holding the same logical indices."""
+    c = _columns(plan.chunks, rows, ("tensor", "lo", "hi", side, f"{side}_local", f"{side}_base", f"{side}_dim",
+                                     f"{side}_off"))
     p_key = np.stack([pieces["local"], pieces["tensor"], pieces["base"]], axis=1).astype(np.int64)
     q_key = np.stack([c[f"{side}_local"], c["tensor"], c[f"{side}_base"]], axis=1).astype(np.int64)
     hit = match_containing(p_key, pieces["lo"], q_key, c["lo"])
     bad = hit < 0
-    p = pieces[np.maximum(hit, 0)]
+    p = _columns(pieces, np.maximum(hit, 0), ("lo", "hi", "dim", "off"))
     bad |= c["hi"] > p["hi"]
     bad |= c[f"{side}_dim"] != p["dim"]
     bad |= c[f"{side}_off"] - p["off"] != c["lo"] - p["lo"]
     bad |= plan.local_rank[c[f"{side}_local"]] != c[side]
     if bad.any():
-        _fail(plan, f"{'source' if side == 'src' else 'destination'} block does not hold the chunk's indices", rows[bad])
+        where = np.flatnonzero(bad) if rows is None else rows[bad]
+        _fail(plan, f"{'source' if side == 'src' else 'destination'} block does not hold the chunk's indices", where)
     return hit
 
 
@@ -89,18 +97,17 @@ def validate_plan(plan: SyncPlan) -> None:
     _check_side(plan, s2, ipieces, "src")
     if len(s2):
         # a stage-2 source must have received those indices in stage 1
-        r1 = c[s1]
+        r1 = _columns(c, s1, ("dst_local", "tensor", "dst_base", "lo", "hi", "dst_off"))
         key1 = np.stack([r1["dst_local"], r1["tensor"], r1["dst_base"]], axis=1).astype(np.int64)
-        r2 = c[s2]
+        r2 = _columns(c, s2, ("src_local", "tensor", "src_base", "lo", "hi", "src_off"))
         key2 = np.stack([r2["src_local"], r2["tensor"], r2["src_base"]], axis=1).astype(np.int64)
         hit = match_containing(key1, r1["lo"], key2, r2["lo"])
-        got = r1[np.maximum(hit, 0)]
+        got = _columns(r1, np.maximum(hit, 0), ("hi", "dst_off", "lo")) if len(s1) else {"hi": 0, "dst_off": 0, "lo": 0}
         bad = (hit < 0) | (r2["hi"] > got["hi"]) | (r2["src_off"] - got["dst_off"] != r2["lo"] - got["lo"])
         if bad.any():
             _fail(plan, "stage-2 source did not receive these indices in stage 1", s2[bad])
     # 2. destinations
-    all_rows = np.arange(len(c))
-    hit = _check_side(plan, all_rows, ipieces, "dst")
+    hit = _check_side(plan, None, ipieces, "dst")
     # 3. exact cover of every inference piece
     order = np.lexsort((c["lo"], hit))
     h, lo, hi = hit[order], c["lo"][order], c["hi"][order]

@@ -107,8 +107,10 @@ class TensorTable:
 
 def expert_names(spec: ModelSpec, layer: int, expert: int) -> tuple[str, str, str]:
     """HF names of a routed expert's (gate, up, down) projections."""
-    p = f"model.layers.{layer}.{spec.names.moe_block}.experts.{expert}"
-    return tuple(f"{p}.{proj}.weight" for proj in spec.names.expert_projections)  # type: ignore[return-value]
+    names = spec.names
+    p = f"model.layers.{layer}.{names.moe_block}.experts.{expert}."
+    gate, up, down = names.expert_projections  # plain concatenation: planning calls this ~100,000 times
+    return p + gate + ".weight", p + up + ".weight", p + down + ".weight"
 
 
 def router_prefix(spec: ModelSpec, layer: int) -> str:
