@@ -27,9 +27,10 @@ import numpy as np
 from planners.cost import CROSS_NODE, SAME_DEVICE, SAME_NODE, Links, link_class
 from planners.errors import PlanBuildError
 from planners.layouts import Deployment, InferenceLayout, TrainerLayout
-from planners.models import Catalog, ModelSpec, catalog, expert_names
+from planners.models import Catalog, ModelSpec, catalog
+from planners.quant import quantize_catalog, quantize_templates
 from planners.eplb.placement import EnginePlacements, Placement
-from planners.plan import CHUNK_DTYPE, PIECE_DTYPE, SyncPlan
+from planners.plan import CHUNK_DTYPE, DERIVED_DTYPE, PIECE_DTYPE, SyncPlan
 from planners.schedule.buckets import chunk_origins
 from planners.sides import engine_side, trainer_side
 from planners.sides.shards import LocalTensor
@@ -69,14 +70,16 @@ class PlanBuilder:
         trainer_rules, self.engine_rules = trainer_side(sides[0]), engine_side(sides[1])
         trainer_rules.check(spec, trainer)
         self.engine_rules.check(spec, inference, placement)
-        self.cat = cat = catalog(spec)
+        self.cat = cat = catalog(spec) if inference.quantization is None else quantize_catalog(spec, catalog(spec))
         self.devices = np.asarray(deployment.device_ids(trainer, inference), dtype=np.int64)
         self.T = T = trainer.world_size
         self.num_physical = placement.num_physical if placement is not None else spec.num_experts
 
         templates = [trainer_rules.template(spec, cat, trainer, r) for r in range(T)]
         templates += [self.engine_rules.template(spec, cat, inference, placement, r) for r in range(inference.world_size)]
-        self.local_rank, self.names, self.shapes, self.dtypes, self.pieces = _tables(templates)
+        if inference.quantization is not None:  # FP8 engines: scale tensors, and what trainer ranks quantize
+            templates = quantize_templates(templates, cat, T, spec.dtype)
+        self.local_rank, self.names, self.shapes, self.dtypes, self.pieces, self.derived = _tables(templates)
         self.piece_rank = piece_rank = self.local_rank[self.pieces["local"]]
         self.seg = _Segments(cat, self.pieces[piece_rank < T], piece_rank[piece_rank < T], self.devices)
 
@@ -114,8 +117,7 @@ class PlanBuilder:
         if not len(self.slot_rows):
             return
         layers = list(spec.moe_layers)
-        self.expert_tensor = np.array([[[cat.index[n] for n in expert_names(spec, layer, e)]
-                                        for e in range(spec.num_experts)] for layer in layers], dtype=np.int64)
+        self.expert_tensor = _expert_tensors(cat, layers, spec.num_experts)
         moe_of, proj_of = np.full(len(cat), -1, np.int64), np.full(len(cat), -1, np.int64)
         moe_of[self.expert_tensor.reshape(-1)] = np.repeat(np.arange(len(layers)), self.expert_tensor[0].size)
         proj_of[self.expert_tensor.reshape(-1)] = np.tile(np.arange(self.expert_tensor.shape[2]),
@@ -210,7 +212,7 @@ class PlanBuilder:
             tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
             local_dtype=self.dtypes, pieces=pieces, chunks=chunks, devices=self.devices, num_trainer=self.T,
             gpus_per_node=self.deployment.gpus_per_node, links=self.links, meta=self.meta, placement=placement,
-            scope=scope,
+            scope=scope, derived=self.derived,
         )
         plan.table = self.cat.table  # the same tensors: their size arrays are computed once per job
         return plan
@@ -261,32 +263,57 @@ class _Scope:
     fixed_keys: np.ndarray | None
 
 
+def _expert_tensors(cat: Catalog, layers: list[int], num_experts: int) -> np.ndarray:
+    """``[MoE layers, experts, k]``: the ids of each routed expert's tensors (its projections, and their
+    FP8 scales where the engine holds them), in catalog order."""
+    layer_of = np.array([t.layer for t in cat.tensors], dtype=np.int64)
+    expert = cat.table.expert
+    ids = np.flatnonzero(expert >= 0)
+    position = {layer: k for k, layer in enumerate(layers)}
+    moe = np.array([position.get(int(x), -1) for x in layer_of[ids]], dtype=np.int64)
+    order = np.lexsort((ids, expert[ids], moe))
+    ids = ids[order]
+    per_expert = len(ids) // max(len(layers) * num_experts, 1)
+    return ids.reshape(len(layers), num_experts, per_expert)
+
+
 def _tables(templates: list[tuple[LocalTensor, ...]]):
     """Flatten every rank's local tensors (rank r uses ``templates[r]``) into plan tables;
-    ranks sharing a template convert it once."""
+    ranks sharing a template convert it once. Also the derived locals (``planners.quant``): each with
+    the local of its rank it is computed from."""
     local_rank: list[int] = []
     names: list[str] = []
     shapes: list[tuple[int, ...]] = []
     dtypes: list[str] = []
     piece_parts: list[np.ndarray] = []
-    converted: dict[int, tuple[np.ndarray, list[str], list[tuple[int, ...]], list[str]]] = {}
+    derived_parts: list[np.ndarray] = []
+    converted: dict[int, tuple] = {}
     for rank, tensors in enumerate(templates):
         done = converted.get(id(tensors))
         if done is None:
             rows = [(i, p.tensor, p.lo, p.hi, p.base, p.dim, p.off) for i, t in enumerate(tensors) for p in t.pieces]
             rel = np.array(rows, dtype=PIECE_DTYPE) if rows else np.zeros(0, PIECE_DTYPE)
+            position = {t.name: i for i, t in enumerate(tensors)}
+            derived = np.array([(i, position[t.source]) for i, t in enumerate(tensors) if t.source],
+                               dtype=DERIVED_DTYPE).reshape(-1)
             done = converted[id(tensors)] = (rel, [t.name for t in tensors], [t.shape for t in tensors],
-                                             [t.dtype for t in tensors])
-        rel, t_names, t_shapes, t_dtypes = done
+                                             [t.dtype for t in tensors], derived)
+        rel, t_names, t_shapes, t_dtypes, derived = done
         shifted = rel.copy()
         shifted["local"] += len(names)
         piece_parts.append(shifted)
+        if len(derived):
+            moved = derived.copy()
+            moved["local"] += len(names)
+            moved["source"] += len(names)
+            derived_parts.append(moved)
         local_rank += [rank] * len(t_names)
         names += t_names
         shapes += t_shapes
         dtypes += t_dtypes
     pieces = np.concatenate(piece_parts) if piece_parts else np.zeros(0, PIECE_DTYPE)
-    return np.asarray(local_rank, dtype=np.int32), names, shapes, dtypes, pieces
+    derived = np.concatenate(derived_parts) if derived_parts else np.zeros(0, DERIVED_DTYPE)
+    return np.asarray(local_rank, dtype=np.int32), names, shapes, dtypes, pieces, derived
 
 
 class _Segments:

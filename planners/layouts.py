@@ -255,6 +255,9 @@ class InferenceLayout:
     enable_ep: bool = False
     engines: Size = 1
     vocab_padding: Size = 64
+    # how the engine holds its weights: None (the model dtype) or "fp8_block" (vLLM's block FP8, 128x128
+    # blocks, e4m3 with float32 weight_scale_inv; see planners.quant)
+    quantization: Literal["fp8_block"] | None = None
 
     def __post_init__(self) -> None:
         _positive("inference", tp=self.tp, pp=self.pp, dp=self.dp, engines=self.engines, vocab_padding=self.vocab_padding)

@@ -24,7 +24,7 @@ from planners.models import LogicalTensor
 from planners.models.catalog import TensorTable
 from planners.eplb.placement import EnginePlacements, Placement, placement_from_phy2log
 
-__all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "Transfer"]
+__all__ = ["SyncPlan", "PlanError", "CHUNK_DTYPE", "PIECE_DTYPE", "DERIVED_DTYPE", "Transfer"]
 
 CHUNK_DTYPE = np.dtype([
     ("stage", "i1"), ("src", "i4"), ("dst", "i4"), ("tensor", "i4"), ("lo", "i8"), ("hi", "i8"),
@@ -35,6 +35,8 @@ CHUNK_DTYPE = np.dtype([
 PIECE_DTYPE = np.dtype([
     ("local", "i4"), ("tensor", "i4"), ("lo", "i8"), ("hi", "i8"), ("base", "i8"), ("dim", "i8"), ("off", "i8"),
 ])
+# a local computed from another of its rank (planners.quant: FP8 values or scales, quantized from ``source``)
+DERIVED_DTYPE = np.dtype([("local", "i4"), ("source", "i4")])
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class SyncPlan:
     # the plan ranks whose part this is (PlanBuilder.rank_plan): the chunks they send or receive or feed
     # in stage 1, and their own pieces; None for the whole job's plan
     scope: tuple[int, ...] | None = None
+    # locals computed from others of their rank (FP8 engines, planners.quant): on a trainer rank before the
+    # bytes move, on an engine rank once they have arrived
+    derived: np.ndarray = field(default_factory=lambda: np.zeros(0, DERIVED_DTYPE))
 
     # -- shape of the job ---------------------------------------------------------------
     @property
@@ -211,6 +216,7 @@ class SyncPlan:
             "chunks": {k: self.chunks[k].tolist() for k in CHUNK_DTYPE.names},
             "phy2log": None if self.placement is None else self.placement.phy2log.tolist(),
             "scope": None if self.scope is None else list(self.scope),
+            "derived": {k: self.derived[k].tolist() for k in DERIVED_DTYPE.names},
         }
 
     @classmethod
@@ -240,6 +246,7 @@ class SyncPlan:
             meta=dict(d["meta"]),
             placement=None if d.get("phy2log") is None else placement_from_phy2log(d["phy2log"]),
             scope=None if d.get("scope") is None else tuple(int(r) for r in d["scope"]),
+            derived=table(d["derived"], DERIVED_DTYPE) if d.get("derived") else np.zeros(0, DERIVED_DTYPE),
         )
 
     def to_json(self, path: str | Path) -> None:

@@ -37,6 +37,8 @@ class LocalTensor:
     shape: tuple[int, ...]
     dtype: str
     pieces: list[Piece] = field(default_factory=list)
+    # the local of the same rank this one is computed from (its FP8 value or scales: planners.quant), if any
+    source: str = ""
 
 
 class Locals:

@@ -1,0 +1,154 @@
+"""Block-FP8 engines: every engine tensor equals DeepSeek-V3's reference quantizer applied to the full
+weights, then sliced by vLLM's layout; half the bytes cross every link; layouts that cut blocks are
+refused naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import random_weights
+from planners import JobSpec, build_plan
+from planners.errors import ShardError
+from planners.eplb.stats import synthetic_load
+from planners.quant import BLOCK, FP8, _e4m3_bits, reference_quantize
+from vllm_reference import reference_rank
+
+MOE = dict(model_type="qwen3_moe", hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=128, intermediate_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+           vocab_size=128, torch_dtype="bfloat16", decoder_sparse_step=1, norm_topk_prob=True)
+MLA = dict(model_type="deepseek_v3", hidden_size=256, num_hidden_layers=2, first_k_dense_replace=1,
+           num_attention_heads=4, q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64,
+           v_head_dim=64, intermediate_size=256, moe_intermediate_size=256, n_routed_experts=8, n_shared_experts=1,
+           num_experts_per_tok=2, n_group=1, topk_group=1, vocab_size=128, torch_dtype="bfloat16")
+DENSE = dict(model_type="llama", hidden_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+             head_dim=128, intermediate_size=512, vocab_size=128, torch_dtype="bfloat16")
+FP8_BLOCK = {"quantization": "fp8_block"}
+
+CASES = {
+    "moe ep eplb": dict(model=dict(hf_config=MOE), trainer=dict(tp=2, ep=2, etp=1),
+                        inference=dict(tp=2, dp=2, enable_ep=True, **FP8_BLOCK),
+                        eplb=dict(enabled=True, num_redundant_experts=4)),
+    "moe pp2 two engines": dict(model=dict(hf_config=MOE), trainer=dict(tp=1, ep=2, pp=2),
+                                inference=dict(tp=1, dp=2, enable_ep=True, engines=2, **FP8_BLOCK),
+                                deployment=dict(gpus_per_node=4)),
+    # Megatron's column-parallel MLA down projections cut kv_a's blocks: quantized on arrival
+    "mla tp2": dict(model=dict(hf_config=MLA), trainer=dict(tp=2, ep=2, etp=1),
+                    inference=dict(tp=2, enable_ep=True, **FP8_BLOCK)),
+    "dense tp2pp2 -> tp2": dict(model=dict(hf_config=DENSE), trainer=dict(tp=2, pp=2), inference=dict(tp=2, **FP8_BLOCK)),
+    "dense colocated": dict(model=dict(hf_config=DENSE), trainer=dict(tp=1, dp=2), inference=dict(tp=2, **FP8_BLOCK),
+                            deployment=dict(mode="colocated")),
+}
+
+
+def expected_fp8(job: JobSpec, plan, full: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+    """Every engine tensor from the reference quantizer applied to the full weights, then sliced as vLLM
+    slices them: FP8 bits by vLLM's layout of the quantized weights, each scale grid by that layout of the
+    weight's per-element scale (then one value per 128 x 128 block of the engine tensor)."""
+    spec, lay = job.model, replace(job.inference, quantization=None)
+    bits, scales = {}, {}
+    for name in {t.name[: -len(":fp8")] for t in plan.tensors if t.name.endswith(":fp8")}:
+        b, s = reference_quantize(full[name])
+        rows, cols = full[name].shape
+        bits[name] = b
+        scales[name] = np.repeat(np.repeat(s, BLOCK, axis=0), BLOCK, axis=1)[:rows, :cols]
+    out = {}
+    for r in range(lay.world_size):
+        rank = job.trainer.world_size + r
+        placement = plan.placement_of(rank)
+        phy2log = placement.phy2log if placement is not None else None
+        plain = reference_rank(spec, lay, phy2log, r % lay.engine_size, full)
+        as_bits = reference_rank(spec, lay, phy2log, r % lay.engine_size, {**full, **bits})
+        per_element = reference_rank(spec, lay, phy2log, r % lay.engine_size, {**full, **scales})
+        want = {}
+        for i in plan.locals_of(rank):
+            name = plan.local_name[i]
+            if ":" in name:
+                continue  # the plan's own receiving buffer
+            if plan.local_dtype[i] == FP8:
+                want[name] = as_bits[name]
+            elif name.endswith("_scale_inv"):
+                want[name] = per_element[name[: -len("_scale_inv")]][..., ::BLOCK, ::BLOCK]
+            else:
+                want[name] = plain[name]
+        out[rank] = want
+    return out
+
+
+def assert_fp8_exact(job: JobSpec, plan, seed: int = 0) -> None:
+    full = random_weights(job, seed)
+    got = plan.simulate(full)
+    for rank, want in expected_fp8(job, plan, full).items():
+        for name, w in want.items():
+            have = got[rank][name]
+            assert have.shape == w.shape, (rank, name, have.shape, w.shape)
+            np.testing.assert_array_equal(have, w, err_msg=f"rank {rank} {name}")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fp8_plans_give_engines_the_reference_quantizer_sliced(name):
+    job = JobSpec.from_dict(CASES[name])
+    load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.3, seed=1) if job.eplb.enabled else None
+    plan = build_plan(job, load).validate()
+    assert any(d == FP8 for d in plan.local_dtype)
+    assert_fp8_exact(job, plan)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**16), st.integers(0, 3))
+def test_fp8_experts_follow_every_placement(seed, weights_seed):
+    job = JobSpec.from_dict(CASES["moe ep eplb"])
+    load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.5, seed=seed)
+    assert_fp8_exact(job, build_plan(job, load).validate(), weights_seed)
+
+
+def test_the_kv_down_projection_cut_by_megatron_is_quantized_on_arrival():
+    plan = build_plan(JobSpec.from_dict(CASES["mla tp2"]))
+    T = plan.num_trainer
+    names = set(plan.local_name[i] for i in plan.locals_of(T))
+    assert "model.layers.0.self_attn.fused_qkv_a_proj.weight:wire" in names  # received in bfloat16
+    assert "model.layers.0.self_attn.q_b_proj.weight:wire" not in names  # whole blocks on the trainer: FP8
+    wire = np.array([plan.local_name[i].endswith(":wire") for i in plan.chunks["dst_local"]])
+    assert wire.any() and {plan.tensors[t].dtype for t in plan.chunks["tensor"][wire]} == {"bfloat16"}
+
+
+def test_fp8_halves_the_bytes_crossing_into_engines():
+    for spec, quantized in ((CASES["moe ep eplb"], None), (None, None)):
+        job = JobSpec.from_dict(spec) if spec is not None else JobSpec.from_yaml("examples/deepseek_v3_plan.yaml")
+        if spec is None:
+            job = replace(job, inference=replace(job.inference, quantization="fp8_block"))
+        fp8 = build_plan(job)
+        bf16 = build_plan(replace(job, inference=replace(job.inference, quantization=None)))
+        ratio = fp8.bytes_by_stage()[1] / bf16.bytes_by_stage()[1]
+        assert ratio <= 0.53, (job.name, ratio)
+        assert fp8.lower_bound() < 0.53 * bf16.lower_bound()
+
+
+def test_engine_shards_that_cut_blocks_are_refused_naming_the_field():
+    narrow = dict(DENSE, num_attention_heads=4, num_key_value_heads=4, head_dim=64)  # q_proj: 256 rows
+    job = JobSpec.from_dict(dict(model=dict(hf_config=narrow), trainer=dict(tp=2), inference=dict(tp=4, **FP8_BLOCK)))
+    build_plan(replace(job, inference=replace(job.inference, quantization=None)))  # fine in bfloat16
+    with pytest.raises(ShardError, match=r"q_proj.*cuts its 128x128 FP8 blocks.*pick inference\.tp"):
+        build_plan(job)  # shards of 64 rows
+
+
+def test_the_numpy_quantizer_rounds_as_torch_casts():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(100_000).astype(np.float32) * s for s in (1e-4, 1e-2, 1, 50, 300)]
+                            + [np.array([448, -448, 0, -0.0, 2**-10, 3 * 2**-10, 2**-9, 2**-6, 447.9], np.float32)])
+    torch_bits = torch.from_numpy(values).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    np.testing.assert_array_equal(_e4m3_bits(values), torch_bits)
+    x = rng.standard_normal((300, 260)).astype(np.float32)
+    x[:128, :128] = 0  # an all-zero block: scale 0 and zeros
+    bits, scale = reference_quantize(x)
+    assert scale.shape == (3, 3) and scale[0, 0] == 0 and not bits[:128, :128].any()
+    # each block's largest magnitude lands on 448 (0x7e, or 0xfe when negative)
+    block = np.abs(x[128:256, 128:256])
+    at = np.unravel_index(block.argmax(), block.shape)
+    assert bits[128 + at[0], 128 + at[1]] & 0x7F == 0x7E
+    assert scale[1, 1] == np.float32(block.max()) / np.float32(448)
