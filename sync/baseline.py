@@ -27,6 +27,9 @@ class BroadcastExecutor:
     def __init__(self, plan: SyncPlan, rank: int, transport: Transport | None = None, timeout_s: float = 120.0) -> None:
         """Every rank of the sync group must construct it (it makes the broadcast subgroup)."""
         plan.whole("the broadcast baseline")  # rank 0 gathers every tensor from every holder
+        if plan.derived.size:
+            raise ValueError("the broadcast baseline moves full-precision tensors; an FP8 plan (inference.quantization) "
+                             "runs on the PlanExecutor")
         self.plan, self.rank = plan, rank
         self.transport = transport or Transport()
         self.bcast = self.transport.subgroup([0, *plan.inference_ranks])

@@ -29,12 +29,14 @@ import torch.distributed as dist
 
 from planners.errors import VerificationError
 from planners.plan import SyncPlan
+from planners.quant import FP8, is_internal
 from planners.schedule.buckets import ALIGN, Bucket, bucketize
 from planners.schedule.runs import BUFFER, chunk_runs
 from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
 from sync.channels.faulty import Fault, Faulty
 from sync.copier import CopyProgram
-from sync.ends.base import check_locals
+from sync.fp8 import quantize_blocks
+from sync.ends.base import check_locals, end_locals
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify.verifier import Verifier
@@ -165,6 +167,19 @@ class _Round:
         return (b.stage, b.index, b.src, b.dst, same.index(i))
 
 
+def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int, int, int]]]:
+    """The hosted ranks' derived locals as (source, FP8 value, scale) local ids, trainer and engine side."""
+    out: dict[str, list[tuple[int, int, int]]] = {"trainer": [], "engine": []}
+    by_source: dict[int, dict[str, int]] = {}
+    for local, source in plan.derived.tolist():
+        if hosted[plan.local_rank[source]]:
+            by_source.setdefault(source, {})["value" if plan.local_dtype[local] == FP8 else "scale"] = local
+    for source, made in sorted(by_source.items()):
+        side = "trainer" if plan.local_rank[source] < plan.num_trainer else "engine"
+        out[side].append((source, made["value"], made["scale"]))
+    return out
+
+
 def _distinct(ids: np.ndarray, n: int) -> set[int]:
     """The distinct values of ``ids`` (each in ``[0, n)``) as a set."""
     seen = np.zeros(n, dtype=bool)
@@ -269,6 +284,8 @@ class PlanExecutor:
         self.rounds = self._rounds()
         self._bucket_bytes = bucket_bytes
         self._verifier: Verifier | None = None
+        self._internal: dict[int, torch.Tensor] | None = None
+        self._derivations = _derivations(plan, self.hosted)
         self._binding: _Binding | None = None
         self._arena: dict[str, torch.Tensor] = {}
         self._written: set[int] = set()
@@ -377,6 +394,7 @@ class PlanExecutor:
                 and previous.copies == self.copies and previous.tile_bytes == self.tile_bytes \
                 and self.plan.same_locals(previous.plan):
             self._previous = previous
+            self._internal = previous._internal  # the same locals: the same buffers, which its programs use
 
     def _carried_key(self, given) -> tuple | None:
         """The adopted executor's key, where its endpoints hand over the same dicts: the sync binds on it
@@ -423,8 +441,9 @@ class PlanExecutor:
         else:
             flats = {}
             for r, tensors, side in given:
-                ids = plan.locals_of(r)
+                ids = end_locals(plan, r)
                 flats.update({int(i): t.view(-1) for i, t in zip(ids, check_locals(plan, r, tensors, side))})
+            flats.update(self._internal_buffers(next(iter(flats.values())).device if flats else torch.device("cpu")))
             wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
             cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
@@ -567,6 +586,7 @@ class PlanExecutor:
             unchecked = False
         else:  # the same dicts: check their tensors while the local copies run (one pass over them all)
             unchecked = self.recheck
+        self._derive(binding, "trainer")  # FP8 values and scales from the trainer's own slices, first
         launched: list[int] = []
         for stage in (1, 2):
             t0 = time.perf_counter()
@@ -592,6 +612,7 @@ class PlanExecutor:
             if binding.device.type == "cuda" and (remote or stage == 2):  # local copies alone run on into stage 2
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
+        self._derive(binding, "engine")  # what arrived in full precision, quantized where the plan says
         stats.seconds = time.perf_counter() - t_start
         stats.peak_buffer_bytes = self._arena["send"].numel() if self._arena else 0
         finish_sync(stats, binding.flats, self.verifier if verify else None, self.transport, self._wait, binding.device,
@@ -622,6 +643,25 @@ class PlanExecutor:
         c = self._chunks
         self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
         stats.bytes_received += int(c["nbytes"][rows].sum())
+
+    def _internal_buffers(self, device: torch.device) -> dict[int, torch.Tensor]:
+        """The plan's own locals of the hosted ranks (FP8 copies, scales, receiving buffers), kept here."""
+        if self._internal is None:
+            plan = self.plan
+            ids = [i for r in self.ranks for i in plan.locals_of(r) if is_internal(plan.local_name[i])]
+            self._internal = {int(i): torch.zeros(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]],
+                                                  device=device).view(-1) for i in ids}
+        return self._internal
+
+    def _derive(self, binding: _Binding, side: str) -> None:
+        """Quantize the derived locals of the hosted ``side`` ranks from their sources (``plan.derived``)."""
+        plan = self.plan
+        for source, value, scale in self._derivations[side]:
+            quantize_blocks(binding.flats[source].view(plan.local_shape[source]),
+                            binding.flats[value].view(plan.local_shape[value]),
+                            binding.flats[scale].view(plan.local_shape[scale]))
+            if side == "engine":
+                self._written |= {value, scale}
 
     def _program_pending(self, binding: _Binding, stage: int) -> list:
         """Build the moving chunks' local programs of ``stage`` if not yet built; returns those built."""

@@ -17,9 +17,10 @@ import torch
 
 from planners.errors import RLSyncError
 from planners.plan import SyncPlan
+from planners.quant import is_internal
 from sync.tensors import TORCH_DTYPES, block
 
-__all__ = ["Source", "Target", "check_locals", "EndpointError", "fill_from_full", "read_full", "zero_unwritten"]
+__all__ = ["Source", "Target", "check_locals", "end_locals", "EndpointError", "fill_from_full", "read_full", "zero_unwritten"]
 
 
 class EndpointError(RLSyncError, ValueError):
@@ -40,7 +41,7 @@ def fill_from_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor],
     in place: the inverse of the trainer shard rules (padding rows are left as they are). Tensors
     that do not match the plan (a model built for another layout) are refused first, all named."""
     check_locals(plan, rank, tensors, "source")
-    pieces = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
+    pieces = plan.pieces[np.isin(plan.pieces["local"], end_locals(plan, rank))]
     for tid in np.unique(pieces["tensor"]):
         t = plan.tensors[tid]
         whole = full(int(tid)).reshape(-1)
@@ -57,7 +58,7 @@ def read_full(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor]) -> di
     as ``{tensor id: (full tensor with this rank's elements, bool mask of them)}``; merging every rank's
     gives the full weights (or gradients) the trainer holds."""
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    pieces = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
+    pieces = plan.pieces[np.isin(plan.pieces["local"], end_locals(plan, rank))]
     for tid in np.unique(pieces["tensor"]):
         t = plan.tensors[tid]
         first = tensors[plan.local_name[pieces[pieces["tensor"] == tid][0]["local"]]]
@@ -78,7 +79,7 @@ def zero_unwritten(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor]) 
     as vLLM's checkpoint loaders leave them: an engine started from dummy weights holds noise there,
     which verification (a checksum of the whole tensor) would count. Returns the names it zeroed in."""
     zeroed = []
-    mine = plan.pieces[np.isin(plan.pieces["local"], plan.locals_of(rank))]
+    mine = plan.pieces[np.isin(plan.pieces["local"], end_locals(plan, rank))]
     for local in np.unique(mine["local"]):
         pieces = mine[mine["local"] == local]
         dst = tensors[plan.local_name[local]]
@@ -98,10 +99,18 @@ def zero_unwritten(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor]) 
     return zeroed
 
 
+def end_locals(plan: SyncPlan, rank: int) -> np.ndarray:
+    """The rank's locals its end holds: all but the plan's own (``planners.quant.is_internal``: FP8
+    copies, scales and receiving buffers the executor keeps)."""
+    ids = plan.locals_of(rank)
+    return np.array([i for i in ids if not is_internal(plan.local_name[i])], dtype=np.int64) if plan.derived.size else ids
+
+
 def check_locals(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor], side: str) -> list[torch.Tensor]:
-    """The rank's tensors in the plan's local order, or an error listing every mismatch."""
+    """The rank's tensors in the order of :func:`end_locals`, or an error listing every mismatch."""
     problems, out = [], []
-    for i in plan.locals_of(rank):
+    ends = end_locals(plan, rank)
+    for i in ends:
         name = plan.local_name[i]
         t = tensors.get(name)
         if t is None:
@@ -117,7 +126,7 @@ def check_locals(plan: SyncPlan, rank: int, tensors: dict[str, torch.Tensor], si
         if not t.is_contiguous():
             problems.append(f"{name}: not contiguous")
         out.append(t)
-    extra = set(tensors) - {plan.local_name[i] for i in plan.locals_of(rank)}
+    extra = set(tensors) - {plan.local_name[i] for i in ends}
     if extra and side == "target":
         problems += [f"unexpected {n}" for n in sorted(extra)[:5]]
     if problems:

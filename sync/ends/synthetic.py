@@ -9,7 +9,7 @@ import torch
 
 from planners.models import LogicalTensor
 from planners.plan import SyncPlan
-from sync.ends.base import fill_from_full
+from sync.ends.base import end_locals, fill_from_full
 from sync.tensors import TORCH_DTYPES
 
 __all__ = ["SyntheticSource", "BufferTarget", "synthetic_tensor", "trained_tensor"]
@@ -39,7 +39,7 @@ def trained_tensor(t: LogicalTensor, index: int, seed: int, version: int, held_a
 
 def _allocate(plan: SyncPlan, rank: int, device: torch.device | str) -> dict[str, torch.Tensor]:
     return {plan.local_name[i]: torch.zeros(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]], device=device)
-            for i in plan.locals_of(rank)}
+            for i in end_locals(plan, rank)}
 
 
 class SyntheticSource:
