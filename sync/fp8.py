@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from planners.quant import BLOCK, FP8_MAX
 
-__all__ = ["quantize_blocks"]
+__all__ = ["quantize_blocks", "dequantized"]
 
 
 def quantize_blocks(x: torch.Tensor, value: torch.Tensor, scale: torch.Tensor) -> None:
@@ -30,3 +30,21 @@ def quantize_blocks(x: torch.Tensor, value: torch.Tensor, scale: torch.Tensor) -
     with torch.no_grad():
         value.copy_(q.reshape(padded.shape)[..., :rows, :cols].to(torch.float8_e4m3fn))
         scale.copy_(s)
+
+
+def dequantized(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """An engine's tensors with each FP8 weight replaced by ``value * weight_scale_inv`` (per 128 x 128
+    block, in float32, then ``dtype`` if given) and the scales dropped: what its kernels compute with."""
+    out = {}
+    for name, t in tensors.items():
+        scale = tensors.get(name + "_scale_inv")
+        if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in tensors:
+            continue
+        if scale is None or t.dtype != torch.float8_e4m3fn:
+            out[name] = t if dtype is None else t.to(dtype)
+            continue
+        rows, cols = t.shape[-2:]
+        full = scale.repeat_interleave(BLOCK, dim=-2)[..., :rows, :].repeat_interleave(BLOCK, dim=-1)[..., :cols]
+        value = t.to(torch.float32) * full
+        out[name] = value if dtype is None else value.to(dtype)
+    return out

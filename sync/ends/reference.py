@@ -22,6 +22,8 @@ from planners.layouts import InferenceLayout
 from planners.models import GQA, ModelSpec, router_prefix
 from planners.plan import SyncPlan
 from sync.ends.synthetic import BufferTarget
+from sync.fp8 import dequantized
+from sync.tensors import TORCH_DTYPES
 from sync.transport import Transport
 
 __all__ = ["ReferenceEngine", "engine_groups", "unsupported"]
@@ -61,6 +63,8 @@ class ReferenceEngine(BufferTarget):
         self.placement = plan.placement_of(rank)
         self.slot_counts: np.ndarray | None = None  # [moe layers, slots] tokens served per physical slot
         self._w = self.tensors  # the weights the forward pass computes with
+        self.fp8 = job.inference.quantization is not None
+        self.spec_dtype = TORCH_DTYPES[job.model.dtype]
 
     def set_placement(self, placement) -> None:
         self.placement = placement
@@ -93,7 +97,9 @@ class ReferenceEngine(BufferTarget):
         with a reference) instead of the weights' own."""
         if tokens.dim() == 1:
             return self.forward(tokens[None], dtype)[0]
-        self._w = self.tensors if dtype is None else {k: v.to(dtype) for k, v in self.tensors.items()}
+        # an FP8 engine computes with its weights dequantized per block (its kernels' arithmetic)
+        self._w = dequantized(self.tensors, dtype or self.spec_dtype) if self.fp8 else \
+            self.tensors if dtype is None else {k: v.to(dtype) for k, v in self.tensors.items()}
         W, spec = self._w, self.spec
         tp, tp_rank = self.lay.tp, self.coords.tp
         self._batch, seq = tokens.shape

@@ -14,8 +14,6 @@ from sync.ends.synthetic import synthetic_tensor
 from sync.run.local import LocalRun, run_local
 from fp8_cases import CASES
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
 
 def expected(plan, version: int) -> dict[int, dict[str, np.ndarray]]:
     """``plan.simulate`` of the synthetic weights of ``version`` (bfloat16 values, given as float32), as

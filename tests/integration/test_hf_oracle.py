@@ -119,3 +119,71 @@ def test_engine_logits_match_hugging_face(name, tmp_path):
     if eplb:  # the engines counted tokens per physical slot: every routed token landed in one slot
         counts = results[plan.num_trainer]["slot_counts"]
         assert counts.sum() == len(tokens) * job.model.moe.top_k * len(job.model.moe_layers)
+
+
+FP8_SHAPE = dict(SHAPE, hidden_size=256, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=128)  # every sharded dimension in whole 128 x 128 blocks
+FP8_MOE = dict(MOE, moe_intermediate_size=128)
+
+
+def dequantized_weights(job, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights an FP8 engine computes with: the reference quantizer's values times their block scales."""
+    from planners.models import catalog
+    from planners.quant import BLOCK, quantized_ids, reference_quantize
+
+    out = dict(weights)
+    cat = catalog(job.model)
+    for i in quantized_ids(job.model, cat):
+        name = cat.tensors[i].name
+        bits, scale = reference_quantize(weights[name])
+        values = torch.from_numpy(bits).view(torch.float8_e4m3fn).float().numpy()
+        rows, cols = values.shape
+        out[name] = values * np.repeat(np.repeat(scale, BLOCK, axis=0), BLOCK, axis=1)[:rows, :cols]
+    return out
+
+
+def load_per_expert(model, weights: dict[str, np.ndarray]) -> None:
+    """The inverse of :func:`per_expert`: write per-expert (checkpoint) weights into the model."""
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name.endswith("mlp.experts.gate_up_proj"):
+                prefix = name[: -len("gate_up_proj")]
+                p.copy_(torch.from_numpy(np.stack([np.concatenate([weights[f"{prefix}{e}.gate_proj.weight"],
+                                                                   weights[f"{prefix}{e}.up_proj.weight"]])
+                                                   for e in range(p.shape[0])])))
+            elif name.endswith("mlp.experts.down_proj"):
+                prefix = name[: -len("down_proj")]
+                p.copy_(torch.from_numpy(np.stack([weights[f"{prefix}{e}.down_proj.weight"] for e in range(p.shape[0])])))
+            else:
+                p.copy_(torch.from_numpy(weights[name]))
+
+
+def test_fp8_engine_logits_match_hugging_face_holding_the_dequantized_weights(tmp_path):
+    """Megatron-core trainers (float32) quantize their own slices to block FP8, reference engines compute
+    with the FP8 weights dequantized per block: their logits equal Hugging Face's with those weights."""
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**FP8_SHAPE, **FP8_MOE))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.ndim == 1 else 0.0))
+    model = model.float().eval()
+    model.config.to_json_file(tmp_path / "config.json")
+    job = JobSpec.from_dict(dict(model=dict(config=str(tmp_path), overrides=dict(torch_dtype="float32")),
+                                 trainer=dict(tp=2, ep=2, etp=1),
+                                 inference=dict(tp=2, dp=2, enable_ep=True, quantization="fp8_block"),
+                                 eplb=dict(enabled=True, num_redundant_experts=4)))
+    plan = build_plan(job, synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=5)).validate()
+    tokens = [3, 17, 200, 45, 45, 9, 250, 128, 77, 1]
+    weights = per_expert(model)
+    load_per_expert(model, dequantized_weights(job, weights))
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens])).logits[0].numpy()
+    results, _ = run_local(plan, LocalRun(versions=[1], timeout_s=90, source="megatron", engine="reference",
+                                          job=job, full_weights=[weights], tokens=tokens))
+    for rank in plan.inference_ranks:
+        np.testing.assert_allclose(results[rank]["logits"][0], expected, atol=1e-4, rtol=0, err_msg=f"rank {rank}")
+        assert all(s.verified for s in results[rank]["stats"]["plan"])
+    # and FP8 matters: the full-precision weights give other logits
+    load_per_expert(model, weights)
+    with torch.no_grad():
+        assert np.abs(model(torch.tensor([tokens])).logits[0].numpy() - expected).max() > 1e-3
