@@ -360,7 +360,7 @@ class JobSpec:
             "trainer": dict(kind=self.trainer_kind, tp=t.tp, pp=t.pp, vpp=t.vpp, ep=t.ep, etp=t.etp, cp=t.cp, dp=t.dp,
                             edp=t.edp, order=t.order),
             "inference": dict(kind=self.engine_kind, tp=i.tp, pp=i.pp, dp=i.dp, enable_ep=i.enable_ep,
-                              engines=i.engines),
+                              engines=i.engines, quantization=i.quantization),
             "deployment": dict(mode=d.mode, gpus_per_node=d.gpus_per_node),
             "physical_experts": self.num_physical_experts if self.model.is_moe else 0,
             "eplb": dict(enabled=self.eplb.enabled, policy=self.eplb.policy) if self.model.is_moe else {},

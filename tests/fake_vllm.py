@@ -133,10 +133,11 @@ class FakeWorker(RLSyncWorkerExtension):
                         enable_expert_parallel=True, enable_eplb=eplb_state is not None,
                         eplb_config=SimpleNamespace(num_redundant_experts=4), expert_placement_strategy="linear")
         model_cfg = dict(dtype=torch.bfloat16, quantization=None)
+        quant_config = settings.pop("quant_config", None)
         parallel.update({k: v for k, v in settings.items() if k not in model_cfg})
         model_cfg.update({k: v for k, v in settings.items() if k in model_cfg})
         self.vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(**parallel),
-                                           model_config=SimpleNamespace(**model_cfg))
+                                           model_config=SimpleNamespace(**model_cfg), quant_config=quant_config)
 
 
 def record_transport(monkeypatch) -> list:

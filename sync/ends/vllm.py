@@ -39,7 +39,7 @@ Every engine of the job is one ``LLM`` (or ``vllm serve``) whose settings mirror
         eplb_config={"num_redundant_experts": R},   # vLLM 0.10.x: num_redundant_experts=R; the engine end
                                                     #   counts loads itself and vLLM never rearranges
         dtype="bfloat16",                           # the plan's inference dtype (bf16 by default)
-        quantization=None,                          # unquantized weights only (no fp8, no AWQ/GPTQ)
+        quantization=None,                          # or "fp8" with 128x128 blocks for inference.quantization: fp8_block
         load_format="dummy",                        # optional: the first sync brings the weights
         # leave expert_placement_strategy at its default "linear" (slots of an EP rank contiguous)
     )
@@ -66,6 +66,8 @@ import torch
 
 from planners.layouts import InferenceLayout
 from planners.plan import SyncPlan
+from planners.quant import FP8
+from sync.ends.base import end_locals
 from sync.ends.vllm_experts import EngineConfigError, ExpertMaps, find_eplb_maps, moe_layer_rows
 
 __all__ = ["RLSyncWorkerExtension", "map_parameter_names", "engine_global_rank", "ParamTarget", "EngineConfigError",
@@ -114,7 +116,7 @@ class ParamTarget:
 
         params = dict(model.named_parameters())
         params.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
-        names = [plan.local_name[i] for i in plan.locals_of(rank)]
+        names = [plan.local_name[i] for i in end_locals(plan, rank)]  # not the plan's own buffers
         self.names = map_parameter_names(names, list(params))
         self.tensors = {ours: params[theirs].data for ours, theirs in self.names.items()}
         check_locals(plan, rank, self.tensors, "target")
@@ -195,11 +197,12 @@ def check_engine_config(plan: SyncPlan, rank: int, vllm_config, group_sizes: dic
                         "offloading (cpu_offload_gb=0, offload_group_size=0)")
     model_config = getattr(vllm_config, "model_config", None)
     if model_config is not None:
-        quant = getattr(model_config, "quantization", None)
-        if quant:
-            problems.append(f"quantization={quant!r}; the sync writes unquantized weights (quantization=None)")
+        problems += _quantization_problems(inf.get("quantization"), getattr(model_config, "quantization", None),
+                                           getattr(vllm_config, "quant_config", None))
         dtype = getattr(model_config, "dtype", None)
-        dtypes = Counter(plan.local_dtype[i] for i in plan.locals_of(rank))
+        # the model dtype: that of the tensors the engine holds unquantized
+        dtypes = Counter(plan.local_dtype[i] for i in end_locals(plan, rank)
+                         if plan.local_dtype[i] != FP8 and not plan.local_name[i].endswith("_scale_inv"))
         if isinstance(dtype, torch.dtype) and dtypes:
             from sync.tensors import TORCH_DTYPES
 
@@ -208,6 +211,23 @@ def check_engine_config(plan: SyncPlan, rank: int, vllm_config, group_sizes: dic
                 problems.append(f"dtype={str(dtype).removeprefix('torch.')}, the plan's weights are {want} (dtype={want!r})")
     if problems:
         raise EngineConfigError(f"vLLM engine settings do not fit the plan (inference rank {rank}): " + "; ".join(problems))
+
+
+def _quantization_problems(job_quantization: str | None, quantization: str | None, quant_config) -> list[str]:
+    """What in vLLM's quantization settings disagrees with the job's ``inference.quantization``."""
+    if job_quantization is None:
+        if quantization:
+            return [f"quantization={quantization!r}; the job's engines hold unquantized weights (quantization=None, "
+                    "or inference.quantization: fp8_block for block FP8)"]
+        return []
+    if quantization != "fp8":
+        return [f"quantization={quantization!r}; the job's inference.quantization is fp8_block: start vLLM with "
+                "quantization='fp8' and 128 x 128 weight blocks (as a block-FP8 checkpoint's config gives)"]
+    block = getattr(quant_config, "weight_block_size", None) if quant_config is not None else None
+    if quant_config is not None and (block is None or [int(x) for x in block] != [128, 128]):
+        return [f"weight_block_size={block!r} (quantization='fp8'); the job's inference.quantization fp8_block "
+                "means 128 x 128 blocks: weight_block_size=[128, 128]"]
+    return []
 
 
 class RLSyncWorkerExtension:

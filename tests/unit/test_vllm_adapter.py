@@ -260,3 +260,31 @@ def test_weight_offloading_is_refused_naming_the_setting(offload, setting):
     with pytest.raises(EngineConfigError, match=setting):
         check_engine_config(plan, plan.num_trainer, config)
     check_engine_config(plan, plan.num_trainer, SimpleNamespace(offload_config=SimpleNamespace()))
+
+
+def test_an_fp8_job_takes_only_a_block_fp8_engine(monkeypatch):
+    """inference.quantization: fp8_block: vLLM must run quantization='fp8' with 128 x 128 blocks; its FP8
+    weights and their weight_scale_inv are bound in place, the plan's own buffers are not asked of it."""
+    from fp8_cases import CASES
+
+    job = JobSpec.from_dict(CASES["mla tp2"])
+    plan = build_plan(job)
+    rank = plan.num_trainer
+    model = fake_vllm_model(plan, rank, routed=False)
+    for name, block in (("main", [128, 128]), (None, None), ("fp8", [64, 64])):
+        settings = dict(tensor_parallel_size=2, data_parallel_size=1, enable_eplb=False)
+        if name == "main":
+            settings.update(quantization="fp8", quant_config=SimpleNamespace(weight_block_size=block))
+        elif name == "fp8":
+            settings.update(quantization="fp8", quant_config=SimpleNamespace(weight_block_size=block))
+        worker = FakeWorker(model, None, **settings)
+        stub_vllm(monkeypatch, tp=(0, 2), dp=(0, 1))
+        record_transport(monkeypatch)
+        if name == "main":
+            worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, "gloo")
+            target = worker._rlsync_target
+            assert "model.layers.0.self_attn.q_b_proj.weight_scale_inv" in target.names
+            assert not any(":" in n for n in target.names)
+        else:
+            with pytest.raises(EngineConfigError, match="weight_block_size" if block else "quantization=None"):
+                worker.rlsync_init(plan.to_dict(), 0, "127.0.0.1", 1, "gloo")
