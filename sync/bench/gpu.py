@@ -44,6 +44,7 @@ from planners import JobSpec, build_plan
 from planners.eplb.stats import synthetic_load
 from sync.copier import CopyProgram
 from planners import SyncSettings
+from sync.ends.base import end_locals
 from sync.session import Session
 from sync.tensors import TORCH_DTYPES
 from sync.transport import SoloTransport
@@ -63,6 +64,10 @@ CASES = {
     "dsv3-like tp2ep4->dp8ep8+32": dict(model=dict(hf_config=DSV3_LIKE), trainer=dict(tp=2, dp=4, ep=4, etp=1),
                                         inference=dict(tp=1, dp=8, enable_ep=True), deployment=dict(mode="colocated"),
                                         eplb=dict(enabled=True, num_redundant_experts=32)),
+    # the same engines in block FP8: trainer ranks quantize their own slices before the bytes move
+    "dsv3-like fp8 tp2ep4->dp8ep8+32": dict(model=dict(hf_config=DSV3_LIKE), trainer=dict(tp=2, dp=4, ep=4, etp=1),
+                                            inference=dict(tp=1, dp=8, enable_ep=True, quantization="fp8_block"),
+                                            deployment=dict(mode="colocated"), eplb=dict(enabled=True, num_redundant_experts=32)),
 }
 
 
@@ -81,7 +86,7 @@ def endpoints(plan, ranks=None):
     gen = torch.Generator(device="cuda").manual_seed(0)
     sources, targets = {}, {}
     for r in range(plan.num_ranks) if ranks is None else ranks:
-        ids = plan.locals_of(r)
+        ids = end_locals(plan, r)
         tensors = {plan.local_name[i]: torch.empty(plan.local_shape[i], dtype=TORCH_DTYPES[plan.local_dtype[i]],
                                                    device="cuda") for i in ids}
         if r < plan.num_trainer:

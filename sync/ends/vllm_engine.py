@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from planners.plan import SyncPlan
+from sync.ends.base import end_locals
 from sync.ends.versioned import VersionedTarget
 from sync.ends.vllm_experts import EngineConfigError, LoadCounter, find_eplb_maps, find_eplb_state
 from sync.ends.vllm_processing import record_of
@@ -78,7 +79,7 @@ def plan_modules(plan: SyncPlan, rank: int, model: torch.nn.Module) -> set[str] 
 
     names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
     try:
-        mapped = map_parameter_names([plan.local_name[i] for i in plan.locals_of(rank)], names)
+        mapped = map_parameter_names([plan.local_name[i] for i in end_locals(plan, rank)], names)
     except KeyError:
         return None
     return {theirs.rpartition(".")[0] for theirs in mapped.values()}

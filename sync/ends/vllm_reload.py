@@ -26,7 +26,7 @@ import torch
 
 from planners.errors import RLSyncError
 from planners.plan import SyncPlan
-from sync.ends.base import check_locals
+from sync.ends.base import check_locals, end_locals
 from sync.ends.versioned import EngineState
 from sync.ends.vllm_experts import EngineConfigError, ExpertMaps
 from sync.ends.vllm_processing import TensorFacts, own_tensors, record_of
@@ -72,12 +72,12 @@ class ReloadTarget:
                                     "the tensors its kernels read; use vLLM 0.12 or later")
         self.plan, self.rank, self.model, self.model_config = plan, rank, model, model_config
         layout = _loaded_layout(model)
-        wanted = [plan.local_name[i] for i in plan.locals_of(rank)]
+        wanted = [plan.local_name[i] for i in end_locals(plan, rank)]
         self.names = map_parameter_names(wanted, [n for n in layout if not n.endswith(("_expert_map", "expert_mask"))])
         # before any byte moves: the plan's shapes and dtypes are the loaded layout's
         self._layout = {ours: layout[theirs] for ours, theirs in self.names.items()}
         check_locals(plan, rank, self._layout, "target")
-        self._index = {plan.local_name[i]: int(i) for i in plan.locals_of(rank)}
+        self._index = {plan.local_name[i]: int(i) for i in end_locals(plan, rank)}
         self.modules = {}  # plan name -> (module name, leaf)
         for ours, theirs in self.names.items():
             module, _, leaf = theirs.rpartition(".")
