@@ -36,7 +36,7 @@ from planners.models import Catalog, LogicalTensor, ModelSpec, router_prefix
 from planners.sides.shards import LocalTensor, Piece
 
 __all__ = ["FP8", "BLOCK", "FP8_MAX", "QUANTIZATIONS", "quantized_ids", "quantize_catalog", "quantize_templates",
-           "reference_quantize", "scale_shape", "is_internal", "FP8_SUFFIX", "SCALE_SUFFIX"]
+           "reference_quantize", "reference_dequantized", "scale_shape", "is_internal", "FP8_SUFFIX", "SCALE_SUFFIX"]
 
 FP8 = "float8_e4m3fn"
 BLOCK = 128
@@ -235,3 +235,26 @@ def _e4m3_bits(v: np.ndarray) -> np.ndarray:
     bits = (exp_field.astype(np.int64) << 3) | mant.astype(np.int64)
     bits = np.where(r == 0, 0, bits)
     return (bits.astype(np.uint8) | sign).astype(np.uint8)
+
+
+def _e4m3_values(bits: np.ndarray) -> np.ndarray:
+    """float8_e4m3fn bit patterns (uint8) as float32 values (no NaN patterns arise from the quantizer)."""
+    bits = bits.astype(np.int64)
+    sign = np.where(bits & 0x80, -1.0, 1.0)
+    exp, mant = (bits >> 3) & 0xF, bits & 0x7
+    value = np.where(exp == 0, mant * 2.0 ** -9, (1 + mant / 8.0) * np.ldexp(1.0, exp - 7))
+    return (sign * value).astype(np.float32)
+
+
+def reference_dequantized(spec: ModelSpec, cat: Catalog, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Full weights as an FP8 engine computes with them: each weight it quantizes (:func:`quantized_ids`,
+    over the unquantized ``cat``) through :func:`reference_quantize`, then its values times their block
+    scales in float32; the rest as given."""
+    out = dict(weights)
+    for i in quantized_ids(spec, cat):
+        name = cat.tensors[i].name
+        bits, scale = reference_quantize(weights[name])
+        rows, cols = bits.shape
+        per_element = np.repeat(np.repeat(scale, BLOCK, axis=0), BLOCK, axis=1)[:rows, :cols]
+        out[name] = _e4m3_values(bits) * per_element
+    return out

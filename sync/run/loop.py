@@ -491,10 +491,23 @@ def _cross_node_sent(results, placed) -> int:
 
 def _compare_logits(ray, actors, job: JobSpec, weights: dict, tokens: list[int],
                     first_ranks: list[int]) -> dict[int, float | None]:
-    """Each engine's float32 logits against the HF model holding the trainer's full ``weights``;
-    ``{engine's first rank: None if they agree, else the worst gap}``."""
+    """Each engine's float32 logits against the HF model holding the trainer's full ``weights`` (as an FP8
+    engine holds them: through the reference quantizer); ``{engine's first rank: None if they agree, else
+    the worst gap}``."""
+    import torch
+
     from sync.verify.logits import hf_logits, logits_agree
 
+    if job.inference.quantization is not None:
+        from planners.models import catalog
+        from planners.quant import reference_dequantized
+
+        from planners.quant import FP8_SUFFIX
+
+        # the trainer's weights, not the FP8 values and scales the plan derives from them
+        full = {k: torch.as_tensor(v).float().numpy() for k, v in weights.items()
+                if not k.endswith(FP8_SUFFIX) and not (k.endswith("_scale_inv") and k[: -len("_scale_inv")] in weights)}
+        weights = {k: torch.from_numpy(v) for k, v in reference_dequantized(job.model, catalog(job.model), full).items()}
     got = ray.get([a.logits.remote(tokens) for a in actors])
     want = hf_logits(job.model, weights, tokens)
     return {r: logits_agree(got[r], want) for r in first_ranks if got[r] is not None}
