@@ -79,7 +79,7 @@ def engine_global_rank(num_trainer: int, layout: InferenceLayout, engine: int, d
     return num_trainer + layout.grid.rank(engine=engine, dp=dp, pp=pp, tp=tp)
 
 
-_ROUTED = re.compile(r"\.experts\.(w13_weight|w2_weight)$")
+_ROUTED = re.compile(r"\.experts\.(w13_weight|w2_weight|w13_weight_scale_inv|w2_weight_scale_inv)$")
 
 
 def map_parameter_names(plan_names: list[str], engine_names: list[str]) -> dict[str, str]:

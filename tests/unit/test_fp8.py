@@ -9,17 +9,17 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_weights
-from planners import JobSpec, build_plan
+from planners import JobError, JobSpec, build_plan
 from planners.errors import ShardError
 from planners.eplb.stats import synthetic_load
 from planners.quant import BLOCK, FP8, _e4m3_bits, reference_quantize
 from vllm_reference import reference_rank
 
-from fp8_cases import CASES, DENSE, FP8_BLOCK
+from fp8_cases import CASES, DENSE, FP8_BLOCK, MLA, MOE
 
 
 def expected_fp8(job: JobSpec, plan, full: dict[str, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
@@ -128,3 +128,30 @@ def test_the_numpy_quantizer_rounds_as_torch_casts():
     at = np.unravel_index(block.argmax(), block.shape)
     assert bits[128 + at[0], 128 + at[1]] & 0x7F == 0x7E
     assert scale[1, 1] == np.float32(block.max()) / np.float32(448)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(st.sampled_from(["moe", "mla", "dense"]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
+       st.sampled_from([1, 2, 4]), st.sampled_from([1, 2]), st.sampled_from([1, 2]), st.sampled_from([1, 2]),
+       st.booleans(), st.sampled_from([1, 2]), st.booleans(), st.integers(0, 2**16))
+def test_random_fp8_layouts_give_engines_the_reference_quantizer_sliced(family, tp, pp, ep, itp, idp, ipp, enable_ep,
+                                                                        engines, colocated, seed):
+    """Random valid layouts of the three families (trainer TP/PP/EP, engine TP/DP/PP, EP or not, engines,
+    colocated or not, EPLB placements): blocks cut by trainer shards are quantized on arrival, the rest at
+    the sender, and every engine tensor is the reference quantizer's, sliced."""
+    config = {"moe": MOE, "mla": MLA, "dense": DENSE}[family]
+    moe = family != "dense"
+    spec = dict(model=dict(hf_config=config), trainer=dict(tp=tp, pp=pp, **(dict(ep=ep, etp=1) if moe else {})),
+                inference=dict(tp=itp, dp=idp, pp=ipp, engines=engines, **(dict(enable_ep=enable_ep) if moe else {}),
+                               **FP8_BLOCK),
+                deployment=dict(mode="colocated" if colocated else "disaggregated", gpus_per_node=4))
+    if moe and enable_ep:
+        spec["eplb"] = dict(enabled=True, num_redundant_experts=8)  # 16 slots: any EP group of 1, 2 or 4
+    try:
+        job = JobSpec.from_dict(spec)
+        load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.3, seed=seed) if job.eplb.enabled else None
+        plan = build_plan(job, load)
+    except (JobError, ShardError):
+        assume(False)
+        return
+    assert_fp8_exact(job, plan.validate(), seed % 4)

@@ -34,7 +34,8 @@ def engine_args(job) -> dict[str, Any]:
                 enable_expert_parallel=i.enable_ep, dtype=job.model.dtype)
 
 
-def _rank(rank: int, world: int, port: int, folder: str, args: dict, redundant: int, results) -> None:
+def _rank(rank: int, world: int, port: int, folder: str, args: dict, redundant: int, results,
+          quantized: bool = False) -> None:
     try:
         os.environ.update(VLLM_TARGET_DEVICE="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -44,6 +45,10 @@ def _rank(rank: int, world: int, port: int, folder: str, args: dict, redundant: 
         from vllm.engine.arg_utils import EngineArgs
         from vllm.model_executor.model_loader.utils import initialize_model
 
+        if quantized:  # vLLM's CPU block-FP8 GEMMs need AMX (not on this CPU): the weights are loaded, never multiplied
+            import vllm.model_executor.layers.quantization.fp8 as fp8
+
+            fp8.init_fp8_linear_kernel = lambda *a, **k: None
         config = EngineArgs(model=folder, skip_tokenizer_init=True, enforce_eager=True, load_format="dummy",
                             max_model_len=64, distributed_executor_backend="external_launcher",
                             **args).create_engine_config()
@@ -69,11 +74,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_engine(job, weights: dict[str, torch.Tensor], folder: Path, timeout_s: float = 300.0) -> dict[int, dict]:
+def build_engine(job, weights: dict[str, torch.Tensor], folder: Path, timeout_s: float = 300.0,
+                 quantization_config: dict | None = None) -> dict[int, dict]:
     """``{engine-local rank: {vLLM parameter name: tensor}}`` of one engine of ``job`` holding ``weights``
-    (Hugging Face names), as vLLM's classes and loaders lay them out."""
+    (Hugging Face names), as vLLM's classes and loaders lay them out; ``quantization_config``: the
+    checkpoint's (a block-FP8 one, say)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(job.model.config, architectures=[ARCHITECTURES[job.model.model_type]], torch_dtype=job.model.dtype)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     config.pop("dtype", None)
     (folder / "config.json").write_text(json.dumps(config))
     torch.save(weights, folder / "weights.pt")
@@ -82,7 +91,8 @@ def build_engine(job, weights: dict[str, torch.Tensor], folder: Path, timeout_s:
     ctx = mp.get_context("spawn")  # vLLM and torch.distributed want fresh interpreters
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, str(folder), args, job.eplb.num_redundant_experts, results))
+    procs = [ctx.Process(target=_rank, args=(r, world, port, str(folder), args, job.eplb.num_redundant_experts, results,
+                                             quantization_config is not None))
              for r in range(world)]
     for p in procs:
         p.start()
