@@ -69,3 +69,42 @@ def test_rlsync_run_refreshes_fp8_engines_and_their_logits_match(tmp_path):
     rows = report["iterations"]
     assert all(r["verified"] and not r["errors"] for r in rows), [r["errors"] for r in rows]
     assert all(r["logits_gap"] and all(g is None for g in r["logits_gap"].values()) for r in rows)
+
+
+def _api_rank(rank: int, port: int):
+    from sync.api import Synchronizer
+    from sync.ends.synthetic import BufferTarget, SyntheticSource
+    from sync.tensors import as_bits
+
+    job = JobSpec.from_dict({**CASES["moe ep eplb"], "sync": dict(timeout_s=60, bucket_mb=0.05)})
+    sync = Synchronizer.from_job(job, rank, port=port, store_on_rank0=False)
+    target = None
+    if rank < job.trainer.world_size:
+        sync.source = SyntheticSource(build_plan(job), rank, version=1)  # the whole plan's geometry: the same tensors
+    else:
+        sync.target = target = BufferTarget(sync.plan, rank)
+    load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.3, seed=4)
+    report = sync.sync(1, expert_load=load)
+    tensors = {k: as_bits(v).numpy() for k, v in target.tensors.items()} if target is not None else None
+    return report.verified, tensors, report.placement.phy2log.tolist()
+
+
+def test_synchronizer_ranks_sync_fp8_engines_by_their_own_part_of_the_plan():
+    """Each rank plans its own part (PlanBuilder.rank_plan) of an FP8 job for a new placement, trainer ranks
+    quantize, and every engine tensor is the reference quantizer's of the same weights."""
+    from planners.build import PlanBuilder
+    from planners.eplb.placement import placement_from_phy2log
+    from sync.run.local import host_store, spawn_ranks
+
+    job = JobSpec.from_dict(CASES["moe ep eplb"])
+    store = host_store()
+    results, _ = spawn_ranks(job.trainer.world_size + job.inference.world_size, _api_rank, (store.port,), timeout_s=120)
+    phy2log = results[0][2]
+    plan = PlanBuilder.for_job(job).plan(placement_from_phy2log(phy2log))
+    want = expected(plan, 1)
+    for rank, (verified, tensors, placed) in results.items():
+        assert verified and placed == phy2log, rank
+        if tensors is not None:
+            assert sorted(tensors) == sorted(want[rank])
+            for name, w in want[rank].items():
+                np.testing.assert_array_equal(tensors[name], w, err_msg=f"rank {rank} {name}")
