@@ -71,6 +71,7 @@ class SyncStats:
     wait_seconds: float = 0.0  # waiting for the network
     unpack_seconds: float = 0.0  # copying out of receive buckets
     verified: bool | None = None
+    verify_seconds: float = 0.0  # this rank's checksums and their exchange, after the bytes moved (not in seconds)
     mismatched: list[str] = field(default_factory=list)
     global_seconds: float = 0.0  # slowest rank
 
@@ -82,8 +83,10 @@ def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: T
     engine whose weights did not all arrive must not route tokens by the new slots (a staged engine
     keeps serving its old weights, and they belong to the old placement)."""
     if verifier is not None:
+        t0 = time.perf_counter()
         stats.mismatched, total = verifier.check(flats, transport, wait)
         stats.verified = total == 0
+        stats.verify_seconds = time.perf_counter() - t0
     elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
     wait(transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
     stats.global_seconds = float(elapsed.item())

@@ -11,11 +11,12 @@ ROOT = Path(__file__).parents[2]
 
 
 def test_bench_sync_json(capsys):
-    assert main(["bench", "sync", str(ROOT / "examples/tiny_moe.yaml"), "--reps", "1", "--json"]) == 0
+    assert main(["bench", "sync", str(ROOT / "examples/tiny_moe.yaml"), "--reps", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("sync_seconds", "baseline_seconds", "bound_seconds", "bytes_moved", "verified"):
+    for key in ("sync_seconds", "verify_seconds", "baseline_seconds", "bound_seconds", "bytes_moved", "verified"):
         assert key in out
     assert out["verified"] is True and out["bytes_moved"] > 0 and out["bound_seconds"] > 0
+    assert out["verify_seconds"] > 0  # the checksums of the second sync, timed apart from it
 
 
 def test_bench_sync_hosted_runs_one_process_per_device(capsys):
