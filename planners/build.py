@@ -100,6 +100,7 @@ class PlanBuilder:
         self.keys = _ChunkKeys(len(self.devices), cat)
         self.fixed_keys = self.keys(self.fixed_chunks) if self.keys.usable else None
         self._scopes: dict[tuple[int, ...], _Scope] = {}
+        self._origin: np.ndarray | None = None
 
     @classmethod
     def for_job(cls, job: Any) -> "PlanBuilder":
@@ -245,7 +246,8 @@ class PlanBuilder:
         return s
 
     def _fixed_origin(self) -> np.ndarray:
-        if not hasattr(self, "_origin"):
+        """The stage-1 chunk feeding each placement-free chunk (computed at the first rank plan)."""
+        if self._origin is None:
             self._origin = chunk_origins(self.fixed_chunks)
         return self._origin
 
@@ -490,25 +492,13 @@ def _pick_holder(seg: _Segments, segment: np.ndarray, node_of_dest: np.ndarray, 
     """Holder rows for cuts of ``segment``: the ``choice``-th (modulo) of the holders on the destination's
     node where there are any (NVLink), else of all its holders."""
     first = seg.first[segment]
-    count = seg.first[segment + 1] - first
-    near = np.zeros(len(segment), dtype=np.int64)
-    for j in range(n_holders):  # holders per segment are few (data-parallel replicas of one shard)
-        has = j < count
-        near[has] += node[seg.holder_rank[first[has] + j]] == node_of_dest[has]
-    pool = np.where(near > 0, near, count)
-    target = choice % pool  # the target-th near holder, or the target-th holder
-    out = first + target
-    if (near > 0).any():
-        seen = np.zeros(len(segment), dtype=np.int64)
-        found = np.zeros(len(segment), dtype=bool)
-        for j in range(n_holders):
-            has = (j < count) & (near > 0) & ~found
-            hit = has & (node[seg.holder_rank[np.minimum(first + j, len(seg.holder_rank) - 1)]] == node_of_dest)
-            take = hit & (seen == target)
-            out[take] = first[take] + j
-            found |= take
-            seen += hit
-    return out
+    j = np.arange(n_holders)  # holders per segment are few (data-parallel replicas of one shard)
+    valid = j < (seg.first[segment + 1] - first)[:, None]
+    rows = np.minimum(first[:, None] + j, len(seg.holder_rank) - 1)
+    near = valid & (node[seg.holder_rank[rows]] == node_of_dest[:, None])
+    pool = np.where(near.any(axis=1)[:, None], near, valid)
+    target = choice % pool.sum(axis=1)
+    return first + np.argmax(np.cumsum(pool, axis=1) > target[:, None], axis=1)
 
 
 def _first_holders(seg: _Segments, c: _Cuts, n_ranks: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from planners.models import Catalog, LogicalTensor, ModelSpec, router_prefix
 from planners.sides.shards import LocalTensor, Piece
 
 __all__ = ["FP8", "BLOCK", "FP8_MAX", "QUANTIZATIONS", "quantized_ids", "quantize_catalog", "quantize_templates",
-           "reference_quantize", "reference_dequantized", "scale_shape", "is_internal", "FP8_SUFFIX", "SCALE_SUFFIX"]
+           "reference_quantize", "reference_dequantized", "scale_shape", "is_internal", "is_derived_tensor", "FP8_SUFFIX", "SCALE_SUFFIX"]
 
 FP8 = "float8_e4m3fn"
 BLOCK = 128
@@ -86,6 +86,12 @@ def quantize_catalog(spec: ModelSpec, cat: Catalog) -> Catalog:
             tensors.append(LogicalTensor(t.name + "_scale_inv", scale_shape(t.shape), "float32", t.split_dim, t.layer,
                                          t.expert))
     return Catalog(tensors)
+
+
+def is_derived_tensor(name: str) -> bool:
+    """A logical tensor of an FP8 plan's catalog that the plan computes from a weight (``W:fp8``,
+    ``W_scale_inv``), not one the trainer holds."""
+    return name.endswith(FP8_SUFFIX) or name.endswith("_scale_inv")
 
 
 def is_internal(name: str) -> bool:

@@ -24,11 +24,10 @@ def block_view(flat: np.ndarray, base: int, outer: int, dim: int, inner: int, of
 
 def simulate(plan: SyncPlan, full_weights: dict[str, Any]) -> dict[int, dict[str, np.ndarray]]:
     is_trainer = plan.local_rank < plan.num_trainer
-    derived = set(plan.derived["local"].tolist())
     # what the trainer holds: the logical tensors of its own (not derived) locals; FP8 values and scales
     # are computed from them here, as the plan says (planners.quant), by the reference quantizer
-    held = plan.pieces[is_trainer[plan.pieces["local"]] & ~np.isin(plan.pieces["local"], list(derived))]
-    needed = sorted(set(held["tensor"].tolist()) | (set() if derived else set(range(len(plan.tensors)))))
+    held = plan.pieces[is_trainer[plan.pieces["local"]] & ~np.isin(plan.pieces["local"], plan.derived["local"])]
+    needed = np.unique(held["tensor"]).tolist()
     missing = [plan.tensors[i].name for i in needed if plan.tensors[i].name not in full_weights]
     if missing:
         raise KeyError(f"full_weights lacks {len(missing)} tensor(s), e.g. {missing[:3]}")

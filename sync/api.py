@@ -58,6 +58,7 @@ class Synchronizer:
     def __init__(self, job: JobSpec, rank: int, transport: Transport, source=None, target=None) -> None:
         self.job, self.rank = job, rank
         self._prepared_load = None  # the load the next sync was prepared for (prepare)
+        self._payload_of: tuple[SyncPlan | None, int] = (None, 0)  # (plan, its whole payload)
         # what no expert placement touches is planned once; a new load replans the expert slots only, and
         # each rank only its own part of them (the chunks it sends, receives or feeds)
         self.builder = PlanBuilder.for_job(job)
@@ -123,9 +124,12 @@ class Synchronizer:
                           whole_plan=lambda: self.builder.plan(placement))
 
     def _payload(self, plan: SyncPlan) -> int:
-        """The whole plan's payload: every rank adds what it sends (each chunk has one sender)."""
-        transport = self.session.transport
-        device = torch.device("cuda", torch.cuda.current_device()) if transport.backend == "nccl" else torch.device("cpu")
-        sent = torch.tensor([int(plan.chunks["nbytes"][plan.chunks["src"] == self.rank].sum())], device=device)
-        wait_all([transport.all_reduce(sent)], ["adding up the payload"], self.job.sync.timeout_s)
-        return int(sent.item())
+        """The whole plan's payload: every rank adds what it sends (each chunk has one sender). Once per
+        plan: every rank gets a new plan at the same call, so all of them sum again together."""
+        if self._payload_of[0] is not plan:
+            transport = self.session.transport
+            sent = torch.tensor([int(plan.chunks["nbytes"][plan.chunks["src"] == self.rank].sum())],
+                                device=transport.collective_device)
+            wait_all([transport.all_reduce(sent)], ["adding up the payload"], self.job.sync.timeout_s)
+            self._payload_of = (plan, int(sent.item()))
+        return self._payload_of[1]

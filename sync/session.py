@@ -162,7 +162,7 @@ def gathered_fanout(plan: SyncPlan, ranks: list[int], transport: Transport, proc
     process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
     mine = fanout(plan, process_of)
     me = int(process_of[ranks[0]])
-    device = torch.device("cuda", torch.cuda.current_device()) if transport.backend == "nccl" else torch.device("cpu")
+    device = transport.collective_device
     counts = torch.zeros((2, int(process_of.max()) + 1), dtype=torch.int64, device=device)
     counts[0, me], counts[1, me] = int(mine[1][me]), int(mine[2][me])
     wait_all([transport.all_reduce(counts)], ["sharing fan-outs"], timeout_s)

@@ -48,6 +48,13 @@ class Transport:
         return "nccl" if nccl is not None and isinstance(self.group, nccl) else "gloo"
 
     @property
+    def collective_device(self) -> torch.device:
+        """Where a small tensor for this group's collectives lives (NCCL reduces CUDA tensors only)."""
+        if self.backend == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    @property
     def rank_global(self) -> int:
         return self.ranks[self.rank]
 

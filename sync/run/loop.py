@@ -502,11 +502,10 @@ def _compare_logits(ray, actors, job: JobSpec, weights: dict, tokens: list[int],
         from planners.models import catalog
         from planners.quant import reference_dequantized
 
-        from planners.quant import FP8_SUFFIX
+        from planners.quant import is_derived_tensor
 
         # the trainer's weights, not the FP8 values and scales the plan derives from them
-        full = {k: torch.as_tensor(v).float().numpy() for k, v in weights.items()
-                if not k.endswith(FP8_SUFFIX) and not (k.endswith("_scale_inv") and k[: -len("_scale_inv")] in weights)}
+        full = {k: torch.as_tensor(v).float().numpy() for k, v in weights.items() if not is_derived_tensor(k)}
         weights = {k: torch.from_numpy(v) for k, v in reference_dequantized(job.model, catalog(job.model), full).items()}
     got = ray.get([a.logits.remote(tokens) for a in actors])
     want = hf_logits(job.model, weights, tokens)

@@ -10,6 +10,7 @@ import torch
 
 from planners import JobSpec, build_plan
 from planners.eplb.stats import synthetic_load
+from planners.quant import is_derived_tensor
 from sync.ends.synthetic import synthetic_tensor
 from sync.run.local import LocalRun, run_local
 from fp8_cases import CASES
@@ -19,7 +20,7 @@ def expected(plan, version: int) -> dict[int, dict[str, np.ndarray]]:
     """``plan.simulate`` of the synthetic weights of ``version`` (bfloat16 values, given as float32), as
     the bit patterns the engines hold."""
     held = {t.name: synthetic_tensor(t, i, 0, version).float().numpy() for i, t in enumerate(plan.tensors)
-            if not t.name.endswith(":fp8") and not t.name.endswith("_scale_inv")}
+            if not is_derived_tensor(t.name)}
     out = {}
     for rank, tensors in plan.simulate(held).items():
         bits = {}

@@ -91,7 +91,7 @@ def test_vllm_block_fp8_loads_what_the_fp8_plan_writes(name, tmp_path):
     holds, on every rank and under every name, exactly what the FP8 plan writes there: FP8 weights and
     their weight_scale_inv, shapes and bytes."""
     from fp8_cases import CASES as FP8_CASES
-    from planners.quant import FP8_SUFFIX, reference_quantize
+    from planners.quant import FP8_SUFFIX, is_derived_tensor, reference_quantize
 
     case = FP8_CASES[name]
     model = dict(hf_config=dict(case["model"]["hf_config"], torch_dtype="bfloat16"))  # vLLM: fp8 needs a 16-bit dtype
@@ -100,7 +100,7 @@ def test_vllm_block_fp8_loads_what_the_fp8_plan_writes(name, tmp_path):
     rng = np.random.default_rng(0)
     bf16 = lambda a: torch.from_numpy(a).to(torch.bfloat16).float().numpy()  # noqa: E731  (values bfloat16 holds)
     full = {t.name: bf16(rng.standard_normal(t.shape, dtype=np.float32)) for t in plan.tensors
-            if not t.name.endswith(FP8_SUFFIX) and not t.name.endswith("_scale_inv")}
+            if not is_derived_tensor(t.name)}
     checkpoint = {}
     for t in plan.tensors:
         if t.name.endswith(FP8_SUFFIX):
