@@ -35,7 +35,7 @@ from planners.schedule.runs import BUFFER, chunk_runs
 from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
 from sync.channels.faulty import Fault, Faulty
 from sync.copier import CopyProgram
-from sync.fp8 import quantize_blocks
+from sync.fp8 import QuantizeProgram
 from sync.ends.base import check_locals, end_locals
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
@@ -171,15 +171,21 @@ class _Round:
 
 
 def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int, int, int]]]:
-    """The hosted ranks' derived locals as (source, FP8 value, scale) local ids, trainer and engine side."""
+    """The hosted ranks' derived locals as (source, FP8 value, scale) local ids, trainer and engine side:
+    on the trainer side only those some chunk sends (a data-parallel replica that sends nothing of a
+    weight need not quantize it)."""
     out: dict[str, list[tuple[int, int, int]]] = {"trainer": [], "engine": []}
     by_source: dict[int, dict[str, int]] = {}
+    sent = np.zeros(len(plan.local_name), dtype=bool)
+    sent[plan.chunks["src_local"]] = True
     for local, source in plan.derived.tolist():
-        if hosted[plan.local_rank[source]]:
+        trainer = plan.local_rank[source] < plan.num_trainer
+        if hosted[plan.local_rank[source]] and (sent[local] or not trainer):
             by_source.setdefault(source, {})["value" if plan.local_dtype[local] == FP8 else "scale"] = local
     for source, made in sorted(by_source.items()):
         side = "trainer" if plan.local_rank[source] < plan.num_trainer else "engine"
-        out[side].append((source, made["value"], made["scale"]))
+        if side == "engine" or sent[made["value"]] or sent[made["scale"]]:
+            out[side].append((source, made["value"], made["scale"]))
     return out
 
 
@@ -227,6 +233,7 @@ class _Binding:
     held: list = field(default_factory=list)  # the endpoints' dicts, so that their ids stay theirs
     ends: "EndTable | None" = None  # every bound tensor's address and size by plan local id
     pending: dict[int, np.ndarray] = field(default_factory=dict)  # stage -> moving local rows not yet programmed
+    quantize: dict[str, QuantizeProgram] = field(default_factory=dict)  # side -> its FP8 derivations, bound
 
 
 class PlanExecutor:
@@ -658,13 +665,18 @@ class PlanExecutor:
 
     def _derive(self, binding: _Binding, side: str) -> None:
         """Quantize the derived locals of the hosted ``side`` ranks from their sources (``plan.derived``)."""
-        plan = self.plan
-        for source, value, scale in self._derivations[side]:
-            quantize_blocks(binding.flats[source].view(plan.local_shape[source]),
-                            binding.flats[value].view(plan.local_shape[value]),
-                            binding.flats[scale].view(plan.local_shape[scale]))
-            if side == "engine":
-                self._written |= {value, scale}
+        jobs = self._derivations[side]
+        if not jobs:
+            return
+        program = binding.quantize.get(side)
+        if program is None:
+            plan, flats = self.plan, binding.flats
+            program = binding.quantize[side] = QuantizeProgram(
+                [(flats[source], flats[value], flats[scale]) for source, value, scale in jobs],
+                [tuple(plan.local_shape[source]) for source, _, _ in jobs])
+        program()
+        if side == "engine":
+            self._written.update(i for _, value, scale in jobs for i in (value, scale))
 
     def _program_pending(self, binding: _Binding, stage: int) -> list:
         """Build the moving chunks' local programs of ``stage`` if not yet built; returns those built."""

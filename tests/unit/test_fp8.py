@@ -155,3 +155,61 @@ def test_random_fp8_layouts_give_engines_the_reference_quantizer_sliced(family, 
         assume(False)
         return
     assert_fp8_exact(job, plan.validate(), seed % 4)
+
+
+def apply_block_table(table: np.ndarray, src: np.ndarray, val: np.ndarray, scale: np.ndarray) -> None:
+    """What the Triton kernel does with each row of a block table, by the numpy reference quantizer."""
+    for first, value_first, scale_at, stride, rows, cols in table.tolist():
+        at = (np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).ravel()
+        bits, s = reference_quantize(src[first + at].reshape(rows, cols))
+        val[value_first + at] = bits.ravel()
+        scale[scale_at] = s[0, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(1, 300), st.integers(1, 300)), min_size=1, max_size=4),
+       st.integers(0, 2**16))
+def test_a_block_table_quantizes_each_tensor_as_the_reference(shapes, seed):
+    """Tensors at scattered offsets of one base (stacks of matrices, edge blocks cut by the tensor's end):
+    every block the table names, quantized where it says, gives each tensor the reference quantizer's bits
+    and scales, and nothing outside the tensors is written."""
+    from sync.fp8 import block_table
+
+    rng = np.random.default_rng(seed)
+    shapes = [(m, r, c) if m > 1 else (r, c) for m, r, c in shapes]
+    sizes = [int(np.prod(s)) for s in shapes]
+    grids = [int(np.prod(s[:-2], dtype=np.int64)) * -(-s[-2] // BLOCK) * -(-s[-1] // BLOCK) for s in shapes]
+    gaps = rng.integers(0, 50, size=len(shapes))
+    first = np.cumsum(np.concatenate([[0], (np.array(sizes) + gaps)[:-1]])) + gaps[0]
+    scale_first = np.cumsum(np.concatenate([[0], np.array(grids)[:-1] + 3])) + 5
+    src = rng.standard_normal(int(first[-1] + sizes[-1] + 7)).astype(np.float32)
+    src[int(first[0]): int(first[0]) + min(sizes[0], 200)] = 0  # a zero block, where the first tensor has one
+    val = np.full(len(src), 0xA5, dtype=np.uint8)
+    scale = np.full(int(scale_first[-1] + grids[-1] + 2), -1.0, dtype=np.float32)
+    apply_block_table(block_table(first, first, scale_first, shapes), src, val, scale)
+    touched = np.zeros(len(src), dtype=bool)
+    for shape, size, f, sf, grid in zip(shapes, sizes, first, scale_first, grids):
+        x = src[f: f + size].reshape(-1, *shape[-2:])
+        for m in range(len(x)):
+            bits, s = reference_quantize(x[m])
+            np.testing.assert_array_equal(val[f + m * x[m].size: f + (m + 1) * x[m].size], bits.ravel())
+            np.testing.assert_array_equal(scale[sf + m * s.size: sf + (m + 1) * s.size], s.ravel())
+        touched[f: f + size] = True
+        assert (scale[sf: sf + grid] >= 0).all()
+    assert (val[~touched] == 0xA5).all() and (scale < 0).sum() == len(scale) - sum(grids)
+
+
+def test_the_quantize_program_off_triton_is_quantize_blocks():
+    from sync.fp8 import QuantizeProgram, quantize_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300, 260), (2, 128, 200)]
+    srcs = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+    jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn),
+             torch.empty(int(np.prod(s[:-2], dtype=np.int64)) * -(-s[-2] // BLOCK) * -(-s[-1] // BLOCK)))
+            for x, s in zip(srcs, shapes)]
+    QuantizeProgram(jobs, shapes, use_triton=False)()
+    for (x, val, scale), s in zip(jobs, shapes):
+        want_val, want_scale = torch.empty(s, dtype=torch.float8_e4m3fn), torch.empty(scale.numel())
+        quantize_blocks(x.view(s), want_val, want_scale.view(*s[:-2], -(-s[-2] // BLOCK), -(-s[-1] // BLOCK)))
+        assert torch.equal(val.view(torch.uint8), want_val.view(-1).view(torch.uint8)) and torch.equal(scale, want_scale)
