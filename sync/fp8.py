@@ -113,7 +113,7 @@ class QuantizeProgram:
             from sync.fp8_kernel import quantize_table
 
             for src, table, blocks in self.launches:
-                quantize_table(src, self._base.view(torch.float8_e4m3fn), self._base.view(torch.float32), table, blocks)
+                quantize_table(src, self._base, self._base.view(torch.float32), table, blocks)
         else:
             for src, val, scale in self.jobs:
                 quantize_blocks(src, val, scale)

@@ -4,8 +4,10 @@ One program per 128 x 128 block of any of the tensors being quantized: it reads 
 the table (offsets of its first element, value and scale from three views of one base pointer, the
 tensor's row length, and how many rows and columns of the block lie inside the tensor), takes the
 block's max |x| in float32, and writes ``q = x / s`` as ``float8_e4m3fn`` and ``s = max / 448``. Both
-divisions round to nearest (``div_rn``; Triton's ``/`` is approximate), so the bits equal torch's and
-the planner's reference quantizer; the float32 -> e4m3 conversion rounds to nearest even.
+divisions round to nearest (``div_rn``; Triton's ``/`` is approximate), and the float32 -> e4m3
+conversion is done on the bits, rounding to nearest even and saturating at 448 as torch's cast does
+(not by the hardware's cast: the same bits on any chip and in Triton's CPU interpreter, where tests run
+this kernel), so the result equals torch's and the planner's reference quantizer bit for bit.
 """
 
 from __future__ import annotations
@@ -36,10 +38,33 @@ def _quantize_blocks(src, val, scale, table, FP8_MAX: tl.constexpr, BLOCK: tl.co
     s = tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), FP8_MAX)
     q = tl.math.div_rn(x, tl.where(s == 0.0, 1.0, s))
     q = tl.where(s == 0.0, 0.0, q)
-    tl.store(val + value_first + at, q.to(tl.float8e4nv), mask=mask)
+    tl.store(val + value_first + at, _e4m3_bits(q), mask=mask)
     tl.store(scale + scale_at, s)
 
 
+@triton.jit
+def _e4m3_bits(q):
+    """float32 -> float8_e4m3fn bit patterns (uint8): round to nearest even, 448 at most, NaN as 0x7f."""
+    word = q.to(tl.int32, bitcast=True)
+    sign = (word >> 24) & 0x80
+    a = (word & 0x7FFFFFFF).to(tl.int64)
+    exponent = a >> 23
+    # normal results (|q| >= 2**-6, float32 exponent >= 121): keep 3 mantissa bits, rounding the 20
+    # dropped ones half to even; a carry runs into the exponent, which is rebased from 127 to 7
+    rounded = a + 0x7FFFF + ((a >> 20) & 1)
+    normal = tl.minimum((rounded >> 20) - (120 << 3), 0x7E)
+    # subnormal results: the 24-bit significand in units of 2**-9, rounded half to even
+    shift = tl.minimum(141 - exponent, 31)
+    significand = (a & 0x7FFFFF) | 0x800000
+    kept = significand >> shift
+    rest = significand & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    kept += ((rest > half) | ((rest == half) & ((kept & 1) == 1))).to(tl.int64)
+    bits = tl.where(exponent >= 121, normal, kept)
+    bits = tl.where(a > 0x7F800000, 0x7F, bits)
+    return (bits | sign).to(tl.uint8)
+
+
 def quantize_table(src: torch.Tensor, val: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, blocks: int) -> None:
-    """``src``/``val``/``scale``: one base viewed as the source dtype, float8_e4m3fn and float32."""
+    """``src``/``val``/``scale``: one base viewed as the source dtype, uint8 (the FP8 bits) and float32."""
     _quantize_blocks[(blocks,)](src, val, scale, table, FP8_MAX=FP8_MAX, BLOCK=BLOCK, num_warps=8)

@@ -126,34 +126,3 @@ def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu(mode):
         for name, want in source_shards(plan, 1, v).items():
             np.testing.assert_array_equal(results[1][i][3][name], as_bits(want).numpy(), err_msg=f"v{v} {name}")
 
-
-@pytest.mark.skipif(not triton_available(), reason="needs Triton")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_triton_quantize_program_gives_the_bits_of_quantize_blocks(dtype):
-    """One launch over many tensors (stacks, edge blocks, an all-zero block, magnitudes from 1e-6 to 1e4,
-    tensors at odd element offsets of one allocation) equals quantize_blocks tensor by tensor, bit for bit."""
-    from planners.quant import scale_shape
-    from sync.fp8 import QuantizeProgram, quantize_blocks
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(300, 260), (2, 128, 200), (1, 1), (129, 127), (4, 256, 1024), (7, 3, 5)]
-    pool = torch.empty(sum(int(np.prod(s)) + 3 for s in shapes), dtype=dtype, device="cuda")
-    srcs, at = [], 1
-    for i, s in enumerate(shapes):
-        n = int(np.prod(s))
-        x = pool[at: at + n].view(s)
-        x.copy_(torch.randn(s, generator=gen, device="cuda") * 10.0 ** (i - 3))
-        srcs.append(x)
-        at += n + 3
-    srcs[0][:128, :128] = 0
-    jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device="cuda"),
-             torch.full((int(np.prod(scale_shape(s))),), -1.0, device="cuda")) for x, s in zip(srcs, shapes)]
-    program = QuantizeProgram(jobs, shapes)
-    assert len(program.launches) == 1
-    program()
-    for (x, val, scale), s in zip(jobs, shapes):
-        want_val = torch.empty(s, dtype=torch.float8_e4m3fn, device="cuda")
-        want_scale = torch.empty(scale_shape(s), device="cuda")
-        quantize_blocks(x.view(s), want_val, want_scale)
-        assert torch.equal(val.view(torch.uint8), want_val.view(-1).view(torch.uint8)), s
-        assert torch.equal(scale, want_scale.view(-1)), s

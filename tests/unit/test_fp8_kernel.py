@@ -1,0 +1,90 @@
+"""The Triton FP8 quantizer (``sync.fp8_kernel``), run here by Triton's CPU interpreter: its float32 ->
+e4m3 rounding equals torch's cast on every boundary, and one launch over many tensors gives the bits of
+``quantize_blocks``. On a CUDA machine the same kernel is compiled (``tests/integration/test_gpu.py``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from planners.quant import scale_shape
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # no GPU: Triton's CPU interpreter runs the kernels (read as triton loads)
+triton = pytest.importorskip("triton")
+import sync.fp8_kernel as fp8_kernel  # noqa: E402  (the kernels below reach it as a global)
+
+
+@pytest.fixture
+def kernel():
+    """``sync.fp8_kernel``, compiled on a CUDA machine, interpreted elsewhere."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was loaded before this module could turn its CPU interpreter on")
+    return fp8_kernel
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def boundary_values() -> np.ndarray:
+    """Every finite e4m3 value, every midpoint between neighbours (the ties) and one float32 step either
+    side of each, the subnormal range, signed zeros, 448 and just above it, and random magnitudes."""
+    codes = np.arange(0x7F, dtype=np.uint8)
+    values = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    mids = (values[:-1] + values[1:]) / 2
+    near = np.concatenate([np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(np.inf))])
+    rng = np.random.default_rng(0)
+    random = np.exp(rng.uniform(np.log(2.0 ** -14), np.log(448.0), 20_000)).astype(np.float32)
+    tiny = np.array([0.0, 2.0 ** -10, 3 * 2.0 ** -10, 2.0 ** -11, 1e-30, 1e-45, 448.0, 448.00003, 447.99997], np.float32)
+    out = np.concatenate([values, mids, near, random, tiny]).astype(np.float32)
+    return np.concatenate([out, -out])
+
+
+def test_the_kernels_rounding_is_torchs_cast(kernel):
+    tl = triton.language
+
+    @triton.jit
+    def convert(x, out, n, BLOCK: tl.constexpr):
+        at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + at, fp8_kernel._e4m3_bits(tl.load(x + at, mask=at < n)), mask=at < n)
+
+    x = torch.from_numpy(boundary_values())
+    out = torch.empty(len(x), dtype=torch.uint8, device=_device())
+    convert[(-(-len(x) // 1024),)](x.to(_device()), out, len(x), BLOCK=1024)
+    out, want = out.cpu(), x.to(torch.float8_e4m3fn).view(torch.uint8)
+    bad = torch.nonzero(out != want).ravel()
+    assert not len(bad), [(x[i].item(), out[i].item(), want[i].item()) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_one_launch_quantizes_many_tensors_as_quantize_blocks(kernel, dtype):
+    """Stacks of matrices, edge blocks, an all-zero block, magnitudes from 1e-3 to 1e2, tensors at odd
+    element offsets of one allocation: each gets the bits and scales of quantize_blocks."""
+    from sync.fp8 import QuantizeProgram, quantize_blocks
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300, 260), (2, 128, 200), (1, 1), (129, 127), (7, 3, 5), (256, 128)]
+    pool = torch.empty(sum(int(np.prod(s)) + 3 for s in shapes), dtype=dtype, device=_device())
+    srcs, at = [], 1
+    for i, s in enumerate(shapes):
+        n = int(np.prod(s))
+        srcs.append(pool[at: at + n].view(s))
+        srcs[-1].copy_(torch.randn(s, generator=gen) * 10.0 ** (i - 3))
+        at += n + 3
+    srcs[0][:128, :128] = 0
+    jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=_device()),
+             torch.full((int(np.prod(scale_shape(s))),), -1.0, device=_device())) for x, s in zip(srcs, shapes)]
+    program = QuantizeProgram(jobs, shapes, use_triton=True)
+    assert len(program.launches) == 1  # one source dtype: one launch
+    program()
+    for (x, val, scale), s in zip(jobs, shapes):
+        want_val = torch.empty(s, dtype=torch.float8_e4m3fn, device=_device())
+        want_scale = torch.empty(scale_shape(s), device=_device())
+        quantize_blocks(x.view(s), want_val, want_scale)
+        assert torch.equal(val.view(torch.uint8), want_val.view(-1).view(torch.uint8)), s
+        assert torch.equal(scale, want_scale.view(-1)), s
