@@ -1,24 +1,46 @@
-"""Checksums of many blocks at once on CUDA: what ``sync.verify.verifier.Verifier`` computes chunk by chunk elsewhere.
+"""Checksums of many blocks at once, at memory speed: what ``sync.verify.verifier.Verifier`` checks.
 
 A run (``planners.schedule.runs``) read as elements says where the elements are (its source) and where they
 land (its destination byte offsets, read as positions). :class:`RunSums` cuts runs into tiles like
-the copy programs do, one Triton launch per element size (and padded row width, for strided runs)
-sums ``h(x)`` and ``h(x)`` times the position inside the tile, and the tile's starting position is
-added on the device; per-destination totals come from one ``index_add_``. The result equals the
-position-weighted checksums of ``sync.tensors`` bit for bit (int64 arithmetic wraps the same way).
+the copy programs do; one launch per element size (and padded row width, for strided runs) sums
+``h(x)`` and ``h(x)`` times the position inside the tile, in one pass over the elements (Triton on
+CUDA, numba's parallel loops on the CPU), and the tile's starting position is added after; per-
+destination totals come from one ``index_add_``. The result equals the position-weighted checksums of
+``sync.verify.checksums`` bit for bit (int64 arithmetic wraps the same way).
+
+Every tile's address is an element offset from one origin: on CUDA a small tensor of ours (offsets
+may be negative), on the CPU the lowest address among the ends, with the kernels reading one array
+that spans the ends' address range (only the runs' elements are ever read).
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import torch
 
 from sync.copier import expand
 
-__all__ = ["RunSums"]
+__all__ = ["RunSums", "available"]
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _WIDE_ROW = 4096  # elements: longer rows of a strided run are summed as contiguous runs, one per row
+_NUMPY_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def available(device: torch.device) -> bool:
+    """Whether batched checksums run on ``device``: Triton on CUDA, numba on the CPU."""
+    try:
+        if device.type == "cuda":
+            import triton  # noqa: F401
+        elif device.type == "cpu":
+            import numba  # noqa: F401
+        else:
+            return False
+    except ImportError:
+        return False
+    return True
 
 
 class RunSums:
@@ -30,11 +52,18 @@ class RunSums:
                  ends: dict[int, torch.Tensor], tile_elems: int = 1 << 15) -> None:
         self.num_dst = num_dst
         self.device = next(iter(ends.values())).device
-        self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
+        self.ends = ends  # the tensors stay alive while the tiles point into them
         self.launches: list[tuple] = []  # (kind, base view, table, start positions, destination, width)
         ids = sorted(ends)
         ptr = np.array([ends[i].data_ptr() for i in ids], dtype=np.int64)
-        addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - self._base.data_ptr()
+        if self.device.type == "cuda":
+            self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
+            origin = self._base.data_ptr()
+        else:  # one array from the lowest end's start (aligned for every element size) to the highest's end
+            origin = int(ptr.min()) & ~15
+            top = max(ends[i].data_ptr() + ends[i].numel() * ends[i].element_size() for i in ids)
+            self._span = (ctypes.c_char * (top - origin)).from_address(origin)
+        addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - origin
         for size in np.unique(itemsize).tolist():
             m = itemsize == size
             r = runs[m]
@@ -42,7 +71,10 @@ class RunSums:
                         r["dst_off"] // size, r["dst_stride"] // size, dst_index[m], tile_elems)
 
     def _group(self, size, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
-        base = self._base.view(_BITS[size])
+        if self.device.type == "cuda":
+            base = self._base.view(_BITS[size])
+        else:
+            base = np.frombuffer(self._span, dtype=_NUMPY_BITS[size], count=len(self._span) // size)
         wide = (rows > 1) & (n >= _WIDE_ROW)
         each, row = expand(rows[wide], np.flatnonzero(wide))
         flat = rows == 1
@@ -73,18 +105,26 @@ class RunSums:
 
     def _add(self, kind, base, table, start, dst, width) -> None:
         up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device)  # noqa: E731
-        self.launches.append((kind, base, up(table), up(start), up(dst), width))
+        if self.device.type != "cuda":  # the numba kernels read the table as numpy
+            table = np.ascontiguousarray(table, dtype=np.int64)
+        self.launches.append((kind, base, table if self.device.type != "cuda" else up(table), up(start), up(dst), width))
 
     def __call__(self) -> torch.Tensor:
         """[num_dst, 2] int64 (S0, S1) on the device."""
-        from sync.verify.kernel import tile_sums_flat, tile_sums_rows
-
         total = torch.zeros((self.num_dst, 2), dtype=torch.int64, device=self.device)
         for kind, base, table, start, dst, width in self.launches:
             out = torch.empty((table.shape[0], 2), dtype=torch.int64, device=self.device)
-            if kind == "flat":
+            if self.device.type != "cuda":
+                from sync.verify.cpu_kernel import tile_sums_flat, tile_sums_rows
+
+                (tile_sums_flat if kind == "flat" else tile_sums_rows)(base, table, out.numpy())
+            elif kind == "flat":
+                from sync.verify.kernel import tile_sums_flat
+
                 tile_sums_flat(base, table, out)
             else:
+                from sync.verify.kernel import tile_sums_rows
+
                 tile_sums_rows(base, table, out, width)
             s1 = start * out[:, 0] + out[:, 1]  # the tile's first position, added (wrapping like the CPU sums)
             total.index_add_(0, dst, torch.stack([out[:, 0], s1], dim=1))

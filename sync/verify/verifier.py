@@ -14,7 +14,6 @@ import torch
 from planners.schedule.buckets import stage2_origin
 from planners.plan import SyncPlan
 from planners.schedule.runs import RUN_DTYPE, block_runs
-from sync.copier import triton_available
 from sync.tensors import TORCH_DTYPES, block
 from sync.verify.checksums import CHECKSUM_BYTES_PER_ELEMENT, block_pieces, wrap_int64, checksum_block, checksum_flat
 
@@ -130,8 +129,10 @@ class Verifier:
 
 
 def _batched(flats: dict[int, torch.Tensor]) -> bool:
-    """CUDA tensors and Triton: checksums by :class:`sync.verify.batched.RunSums`."""
-    return bool(flats) and next(iter(flats.values())).device.type == "cuda" and triton_available()
+    """Checksums by :class:`sync.verify.batched.RunSums` (Triton on CUDA, numba on the CPU), where they run."""
+    from sync.verify.batched import available
+
+    return bool(flats) and available(next(iter(flats.values())).device)
 
 
 def _itemsize(plan: SyncPlan, lids: np.ndarray) -> np.ndarray:

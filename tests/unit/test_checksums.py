@@ -21,18 +21,21 @@ def _read(addr: int, count: int, dtype) -> np.ndarray:
 
 
 def _replay(sums: RunSums) -> np.ndarray:
-    """What the two Triton kernels and the final index_add do, in numpy (int64 wraps the same way)."""
+    """What the two kernels and the final index_add do, element by element in numpy (int64 wraps the same way)."""
     total = np.zeros((sums.num_dst, 2), dtype=np.int64)
     with np.errstate(over="ignore"):
         for kind, base, table, start, dst, _ in sums.launches:
-            dt, size = _NP[base.dtype], base.element_size()
-            for row, first, d in zip(table.numpy(), start.numpy(), dst.numpy()):
+            if isinstance(base, np.ndarray):  # the CPU's view over the ends' address range
+                dt, size, address = base.dtype.type, base.itemsize, base.ctypes.data
+            else:
+                dt, size, address = _NP[base.dtype], base.element_size(), base.data_ptr()
+            for row, first, d in zip(np.asarray(table), start.numpy(), dst.numpy()):
                 if kind == "flat":
                     src, n = row
-                    x, pos = _read(base.data_ptr() + int(src) * size, int(n), dt), np.arange(n, dtype=np.int64)
+                    x, pos = _read(address + int(src) * size, int(n), dt), np.arange(n, dtype=np.int64)
                 else:
                     src, rows, width, ss, ds = (int(v) for v in row)
-                    x = np.concatenate([_read(base.data_ptr() + (src + r * ss) * size, width, dt) for r in range(rows)])
+                    x = np.concatenate([_read(address + (src + r * ss) * size, width, dt) for r in range(rows)])
                     pos = (np.arange(rows, dtype=np.int64)[:, None] * ds + np.arange(width)).reshape(-1)
                 h = x * np.int64(MIX_K1) + x * x * np.int64(MIX_K2)
                 a, w = h.sum(), (h * pos).sum()
@@ -57,6 +60,7 @@ def test_tile_sums_equal_block_checksums(dtype):
     for so, rows, width, ss, d, do, ds in blocks:
         want[d] += _by_position(torch.as_strided(src, (rows, width), (ss, 1), so), do, ds)
     np.testing.assert_array_equal(_replay(sums), want)
+    np.testing.assert_array_equal(sums().numpy(), want)  # the numba kernels
 
 
 def _by_position(x: torch.Tensor, first: int, stride: int) -> tuple[int, int]:
@@ -72,3 +76,49 @@ def test_the_position_reference_agrees_with_block_checksums():
     x = torch.randn(6, 10).to(torch.bfloat16)
     # a [6, 1, 10] block whose rows land 30 apart from position 4 (split dimension of 3, index 0)
     assert _by_position(x, 4, 30) == checksum_block(x.reshape(6, 1, 10), 4, 3, 0)
+
+
+def _synced(seed: int = 0):
+    """A tiny MoE plan synced in one process (every rank hosted), verified, and every hosted tensor by local id."""
+    from expected import endpoints
+    from planners import JobSpec, build_plan
+    from sync.executor import PlanExecutor
+    from sync.transport import SoloTransport
+
+    plan = build_plan(JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2),
+                                             inference=dict(tp=2, dp=2, enable_ep=True))))
+    ranks = list(range(plan.num_ranks))
+    sources, targets = endpoints(plan, ranks, version=seed + 1)
+    executor = PlanExecutor(plan, ranks, SoloTransport())
+    assert executor.sync(sources, targets, verify=True).verified
+    flats = {}
+    for r in ranks:
+        tensors = (sources if r < plan.num_trainer else targets)[r].local_tensors()
+        flats.update({int(lid): tensors[plan.local_name[lid]].view(-1) for lid in plan.locals_of(r)})
+    return plan, executor, flats
+
+
+def _mismatches(executor, flats) -> int:
+    from sync.transport import SoloTransport
+
+    return executor.verifier.check(flats, SoloTransport(), lambda work, label: None)[1]
+
+
+@pytest.mark.parametrize("tamper", ["one byte", "two equal chunks swapped", "a range shifted by one element"])
+def test_verification_fails_for_each_kind_of_misplaced_byte(tamper):
+    """After a verified sync, an engine tensor changed in place as a broken transfer would leave it:
+    one flipped byte, two equal-size ranges exchanged, a range moved one element over."""
+    plan, executor, flats = _synced()
+    assert _mismatches(executor, flats) == 0
+    victim = max((lid for lid in flats if lid >= executor.verifier.inf_first), key=lambda lid: flats[lid].numel())
+    data = flats[victim].view(torch.uint8)
+    size = flats[victim].element_size()
+    n = data.numel() // 4
+    if tamper == "one byte":
+        data[n + 3] ^= 0x10
+    elif tamper == "two equal chunks swapped":
+        first, second = data[:n].clone(), data[2 * n: 3 * n].clone()
+        data[:n], data[2 * n: 3 * n] = second, first
+    else:
+        data[size: n + size] = data[:n].clone()
+    assert _mismatches(executor, flats) == 1

@@ -1,0 +1,67 @@
+"""The CPU kernels behind ``sync.verify.batched`` (numba; the Triton kernels' twins in ``sync.verify.kernel``).
+
+Per tile, in one pass over its elements: the sum of ``h(x)`` (``x`` the element's bit pattern,
+sign-extended to 64 bits, ``h(x) = x * K1 + x * x * K2``) and of ``h(x)`` times the element's
+destination position relative to the tile's first, wrapping modulo 2**64 as the torch and Triton
+checksums do. Tiles run in parallel on the machine's cores. ``base`` is one array over the address
+range every tile lies in (see ``RunSums``): tiles say where they are as element offsets into it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+
+from sync.verify.checksums import MIX_K1, MIX_K2
+
+__all__ = ["tile_sums_flat", "tile_sums_rows"]
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's OpenMP layer keeps its threads spinning after each parallel loop, beside torch's own
+    # OpenMP pool: with several sync processes on a few cores that took the cores from the transfer
+    # (bench_moe's sync 0.44 s -> 1.6 s); the work-queue layer's threads sleep
+    numba.config.THREADING_LAYER = "workqueue"
+
+_K1 = np.uint64(MIX_K1 & ((1 << 64) - 1))
+_K2 = np.uint64(MIX_K2)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def tile_sums_flat(base, table, out):
+    """``table [tiles, 2]``: (first element, elements); ``out [tiles, 2]``: (S0, S1 from the tile's start)."""
+    for t in numba.prange(table.shape[0]):
+        first, n = table[t, 0], table[t, 1]
+        s0 = np.uint64(0)
+        s1 = np.uint64(0)
+        for k in range(n):
+            x = np.uint64(np.int64(base[first + k]))
+            h = x * (_K1 + x * _K2)  # x * K1 + x * x * K2, one product fewer
+            s0 += h
+            s1 += h * np.uint64(k)
+        out[t, 0] = np.int64(s0)
+        out[t, 1] = np.int64(s1)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def tile_sums_rows(base, table, out):
+    """``table [tiles, 5]``: (first element, rows, row width, source row stride, destination row stride)."""
+    for t in numba.prange(table.shape[0]):
+        first, rows, width, src_stride, dst_stride = table[t, 0], table[t, 1], table[t, 2], table[t, 3], table[t, 4]
+        s0 = np.uint64(0)
+        s1 = np.uint64(0)
+        for r in range(rows):
+            row_first = first + r * src_stride
+            row_pos = np.uint64(r * dst_stride)
+            row0 = np.uint64(0)
+            row1 = np.uint64(0)
+            for k in range(width):
+                x = np.uint64(np.int64(base[row_first + k]))
+                h = x * (_K1 + x * _K2)
+                row0 += h
+                row1 += h * np.uint64(k)
+            s0 += row0
+            s1 += row1 + row_pos * row0
+        out[t, 0] = np.int64(s0)
+        out[t, 1] = np.int64(s1)
