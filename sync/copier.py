@@ -39,14 +39,16 @@ class CopyProgram:
                  use_triton: bool | None = None, table=None) -> None:
         """``table``: the ends' addresses and sizes by id (``sync.executor.EndTable``, one device), so that
         binding looks up arrays instead of tensors."""
-        self.nbytes = int((runs["nbytes"] * runs["rows"]).sum()) if len(runs) else 0
+        # the fields as contiguous columns, read many times below (a structured array's fields are strided)
+        cols = {k: np.ascontiguousarray(runs[k]) for k in runs.dtype.names}
+        self.nbytes = int((cols["nbytes"] * cols["rows"]).sum()) if len(runs) else 0
         self.num_runs = len(runs)
         self.launches: list[tuple] = []
         self.pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if table is not None:  # look every run's ends up in the table: no set of ends to build
             ids = None
             for side in ("src", "dst"):
-                end = runs[side]
+                end = cols[side]
                 outside = (end < 0) | (end >= len(table.nbytes))
                 bad = end[outside] if outside.any() else end[table.nbytes[end] < 0]
                 if len(bad):
@@ -54,7 +56,7 @@ class CopyProgram:
             self.device = table.device
         else:
             # the ends the runs use: a binding hands over every tensor it holds (tens of thousands)
-            ids = np.unique(np.concatenate([runs["src"], runs["dst"]])) if len(runs) else np.zeros(0, np.int64)
+            ids = np.unique(np.concatenate([cols["src"], cols["dst"]])) if len(runs) else np.zeros(0, np.int64)
             missing = [i for i in ids.tolist() if i not in ends]
             if missing:
                 raise ValueError(f"runs reach ends {missing[:5]} the program was not given")
@@ -67,21 +69,21 @@ class CopyProgram:
         if not len(runs):
             return
         for side in ("src", "dst"):
-            last = runs[f"{side}_off"] + (runs["rows"] - 1) * runs[f"{side}_stride"] + runs["nbytes"]
-            size = table.nbytes[runs[side]] if table is not None else \
+            last = cols[f"{side}_off"] + (cols["rows"] - 1) * cols[f"{side}_stride"] + cols["nbytes"]
+            size = table.nbytes[cols[side]] if table is not None else \
                 np.array([ends[i].numel() * ends[i].element_size() for i in ids.tolist()], dtype=np.int64)[
-                    np.searchsorted(ids, runs[side])]
-            if (last > size).any() or (runs[f"{side}_off"] < 0).any():
+                    np.searchsorted(ids, cols[side])]
+            if (last > size).any() or (cols[f"{side}_off"] < 0).any():
                 raise ValueError(f"a run reaches outside its {side} tensor")
         if use_triton:
             if table is not None:
-                src, dst = table.ptr[runs["src"]], table.ptr[runs["dst"]]
+                src, dst = table.ptr[cols["src"]], table.ptr[cols["dst"]]
             else:
                 ptr = np.array([ends[i].data_ptr() for i in ids.tolist()], dtype=np.int64)
-                src, dst = ptr[np.searchsorted(ids, runs["src"])], ptr[np.searchsorted(ids, runs["dst"])]
-            self._tiles(runs, src, dst, tile_bytes)
+                src, dst = ptr[np.searchsorted(ids, cols["src"])], ptr[np.searchsorted(ids, cols["dst"])]
+            self._tiles(cols, src, dst, tile_bytes)
         else:
-            used = np.unique(np.concatenate([runs["src"], runs["dst"]])).tolist() if ids is None else ids.tolist()
+            used = np.unique(np.concatenate([cols["src"], cols["dst"]])).tolist() if ids is None else ids.tolist()
             flat = {k: _bytes(ends[k]) for k in used}
             # as_strided counts its offset from the storage's start, not the view's
             view = lambda t, off, rows, n, stride: (t[off: off + n] if rows == 1  # noqa: E731
@@ -89,8 +91,9 @@ class CopyProgram:
             self.pairs = tuple([view(flat[int(r[side])], int(r[f"{side}_off"]), int(r["rows"]), int(r["nbytes"]),
                                      int(r[f"{side}_stride"])) for r in runs] for side in ("dst", "src"))
 
-    def _tiles(self, runs: np.ndarray, src_ptr: np.ndarray, dst_ptr: np.ndarray, tile_bytes: int) -> None:
-        """``src_ptr``/``dst_ptr``: the address of each run's source and destination tensor."""
+    def _tiles(self, runs: dict[str, np.ndarray], src_ptr: np.ndarray, dst_ptr: np.ndarray, tile_bytes: int) -> None:
+        """``runs``: the run table's fields; ``src_ptr``/``dst_ptr``: the address of each run's source and
+        destination tensor."""
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)  # every address is an offset from here
         base = self._base.data_ptr()
         src = src_ptr + runs["src_off"] - base

@@ -56,29 +56,46 @@ def block_runs(plan: SyncPlan, c, lo: np.ndarray | None = None, hi: np.ndarray |
         first = c[f"{side}_base"] + (c[f"{side}_off"] + lo - c["lo"]) * inner  # element of the block's first row
         return c[f"{side}_local"].astype(np.int64), first * itemsize, c[f"{side}_dim"] * inner * itemsize
 
-    out = np.empty(len(rows), dtype=RUN_DTYPE)
+    out: dict[str, np.ndarray] = {}  # the runs as columns until the end: structured fields are strided
     out["src"], out["src_off"], out["src_stride"] = end("src", src_buffer)
     out["dst"], out["dst_off"], out["dst_stride"] = end("dst", dst_buffer)
-    out["nbytes"], out["rows"] = row_bytes, outer
     flat = (outer == 1) | ((out["src_stride"] == row_bytes) & (out["dst_stride"] == row_bytes))
-    out["nbytes"][flat] *= outer[flat]  # rows that touch at both ends: one contiguous run
-    out["rows"][flat] = 1
-    out["src_stride"][flat] = out["dst_stride"][flat] = out["nbytes"][flat]
-    return merge_runs(out[out["nbytes"] > 0])
+    out["nbytes"] = np.where(flat, row_bytes * outer, row_bytes)  # rows that touch at both ends: one contiguous run
+    out["rows"] = np.where(flat, 1, outer)
+    out["src_stride"] = np.where(flat, out["nbytes"], out["src_stride"])
+    out["dst_stride"] = np.where(flat, out["nbytes"], out["dst_stride"])
+    keep = out["nbytes"] > 0
+    return _records(_merged({k: v[keep] for k, v in out.items()}))
 
 
 def merge_runs(runs: np.ndarray) -> np.ndarray:
     """Join each contiguous run to the previous one where it continues it at both ends."""
-    if len(runs) < 2:
-        return runs.copy()
-    prev, cur = runs[:-1], runs[1:]
-    joins = ((cur["rows"] == 1) & (prev["rows"] == 1) & (cur["src"] == prev["src"]) & (cur["dst"] == prev["dst"])
-             & (cur["src_off"] == prev["src_off"] + prev["nbytes"]) & (cur["dst_off"] == prev["dst_off"] + prev["nbytes"]))
+    return _records(_merged({k: np.ascontiguousarray(runs[k]) for k in RUN_DTYPE.names}))
+
+
+def _merged(cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`merge_runs` on runs given as columns."""
+    if len(cols["src"]) < 2:
+        return cols
+    one = cols["rows"] == 1
+    continues = lambda side: cols[f"{side}_off"][1:] == cols[f"{side}_off"][:-1] + cols["nbytes"][:-1]  # noqa: E731
+    joins = (one[1:] & one[:-1] & (cols["src"][1:] == cols["src"][:-1]) & (cols["dst"][1:] == cols["dst"][:-1])
+             & continues("src") & continues("dst"))
+    if not joins.any():
+        return cols
     starts = np.flatnonzero(np.concatenate([[True], ~joins]))
-    out = runs[starts].copy()
-    out["nbytes"] = np.add.reduceat(runs["nbytes"], starts)
+    out = {k: v[starts] for k, v in cols.items()}
+    out["nbytes"] = np.add.reduceat(cols["nbytes"], starts)
     one = out["rows"] == 1
-    out["src_stride"][one] = out["dst_stride"][one] = out["nbytes"][one]
+    out["src_stride"] = np.where(one, out["nbytes"], out["src_stride"])
+    out["dst_stride"] = np.where(one, out["nbytes"], out["dst_stride"])
+    return out
+
+
+def _records(cols: dict[str, np.ndarray]) -> np.ndarray:
+    out = np.empty(len(cols["src"]), dtype=RUN_DTYPE)
+    for k in RUN_DTYPE.names:
+        out[k] = cols[k]
     return out
 
 
