@@ -1,22 +1,33 @@
 #!/usr/bin/env bash
-# Everything the lent GPU machine checks and measures, in one call (device time is scarce):
-#   pydantic/rich/pytest/hypothesis wheels for its Python travel in .whl (carry it), then
-#   bash scripts/gpu_checks.sh "$OUT"
-# writes under OUT: tests.log (the GPU tests: Triton copies, CUDA syncs and IPC, the FP8 kernel compiled),
-# replan.json (issue 16: a new placement's rebind + first sync against an unchanged sync),
-# fp8.json (issue 17: the FP8 refresh against the bf16 one, payload GB/s against the flat copy),
-# colocated.json (issue 18: every variant with and without the per-sync address check, IPC arena and direct).
+# What the lent GPU machine checks and measures, by part (one device call runs at most 10 minutes):
+#   bash scripts/gpu_checks.sh "$OUT" tests replan fp8     # then, in a second call:
+#   bash scripts/gpu_checks.sh "$OUT" colocated
+# with .whl carried (pydantic, rich, pytest and hypothesis wheels for the machine's Python). Writes under OUT:
+#   tests.log      the GPU tests: Triton copies, CUDA syncs and IPC, the FP8 kernel compiled for the chip
+#   replan.json    a new expert placement's rebind + first sync against a sync by an unchanged one
+#   fp8.json       the FP8 refresh of the DeepSeek-V3-like case against its bf16 refresh, GB/s against a flat copy
+#   colocated.json every copy variant with and without the per-sync address check, CUDA IPC arena and direct
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR}
+out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [fp8] [colocated]}
+shift
+parts=${*:-tests replan fp8 colocated}
 python -m pip install -q --no-index --find-links .whl pydantic rich pytest hypothesis 2>&1 | tail -2
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python -c "import sys; from sync.bench.gpu import main; main(sys.argv[1:])" "$@"; }
-timeout 240 python -m pytest -q tests/unit/test_fp8_kernel.py tests/integration/test_gpu.py > "$out/tests.log" 2>&1
-tail -3 "$out/tests.log"
-timeout 300 bench --replan --profile --out "$out/replan.json" > "$out/replan.log" 2>&1; tail -c 1500 "$out/replan.log"
-timeout 420 bench --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 --slices-reps 1 \
-  --out "$out/fp8.json" > "$out/fp8.log" 2>&1; tail -c 2500 "$out/fp8.log"
-timeout 420 bench --cases "dense 1.7B tp1->tp1" --ipc --reps 6 --slices-reps 1 --out "$out/colocated.json" \
-  > "$out/colocated.log" 2>&1; tail -c 2000 "$out/colocated.log"
+for part in $parts; do
+  case $part in
+    tests) timeout 150 python -m pytest -q tests/unit/test_fp8_kernel.py tests/integration/test_gpu.py > "$out/tests.log" 2>&1
+           tail -5 "$out/tests.log" ;;
+    replan) timeout 200 bench --replan --profile --out "$out/replan.json" > "$out/replan.log" 2>&1
+            tail -c 1200 "$out/replan.log" ;;
+    fp8) timeout 240 bench --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 \
+           --slices-reps 1 --out "$out/fp8.json" > "$out/fp8.log" 2>&1
+         tail -c 2500 "$out/fp8.log" ;;
+    colocated) timeout 540 bench --cases "dense 1.7B tp1->tp1" "dsv3-like tp2ep4->dp8ep8+32" --ipc --reps 6 \
+                 --slices-reps 1 --out "$out/colocated.json" > "$out/colocated.log" 2>&1
+               tail -c 2500 "$out/colocated.log" ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
