@@ -40,9 +40,9 @@ _FIELDS = ("tensor", "lo", "hi", "src_local", "src_base", "src_dim", "src_off", 
 
 
 def block_runs(plan: SyncPlan, c, lo: np.ndarray | None = None, hi: np.ndarray | None = None,
-               src_buffer: np.ndarray | None = None, dst_buffer: np.ndarray | None = None) -> np.ndarray:
+               src_buffer: np.ndarray | None = None, dst_buffer: np.ndarray | None = None, merge: bool = True) -> np.ndarray:
     """:func:`chunk_runs` of chunk records ``c`` (``CHUNK_DTYPE`` records, or their fields as a dict of
-    arrays; they need not be the plan's own rows)."""
+    arrays; they need not be the plan's own rows). ``merge=False``: one run per non-empty record, in order."""
     rows = np.arange(len(c["tensor"]))
     lo = c["lo"].astype(np.int64) if lo is None else np.asarray(lo, dtype=np.int64)
     hi = c["hi"].astype(np.int64) if hi is None else np.asarray(hi, dtype=np.int64)
@@ -65,7 +65,8 @@ def block_runs(plan: SyncPlan, c, lo: np.ndarray | None = None, hi: np.ndarray |
     out["src_stride"] = np.where(flat, out["nbytes"], out["src_stride"])
     out["dst_stride"] = np.where(flat, out["nbytes"], out["dst_stride"])
     keep = out["nbytes"] > 0
-    return _records(_merged({k: v[keep] for k, v in out.items()}))
+    kept = {k: v[keep] for k, v in out.items()}
+    return _records(_merged(kept) if merge else kept)
 
 
 def merge_runs(runs: np.ndarray) -> np.ndarray:

@@ -74,23 +74,14 @@ class Verifier:
         """Batched checksum programs over these tensors (built once per set of tensors)."""
         if self._prepared is not None and self._prepared["flats"] is flats:
             return self._prepared
-        from sync.verify.batched import RunSums
-
         plan, c = self.plan, self.plan.chunks
-        n_dst = len(plan.local_name) - self.inf_first
         rows = np.array([r for r, _ in self.work], dtype=np.int64)
         origins = np.array([o for _, o in self.work], dtype=np.int64)
         wire = np.array([TORCH_DTYPES[plan.tensors[t].dtype] for t in c["tensor"][rows]], dtype=object)
         have = np.array([flats[int(l)].dtype for l in c["src_local"][origins]], dtype=object)
         cast = wire != have
-        rec = c[rows[~cast]].copy()  # each destination chunk, reading from where its bytes come from
-        o = c[origins[~cast]]
-        for f in ("src_local", "src_base", "src_dim"):
-            rec[f] = o[f]
-        rec["src_off"] = o["src_off"] + rec["lo"] - o["lo"]
-        sums = lambda runs: RunSums(runs, _itemsize(plan, runs["dst"]), runs["dst"] - self.inf_first, n_dst,  # noqa: E731
-                                    {int(i): flats[int(i)] for i in np.unique(runs["src"])})
-        runs = block_runs(plan, rec)
+        self._prepared = dict(flats=flats, sent=self._sent(flats, rows, origins, cast),
+                              cast=[w for w, k in zip(self.work, cast) if k])
         engine = np.array(sorted(lid for lid in flats if lid >= self.inf_first and lid not in self.computed),
                           dtype=np.int64)
         whole = np.zeros(len(engine), dtype=RUN_DTYPE)  # each engine tensor, summed where it is
@@ -98,10 +89,65 @@ class Verifier:
         whole["nbytes"] = whole["src_stride"] = whole["dst_stride"] = [flats[int(i)].numel() * flats[int(i)].element_size()
                                                                         for i in engine]
         whole["rows"] = 1
-        self._prepared = dict(flats=flats, sent=sums(runs) if len(runs) else None,
-                              cast=[w for w, k in zip(self.work, cast) if k], engine=engine,
-                              held=sums(whole) if len(whole) else None)
+        self._prepared.update(engine=engine, held=self._sums(flats, whole) if len(whole) else None)
         return self._prepared
+
+    def _sums(self, flats, runs, per_run: bool = False):
+        """RunSums of ``runs`` into each engine local, or (``per_run``) into one row per run."""
+        from sync.verify.batched import RunSums
+
+        plan = self.plan
+        dst = np.arange(len(runs)) if per_run else runs["dst"] - self.inf_first
+        return RunSums(runs, _itemsize(plan, runs["dst"]), dst, len(runs) if per_run else len(plan.local_name) - self.inf_first,
+                       {int(i): flats[int(i)] for i in np.unique(runs["src"])})
+
+    def _sent(self, flats, rows: np.ndarray, origins: np.ndarray, cast: np.ndarray):
+        """What the work items not cast add to the engine locals' sums, as one callable (None: nothing).
+
+        A stage-2 chunk carries the bytes of its stage-1 origin; where it lands in the same block shape
+        (the same index range, and the same split-dimension length if the block has several rows), its
+        positions are the origin's shifted by one number, so its sums are the origin's with
+        ``S1 + shift * S0``: its bytes are read once, not once per engine they reach."""
+        plan, c = self.plan, self.plan.chunks
+        first_row = lambda r: c["dst_base"][r] + c["dst_off"][r] * plan.table.inner[c["tensor"][r]]  # noqa: E731
+        own = (rows == origins) & ~cast
+        mine = rows[own]
+        same_shape = ((c["lo"][rows] == c["lo"][origins]) & (c["hi"][rows] == c["hi"][origins])
+                      & ((plan.table.outer[c["tensor"][rows]] == 1) | (c["dst_dim"][rows] == c["dst_dim"][origins])))
+        at = np.searchsorted(mine, origins)
+        shifted = (rows != origins) & ~cast & same_shape & (at < len(mine)) & (mine[np.minimum(at, len(mine) - 1)] == origins) \
+            if len(mine) else np.zeros(len(rows), dtype=bool)
+        rest = (rows != origins) & ~cast & ~shifted
+        rec = c[rows[rest]].copy()  # each destination chunk, reading from where its bytes come from
+        o = c[origins[rest]]
+        for f in ("src_local", "src_base", "src_dim"):
+            rec[f] = o[f]
+        rec["src_off"] = o["src_off"] + rec["lo"] - o["lo"]
+        own_runs = block_runs(plan, c[mine], merge=False)  # one run per chunk: its sums feed the shifted ones
+        assert len(own_runs) == len(mine), "a chunk without bytes"
+        own_sums = self._sums(flats, own_runs, per_run=True) if len(mine) else None
+        rest_runs = block_runs(plan, rec)
+        rest_sums = self._sums(flats, rest_runs) if len(rest_runs) else None
+        if own_sums is None and rest_sums is None:
+            return None
+        device = next(iter(flats.values())).device
+        up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device)  # noqa: E731
+        own_dst = up(c["dst_local"][mine] - self.inf_first)
+        shifted_from = up(at[shifted])
+        shifted_dst = up(c["dst_local"][rows[shifted]] - self.inf_first)
+        shift = up(first_row(rows[shifted]) - first_row(origins[shifted]))
+        n_dst = len(plan.local_name) - self.inf_first
+
+        def sent() -> torch.Tensor:
+            total = rest_sums() if rest_sums is not None else torch.zeros((n_dst, 2), dtype=torch.int64, device=device)
+            if own_sums is not None:
+                each = own_sums()
+                total.index_add_(0, own_dst, each)
+                moved = each[shifted_from]
+                total.index_add_(0, shifted_dst, torch.stack([moved[:, 0], moved[:, 1] + shift * moved[:, 0]], dim=1))
+            return total
+
+        return sent
 
     def check(self, flats: dict[int, torch.Tensor], transport, wait) -> tuple[list[str], int]:
         """Names of this rank's engine tensors whose checksum differs; ``wait(work, label)`` waits
