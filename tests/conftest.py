@@ -21,6 +21,24 @@ from planners.models import catalog  # noqa: E402
 from vllm_reference import reference_rank  # noqa: E402
 
 
+def triton_kernels_run() -> bool:
+    """Whether Triton kernels run in this process: compiled on a CUDA machine, else in Triton's CPU
+    interpreter, which a test module turns on by calling this at import (Triton reads the switch as it
+    loads, so before any kernel module is imported)."""
+    import os
+    from importlib.util import find_spec
+
+    import torch
+
+    if find_spec("triton") is None:
+        return False
+    if torch.cuda.is_available():
+        return True
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def random_weights(job: JobSpec, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {t.name: rng.standard_normal(t.shape).astype(np.float32) for t in catalog(job.model).tensors}

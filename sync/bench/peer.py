@@ -81,7 +81,7 @@ for bit against a reference cut from the full weights by the destination layout'
 (megatron-core: the repo's megatron shard rules for the destination layout; rlsync: the plan's
 engine shard rules), independent of either implementation's transfer.
 
-Usage: rlsync bench peer -- [--cases NAME ...] [--syncs 4] [--launches 2] [--size bench|tiny]
+Usage: rlsync bench peer -- [--cases NAME ...] [--syncs 8] [--launches 2] [--size bench|tiny]
        [--bucket-mb MB] [--json PATH]
 """
 
@@ -557,7 +557,7 @@ def slowest_setup(per_process: list[dict[str, Any]]) -> dict[str, float]:
     return {step: max(result["setup_s"][step] for result in per_process) for step in per_process[0]["setup_s"]}
 
 
-def run_case(name: str, syncs: int = 4, launches: int = 2, size: str = "bench", bucket_mb: float | None = None,
+def run_case(name: str, syncs: int = 8, launches: int = 2, size: str = "bench", bucket_mb: float | None = None,
              timeout_s: float = 600.0, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Alternating launches of both implementations on case ``name``; its row."""
     if syncs < 2:
@@ -665,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlsync bench peer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES), metavar="CASE",
                         help=f"cases to run (default: all): {', '.join(CASES)}")
-    parser.add_argument("--syncs", type=int, default=4, help="syncs per launch, the first a warm-up (default 4)")
+    parser.add_argument("--syncs", type=int, default=8, help="syncs per launch, the first a warm-up (default 8)")
     parser.add_argument("--launches", type=int, default=2, help="launches of each implementation (default 2)")
     parser.add_argument("--size", choices=sorted(MODELS), default="bench", help="model size (tiny: for tests)")
     parser.add_argument("--bucket-mb", type=float, default=None, help="rlsync's bucket size (default: the job's)")

@@ -49,14 +49,17 @@ class RunSums:
     and ``dst_stride`` (bytes) give; sources are ``ends[run["src"]]`` (CUDA tensors)."""
 
     def __init__(self, runs: np.ndarray, itemsize: np.ndarray, dst_index: np.ndarray, num_dst: int,
-                 ends: dict[int, torch.Tensor], tile_elems: int = 1 << 15) -> None:
+                 ends: dict[int, torch.Tensor], tile_elems: int = 1 << 15, kernels: str | None = None) -> None:
+        """``kernels``: "triton" or "numba" (default: Triton on CUDA, numba elsewhere; Triton on CPU
+        tensors is its interpreter, for tests)."""
         self.num_dst = num_dst
         self.device = next(iter(ends.values())).device
+        self.kernels = kernels or ("triton" if self.device.type == "cuda" else "numba")
         self.ends = ends  # the tensors stay alive while the tiles point into them
         self.launches: list[tuple] = []  # (kind, base view, table, start positions, destination, width)
         ids = sorted(ends)
         ptr = np.array([ends[i].data_ptr() for i in ids], dtype=np.int64)
-        if self.device.type == "cuda":
+        if self.kernels == "triton":
             self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
             origin = self._base.data_ptr()
         else:  # one array from the lowest end's start (aligned for every element size) to the highest's end
@@ -71,7 +74,7 @@ class RunSums:
                         r["dst_off"] // size, r["dst_stride"] // size, dst_index[m], tile_elems)
 
     def _group(self, size, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
-        if self.device.type == "cuda":
+        if self.kernels == "triton":
             base = self._base.view(_BITS[size])
         else:
             base = np.frombuffer(self._span, dtype=_NUMPY_BITS[size], count=len(self._span) // size)
@@ -105,16 +108,15 @@ class RunSums:
 
     def _add(self, kind, base, table, start, dst, width) -> None:
         up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device)  # noqa: E731
-        if self.device.type != "cuda":  # the numba kernels read the table as numpy
-            table = np.ascontiguousarray(table, dtype=np.int64)
-        self.launches.append((kind, base, table if self.device.type != "cuda" else up(table), up(start), up(dst), width))
+        table = up(table) if self.kernels == "triton" else np.ascontiguousarray(table, dtype=np.int64)  # numba reads numpy
+        self.launches.append((kind, base, table, up(start), up(dst), width))
 
     def __call__(self) -> torch.Tensor:
         """[num_dst, 2] int64 (S0, S1) on the device."""
         total = torch.zeros((self.num_dst, 2), dtype=torch.int64, device=self.device)
         for kind, base, table, start, dst, width in self.launches:
             out = torch.empty((table.shape[0], 2), dtype=torch.int64, device=self.device)
-            if self.device.type != "cuda":
+            if self.kernels == "numba":
                 from sync.verify.cpu_kernel import tile_sums_flat, tile_sums_rows
 
                 (tile_sums_flat if kind == "flat" else tile_sums_rows)(base, table, out.numpy())

@@ -4,26 +4,23 @@ e4m3 rounding equals torch's cast on every boundary, and one launch over many te
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import triton_kernels_run
 from planners.quant import scale_shape
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # no GPU: Triton's CPU interpreter runs the kernels (read as triton loads)
-triton = pytest.importorskip("triton")
-import sync.fp8_kernel as fp8_kernel  # noqa: E402  (the kernels below reach it as a global)
+pytestmark = pytest.mark.skipif(not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)")
+if triton_kernels_run():
+    import triton
+
+    import sync.fp8_kernel as fp8_kernel  # the kernels below reach it as a global
 
 
 @pytest.fixture
 def kernel():
     """``sync.fp8_kernel``, compiled on a CUDA machine, interpreted elsewhere."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was loaded before this module could turn its CPU interpreter on")
     return fp8_kernel
 
 
