@@ -5,12 +5,14 @@ dimensions, ``s = max|x| / 448`` in float32 and ``q = x / s`` cast to ``float8_e
 block keeps ``s = 0`` and zeros. The same operations in the same precision as the planner's numpy
 reference, so both give the same bits (``tests/unit/test_fp8.py``).
 
-:class:`QuantizeProgram` quantizes every derived tensor of a binding at once: on CUDA with Triton one
-kernel launch per source dtype over a table of all their blocks (:func:`block_table`), elsewhere
-:func:`quantize_blocks` per tensor.
+:class:`QuantizeProgram` quantizes every derived tensor of a binding at once: one kernel launch per
+source dtype over a table of all their blocks (:func:`block_table`), in Triton on CUDA and numba on the
+CPU, bit for bit the same; :func:`quantize_blocks` per tensor where neither runs.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import torch
@@ -79,41 +81,79 @@ def block_table(first: np.ndarray, value_first: np.ndarray, scale_first: np.ndar
 
 class QuantizeProgram:
     """Quantize ``jobs`` (source, FP8 value, scale tensors: flat views, with the source's shape in
-    ``shapes``) in place each time it is called; bound once, valid while the tensors stay where they are."""
+    ``shapes``) in place each time it is called; bound once, valid while the tensors stay where they are.
+
+    ``kernels``: "triton" (CUDA; on CPU tensors Triton's interpreter, for tests), "numba" (CPU; bfloat16
+    and float32 sources) or "torch" (:func:`quantize_blocks` per tensor); by default the first that runs
+    on the tensors' device. Sources the numba kernels do not read go tensor by tensor."""
 
     def __init__(self, jobs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], shapes: list[tuple[int, ...]],
-                 use_triton: bool | None = None) -> None:
-        self.jobs = [(src.view(shape), val.view(shape), scale.view(scale_shape(shape))) for (src, val, scale), shape in zip(jobs, shapes)]
+                 kernels: str | None = None) -> None:
+        self.jobs = [(src.view(shape), val.view(shape), scale.view(scale_shape(shape))) for
+                     (src, val, scale), shape in zip(jobs, shapes)]
         self.launches: list[tuple] = []
         device = jobs[0][0].device if jobs else torch.device("cpu")
-        if use_triton is None:
-            from sync.copier import triton_available
-
-            use_triton = device.type == "cuda" and triton_available()
-        if not use_triton or not jobs:
+        self.kernels = kernels or _default_kernels(device)
+        if self.kernels == "torch" or not jobs:
             return
-        self._base = torch.empty(16, dtype=torch.uint8, device=device)  # every address is an offset from here
-        base = self._base.data_ptr()
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, (src, _, _) in enumerate(jobs):
             by_dtype.setdefault(src.dtype, []).append(i)
+        if self.kernels == "numba":
+            by_dtype = {dtype: picked for dtype, picked in by_dtype.items() if dtype in _NUMBA_SOURCES}
+        tabled = {i for picked in by_dtype.values() for i in picked}
+        self.jobs = [job for i, job in enumerate(self.jobs) if i not in tabled]  # left for quantize_blocks
+        if not tabled:
+            return
+        if self.kernels == "triton":
+            self._base = torch.empty(16, dtype=torch.uint8, device=device)  # every address is an offset from here
+            origin = self._base.data_ptr()
+        else:  # one array over the address range of every tensor the tables reach (only those are read)
+            ends = [t for i in tabled for t in jobs[i]]
+            origin = min(t.data_ptr() for t in ends) & ~15
+            self._span = (ctypes.c_char * (max(t.data_ptr() + t.numel() * t.element_size() for t in ends) - origin)
+                          ).from_address(origin)
         for dtype, picked in by_dtype.items():
             offsets = []
             for j, width in ((0, torch.empty(0, dtype=dtype).element_size()), (1, 1), (2, 4)):
-                delta = np.array([jobs[i][j].data_ptr() - base for i in picked], dtype=np.int64)
+                delta = np.array([jobs[i][j].data_ptr() - origin for i in picked], dtype=np.int64)
                 if (delta % width).any():
                     raise ValueError("a quantized tensor's address is not aligned to its element size")
                 offsets.append(delta // width)
-            table = block_table(*offsets, [shapes[i] for i in picked])
-            upload = torch.from_numpy(np.ascontiguousarray(table)).to(device)
-            self.launches.append((self._base.view(dtype), upload, len(table)))
+            table = np.ascontiguousarray(block_table(*offsets, [shapes[i] for i in picked]))
+            if self.kernels == "triton":
+                self.launches.append((self._base.view(dtype), torch.from_numpy(table).to(device), len(table)))
+            else:
+                self.launches.append((self._view(_NUMBA_SOURCES[dtype]), table, len(table)))
+
+    def _view(self, dtype) -> np.ndarray:
+        return np.frombuffer(self._span, dtype=dtype, count=len(self._span) // np.dtype(dtype).itemsize)
 
     def __call__(self) -> None:
-        if self.launches:
+        if self.kernels == "triton" and self.launches:
             from sync.fp8_kernel import quantize_table
 
             for src, table, blocks in self.launches:
                 quantize_table(src, self._base, self._base.view(torch.float32), table, blocks)
-        else:
-            for src, val, scale in self.jobs:
-                quantize_blocks(src, val, scale)
+        elif self.launches:
+            from sync.fp8_cpu_kernel import quantize_blocks_bf16, quantize_blocks_f32
+
+            values, scales = self._view(np.uint8), self._view(np.float32)
+            for src, table, _ in self.launches:
+                (quantize_blocks_bf16 if src.dtype == np.uint16 else quantize_blocks_f32)(src, values, scales, table)
+        for src, val, scale in self.jobs:
+            quantize_blocks(src, val, scale)
+
+
+# the numba kernels' sources, by the numpy dtype they read them as (a bfloat16 as its bits)
+_NUMBA_SOURCES = {torch.bfloat16: np.uint16, torch.float32: np.float32}
+
+
+def _default_kernels(device: torch.device) -> str:
+    from importlib.util import find_spec
+
+    if device.type == "cuda":
+        from sync.copier import triton_available
+
+        return "triton" if triton_available() else "torch"
+    return "numba" if device.type == "cpu" and find_spec("numba") is not None else "torch"

@@ -116,7 +116,9 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
                            SyncSettings(bucket_mb=bucket_bytes / (1 << 20), timeout_s=timeout_s),
                            process_of=process_of, direct_bytes=direct_bytes)
     plan_ex = session.executor
-    base_ex = BroadcastExecutor(plan, ranks[0], transport, timeout_s) if alone and len(groups) == plan.num_ranks else None
+    # the baseline broadcasts full-precision tensors: none for FP8 engines (their bytes are made by the plan)
+    base_ex = (BroadcastExecutor(plan, ranks[0], transport, timeout_s)
+               if alone and len(groups) == plan.num_ranks and not plan.derived.size else None)
     messages = _raw_plan(plan, ranks, bucket_bytes, process_of)
     per_round: dict[tuple[int, int], int] = {}
     for stage, k, _, n in messages:
@@ -154,7 +156,7 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
 def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, timeout_s: float = 300.0,
                backend: str = "gloo", hosted: bool = False, gpus: int | None = None,
                direct_bytes: int | None = None) -> dict[str, Any]:
-    """``hosted``: one process per device hosting its ranks (no broadcast baseline then).
+    """``hosted``: one process per device hosting its ranks (no broadcast baseline then, nor for FP8 plans).
     ``direct_bytes``: the executor's (default: its backend's)."""
     from sync.run.local import host_store, spawn_ranks
 

@@ -9,20 +9,13 @@ range every tile lies in (see ``RunSums``): tiles say where they are as element 
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 
+import sync.numba_config  # noqa: F401  (before any kernel runs)
 from sync.verify.checksums import MIX_K1, MIX_K2
 
 __all__ = ["tile_sums_flat", "tile_sums_rows"]
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # numba's OpenMP layer keeps its threads spinning after each parallel loop, beside torch's own
-    # OpenMP pool: with several sync processes on a few cores that took the cores from the transfer
-    # (bench_moe's sync 0.44 s -> 1.6 s); the work-queue layer's threads sleep
-    numba.config.THREADING_LAYER = "workqueue"
 
 _K1 = np.uint64(MIX_K1 & ((1 << 64) - 1))
 _K2 = np.uint64(MIX_K2)

@@ -208,7 +208,7 @@ def test_the_quantize_program_off_triton_is_quantize_blocks():
     jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn),
              torch.empty(int(np.prod(s[:-2], dtype=np.int64)) * -(-s[-2] // BLOCK) * -(-s[-1] // BLOCK)))
             for x, s in zip(srcs, shapes)]
-    QuantizeProgram(jobs, shapes, use_triton=False)()
+    QuantizeProgram(jobs, shapes, kernels="torch")()
     for (x, val, scale), s in zip(jobs, shapes):
         want_val, want_scale = torch.empty(s, dtype=torch.float8_e4m3fn), torch.empty(scale.numel())
         quantize_blocks(x.view(s), want_val, want_scale.view(*s[:-2], -(-s[-2] // BLOCK), -(-s[-1] // BLOCK)))

@@ -1,6 +1,6 @@
-"""The Triton FP8 quantizer (``sync.fp8_kernel``), run here by Triton's CPU interpreter: its float32 ->
-e4m3 rounding equals torch's cast on every boundary, and one launch over many tensors gives the bits of
-``quantize_blocks``. On a CUDA machine the same kernel is compiled (``tests/integration/test_gpu.py``)."""
+"""The FP8 quantizer's kernels, Triton's (``sync.fp8_kernel``; compiled on a CUDA machine, run by Triton's
+CPU interpreter elsewhere) and numba's (``sync.fp8_cpu_kernel``): their float32 -> e4m3 rounding equals
+torch's cast on every boundary, and one launch over many tensors gives the bits of ``quantize_blocks``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from conftest import triton_kernels_run
 from planners.quant import scale_shape
 
-pytestmark = pytest.mark.skipif(not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)")
+needs_triton = pytest.mark.skipif(not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)")
 if triton_kernels_run():
     import triton
 
@@ -42,7 +42,8 @@ def boundary_values() -> np.ndarray:
     return np.concatenate([out, -out])
 
 
-def test_the_kernels_rounding_is_torchs_cast(kernel):
+@needs_triton
+def test_the_triton_kernels_rounding_is_torchs_cast(kernel):
     tl = triton.language
 
     @triton.jit
@@ -58,15 +59,27 @@ def test_the_kernels_rounding_is_torchs_cast(kernel):
     assert not len(bad), [(x[i].item(), out[i].item(), want[i].item()) for i in bad[:5]]
 
 
+def test_the_numba_kernels_rounding_is_torchs_cast():
+    from sync.fp8_cpu_kernel import e4m3_bits
+
+    x = torch.from_numpy(boundary_values())
+    out = np.array([e4m3_bits(w) for w in x.view(torch.int32).numpy().view(np.uint32).tolist()], dtype=np.uint8)
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    bad = np.flatnonzero(out != want)
+    assert not len(bad), [(x[i].item(), out[i], want[i]) for i in bad[:5]]
+
+
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=needs_triton), "numba"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_one_launch_quantizes_many_tensors_as_quantize_blocks(kernel, dtype):
+def test_one_launch_quantizes_many_tensors_as_quantize_blocks(kernels, dtype):
     """Stacks of matrices, edge blocks, an all-zero block, magnitudes from 1e-3 to 1e2, tensors at odd
     element offsets of one allocation: each gets the bits and scales of quantize_blocks."""
     from sync.fp8 import QuantizeProgram, quantize_blocks
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(300, 260), (2, 128, 200), (1, 1), (129, 127), (7, 3, 5), (256, 128)]
-    pool = torch.empty(sum(int(np.prod(s)) + 3 for s in shapes), dtype=dtype, device=_device())
+    device = _device() if kernels == "triton" else "cpu"
+    pool = torch.empty(sum(int(np.prod(s)) + 3 for s in shapes), dtype=dtype, device=device)
     srcs, at = [], 1
     for i, s in enumerate(shapes):
         n = int(np.prod(s))
@@ -74,14 +87,15 @@ def test_one_launch_quantizes_many_tensors_as_quantize_blocks(kernel, dtype):
         srcs[-1].copy_(torch.randn(s, generator=gen) * 10.0 ** (i - 3))
         at += n + 3
     srcs[0][:128, :128] = 0
-    jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=_device()),
-             torch.full((int(np.prod(scale_shape(s))),), -1.0, device=_device())) for x, s in zip(srcs, shapes)]
-    program = QuantizeProgram(jobs, shapes, use_triton=True)
-    assert len(program.launches) == 1  # one source dtype: one launch
+    jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=device),
+             torch.full((int(np.prod(scale_shape(s))),), -1.0, device=device)) for x, s in zip(srcs, shapes)]
+    program = QuantizeProgram(jobs, shapes, kernels=kernels)
+    # one source dtype: one launch (numba reads bfloat16 and float32; float16 goes tensor by tensor)
+    assert len(program.launches) == (0 if kernels == "numba" and dtype == torch.float16 else 1)
     program()
     for (x, val, scale), s in zip(jobs, shapes):
-        want_val = torch.empty(s, dtype=torch.float8_e4m3fn, device=_device())
-        want_scale = torch.empty(scale_shape(s), device=_device())
+        want_val = torch.empty(s, dtype=torch.float8_e4m3fn, device=device)
+        want_scale = torch.empty(scale_shape(s), device=device)
         quantize_blocks(x.view(s), want_val, want_scale)
         assert torch.equal(val.view(torch.uint8), want_val.view(-1).view(torch.uint8)), s
         assert torch.equal(scale, want_scale.view(-1)), s
