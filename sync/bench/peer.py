@@ -15,8 +15,8 @@ Models (``--size bench``, the default; ``--size tiny`` is for the test): a dense
 one (hidden 512, 4 layers, 8 experts of which 2 routed per token, ~74 MB), both built with the
 repo's ``sync.ends.megatron.build_gpt_model`` (local layer spec, ``use_cpu_initialization``,
 ``moe_token_dispatcher_type="allgather"``, ``moe_grouped_gemm=False``). The vocabulary (8192) is a
-multiple of 512 so that megatron's padded vocabulary is the same under TP2 and TP4 (its resharding
-matches parameter shapes; rlsync would handle the padding, megatron-core cannot).
+multiple of 512 so that megatron's padded vocabulary is the same under TP2 and TP4: megatron-core's
+planner needs a TP-split parameter's full shape equal on both sides (rlsync plans around padding).
 
 Cases (source megatron layout -> megatron destination layout | the equivalent rlsync engine layout):
 
@@ -70,16 +70,23 @@ Known obstacles and how they are handled here:
 Measurement: per case, launches alternate between the implementations (megatron-core, rlsync,
 megatron-core, ...), 4 fresh processes each. Every process fills the source model with the same
 seeded full weights (by rlsync's megatron shard rules), and each sync starts with the destination
-zeroed, all untimed. A sync's time is the slowest process's wall clock from a barrier to the end of
-the call (what it takes until every process holds the new weights), every process's. The first sync
+zeroed, all untimed. A sync's time is the slowest process's wall clock from a common barrier to the
+return of the implementation's call (until every process holds the new weights). The first sync
 of each launch is a warm-up (megatron-core builds its plan, rlsync binds its copy programs) and is
 reported apart; the rest are pooled over launches: median and spread (min-max). rlsync's launches run
 their warm-up with verification, then alternate syncs with and without its checksum verification
 (``verify=False`` / ``True``): ``--syncs N`` gives megatron-core N syncs and rlsync 1 + 2(N-1).
+rlsync uses the job's sync settings (256 MB buckets unless ``--bucket-mb``). A launch's setup
+(process start, model builds, weights, references) is untimed; the JSON has its steps' seconds.
 Bit-exactness is checked after every sync on every process, untimed: the destination's tensors bit
 for bit against a reference cut from the full weights by the destination layout's shard rules
 (megatron-core: the repo's megatron shard rules for the destination layout; rlsync: the plan's
-engine shard rules), independent of either implementation's transfer.
+engine shard rules), computed without either implementation's transfer. rlsync's verified syncs
+also report its own checksum verdict.
+
+Reading the bytes: megatron-core's planner takes a replicated source tensor from the first rank of
+its source DP group (it balances across DP groups, not within one), so TP1 x DP4 -> TP4 sends three
+quarters of the model from rank 0, where rlsync cuts every slice from the copy in its own process.
 
 Usage: rlsync bench peer -- [--cases NAME ...] [--syncs 8] [--launches 2] [--size bench|tiny]
        [--bucket-mb MB] [--json PATH]
@@ -376,7 +383,7 @@ def megatron_core_launch(process: int, plans: CasePlans, syncs: int, port: int) 
             seconds, _ = timed_on_every_process(lambda: swap_model_weights(source, destination, service))
             records.append(SyncRecord(seconds, service.bytes_sent, service.bytes_copied,
                                       mismatched_tensors(destination_tensors, reference)))
-    return {"setup_s": setup.laps, "syncs": [asdict(r) for r in records]}
+    return {"setup_s": setup.laps, "syncs": [asdict(record) for record in records]}
 
 
 class SetupClock:
@@ -418,12 +425,12 @@ def rlsync_launch(process: int, plans: CasePlans, syncs: int, port: int, sync_po
     fill_from_full(plan, process, MegatronSource(source).local_tensors(), by_tensor_id(plan, weights))
     process_of = hosting_processes(plan)
     ranks = np.flatnonzero(process_of == process).tolist()
-    trainer_ranks = [r for r in ranks if r < plan.num_trainer]
-    engine_ranks = [r for r in ranks if r >= plan.num_trainer]
-    targets = {r: BufferTarget(plan, r) for r in engine_ranks}
-    references = {r: reference_shards(plan, r, targets[r].tensors, weights) for r in engine_ranks}
+    trainer_ranks = [rank for rank in ranks if rank < plan.num_trainer]
+    engine_ranks = [rank for rank in ranks if rank >= plan.num_trainer]
+    targets = {rank: BufferTarget(plan, rank) for rank in engine_ranks}
+    references = {rank: reference_shards(plan, rank, targets[rank].tensors, weights) for rank in engine_ranks}
     transport = standalone_transport(process, PROCESSES, HOST, sync_port, plans.timeout_s, store_on_rank0=False)
-    session = Session.open(plan, ranks, transport, {r: MegatronSource(source) for r in trainer_ranks}, targets,
+    session = Session.open(plan, ranks, transport, {rank: MegatronSource(source) for rank in trainer_ranks}, targets,
                            process_of=process_of)
     setup.lap("weights_and_reference")
     records = []
@@ -431,11 +438,11 @@ def rlsync_launch(process: int, plans: CasePlans, syncs: int, port: int, sync_po
         for target in targets.values():
             zero_tensors(target.tensors)
         seconds, stats = timed_on_every_process(lambda: session.sync(version, verify=verify))
-        mismatched = [f"rank {r}: {name}" for r in engine_ranks
-                      for name in mismatched_tensors(targets[r].tensors, references[r])]
+        mismatched = [f"rank {rank}: {name}" for rank in engine_ranks
+                      for name in mismatched_tensors(targets[rank].tensors, references[rank])]
         records.append(SyncRecord(seconds, stats.bytes_sent, stats.bytes_copied, mismatched, verify=verify,
                                   checksums_agree=stats.verified if verify else None))
-    return {"setup_s": setup.laps, "syncs": [asdict(r) for r in records]}
+    return {"setup_s": setup.laps, "syncs": [asdict(record) for record in records]}
 
 
 def hosting_processes(plan: SyncPlan) -> np.ndarray:
@@ -462,9 +469,10 @@ def plan_case(case: PeerCase, size: str, bucket_mb: float | None, timeout_s: flo
     model = MODELS[size][case.model]
     job = job_of(model, case.source, case.inference, bucket_mb, timeout_s)
     destination_job = job_of(model, case.destination, case.inference, bucket_mb, timeout_s)
-    for side, j in (("source", job), ("destination", destination_job)):
-        if j.trainer.world_size != PROCESSES:
-            raise ValueError(f"the {side} layout {j.trainer} has {j.trainer.world_size} ranks, not {PROCESSES}")
+    for side, side_job in (("source", job), ("destination", destination_job)):
+        layout = side_job.trainer
+        if layout.world_size != PROCESSES:
+            raise ValueError(f"the {side} layout {layout} has {layout.world_size} ranks, not {PROCESSES}")
     return CasePlans(job, build_plan(job).validate(), destination_job, build_plan(destination_job).validate(),
                      timeout_s)
 
@@ -482,9 +490,8 @@ def start_fork_server_with_megatron() -> None:
     import multiprocessing
     from multiprocessing import forkserver
 
-    from sync.run.local import spawn_ranks  # noqa: F401 - its own preload list, which this extends
-
     context = multiprocessing.get_context("forkserver")
+    # spawn_ranks' own preload list, and megatron-core
     context.set_forkserver_preload(["torch", "torch.distributed", "numpy", "sync.run.local", "sync.executor",
                                     "sync.baseline", "sync.ends.base", *MEGATRON_PRELOAD])
     forkserver.ensure_running()
@@ -500,7 +507,7 @@ def launch(implementation: str, plans: CasePlans, syncs: int) -> list[dict[str, 
     else:
         worker, args = rlsync_launch, (plans, syncs, stores[0].port, stores[1].port)
     results, _ = spawn_ranks(PROCESSES, worker, args, timeout_s=plans.timeout_s)
-    return [results[p] for p in range(PROCESSES)]
+    return [results[process] for process in range(PROCESSES)]
 
 
 @dataclass
@@ -516,10 +523,11 @@ class Samples:
 
     def add(self, per_process: list[dict], warmup: bool) -> None:
         (self.warmup if warmup else self.timed).append(per_process[0]["seconds"])
-        self.bytes_sent.add(sum(r["bytes_sent"] for r in per_process))
-        self.bytes_copied.add(sum(r["bytes_copied"] for r in per_process))
-        self.mismatched += [f"process {p}: {name}" for p, r in enumerate(per_process) for name in r["mismatched"]]
-        verdicts = [r["checksums_agree"] for r in per_process if r["checksums_agree"] is not None]
+        self.bytes_sent.add(sum(record["bytes_sent"] for record in per_process))
+        self.bytes_copied.add(sum(record["bytes_copied"] for record in per_process))
+        self.mismatched += [f"process {process}: {name}" for process, record in enumerate(per_process)
+                            for name in record["mismatched"]]
+        verdicts = [record["checksums_agree"] for record in per_process if record["checksums_agree"] is not None]
         if verdicts:
             self.checksums_agree = all(verdicts) and self.checksums_agree is not False
 
@@ -574,7 +582,7 @@ def run_case(name: str, syncs: int = 8, launches: int = 2, size: str = "bench", 
             add_launch(samples, implementation, per_process)
             setups[implementation].append(slowest_setup(per_process))
             say(f"  {name}: launch {i + 1}/{launches} of {implementation}: {time.perf_counter() - start:.1f} s "
-                f"(setup {', '.join(f'{k} {v:.1f} s' for k, v in setups[implementation][-1].items())})")
+                f"(setup {', '.join(f'{step} {seconds:.1f} s' for step, seconds in setups[implementation][-1].items())})")
     sides = {key: s.summary() for key, s in samples.items()}
     megatron, rlsync, verified = sides["megatron-core"], sides["rlsync"], sides["rlsync verify"]
     return {
@@ -603,7 +611,7 @@ def run_case(name: str, syncs: int = 8, launches: int = 2, size: str = "bench", 
 
 
 def weights_bytes(plan: SyncPlan) -> int:
-    """The model's full weights, once (what one full copy of it takes)."""
+    """Bytes of the model's full weights (one copy)."""
     from sync.tensors import TORCH_DTYPES
 
     return sum(int(np.prod(t.shape)) * TORCH_DTYPES[t.dtype].itemsize for t in plan.tensors)
@@ -687,9 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = {"syncs": args.syncs, "launches": args.launches, "size": args.size, "bucket_mb": args.bucket_mb,
                     "processes": PROCESSES, "torch": torch.__version__, "megatron_core": megatron_core_version(),
                     "machine": platform.platform(), "cpus": _cpus()}
-        with open(args.json, "w") as f:
-            json.dump({"settings": settings, "rows": rows}, f, indent=2)
-    exact = all(r["megatron_exact"] and r["rlsync_exact"] and r["rlsync_checksums_agree"] for r in rows)
+        with open(args.json, "w") as out:
+            json.dump({"settings": settings, "rows": rows}, out, indent=2)
+    exact = all(row["megatron_exact"] and row["rlsync_exact"] and row["rlsync_checksums_agree"] for row in rows)
     return 0 if exact else 1
 
 
