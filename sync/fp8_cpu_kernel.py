@@ -14,7 +14,7 @@ import numpy as np
 import sync.numba_config  # noqa: F401  (before any kernel runs)
 from planners.quant import FP8_MAX
 
-__all__ = ["quantize_blocks_bf16", "quantize_blocks_f32", "e4m3_bits"]
+__all__ = ["quantize_blocks_bf16", "quantize_blocks_f32", "e4m3_bits", "load"]
 
 _MAX = np.float32(FP8_MAX)
 
@@ -81,3 +81,15 @@ def quantize_blocks_f32(src, values, scales, table):
             for c in range(cols):
                 x[r, c] = src[first + r * stride + c]
         _quantize_block(x, values, scales, value_first, scale_at, stride)
+
+
+def load() -> None:
+    """Compile both kernels for the arrays ``QuantizeProgram`` passes (from numba's cache where it holds
+    them), running neither (``sync.run.preload``)."""
+    import ctypes
+
+    span = (ctypes.c_char * 16)()  # numpy views of a ctypes array, as QuantizeProgram passes them
+    view = lambda dtype: numba.typeof(np.frombuffer(span, dtype=dtype))  # noqa: E731
+    table = numba.typeof(np.zeros((1, 6), dtype=np.int64))
+    for kernel, source in ((quantize_blocks_bf16, np.uint16), (quantize_blocks_f32, np.float32)):
+        kernel.compile((view(source), view(np.uint8), view(np.float32), table))

@@ -8,7 +8,9 @@ simulate-vs-reference check."""
 
 from __future__ import annotations
 
+import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +25,14 @@ from vllm_reference import reference_rank  # noqa: E402
 
 def triton_kernels_run() -> bool:
     """Whether Triton kernels run in this process: compiled on a CUDA machine, else in Triton's CPU
-    interpreter, which a test module turns on by calling this at import (Triton reads the switch as it
-    loads, so before any kernel module is imported)."""
+    interpreter (switched on below, as this module loads)."""
     import os
-    from importlib.util import find_spec
 
     import torch
 
     if find_spec("triton") is None:
         return False
-    if torch.cuda.is_available():
-        return True
-    if "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def random_weights(job: JobSpec, seed: int = 0) -> dict[str, np.ndarray]:
@@ -84,3 +80,16 @@ def _has_vllm() -> bool:
 
 # tests/vllm runs in the environment scripts/setup_vllm_tests.sh makes (vLLM installed); elsewhere it is left out
 collect_ignore = [] if _has_vllm() else ["vllm"]
+
+
+def _interpret_triton_without_a_gpu() -> None:
+    """Without a GPU, Triton's CPU interpreter runs the project's Triton kernels in the tests. Triton reads
+    the switch as it loads, and megatron-core imports it when it can, so it is set here, before any test
+    module is collected; not beside vLLM, whose own Triton kernels stay as they are."""
+    import torch
+
+    if not torch.cuda.is_available() and not _has_vllm() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_a_gpu()

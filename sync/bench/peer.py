@@ -492,8 +492,9 @@ def start_fork_server_with_megatron() -> None:
 
     context = multiprocessing.get_context("forkserver")
     # spawn_ranks' own preload list, and megatron-core
-    context.set_forkserver_preload(["torch", "torch.distributed", "numpy", "sync.run.local", "sync.executor",
-                                    "sync.baseline", "sync.ends.base", *MEGATRON_PRELOAD])
+    from sync.run.local import PRELOAD
+
+    context.set_forkserver_preload([*PRELOAD, *MEGATRON_PRELOAD])
     forkserver.ensure_running()
 
 

@@ -67,6 +67,11 @@ def _entry(rank: int, fn: Callable, args: tuple, results: Any) -> None:
                 pass
 
 
+# what the fork server imports before it forks ranks (sync.run.preload: the CPU kernels, loaded)
+PRELOAD = ["torch", "torch.distributed", "numpy", "sync.run.local", "sync.executor", "sync.baseline", "sync.ends.base",
+           "sync.run.preload"]
+
+
 def spawn_ranks(world_size: int, fn: Callable, args: tuple, timeout_s: float, allow_failures: bool = False,
                 grace_s: float | None = None) -> tuple[dict[int, Any], dict[int, str]]:
     """Run ``fn(rank, *args)`` in ``world_size`` spawned processes. Returns (results, errors) by rank;
@@ -75,8 +80,7 @@ def spawn_ranks(world_size: int, fn: Callable, args: tuple, timeout_s: float, al
     # a fork server that has imported torch once forks ranks in milliseconds; spawning each would
     # import torch again per rank (seconds each on a small machine)
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy", "sync.run.local", "sync.executor",
-                                "sync.baseline", "sync.ends.base"])
+    ctx.set_forkserver_preload(PRELOAD)
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(r, fn, args, results), daemon=True) for r in range(world_size)]
     for p in procs:

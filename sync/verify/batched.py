@@ -26,7 +26,7 @@ __all__ = ["RunSums", "available"]
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _WIDE_ROW = 4096  # elements: longer rows of a strided run are summed as contiguous runs, one per row
-_NUMPY_BITS = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_NUMPY_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}  # the numba kernels read unsigned words
 
 
 def available(device: torch.device) -> bool:
@@ -67,6 +67,8 @@ class RunSums:
             top = max(ends[i].data_ptr() + ends[i].numel() * ends[i].element_size() for i in ids)
             self._span = (ctypes.c_char * (top - origin)).from_address(origin)
         addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - origin
+        if (itemsize > 4).any():  # plans move elements of at most 4 bytes; the kernels read no wider words
+            raise ValueError("batched checksums read elements of 1, 2 or 4 bytes")
         for size in np.unique(itemsize).tolist():
             m = itemsize == size
             r = runs[m]
@@ -77,7 +79,7 @@ class RunSums:
         if self.kernels == "triton":
             base = self._base.view(_BITS[size])
         else:
-            base = np.frombuffer(self._span, dtype=_NUMPY_BITS[size], count=len(self._span) // size)
+            base = np.frombuffer(self._span, dtype=_NUMPY_WORDS[size], count=len(self._span) // size)
         wide = (rows > 1) & (n >= _WIDE_ROW)
         each, row = expand(rows[wide], np.flatnonzero(wide))
         flat = rows == 1

@@ -1,34 +1,50 @@
 """Position-aware checksums of tensors, and of pieces of tensors at the positions they will land.
 
-A tensor's elements are read as integers (their bit patterns), mixed by ``h(x)`` with ``h(0) = 0``
-(so never-written padding adds nothing), and summed twice: plainly (``S0``) and weighted by flat
-position (``S1``), in wrapping int64 arithmetic, so the sums of the pieces of a tensor equal the sum
-of the whole whoever computes them, and a byte that lands in the wrong place changes ``S1``. The
-sender of a chunk can therefore compute what the chunk adds to the receiver's checksum, at the
-receiver's positions.
+A tensor's elements (of 1, 2 or 4 bytes: every dtype a plan moves) are read as unsigned integers
+``x`` (their bit patterns; an 8-byte element folds its halves into one word, ``lo + hi * K3``), mixed by ``h(x) = x * K1 + x * x * K2 mod 2**32`` and summed twice:
+plainly (``S0``) and weighted by flat position (``S1``), in wrapping 64-bit arithmetic, so the sums of
+the pieces of a tensor equal the sum of the whole whoever computes them. With ``K1`` odd and ``K2``
+even, ``h`` is a permutation of 32-bit words: a changed element always changes ``S0``, and ``h(0) = 0``
+(never-written padding adds nothing); an element in the wrong place changes ``S1``. The sender of a
+chunk can therefore compute what the chunk adds to the receiver's checksum, at the receiver's positions.
+The mix is 32-bit so that CPUs and GPUs compute it with native multiplies (``sync.verify.cpu_kernel``,
+``sync.verify.kernel``: the same sums bit for bit).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sync.tensors import as_bits
-
 __all__ = ["MIX_K1", "MIX_K2", "CHECKSUM_BYTES_PER_ELEMENT", "checksum_block", "block_pieces", "checksum_flat",
-           "wrap_int64"]
+           "wrap_int64", "element_words"]
 
-MIX_K1, MIX_K2 = 0x9E3779B97F4A7C15 - (1 << 64), 0x5BD1E995  # h(x) = x * K1 + x * x * K2
+MIX_K1, MIX_K2 = 0x9E3779B1, 0x5BD1E996  # h(x) = x * K1 + x * x * K2 mod 2**32; K1 odd, K2 even
+_FOLD_K3 = 0x85EBCA6B  # an 8-byte element's word: lo + hi * K3 (odd: a changed half changes the word)
+_WORD = 0xFFFFFFFF
+_SIGNED = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _mix(bits: torch.Tensor) -> torch.Tensor:
-    """``h(x) = x * K1 + x * x * K2`` in the elements' own wrapping width, computed as ``x * (K1 + x * K2)``:
-    the same ring identity, one temporary instead of four."""
-    h = bits * MIX_K2
+def element_words(x: torch.Tensor) -> torch.Tensor:
+    """The elements' bit patterns as unsigned 32-bit words, in int64 (same shape)."""
+    size = x.element_size()
+    if size not in _SIGNED:
+        raise ValueError(f"checksums read elements of 1, 2, 4 or 8 bytes, not {x.dtype}")
+    bits = x.view(_SIGNED[size]).to(torch.int64)
+    if size < 8:
+        return bits & ((1 << 8 * size) - 1)
+    return ((bits & _WORD) + ((bits >> 32) & _WORD) * _FOLD_K3) & _WORD
+
+
+def _mix(words: torch.Tensor) -> torch.Tensor:
+    """``h(x) = x * K1 + x * x * K2 mod 2**32``, computed as ``x * (K1 + x * K2)`` (the same ring identity)
+    in int64, whose wrapping keeps the low 32 bits right: one temporary."""
+    h = words * MIX_K2
     h.add_(MIX_K1)
-    return h.mul_(bits)
+    h.mul_(words)
+    return h.bitwise_and_(_WORD)
 
 
-# int64 temporaries per element while a piece is summed (bits, two products, their sum): what a
+# int64 temporaries per element while a piece is summed (words, the mix, reductions): what a
 # checksum holds at once is about this times the elements of its piece
 CHECKSUM_BYTES_PER_ELEMENT = 40
 
@@ -44,7 +60,7 @@ def checksum_block(x: torch.Tensor, base: int, dim: int, off: int, max_elements:
             s0, s1 = s0 + a, s1 + b
         return wrap_int64(s0), wrap_int64(s1)
     outer, n, inner = x.shape
-    h = _mix(as_bits(x))
+    h = _mix(element_words(x))
     dev = x.device
     # one reduction per dimension longer than 1 (each a pass over h); S0 from the shortest of them
     by_index = h.sum(dim=(0, 2)) if n > 1 else None

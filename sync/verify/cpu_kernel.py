@@ -1,9 +1,9 @@
 """The CPU kernels behind ``sync.verify.batched`` (numba; the Triton kernels' twins in ``sync.verify.kernel``).
 
-Per tile, in one pass over its elements: the sum of ``h(x)`` (``x`` the element's bit pattern,
-sign-extended to 64 bits, ``h(x) = x * K1 + x * x * K2``) and of ``h(x)`` times the element's
-destination position relative to the tile's first, wrapping modulo 2**64 as the torch and Triton
-checksums do. Tiles run in parallel on the machine's cores. ``base`` is one array over the address
+Per tile, in one pass over its elements: the sum of ``h(x)`` (``x`` the element's bit pattern as an
+unsigned word, ``h(x) = x * K1 + x * x * K2 mod 2**32``, in 32-bit multiplies) and of ``h(x)`` times the
+element's destination position relative to the tile's first, wrapping modulo 2**64 as the torch and
+Triton checksums do. Tiles run in parallel on the machine's cores. ``base`` is one array over the address
 range every tile lies in (see ``RunSums``): tiles say where they are as element offsets into it.
 """
 
@@ -15,10 +15,10 @@ import numpy as np
 import sync.numba_config  # noqa: F401  (before any kernel runs)
 from sync.verify.checksums import MIX_K1, MIX_K2
 
-__all__ = ["tile_sums_flat", "tile_sums_rows"]
+__all__ = ["tile_sums_flat", "tile_sums_rows", "load"]
 
-_K1 = np.uint64(MIX_K1 & ((1 << 64) - 1))
-_K2 = np.uint64(MIX_K2)
+_K1 = np.uint32(MIX_K1)
+_K2 = np.uint32(MIX_K2)
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -29,8 +29,8 @@ def tile_sums_flat(base, table, out):
         s0 = np.uint64(0)
         s1 = np.uint64(0)
         for k in range(n):
-            x = np.uint64(np.int64(base[first + k]))
-            h = x * (_K1 + x * _K2)  # x * K1 + x * x * K2, one product fewer
+            x = np.uint32(base[first + k])  # base holds unsigned words: zero-extended
+            h = np.uint64(np.uint32(x * np.uint32(_K1 + np.uint32(x * _K2))))  # x * K1 + x * x * K2, one product fewer
             s0 += h
             s1 += h * np.uint64(k)
         out[t, 0] = np.int64(s0)
@@ -50,11 +50,23 @@ def tile_sums_rows(base, table, out):
             row0 = np.uint64(0)
             row1 = np.uint64(0)
             for k in range(width):
-                x = np.uint64(np.int64(base[row_first + k]))
-                h = x * (_K1 + x * _K2)
+                x = np.uint32(base[row_first + k])
+                h = np.uint64(np.uint32(x * np.uint32(_K1 + np.uint32(x * _K2))))
                 row0 += h
                 row1 += h * np.uint64(k)
             s0 += row0
             s1 += row1 + row_pos * row0
         out[t, 0] = np.int64(s0)
         out[t, 1] = np.int64(s1)
+
+
+def load() -> None:
+    """Compile both kernels for every word size the checksums read (from numba's cache where it holds
+    them), running neither: what a process that forks ranks does once (``sync.run.preload``)."""
+    import ctypes
+
+    span = (ctypes.c_char * 16)()  # the arrays RunSums passes: numpy views of a ctypes array
+    table = numba.typeof(np.zeros((1, 2), dtype=np.int64))
+    for word in (np.uint8, np.uint16, np.uint32):
+        for kernel in (tile_sums_flat, tile_sums_rows):
+            kernel.compile((numba.typeof(np.frombuffer(span, dtype=word)), table, table))

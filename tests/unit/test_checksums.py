@@ -12,7 +12,7 @@ from planners.schedule.runs import RUN_DTYPE
 from sync.verify.batched import RunSums
 from sync.verify.checksums import MIX_K1, MIX_K2, checksum_block
 
-_NP = {torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+_NP = {torch.int8: np.uint8, torch.int16: np.uint16, torch.int32: np.uint32}  # the elements as unsigned words
 
 
 def _read(addr: int, count: int, dtype) -> np.ndarray:
@@ -26,7 +26,7 @@ def _replay(sums: RunSums) -> np.ndarray:
     with np.errstate(over="ignore"):
         for kind, base, table, start, dst, _ in sums.launches:
             if isinstance(base, np.ndarray):  # the CPU's view over the ends' address range
-                dt, size, address = base.dtype.type, base.itemsize, base.ctypes.data
+                dt, size, address = base.dtype.type, base.itemsize, base.ctypes.data  # already unsigned
             else:
                 dt, size, address = _NP[base.dtype], base.element_size(), base.data_ptr()
             for row, first, d in zip(np.asarray(table), start.numpy(), dst.numpy()):
@@ -37,7 +37,7 @@ def _replay(sums: RunSums) -> np.ndarray:
                     src, rows, width, ss, ds = (int(v) for v in row)
                     x = np.concatenate([_read(address + (src + r * ss) * size, width, dt) for r in range(rows)])
                     pos = (np.arange(rows, dtype=np.int64)[:, None] * ds + np.arange(width)).reshape(-1)
-                h = x * np.int64(MIX_K1) + x * x * np.int64(MIX_K2)
+                h = (x * np.int64(MIX_K1) + x * x * np.int64(MIX_K2)) & 0xFFFFFFFF
                 a, w = h.sum(), (h * pos).sum()
                 total[d] += [a, np.int64(first) * a + w]
     return total
@@ -65,10 +65,11 @@ def test_tile_sums_equal_block_checksums(dtype):
 
 def _by_position(x: torch.Tensor, first: int, stride: int) -> tuple[int, int]:
     """(S0, S1) of rows landing ``stride`` elements apart from position ``first``, element by element."""
-    bits = x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32}[x.element_size()]).to(torch.int64)
+    size = x.element_size()
+    bits = x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32}[size]).to(torch.int64) & ((1 << 8 * size) - 1)
     rows, width = bits.shape
     pos = first + torch.arange(rows)[:, None] * stride + torch.arange(width)
-    h = bits * MIX_K1 + bits * bits * MIX_K2
+    h = (bits * MIX_K1 + bits * bits * MIX_K2) & 0xFFFFFFFF
     return int(h.sum()), int((h * pos).sum())
 
 
