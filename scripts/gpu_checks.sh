@@ -3,7 +3,7 @@
 #   bash scripts/gpu_checks.sh "$OUT" tests replan fp8     # then, in a second call:
 #   bash scripts/gpu_checks.sh "$OUT" colocated
 # with .whl carried (pydantic, rich, pytest and hypothesis wheels for the machine's Python). Writes under OUT:
-#   tests.log      the GPU tests: Triton copies, CUDA syncs and IPC, the FP8 kernel compiled for the chip
+#   tests.log      the GPU tests: Triton copies, checksums and the FP8 kernel compiled for the chip, CUDA syncs and IPC
 #   replan.json    a new expert placement's rebind + first sync against a sync by an unchanged one
 #   fp8.json       the FP8 refresh of the DeepSeek-V3-like case against its bf16 refresh, GB/s against a flat copy
 #   colocated.json every copy variant with and without the per-sync address check, CUDA IPC arena and direct
@@ -18,7 +18,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench() { python -c "import sys; from sync.bench.gpu import main; main(sys.argv[1:])" "$@"; }
 for part in $parts; do
   case $part in
-    tests) timeout 150 python -m pytest -q tests/unit/test_fp8_kernel.py tests/integration/test_gpu.py > "$out/tests.log" 2>&1
+    tests) timeout 150 python -m pytest -q tests/unit/test_fp8_kernel.py tests/unit/test_triton_kernels.py \
+             tests/integration/test_gpu.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
     replan) timeout 200 bench --replan --profile --out "$out/replan.json" > "$out/replan.log" 2>&1
             tail -c 1200 "$out/replan.log" ;;

@@ -4,6 +4,8 @@ torch's cast on every boundary, and one launch over many tensors gives the bits 
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import triton_kernels_run
 from planners.quant import scale_shape
 
 needs_triton = pytest.mark.skipif(not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)")
+needs_numba = pytest.mark.skipif(find_spec("numba") is None, reason="needs numba")
 if triton_kernels_run():
     import triton
 
@@ -59,6 +62,7 @@ def test_the_triton_kernels_rounding_is_torchs_cast(kernel):
     assert not len(bad), [(x[i].item(), out[i].item(), want[i].item()) for i in bad[:5]]
 
 
+@needs_numba
 def test_the_numba_kernels_rounding_is_torchs_cast():
     from sync.fp8_cpu_kernel import e4m3_bits
 
@@ -69,7 +73,7 @@ def test_the_numba_kernels_rounding_is_torchs_cast():
     assert not len(bad), [(x[i].item(), out[i], want[i]) for i in bad[:5]]
 
 
-@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=needs_triton), "numba"])
+@pytest.mark.parametrize("kernels", [pytest.param("triton", marks=needs_triton), pytest.param("numba", marks=needs_numba)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_one_launch_quantizes_many_tensors_as_quantize_blocks(kernels, dtype):
     """Stacks of matrices, edge blocks, an all-zero block, magnitudes from 1e-3 to 1e2, tensors at odd
