@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import triton_kernels_run
 from planners.schedule.runs import RUN_DTYPE
 from sync.verify.batched import RunSums
 from sync.verify.checksums import MIX_K1, MIX_K2, checksum_block
@@ -43,8 +45,14 @@ def _replay(sums: RunSums) -> np.ndarray:
     return total
 
 
+@pytest.mark.parametrize("kernels", ["numba", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
-def test_tile_sums_equal_block_checksums(dtype):
+def test_tile_sums_equal_block_checksums(dtype, kernels):
+    """RunSums' tables, replayed element by element, and its kernels (numba; Triton compiled on CUDA,
+    interpreted on the CPU) give the checksums of each block at its destination positions."""
+    if kernels == "numba" and find_spec("numba") is None:
+        pytest.skip("needs numba")
     g = torch.Generator().manual_seed(0)
     src = torch.randn(1 << 16, generator=g).to(dtype)
     size = src.element_size()
@@ -54,13 +62,16 @@ def test_tile_sums_equal_block_checksums(dtype):
     runs = np.zeros(len(blocks), dtype=RUN_DTYPE)
     for i, (so, rows, width, ss, d, do, ds) in enumerate(blocks):
         runs[i] = (0, so * size, d, do * size, width * size, rows, ss * size, ds * size)
-    sums = RunSums(runs, np.full(len(runs), size), runs["dst"], 3, {0: src}, tile_elems=1024)
+    if kernels == "triton" and torch.cuda.is_available():
+        src = src.cuda()
+    sums = RunSums(runs, np.full(len(runs), size), runs["dst"], 3, {0: src}, tile_elems=1024, kernels=kernels)
     assert {k for k, *_ in sums.launches} == {"flat", "rows"}
     want = np.zeros((3, 2), dtype=np.int64)
     for so, rows, width, ss, d, do, ds in blocks:
         want[d] += _by_position(torch.as_strided(src, (rows, width), (ss, 1), so), do, ds)
-    np.testing.assert_array_equal(_replay(sums), want)
-    np.testing.assert_array_equal(sums().numpy(), want)  # the numba kernels
+    if not src.is_cuda:
+        np.testing.assert_array_equal(_replay(sums), want)
+    np.testing.assert_array_equal(sums().cpu().numpy(), want)  # the kernels
 
 
 def _by_position(x: torch.Tensor, first: int, stride: int) -> tuple[int, int]:
