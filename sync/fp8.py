@@ -12,13 +12,13 @@ CPU, bit for bit the same; :func:`quantize_blocks` per tensor where neither runs
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from planners.quant import BLOCK, FP8_MAX, scale_shape
+from sync.copier import expand
+from sync.tensors import host_span
 
 __all__ = ["quantize_blocks", "dequantized", "block_table", "QuantizeProgram"]
 
@@ -67,8 +67,6 @@ def block_table(first: np.ndarray, value_first: np.ndarray, scale_first: np.ndar
     mats = np.array([int(np.prod(s[:-2], dtype=np.int64)) for s in shapes], dtype=np.int64)
     grid_rows, grid_cols = -(-rows // BLOCK), -(-cols // BLOCK)
     per_mat = grid_rows * grid_cols
-    from sync.copier import expand
-
     t, k = expand(mats * per_mat)
     mat, at = np.divmod(k, per_mat[t])
     block_row, block_col = np.divmod(at, grid_cols[t])
@@ -109,10 +107,7 @@ class QuantizeProgram:
             self._base = torch.empty(16, dtype=torch.uint8, device=device)  # every address is an offset from here
             origin = self._base.data_ptr()
         else:  # one array over the address range of every tensor the tables reach (only those are read)
-            ends = [t for i in tabled for t in jobs[i]]
-            origin = min(t.data_ptr() for t in ends) & ~15
-            self._span = (ctypes.c_char * (max(t.data_ptr() + t.numel() * t.element_size() for t in ends) - origin)
-                          ).from_address(origin)
+            origin, self._span = host_span(t for i in tabled for t in jobs[i])
         for dtype, picked in by_dtype.items():
             offsets = []
             for j, width in ((0, torch.empty(0, dtype=dtype).element_size()), (1, 1), (2, 4)):

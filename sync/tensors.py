@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
-__all__ = ["TORCH_DTYPES", "block", "as_bits", "simulate_tensors"]
+__all__ = ["TORCH_DTYPES", "block", "as_bits", "simulate_tensors", "host_span"]
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                 "float8_e4m3fn": torch.float8_e4m3fn}
@@ -14,6 +16,16 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def block(flat: torch.Tensor, base: int, outer: int, dim: int, inner: int, off: int, n: int) -> torch.Tensor:
     """View ``[outer, n, inner]``: indices ``[off, off+n)`` along the split dimension of the block at ``base``."""
     return flat[base: base + outer * dim * inner].view(outer, dim, inner)[:, off: off + n, :]
+
+
+def host_span(tensors) -> tuple[int, ctypes.Array]:
+    """(origin, bytes): one ctypes array from the lowest CPU tensor's start (aligned to 16, for every
+    element size) to the highest one's end, so that a kernel reaches every tensor by an offset into it.
+    Nothing between the tensors is read; they must stay alive while the array is used."""
+    tensors = list(tensors)
+    origin = min(t.data_ptr() for t in tensors) & ~15
+    top = max(t.data_ptr() + t.numel() * t.element_size() for t in tensors)
+    return origin, (ctypes.c_char * (top - origin)).from_address(origin)
 
 
 def as_bits(x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,11 @@ that spans the ends' address range (only the runs' elements are ever read).
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import torch
 
 from sync.copier import expand
+from sync.tensors import host_span
 
 __all__ = ["RunSums", "available"]
 
@@ -63,9 +62,7 @@ class RunSums:
             self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
             origin = self._base.data_ptr()
         else:  # one array from the lowest end's start (aligned for every element size) to the highest's end
-            origin = int(ptr.min()) & ~15
-            top = max(ends[i].data_ptr() + ends[i].numel() * ends[i].element_size() for i in ids)
-            self._span = (ctypes.c_char * (top - origin)).from_address(origin)
+            origin, self._span = host_span(ends.values())
         addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - origin
         if (itemsize > 4).any():  # plans move elements of at most 4 bytes; the kernels read no wider words
             raise ValueError("batched checksums read elements of 1, 2 or 4 bytes")
