@@ -15,18 +15,19 @@ parts=${*:-tests replan fp8 colocated}
 python -m pip install -q --no-index --find-links .whl pydantic rich pytest hypothesis 2>&1 | tail -2
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-bench() { python -c "import sys; from sync.bench.gpu import main; main(sys.argv[1:])" "$@"; }
+# an array, not a function: timeout runs programs, not shell functions
+bench=(python -c "import sys; from sync.bench.gpu import main; main(sys.argv[1:])")
 for part in $parts; do
   case $part in
     tests) timeout 150 python -m pytest -q tests/unit/test_fp8_kernel.py tests/unit/test_triton_kernels.py \
              tests/integration/test_gpu.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
-    replan) timeout 200 bench --replan --profile --out "$out/replan.json" > "$out/replan.log" 2>&1
+    replan) timeout 200 "${bench[@]}" --replan --profile --out "$out/replan.json" > "$out/replan.log" 2>&1
             tail -c 1200 "$out/replan.log" ;;
-    fp8) timeout 240 bench --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 \
+    fp8) timeout 240 "${bench[@]}" --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 \
            --slices-reps 1 --out "$out/fp8.json" > "$out/fp8.log" 2>&1
          tail -c 2500 "$out/fp8.log" ;;
-    colocated) timeout 540 bench --cases "dense 1.7B tp1->tp1" "dsv3-like tp2ep4->dp8ep8+32" --ipc --reps 6 \
+    colocated) timeout 540 "${bench[@]}" --cases "dense 1.7B tp1->tp1" "dsv3-like tp2ep4->dp8ep8+32" --ipc --reps 6 \
                  --slices-reps 1 --out "$out/colocated.json" > "$out/colocated.log" 2>&1
                tail -c 2500 "$out/colocated.log" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;

@@ -173,14 +173,15 @@ class _Round:
 def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int, int, int]]]:
     """The hosted ranks' derived locals as (source, FP8 value, scale) local ids, trainer and engine side:
     on the trainer side only those some chunk sends (a data-parallel replica that sends nothing of a
-    weight need not quantize it)."""
+    weight need not quantize it). The value and the scale are separate logical tensors, so the planner may
+    take one from this replica and the other from another: one sent is reason enough, and the kernel
+    writes both."""
     out: dict[str, list[tuple[int, int, int]]] = {"trainer": [], "engine": []}
     by_source: dict[int, dict[str, int]] = {}
     sent = np.zeros(len(plan.local_name), dtype=bool)
     sent[plan.chunks["src_local"]] = True
     for local, source in plan.derived.tolist():
-        trainer = plan.local_rank[source] < plan.num_trainer
-        if hosted[plan.local_rank[source]] and (sent[local] or not trainer):
+        if hosted[plan.local_rank[source]]:
             by_source.setdefault(source, {})["value" if plan.local_dtype[local] == FP8 else "scale"] = local
     for source, made in sorted(by_source.items()):
         side = "trainer" if plan.local_rank[source] < plan.num_trainer else "engine"

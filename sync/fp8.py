@@ -30,7 +30,10 @@ def quantize_blocks(x: torch.Tensor, value: torch.Tensor, scale: torch.Tensor) -
     gr, gc = -(-rows // BLOCK), -(-cols // BLOCK)
     padded = F.pad(x.detach().to(torch.float32), (0, gc * BLOCK - cols, 0, gr * BLOCK - rows))
     blocks = padded.reshape(*x.shape[:-2], gr, BLOCK, gc, BLOCK)
-    s = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX  # float32 division, as the reference
+    amax = blocks.abs().amax(dim=(-3, -1))
+    # a tensor divisor, not the number: CUDA torch multiplies by a scalar's reciprocal, which is off by
+    # one ulp now and then; this is float32 division rounded to nearest on every device, as the reference
+    s = amax / torch.full_like(amax, FP8_MAX)
     zero = s == 0
     q = blocks / torch.where(zero, torch.ones_like(s), s)[..., :, None, :, None]
     q = q.masked_fill(zero[..., :, None, :, None], 0.0)

@@ -155,6 +155,27 @@ def test_random_fp8_layouts_give_engines_the_reference_quantizer_sliced(family, 
         assume(False)
         return
     assert_fp8_exact(job, plan.validate(), seed % 4)
+    assert_every_sent_derivation_is_quantized(plan)
+
+
+def assert_every_sent_derivation_is_quantized(plan) -> None:
+    """Each trainer rank, hosted alone, quantizes exactly the derived pairs of which it sends the value or
+    the scale (the planner may take the two from different data-parallel replicas); engines all theirs."""
+    from sync.executor import _derivations
+
+    sent = set(plan.chunks["src_local"].tolist())
+    pairs: dict[int, set[int]] = {}
+    for local, source in plan.derived.tolist():
+        pairs.setdefault(source, set()).add(local)
+    for rank in range(plan.num_ranks):
+        hosted = np.zeros(plan.num_ranks, dtype=bool)
+        hosted[rank] = True
+        made = _derivations(plan, hosted)
+        trainer = rank < plan.num_trainer
+        want = sorted(source for source, locals_ in pairs.items() if plan.local_rank[source] == rank
+                      and (not trainer or locals_ & sent))
+        assert sorted(source for source, _, _ in made["trainer" if trainer else "engine"]) == want, rank
+        assert not made["engine" if trainer else "trainer"], rank
 
 
 def apply_block_table(table: np.ndarray, src: np.ndarray, val: np.ndarray, scale: np.ndarray) -> None:
