@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # What the lent GPU machine checks and measures, by part (one device call runs at most 10 minutes):
-#   bash scripts/gpu_checks.sh "$OUT" tests replan fp8     # then, in a second call:
+#   bash scripts/gpu_checks.sh "$OUT" tests replan quantize fp8     # then, in a second call:
 #   bash scripts/gpu_checks.sh "$OUT" colocated
 # with .whl carried (pydantic, rich, pytest and hypothesis wheels for the machine's Python). Writes under OUT:
 #   tests.log      the GPU tests: Triton copies, checksums and the FP8 kernel compiled for the chip, CUDA syncs and IPC
 #   replan.json    a new expert placement's rebind + first sync against a sync by an unchanged one
+#   quantize.json  the FP8 quantizer's kernel variants on 8 GB against a flat copy and torch
 #   fp8.json       the FP8 refresh of the DeepSeek-V3-like case against its bf16 refresh, GB/s against a flat copy
 #   colocated.json every copy variant with and without the per-sync address check, CUDA IPC arena and direct
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [fp8] [colocated]}
+out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [fp8] [colocated]}
 shift
-parts=${*:-tests replan fp8 colocated}
+parts=${*:-tests replan quantize fp8 colocated}
 python -m pip install -q --no-index --find-links .whl pydantic rich pytest hypothesis 2>&1 | tail -2
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -24,6 +25,8 @@ for part in $parts; do
            tail -5 "$out/tests.log" ;;
     replan) timeout 200 "${bench[@]}" --replan --profile --out "$out/replan.json" > "$out/replan.log" 2>&1
             tail -c 1200 "$out/replan.log" ;;
+    quantize) timeout 120 python -m sync.cli bench quantize -- --gb 8 --json "$out/quantize.json" > "$out/quantize.log" 2>&1
+              tail -c 2500 "$out/quantize.log" ;;
     fp8) timeout 240 "${bench[@]}" --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 \
            --slices-reps 1 --out "$out/fp8.json" > "$out/fp8.log" 2>&1
          tail -c 2500 "$out/fp8.log" ;;

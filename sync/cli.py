@@ -3,7 +3,7 @@
 ``rlsync plan JOB.yaml [--json PATH] [--explain TENSOR]`` builds, validates and summarizes a plan.
 ``rlsync eplb ...`` computes an expert placement from a load file or a synthetic load and reports
 its balance (table, placement JSON, PNG of per-GPU load before/after). ``rlsync run`` runs the
-refresh loop on Ray; ``rlsync bench sync|gpu|multi-gpu|plan|eplb|probe|peer`` the benchmarks.
+refresh loop on Ray; ``rlsync bench sync|gpu|multi-gpu|plan|eplb|probe|peer|quantize`` the benchmarks.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def cmd_eplb(args: argparse.Namespace, console: Console) -> int:
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    if args.bench in ("gpu", "plan", "eplb", "multi-gpu", "probe", "peer"):  # benchmarks with options of their own
+    if args.bench in ("gpu", "plan", "eplb", "multi-gpu", "probe", "peer", "quantize"):  # benchmarks with options of their own
         import importlib
 
         rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # "rlsync bench NAME -- --option"
@@ -384,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("probe", "what watching vLLM's post-load processing costs at engine start, as passes over "
                                  "the weights (options: rlsync bench probe -- --help)"),
                        ("peer", "megatron-core's own resharding against the plan executor on the same models and "
-                                "layout pairs, 4 CPU processes (options: rlsync bench peer -- --help)")):
+                                "layout pairs, 4 CPU processes (options: rlsync bench peer -- --help)"),
+                       ("quantize", "the block-FP8 quantizer's kernels against a flat copy and torch, per variant "
+                                    "(options: rlsync bench quantize -- --help)")):
         extra = bsub.add_parser(name, help=what)
         extra.add_argument("rest", nargs=argparse.REMAINDER, help=f"options of sync/bench/{name.replace('-', '_')}.py")
     args = parser.parse_args(argv)

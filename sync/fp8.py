@@ -93,6 +93,7 @@ class QuantizeProgram:
         self.jobs = [(src.view(shape), val.view(shape), scale.view(scale_shape(shape))) for
                      (src, val, scale), shape in zip(jobs, shapes)]
         self.launches: list[tuple] = []
+        self.triton_tuning: dict[str, int] = {}  # rows / num_warps of sync.fp8_kernel.quantize_table (its benchmark)
         device = jobs[0][0].device if jobs else torch.device("cpu")
         self.kernels = kernels or _default_kernels(device)
         if self.kernels == "torch" or not jobs:
@@ -132,7 +133,7 @@ class QuantizeProgram:
             from sync.fp8_kernel import quantize_table
 
             for src, table, blocks in self.launches:
-                quantize_table(src, self._base, self._base.view(torch.float32), table, blocks)
+                quantize_table(src, self._base, self._base.view(torch.float32), table, blocks, **self.triton_tuning)
         elif self.launches:
             from sync.fp8_cpu_kernel import quantize_blocks_bf16, quantize_blocks_f32
 
