@@ -77,7 +77,7 @@ def _e4m3_bits(q):
 
 
 def quantize_table(src: torch.Tensor, val: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, blocks: int,
-                   rows: int = 32, num_warps: int = 8) -> None:
+                   rows: int = 16, num_warps: int = 4) -> None:
     """``src``/``val``/``scale``: one base viewed as the source dtype, uint8 (the FP8 bits) and float32;
     ``rows``: how many of a block's rows one pass holds (a power of two up to 128)."""
     _quantize_blocks[(blocks,)](src, val, scale, table, FP8_MAX=FP8_MAX, BLOCK=BLOCK, ROWS=rows, num_warps=num_warps)

@@ -131,19 +131,16 @@ def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) 
     first_s = time.perf_counter() - t0
     programs = [p for s in (1, 2) for p in ex._binding.local[s]]
     gc.collect()  # the previous variant's garbage is not this one's time
-    walls, kernels = [], []
+    quantizers = list(ex._binding.quantize.values())  # FP8 engines: the block quantizer, each side's
+    walls, kernels, quantizing, stages = [], [], [], []
     for _ in range(reps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         stats = ex.sync(sources, targets, verify=False)
         walls.append(time.perf_counter() - t0)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for p in programs:
-            p()
-        b.record()
-        torch.cuda.synchronize()
-        kernels.append(a.elapsed_time(b) / 1e3)
+        stages.append([stats.stage_seconds.get(stage, 0.0) for stage in (1, 2)])
+        kernels.append(gpu_seconds(programs))
+        quantizing.append(gpu_seconds(quantizers))
     poison(targets)
     torch.cuda.synchronize()
     verify_s = []
@@ -161,10 +158,22 @@ def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) 
     launches = sum(launch_count(p) for p in programs)
     runs = sum(getattr(p, "num_runs", 0) for p in programs)
     return dict(copies=copies, recheck=recheck, first_s=first_s, bind_s=first.bind_seconds, wall_s=statistics.median(walls),
-                kernel_s=statistics.median(kernels), launches=launches, runs=runs, verify_s=verify_s[1],
+                kernel_s=statistics.median(kernels), quantize_s=statistics.median(quantizing),
+                stage_s=[statistics.median(s) for s in zip(*stages)], launches=launches, runs=runs, verify_s=verify_s[1],
                 verify_first_s=verify_s[0], slices_expected_s=slices_verify_s,
                 verified=bool(checked.verified),
                 copied=stats.bytes_copied)
+
+
+def gpu_seconds(programs) -> float:
+    """Seconds the GPU takes to run ``programs`` once, back to back (CUDA events)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for p in programs:
+        p()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3
 
 
 def launch_count(program) -> int:

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="rlsync bench quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--variants", nargs="+", default=["32x8", "16x4", "64x8", "128x8"],
+    p.add_argument("--variants", nargs="+", default=["32x8", "16x4", "16x2", "8x2", "8x4", "32x4", "16x8"],
                    help="ROWSxWARPS of the Triton kernel (CUDA only)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
