@@ -48,9 +48,11 @@ def _replay(sums: RunSums) -> np.ndarray:
 @pytest.mark.parametrize("kernels", ["numba", pytest.param("triton", marks=pytest.mark.skipif(
     not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
-def test_tile_sums_equal_block_checksums(dtype, kernels):
+@pytest.mark.parametrize("tile_elems", [1024, 1 << 15])
+def test_tile_sums_equal_block_checksums(dtype, kernels, tile_elems):
     """RunSums' tables, replayed element by element, and its kernels (numba; Triton compiled on CUDA,
-    interpreted on the CPU) give the checksums of each block at its destination positions."""
+    interpreted on the CPU) give the checksums of each block at its destination positions; large tiles
+    take the Triton kernels several steps of their lanes (the position weights by running sums)."""
     if kernels == "numba" and find_spec("numba") is None:
         pytest.skip("needs numba")
     g = torch.Generator().manual_seed(0)
@@ -64,7 +66,7 @@ def test_tile_sums_equal_block_checksums(dtype, kernels):
         runs[i] = (0, so * size, d, do * size, width * size, rows, ss * size, ds * size)
     if kernels == "triton" and torch.cuda.is_available():
         src = src.cuda()
-    sums = RunSums(runs, np.full(len(runs), size), runs["dst"], 3, {0: src}, tile_elems=1024, kernels=kernels)
+    sums = RunSums(runs, np.full(len(runs), size), runs["dst"], 3, {0: src}, tile_elems=tile_elems, kernels=kernels)
     assert {k for k, *_ in sums.launches} == {"flat", "rows"}
     want = np.zeros((3, 2), dtype=np.int64)
     for so, rows, width, ss, d, do, ds in blocks:
