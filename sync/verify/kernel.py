@@ -29,10 +29,13 @@ def _mix(x, MASK: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
 
 
 @triton.jit
-def _sums_flat(base, table, out, MASK: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr):
+def _sums_flat(base, table, out, MASK: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, BLOCK: tl.constexpr,
+               ALIGN: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    src = tl.load(table + pid * 2)  # elements from base
-    n = tl.load(table + pid * 2 + 1)
+    # elements from base, and how many: in units of ALIGN elements, so that Triton knows both are
+    # multiples of it and loads whole vectors
+    src = tl.load(table + pid * 2) * ALIGN
+    n = tl.load(table + pid * 2 + 1) * ALIGN
     # lane j sees positions step * BLOCK + j. Per lane: sum = sum of h, running = the sum of the sums after
     # each step, so that sum(step * h) = steps * sum - running: additions per element, no 64-bit product
     lane_sum = tl.zeros([BLOCK], dtype=tl.int64)
@@ -75,8 +78,10 @@ def _sums_rows(base, table, out, MASK: tl.constexpr, K1: tl.constexpr, K2: tl.co
     tl.store(out + pid * 2 + 1, tl.sum(tl.sum(weighted, axis=1), axis=0))
 
 
-def tile_sums_flat(base: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
-    _sums_flat[(table.shape[0],)](base, table, out, MASK=_mask(base), K1=_K1, K2=_K2, BLOCK=BLOCK, num_warps=4)
+def tile_sums_flat(base: torch.Tensor, table: torch.Tensor, out: torch.Tensor, align: int = 1) -> None:
+    """``table [tiles, 2]``: (first element, elements), both in units of ``align`` elements."""
+    _sums_flat[(table.shape[0],)](base, table, out, MASK=_mask(base), K1=_K1, K2=_K2, BLOCK=BLOCK, ALIGN=align,
+                                  num_warps=4)
 
 
 def tile_sums_rows(base: torch.Tensor, table: torch.Tensor, out: torch.Tensor, width: int) -> None:

@@ -26,14 +26,14 @@ def _replay(sums: RunSums) -> np.ndarray:
     """What the two kernels and the final index_add do, element by element in numpy (int64 wraps the same way)."""
     total = np.zeros((sums.num_dst, 2), dtype=np.int64)
     with np.errstate(over="ignore"):
-        for kind, base, table, start, dst, _ in sums.launches:
+        for kind, base, table, start, dst, width in sums.launches:
             if isinstance(base, np.ndarray):  # the CPU's view over the ends' address range
                 dt, size, address = base.dtype.type, base.itemsize, base.ctypes.data  # already unsigned
             else:
                 dt, size, address = _NP[base.dtype], base.element_size(), base.data_ptr()
             for row, first, d in zip(np.asarray(table), start.numpy(), dst.numpy()):
-                if kind == "flat":
-                    src, n = row
+                if kind == "flat":  # in units of the launch's alignment (width) on CUDA
+                    src, n = (int(v) * (width if sums.kernels == "triton" else 1) for v in row)
                     x, pos = _read(address + int(src) * size, int(n), dt), np.arange(n, dtype=np.int64)
                 else:
                     src, rows, width, ss, ds = (int(v) for v in row)
@@ -68,6 +68,8 @@ def test_tile_sums_equal_block_checksums(dtype, kernels, tile_elems):
         src = src.cuda()
     sums = RunSums(runs, np.full(len(runs), size), runs["dst"], 3, {0: src}, tile_elems=tile_elems, kernels=kernels)
     assert {k for k, *_ in sums.launches} == {"flat", "rows"}
+    if kernels == "triton":  # 16-byte aligned tiles in whole vectors, the rest element by element
+        assert {w for k, *_, w in sums.launches if k == "flat"} == {1, 16 // size}
     want = np.zeros((3, 2), dtype=np.int64)
     for so, rows, width, ss, d, do, ds in blocks:
         want[d] += _by_position(torch.as_strided(src, (rows, width), (ss, 1), so), do, ds)
