@@ -6,13 +6,14 @@
 #   tests.log      the GPU tests: Triton copies, checksums and the FP8 kernel compiled for the chip, CUDA syncs and IPC
 #   replan.json    a new expert placement's rebind + first sync against a sync by an unchanged one
 #   quantize.json  the FP8 quantizer's kernel variants on 8 GB against a flat copy and torch
+#   address.json   what the per-sync check that 80,000 tensors have not moved costs, by way of checking
 #   fp8.json       the FP8 refresh of the DeepSeek-V3-like case against its bf16 refresh, GB/s against a flat copy
 #   colocated.json every copy variant with and without the per-sync address check, CUDA IPC arena and direct
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [fp8] [colocated]}
+out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [address] [fp8] [colocated]}
 shift
-parts=${*:-tests replan quantize fp8 colocated}
+parts=${*:-tests replan quantize address fp8 colocated}
 python -m pip install -q --no-index --find-links .whl pydantic rich pytest hypothesis 2>&1 | tail -2
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -27,6 +28,8 @@ for part in $parts; do
             tail -c 1200 "$out/replan.log" ;;
     quantize) timeout 120 python -m sync.cli bench quantize -- --gb 8 --json "$out/quantize.json" > "$out/quantize.log" 2>&1
               tail -c 2500 "$out/quantize.log" ;;
+    address) timeout 60 "${bench[@]}" --address-check 80000 --out "$out/address.json" > "$out/address.log" 2>&1
+             tail -c 1500 "$out/address.log" ;;
     fp8) timeout 240 "${bench[@]}" --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 \
            --slices-reps 1 --out "$out/fp8.json" > "$out/fp8.log" 2>&1
          tail -c 2500 "$out/fp8.log" ;;

@@ -337,6 +337,46 @@ def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int, mode: str = "arena
                 bucket_mb=bucket_mb, arena_bytes=results[0]["peak"])
 
 
+def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -> dict:
+    """What the per-sync check that no tensor moved costs for ``count`` CUDA tensors in ``dicts``
+    endpoint dicts, by way of checking (medians of ``reps``, milliseconds): listing the dicts' tensors,
+    the executor's check (one C++ loop where torch has it), and two Python-level alternatives."""
+    import numpy as np
+    from itertools import chain
+
+    from sync.executor import PlanExecutor
+
+    per = -(-count // dicts)
+    pool = torch.empty(count * 64, dtype=torch.uint8, device=device)
+    given = [(r, {f"t{i}": pool[(r * per + i) * 64:(r * per + i + 1) * 64] for i in range(min(per, count - r * per))},
+              "target") for r in range(dicts)]
+    key = PlanExecutor._key(given)
+    want = np.array(key[1], dtype=np.int64)
+
+    def listed():
+        return list(chain.from_iterable(d.values() for _, d, _ in given))
+
+    def fromiter():
+        tensors = listed()
+        return np.array_equal(np.fromiter(map(torch.Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors)), want)
+
+    def mapped():
+        return list(map(torch.Tensor.data_ptr, listed())) == key[1]
+
+    out = dict(tensors=count, dicts=dicts)
+    for name, fn in (("list", listed), ("executor", lambda: PlanExecutor._moved(given, key)),
+                     ("numpy fromiter", fromiter), ("python map", mapped)):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name + "_ms"] = statistics.median(times) * 1e3
+        out[name + "_spread_ms"] = [min(times) * 1e3, max(times) * 1e3]
+    assert not PlanExecutor._moved(given, key)
+    return out
+
+
 def print_table(rows: list[dict], card: str, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -369,10 +409,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replan", action="store_true",
                     help="only: a refresh after an expert placement change against one without (the MoE case)")
     ap.add_argument("--profile", action="store_true", help="with --replan: profile the last rebind and first sync")
+    ap.add_argument("--address-check", type=int, default=0, metavar="TENSORS",
+                    help="only: what checking that this many tensors have not moved costs, by way of checking")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the GPU benchmark needs a CUDA device")
     card = torch.cuda.get_device_name()
+    if args.address_check:
+        row = run_address_check(args.address_check, 16, 20)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(card=card, rows=[row]), indent=1))
+        return
     if args.replan:
         name = "dsv3-like tp2ep4->dp8ep8+32"
         row = run_replan(name, CASES[name], args.reps, args.profile)
