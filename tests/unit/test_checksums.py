@@ -81,7 +81,7 @@ def test_tile_sums_equal_block_checksums(dtype, kernels, tile_elems):
 def _by_position(x: torch.Tensor, first: int, stride: int) -> tuple[int, int]:
     """(S0, S1) of rows landing ``stride`` elements apart from position ``first``, element by element."""
     size = x.element_size()
-    bits = x.contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32}[size]).to(torch.int64) & ((1 << 8 * size) - 1)
+    bits = x.cpu().contiguous().view({1: torch.int8, 2: torch.int16, 4: torch.int32}[size]).to(torch.int64) & ((1 << 8 * size) - 1)
     rows, width = bits.shape
     pos = first + torch.arange(rows)[:, None] * stride + torch.arange(width)
     h = (bits * MIX_K1 + bits * bits * MIX_K2) & 0xFFFFFFFF
