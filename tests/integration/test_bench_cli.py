@@ -26,3 +26,15 @@ def test_bench_sync_hosted_runs_one_process_per_device(capsys):
     assert out["verified"] is True and out["baseline_seconds"] is None
     assert out["processes"] < out["ranks"]  # a trainer rank and an engine rank share each process
     assert out["link_gbps"] and all(v > 0 for v in out["link_gbps"].values())
+
+
+def test_bench_quantize_is_exact_against_torchs_quantizer(tmp_path):
+    """``rlsync bench quantize`` on the CPU: the numba quantizer's bits and scales equal
+    ``quantize_blocks`` over DeepSeek-V3-shaped matrices, timed beside a flat copy."""
+    out = tmp_path / "q.json"
+    assert main(["bench", "quantize", "--", "--gb", "0.05", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows][:2] == ["flat copy", "torch per tensor"]
+    kernels = rows[2:]
+    assert kernels and all(r["exact"] for r in kernels)
+    assert all(r["median_s"] > 0 and r["over_flat"] > 0 for r in rows)
