@@ -13,7 +13,10 @@ two ends (both derive the same number). With two rounds in flight, a process nev
 
 A chunk of at least ``direct_bytes`` that is contiguous at both ends travels *direct*: as its own
 message, straight from the source tensor into the destination tensor, with no bucket copy at all;
-it still counts toward its round's ``bucket_bytes``.
+it still counts toward its round's ``bucket_bytes``. One contiguous only at its source (a TP shard
+that lands as half of every row of a whole expert, say) travels *from its source*: its own message,
+sent from the source tensor and received into the receiver's bucket space, which unpacks it (one copy
+instead of two); it must fit its pair's share of a round.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Bucket:
     offset: np.ndarray  # [n] byte offset in the bucket
     nbytes: int  # bucket size in bytes (padded)
     direct: bool = False  # one contiguous chunk sent from and received into the tensors themselves
+    from_source: bool = False  # one chunk sent from its (contiguous) source tensor, received into a bucket
     payload: int = 0  # bytes of tensor data (nbytes less alignment padding)
 
 
@@ -81,7 +85,8 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
                 first["stage"], first["src"], first["dst"]):
             end += 1
         share = pair_share(fan, int(first["stage"]), process_of[first["src"]], process_of[first["dst"]], bucket_bytes)
-        out += _pair_buckets(c, rows[start:end], row_bytes, share, _direct(plan, rows[start:end], direct_bytes))
+        direct, from_source = _direct(plan, rows[start:end], direct_bytes)
+        out += _pair_buckets(c, rows[start:end], row_bytes, share, direct, from_source & (c["nbytes"][rows[start:end]] <= share))
         start = end
     out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))  # stable: a pair's messages keep their order
     return out
@@ -106,20 +111,23 @@ def fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
     return out
 
 
-def _direct(plan: SyncPlan, rows: np.ndarray, direct_bytes: int) -> np.ndarray:
-    """Which chunks are large and contiguous in both the source and the destination tensor."""
+def _direct(plan: SyncPlan, rows: np.ndarray, direct_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which chunks are large and contiguous in both the source and the destination tensor, and which
+    large ones only in the source."""
     c = plan.chunks[rows]
     outer = plan.table.outer[c["tensor"]]
     n = c["hi"] - c["lo"]
-    whole_rows = lambda side: (c[f"{side}_off"] == 0) & (c[f"{side}_dim"] == n)  # noqa: E731
-    contiguous = (outer == 1) | (whole_rows("src") & whole_rows("dst"))
-    return contiguous & (c["nbytes"] >= direct_bytes) & (c["src"] != c["dst"])
+    whole_rows = lambda side: (outer == 1) | ((c[f"{side}_off"] == 0) & (c[f"{side}_dim"] == n))  # noqa: E731
+    large = (c["nbytes"] >= direct_bytes) & (c["src"] != c["dst"])
+    source, destination = whole_rows("src"), whole_rows("dst")
+    return large & source & destination, large & source & ~destination
 
 
 def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket_bytes: int,
-                  direct: np.ndarray) -> list[Bucket]:
+                  direct: np.ndarray, from_source: np.ndarray) -> list[Bucket]:
     """One pair's traffic in rounds of at most ``bucket_bytes``: each round one packed bucket plus
-    any direct chunks (sent in list order, which both ends share)."""
+    any chunks travelling alone, direct or from their source (sent in list order, which both ends
+    share)."""
     buckets: list[Bucket] = []
     items: list[tuple[int, int, int, int]] = []  # packed (chunk, lo, hi, offset) of this round
     packed = 0  # bytes in this round's packed bucket
@@ -138,15 +146,15 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
             round_index += 1
         items, packed, used, payload = [], 0, 0, 0
 
-    for i, alone in zip(rows.tolist(), direct.tolist()):
+    for i, both, source in zip(rows.tolist(), direct.tolist(), from_source.tolist()):
         rb = int(row_bytes[c["tensor"][i]])
-        if alone:
+        if both or source:
             r0 = c[i]
             if used and used + int(r0["nbytes"]) > bucket_bytes:
                 close()
             buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), round_index, np.array([i]),
                                   np.array([r0["lo"]]), np.array([r0["hi"]]), np.zeros(1, dtype=np.int64),
-                                  int(r0["nbytes"]), direct=True, payload=int(r0["nbytes"])))
+                                  int(r0["nbytes"]), direct=both, from_source=source, payload=int(r0["nbytes"])))
             used += int(r0["nbytes"])
             if used >= bucket_bytes:
                 close()

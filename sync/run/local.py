@@ -138,6 +138,7 @@ class LocalRun:
     versioned: bool = False  # failed syncs are reported with what each engine serves, not raised
     staging: bool = False  # versioned engines receive into staging copies and swap after verification
     fault: Any = None  # a sync.channels.faulty.Fault: kill, stall or corrupt one rank in the sync of its version
+    direct_bytes: int | None = None  # the executor's threshold for chunks sent as their own messages (its default if None)
 
 
 def _megatron_source(plan: SyncPlan, run: LocalRun, rank: int, host: str, port: int):
@@ -180,7 +181,8 @@ def _worker(rank: int, plan: SyncPlan, run: LocalRun, port: int, trainer_port: i
     # every rank derives the same settings, so the same buckets
     settings = SyncSettings(bucket_mb=run.bucket_bytes / (1 << 20), timeout_s=run.timeout_s, verify=run.verify,
                             staging=run.staging)
-    session = Session.open(plan, rank, transport, source, engine, settings)
+    options = {} if run.direct_bytes is None else dict(direct_bytes=run.direct_bytes)
+    session = Session.open(plan, rank, transport, source, engine, settings, **options)
     target = session.target
     executors = {}
     if run.executor == "plan" or run.both:
