@@ -335,8 +335,10 @@ class PlanExecutor:
         same_gpu = self.plan.devices[b.src] == self.plan.devices[b.dst]
         if self.ipc == "arena" and same_gpu and self.process_of[b.src] != self.process_of[b.dst]:
             return "ipc"
-        # a chunk travelling from its source is sent as it lies and received into the arena
-        return "direct" if b.direct or (b.from_source and self.hosted[b.src]) else "packed"
+        # a chunk travelling from its source is sent as it lies and received into the arena; one
+        # travelling to its destination is packed and received into the tensor
+        alone = b.from_source if self.hosted[b.src] else b.to_destination
+        return "direct" if b.direct or alone else "packed"
 
     def _rounds(self) -> dict[tuple[int, int], _Round]:
         out: dict[tuple[int, int], _Round] = {}

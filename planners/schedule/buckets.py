@@ -16,7 +16,9 @@ message, straight from the source tensor into the destination tensor, with no bu
 it still counts toward its round's ``bucket_bytes``. One contiguous only at its source (a TP shard
 that lands as half of every row of a whole expert, say) travels *from its source*: its own message,
 sent from the source tensor and received into the receiver's bucket space, which unpacks it (one copy
-instead of two); it must fit its pair's share of a round.
+instead of two); one contiguous only at its destination (an engine's shard gathered from parts of the
+trainer's rows) travels *to its destination*: packed by the sender alone, received into the tensor.
+Either must fit its pair's share of a round.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Bucket:
     nbytes: int  # bucket size in bytes (padded)
     direct: bool = False  # one contiguous chunk sent from and received into the tensors themselves
     from_source: bool = False  # one chunk sent from its (contiguous) source tensor, received into a bucket
+    to_destination: bool = False  # one chunk packed into a bucket, received into its (contiguous) destination
     payload: int = 0  # bytes of tensor data (nbytes less alignment padding)
 
 
@@ -85,8 +88,9 @@ def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 
                 first["stage"], first["src"], first["dst"]):
             end += 1
         share = pair_share(fan, int(first["stage"]), process_of[first["src"]], process_of[first["dst"]], bucket_bytes)
-        direct, from_source = _direct(plan, rows[start:end], direct_bytes)
-        out += _pair_buckets(c, rows[start:end], row_bytes, share, direct, from_source & (c["nbytes"][rows[start:end]] <= share))
+        direct, from_source, to_destination = _direct(plan, rows[start:end], direct_bytes)
+        fits = c["nbytes"][rows[start:end]] <= share
+        out += _pair_buckets(c, rows[start:end], row_bytes, share, direct, from_source & fits, to_destination & fits)
         start = end
     out.sort(key=lambda b: (b.stage, b.index, b.src, b.dst))  # stable: a pair's messages keep their order
     return out
@@ -111,23 +115,23 @@ def fanout(plan: SyncPlan, process_of: np.ndarray) -> dict[int, np.ndarray]:
     return out
 
 
-def _direct(plan: SyncPlan, rows: np.ndarray, direct_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which chunks are large and contiguous in both the source and the destination tensor, and which
-    large ones only in the source."""
+def _direct(plan: SyncPlan, rows: np.ndarray, direct_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which chunks are large and contiguous in both the source and the destination tensor, which large
+    ones only in the source, and which only in the destination."""
     c = plan.chunks[rows]
     outer = plan.table.outer[c["tensor"]]
     n = c["hi"] - c["lo"]
     whole_rows = lambda side: (outer == 1) | ((c[f"{side}_off"] == 0) & (c[f"{side}_dim"] == n))  # noqa: E731
     large = (c["nbytes"] >= direct_bytes) & (c["src"] != c["dst"])
     source, destination = whole_rows("src"), whole_rows("dst")
-    return large & source & destination, large & source & ~destination
+    return large & source & destination, large & source & ~destination, large & ~source & destination
 
 
 def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket_bytes: int,
-                  direct: np.ndarray, from_source: np.ndarray) -> list[Bucket]:
+                  direct: np.ndarray, from_source: np.ndarray, to_destination: np.ndarray) -> list[Bucket]:
     """One pair's traffic in rounds of at most ``bucket_bytes``: each round one packed bucket plus
-    any chunks travelling alone, direct or from their source (sent in list order, which both ends
-    share)."""
+    any chunks travelling alone, direct, from their source or to their destination (sent in list
+    order, which both ends share)."""
     buckets: list[Bucket] = []
     items: list[tuple[int, int, int, int]] = []  # packed (chunk, lo, hi, offset) of this round
     packed = 0  # bytes in this round's packed bucket
@@ -146,15 +150,17 @@ def _pair_buckets(c: np.ndarray, rows: np.ndarray, row_bytes: np.ndarray, bucket
             round_index += 1
         items, packed, used, payload = [], 0, 0, 0
 
-    for i, both, source in zip(rows.tolist(), direct.tolist(), from_source.tolist()):
+    for i, both, source, destination in zip(rows.tolist(), direct.tolist(), from_source.tolist(),
+                                            to_destination.tolist()):
         rb = int(row_bytes[c["tensor"][i]])
-        if both or source:
+        if both or source or destination:
             r0 = c[i]
             if used and used + int(r0["nbytes"]) > bucket_bytes:
                 close()
             buckets.append(Bucket(int(r0["stage"]), int(r0["src"]), int(r0["dst"]), round_index, np.array([i]),
                                   np.array([r0["lo"]]), np.array([r0["hi"]]), np.zeros(1, dtype=np.int64),
-                                  int(r0["nbytes"]), direct=both, from_source=source, payload=int(r0["nbytes"])))
+                                  int(r0["nbytes"]), direct=both, from_source=source, to_destination=destination,
+                                  payload=int(r0["nbytes"])))
             used += int(r0["nbytes"])
             if used >= bucket_bytes:
                 close()

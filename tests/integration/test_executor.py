@@ -65,19 +65,27 @@ def test_syncs_are_bit_exact_every_version(name):
         assert all(s.verified for s in r["stats"]["plan"]), rank
 
 
-@pytest.mark.parametrize("name", ["tp3_to_tp2_dp3", "moe_ep_eplb"])
+ALONE_CASES = {  # which ways chunks travel with a low threshold for sending them alone
+    "moe_ep_eplb": {"direct", "from source", "packed"},  # TP shards of experts landing as parts of rows
+    "tp1_to_tp2": {"direct", "to destination", "packed"},  # engine shards gathered from parts of the trainer's rows
+    "tp3_to_tp2_dp3": {"direct", "from source", "packed"},
+}
+CASES["tp1_to_tp2"] = dict(model=dict(preset="tiny_llama"), trainer=dict(tp=1), inference=dict(tp=2))
+
+
+@pytest.mark.parametrize("name", sorted(ALONE_CASES))
 def test_chunks_sent_as_their_own_messages_are_bit_exact(name):
     """With a low threshold every large chunk travels alone: direct where it is contiguous at both ends,
-    from its source into the receiver's bucket where only there (row-parallel shards landing as parts
-    of rows), packed otherwise; all three kinds occur, and every engine tensor is exact and verified."""
+    from its source into the receiver's bucket where only there, packed by the sender and received
+    into the destination where only there; the rest packed. Every engine tensor is exact and verified."""
     from planners.schedule.buckets import bucketize
 
     job = JobSpec.from_dict(CASES[name])
     plan = build_plan(job).validate()
     threshold = 64
-    kinds = {"direct" if b.direct else "from source" if b.from_source else "packed"
-             for b in bucketize(plan, 8 << 10, direct_bytes=threshold)}
-    assert kinds == {"direct", "from source", "packed"}
+    kinds = {"direct" if b.direct else "from source" if b.from_source else "to destination" if b.to_destination
+             else "packed" for b in bucketize(plan, 8 << 10, direct_bytes=threshold)}
+    assert kinds == ALONE_CASES[name]
     results, _ = run_local(plan, LocalRun(versions=[1, 2], bucket_bytes=8 << 10, timeout_s=30, return_tensors=True,
                                           direct_bytes=threshold))
     for i, version in enumerate([1, 2]):
