@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from sync.bench.timing import timed
 from sync.ends.vllm_processing import snapshot
 
 
@@ -35,19 +35,6 @@ def model_of(gb: float, hidden: int, device: torch.device) -> torch.nn.Module:
             layer.add_module(f"proj{j}", proj)
         model.add_module(f"layer{i}", layer)
     return model
-
-
-def timed(fn, repeats: int, device: torch.device) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

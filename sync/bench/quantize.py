@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -21,13 +20,14 @@ from rich.console import Console
 from rich.table import Table
 
 from planners.quant import scale_shape
+from sync.bench.timing import timed
 from sync.fp8 import QuantizeProgram, quantize_blocks
 
 SHAPES = [(2048, 7168), (7168, 2048), (4, 2048, 7168), (576, 7168)]
 
 
-def weights(gb: float, device: torch.device) -> list[torch.Tensor]:
-    """Views into one bfloat16 pool, cycling through SHAPES until ``gb`` GB."""
+def weights(gb: float, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One bfloat16 pool, and views into it back to back, cycling through SHAPES until ``gb`` GB."""
     sizes, total = [], 0
     while total < gb * 1e9 or not sizes:
         shape = SHAPES[len(sizes) % len(SHAPES)]
@@ -39,20 +39,7 @@ def weights(gb: float, device: torch.device) -> list[torch.Tensor]:
         n = int(np.prod(shape))
         out.append(pool[at: at + n].view(shape))
         at += n
-    return out
-
-
-def timed(fn, repeats: int, device: torch.device) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append(time.perf_counter() - t0)
-    return out
+    return pool, out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sources = weights(args.gb, device)
+    pool, sources = weights(args.gb, device)
     jobs = [(x.view(-1), torch.empty(x.numel(), dtype=torch.float8_e4m3fn, device=device),
              torch.empty(int(np.prod(scale_shape(x.shape))), device=device)) for x in sources]
     shapes = [tuple(x.shape) for x in sources]
@@ -75,9 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         for (src, _, _), (v, s), shape in zip(jobs, want, shapes):
             quantize_blocks(src.view(shape), v.view(shape), s.view(scale_shape(shape)))
 
-    flat = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    everything = _pool_view(sources)
-    rows = [dict(variant="flat copy", seconds=timed(lambda: flat.copy_(everything), args.repeats, device))]
+    flat = torch.empty_like(pool)
+    rows = [dict(variant="flat copy", seconds=timed(lambda: flat.copy_(pool), args.repeats, device))]
     rows.append(dict(variant="torch per tensor", seconds=timed(reference, max(2, args.repeats // 3), device)))
     variants = [(f"triton {v}", *map(int, v.split("x"))) for v in args.variants] if device.type == "cuda" else [("numba", 0, 0)]
     for name, rows_per_pass, warps in variants:
@@ -104,9 +90,3 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(out, f, indent=1)
     return out
 
-
-def _pool_view(sources: list[torch.Tensor]) -> torch.Tensor:
-    """The pool behind ``sources`` (contiguous, in order) as one flat tensor."""
-    first = sources[0]
-    n = sum(x.numel() for x in sources)
-    return first.view(-1).as_strided((n,), (1,))
