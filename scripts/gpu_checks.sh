@@ -8,10 +8,11 @@
 #   quantize.json  the FP8 quantizer's kernel variants on 8 GB against a flat copy and torch
 #   address.json   what the per-sync check that 80,000 tensors have not moved costs, by way of checking
 #   fp8.json       the FP8 refresh of the DeepSeek-V3-like case against its bf16 refresh, GB/s against a flat copy
+#   kernel.json    the copy kernel's knobs on the MoE case's programs; syncs with the address check on and off, alternating
 #   colocated.json every copy variant with and without the per-sync address check, CUDA IPC arena and direct
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [address] [fp8] [colocated]}
+out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [address] [fp8] [kernel] [colocated]}
 shift
 parts=${*:-tests replan quantize address fp8 colocated}
 python -m pip install -q --no-index --find-links .whl pydantic rich pytest hypothesis 2>&1 | tail -2
@@ -33,6 +34,8 @@ for part in $parts; do
     fp8) timeout 240 "${bench[@]}" --cases "dsv3-like fp8 tp2ep4->dp8ep8+32" "dsv3-like tp2ep4->dp8ep8+32" --reps 6 \
            --slices-reps 1 --out "$out/fp8.json" > "$out/fp8.log" 2>&1
          tail -c 2500 "$out/fp8.log" ;;
+    kernel) timeout 540 "${bench[@]}" --kernel-sweep --reps 6 --out "$out/kernel.json" > "$out/kernel.log" 2>&1
+            tail -c 3000 "$out/kernel.log" ;;
     colocated) timeout 540 "${bench[@]}" --cases "dense 1.7B tp1->tp1" "dsv3-like tp2ep4->dp8ep8+32" --ipc --reps 6 \
                  --slices-reps 1 --out "$out/colocated.json" > "$out/colocated.log" 2>&1
                tail -c 2500 "$out/colocated.log" ;;

@@ -148,15 +148,17 @@ class CopyProgram:
     def _upload(self, table: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(self.device)
 
-    def __call__(self) -> None:
+    def __call__(self, config=None) -> None:
+        """Copy. ``config``: the Triton kernel's knobs (``sync.copy_kernel.KernelConfig``), its default if None."""
         if self.launches:
-            from sync.copy_kernel import copy_rows, copy_tiles
+            from sync.copy_kernel import DEFAULT, copy_rows, copy_tiles
 
+            config = config or DEFAULT
             for kind, base, table, vec, block, tiles in self.launches:
                 if kind == "flat":
-                    copy_tiles(base, table, vec, tiles)
+                    copy_tiles(base, table, vec, tiles, config)
                 else:
-                    copy_rows(base, table, vec, block, tiles)
+                    copy_rows(base, table, vec, block, tiles, config)
         elif self.pairs[0]:
             torch._foreach_copy_(*self.pairs)
 

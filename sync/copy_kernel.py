@@ -4,17 +4,33 @@ One program per tile: it reads the tile's source, destination and length (in uni
 words, so Triton knows each address is ``VEC``-word aligned and issues vector loads and stores)
 and copies it in blocks; tiles of strided runs also read a row count and the two row strides. Every address is an offset from one base pointer, so tensors from
 different allocations need no pointer table.
+
+``KernelConfig`` holds the knobs ``rlsync bench gpu --kernel-sweep`` compares: words per loop step and
+warps per program. (Streaming cache hints -- loads evicted first, stores ``.cs`` -- were tried: 3-5%
+slower on an H200.)
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["copy_tiles"]
+__all__ = ["KernelConfig", "DEFAULT", "copy_tiles", "copy_rows"]
 
-BLOCK = 2048  # words per loop step
+
+@dataclass(frozen=True)
+class KernelConfig:
+    # one 16-byte vector per thread per step was fastest on an H200 (1024 words and 8 warps, or 2048 and
+    # 16): 0.95 of a flat copy on the DeepSeek-V3-like case's programs, 0.97 on the dense one's, against
+    # 0.92 for 2048 words and 4 warps (``rlsync bench gpu -- --kernel-sweep``, results/kernel_sweep_h200.json)
+    block: int = 1024  # words per loop step
+    num_warps: int = 8
+
+
+DEFAULT = KernelConfig()
 
 
 @triton.jit
@@ -47,9 +63,11 @@ def _copy_rows(base, table, VEC: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.con
         tl.store(base + dst + r * dst_stride + cols, x, mask=mask)
 
 
-def copy_tiles(base: torch.Tensor, table: torch.Tensor, vec: int, tiles: int) -> None:
-    _copy_tiles[(tiles,)](base, table, VEC=vec, BLOCK=BLOCK, num_warps=4)
+def copy_tiles(base: torch.Tensor, table: torch.Tensor, vec: int, tiles: int, config: KernelConfig = DEFAULT) -> None:
+    _copy_tiles[(tiles,)](base, table, VEC=vec, BLOCK=config.block, num_warps=config.num_warps)
 
 
-def copy_rows(base: torch.Tensor, table: torch.Tensor, vec: int, width: int, tiles: int) -> None:
-    _copy_rows[(tiles,)](base, table, VEC=vec, WIDTH=width, ROWS=max(BLOCK // width, 1), num_warps=4)
+def copy_rows(base: torch.Tensor, table: torch.Tensor, vec: int, width: int, tiles: int,
+              config: KernelConfig = DEFAULT) -> None:
+    _copy_rows[(tiles,)](base, table, VEC=vec, WIDTH=width, ROWS=max(config.block // width, 1),
+                         num_warps=config.num_warps)

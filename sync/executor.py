@@ -68,6 +68,7 @@ class SyncStats:
     peak_extra_bytes: int | None = None  # measured, where a launcher asks (sync.memory.PeakMemory)
     pack_seconds: float = 0.0  # copying into send buckets and local copies (launch time on CUDA)
     bind_seconds: float = 0.0  # validating the endpoints' tensors and building copy programs (first sync)
+    check_seconds: float = 0.0  # checking that the endpoints' tensors are still where the programs were bound
     wait_seconds: float = 0.0  # waiting for the network
     unpack_seconds: float = 0.0  # copying out of receive buckets
     verified: bool | None = None
@@ -309,7 +310,8 @@ class PlanExecutor:
         uses_arena = any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route)
         if uses_arena or pulled.any() or lent.any():
             store = self.transport.store or dist.distributed_c10d._get_default_store()
-            signals = IpcSignals(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s)
+            signals = IpcSignals(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s,
+                                 int(self.process_of.max()) + 1)
             if uses_arena:
                 self.arena_ipc = IpcArena(signals, *self._ipc_peers())
             else:
@@ -610,7 +612,10 @@ class PlanExecutor:
             remote = any(s == stage for s, _ in self.rounds)
             if unchecked and (remote or stage == 2):  # before anything is sent, or once all copies are launched
                 unchecked = False
-                if self._moved(given, binding.key):
+                t_check = time.perf_counter()
+                moved = self._moved(given, binding.key)
+                stats.check_seconds = time.perf_counter() - t_check
+                if moved:
                     # a tensor moved: those copies went to (or came from) memory the old binding still
                     # holds, harmlessly; copy again where the tensors are now, before anything is sent
                     binding = self._bind(given, self._key(given), stats)

@@ -337,6 +337,82 @@ def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int, mode: str = "arena
                 bucket_mb=bucket_mb, arena_bytes=results[0]["peak"])
 
 
+def run_kernel_sweep(name: str, spec: dict, reps: int, tiles_kb=(64, 256), blocks=(256, 512, 1024, 2048),
+                     warps_=(2, 4, 8, 16), alternate: bool = True) -> list[dict]:
+    """The copy kernel's knobs on one case's copy programs: for each tile size the programs are bound
+    with, each ``KernelConfig`` times every local program back to back (CUDA events, median of
+    ``reps``) and is checked bit for bit against the default's result; then, with the default, syncs
+    with and without the per-sync address check alternate on one executor (medians: wall, the check's
+    host seconds, the launches'). Ratios are to a flat copy of the payload measured in the same run."""
+    from itertools import product
+
+    from sync.copy_kernel import DEFAULT, KernelConfig
+
+    job = JobSpec.from_dict(spec)
+    load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=0) if job.model.is_moe else None
+    plan = build_plan(job, load).validate()
+    payload = int(plan.chunks["nbytes"].sum())
+    sources, targets = endpoints(plan)
+    flat = flat_copy_gbps(payload, reps)
+    configs = [KernelConfig(block, warps) for block, warps in product(blocks, warps_)]
+    rows, ref = [], None
+    for tile_kb in tiles_kb:
+        session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
+                               tile_bytes=tile_kb << 10)
+        ex = session.executor
+        ex.sync(session.sources, session.targets, verify=False)  # binds
+        programs = [p for stage in (1, 2) for p in ex._binding.local[stage]]
+        if ref is None:
+            ref = snapshot(targets)
+        for config in configs:
+            poison(targets)
+            timed_programs(programs, config)  # compiles, and leaves the result to compare
+            exact = same(targets, ref)
+            seconds = statistics.median(timed_programs(programs, config) for _ in range(reps))
+            rows.append(dict(case=name, tile_kb=tile_kb, block=config.block, num_warps=config.num_warps,
+                             default=config == DEFAULT, kernel_s=seconds, x_flat=payload / seconds / 1e9 / flat, exact=exact))
+            print(json.dumps(rows[-1]), flush=True)
+        if alternate and tile_kb == tiles_kb[0]:
+            rows.append(alternate_check(ex, session, reps, payload, flat, name))
+            print(json.dumps(rows[-1]), flush=True)
+        del session, ex, programs
+        gc.collect()
+    del ref, sources, targets
+    torch.cuda.empty_cache()
+    return rows
+
+
+def timed_programs(programs, config) -> float:
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for p in programs:
+        p(config) if isinstance(p, CopyProgram) else p()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3
+
+
+def alternate_check(ex, session, reps: int, payload: int, flat: float, name: str) -> dict:
+    """Syncs with the per-sync address check on and off, alternating on one executor."""
+    timings: dict[bool, list] = {True: [], False: []}
+    for _ in range(reps):
+        for recheck in (True, False):
+            ex.recheck = recheck
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            stats = ex.sync(session.sources, session.targets, verify=False)
+            timings[recheck].append((time.perf_counter() - t0, stats.check_seconds, stats.pack_seconds))
+    ex.recheck = True
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    out = dict(case=name, variant="address check on vs off, alternating", flat_gbps=flat)
+    for recheck, label in ((True, "checked"), (False, "trusted")):
+        walls, checks, launches = zip(*timings[recheck])
+        out.update({f"{label}_s": med(walls), f"{label}_spread_s": [min(walls), max(walls)],
+                    f"{label}_x_flat": payload / med(walls) / 1e9 / flat, f"{label}_check_s": med(checks),
+                    f"{label}_launch_s": med(launches)})
+    return out
+
+
 def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -> dict:
     """What the per-sync check that no tensor moved costs for ``count`` CUDA tensors in ``dicts``
     endpoint dicts, by way of checking (medians of ``reps``, milliseconds): listing the dicts' tensors,
@@ -411,6 +487,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="with --replan: profile the last rebind and first sync")
     ap.add_argument("--address-check", type=int, default=0, metavar="TENSORS",
                     help="only: what checking that this many tensors have not moved costs, by way of checking")
+    ap.add_argument("--kernel-sweep", action="store_true",
+                    help="only: the copy kernel's knobs (tile size, block, warps, cache hints) on the MoE case, and "
+                         "syncs with and without the address check alternating")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the GPU benchmark needs a CUDA device")
@@ -420,6 +499,13 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(dict(card=card, rows=[row]), indent=1))
+        return
+    if args.kernel_sweep:
+        name = "dsv3-like tp2ep4->dp8ep8+32"
+        rows = run_kernel_sweep(name, CASES[name], args.reps)
+        rows += run_kernel_sweep("dense 1.7B tp1->tp1", CASES["dense 1.7B tp1->tp1"], args.reps, alternate=False)
+        if args.out:
+            Path(args.out).write_text(json.dumps(dict(card=card, rows=rows), indent=1))
         return
     if args.replan:
         name = "dsv3-like tp2ep4->dp8ep8+32"

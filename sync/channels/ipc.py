@@ -17,9 +17,14 @@ group's store (:class:`IpcSignals`):
 from __future__ import annotations
 
 import pickle
+import sys
+import time
+import weakref
 from datetime import timedelta
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
+import numpy as np
 import torch
 
 from planners.errors import SyncTimeout
@@ -28,13 +33,31 @@ from sync.channels.base import Channel, Message
 __all__ = ["IpcSignals", "IpcArena", "IpcDirect"]
 
 
-class IpcSignals:
-    """Handles and round signals between this process (``me``) and the others on its GPU."""
+# the signals a process writes, one kind per row of its mailbox (a column per peer process)
+_KINDS = ("ready", "done", "lent", "pulled")
+_VALUE_BITS = 24  # a mailbox word: the signal's sequence number above, its value (e.g. a generation) below
 
-    def __init__(self, store, prefix: str, me: int, timeout_s: float) -> None:
+
+class IpcSignals:
+    """Handles and round signals between this process (``me``) and the others on its GPU.
+
+    Handles pass once per binding through the sync group's store. Round signals, several per sync,
+    go through shared host memory instead (a store round trip costs tens of microseconds, about what a
+    small round's copies take): each process writes its signals into its own mailbox, one 64-bit word
+    per (kind, peer) holding the latest signal's sequence number and value in one store, so a reader
+    never sees half a signal. Sequence numbers grow within an executor (each has its own mailboxes);
+    a wait returns once the word reaches its number, since a writer that moved on has passed it."""
+
+    def __init__(self, store, prefix: str, me: int, timeout_s: float, processes: int) -> None:
         if store is None:
             raise ValueError("CUDA IPC needs the sync group's store to pass handles and signals")
         self.store, self.prefix, self.me, self.timeout = store, prefix, me, timedelta(seconds=timeout_s)
+        self.timeout_s, self.processes = timeout_s, processes
+        self._outbox, memory = _mailbox(processes)
+        self._memories = [memory]
+        self._finalizer = weakref.finalize(self, _release, self._memories, memory.name)
+        self.store.set(f"{self.prefix}/mailbox/{me}", memory.name.encode())
+        self._inboxes: dict[int, np.ndarray] = {}
 
     def share(self, arena: torch.Tensor, to: int, offsets: dict) -> None:
         """Publish ``arena`` (a CUDA tensor this process keeps alive) and where each bucket sits in it."""
@@ -64,19 +87,88 @@ class IpcSignals:
         self.store.wait([key], self.timeout)
         return {lid: rebuild(*args) for lid, (rebuild, args) in pickle.loads(self.store.get(key)).items()}
 
-    def signal(self, what: str, seq: str, src: int, dst: int, value: bytes = b"1") -> None:
-        self.store.set(f"{self.prefix}/{what}/{seq}/{src}->{dst}", value)
+    def signal(self, what: str, seq: int, src: int, dst: int, value: int = 1) -> None:
+        """Signal number ``seq`` (positive, growing) of kind ``what`` between ``src`` and ``dst``, one of
+        them this process, with a ``value`` below 2**24."""
+        if not 0 <= value < 1 << _VALUE_BITS:
+            raise ValueError(f"an IPC signal's value must lie in [0, {1 << _VALUE_BITS}), got {value}")
+        self._outbox[_KINDS.index(what), self._peer(src, dst)] = (seq << _VALUE_BITS) | value
 
-    def wait(self, what: str, seq: str, src: int, dst: int) -> bytes:
-        """Wait for a signal; returns its value."""
-        key = f"{self.prefix}/{what}/{seq}/{src}->{dst}"
+    def wait(self, what: str, seq: int, src: int, dst: int) -> int:
+        """Wait for signal ``seq`` of kind ``what`` from the other process of ``src`` and ``dst``; returns its value."""
+        peer = self._peer(src, dst)
+        word = self._inbox(peer)[_KINDS.index(what)]
+        deadline, spins = None, 0
+        while True:
+            got = int(word[self.me])
+            if got >> _VALUE_BITS >= seq:
+                return got & ((1 << _VALUE_BITS) - 1)
+            spins += 1
+            if spins < 2000:  # spin first: the signal is usually microseconds away
+                continue
+            now = time.monotonic()
+            deadline = deadline or now + self.timeout_s
+            if now > deadline:
+                raise SyncTimeout(f"CUDA IPC: no '{what}' for round {seq:#x} from process {peer} to {self.me} "
+                                  f"within {self.timeout_s:.0f} s")
+            time.sleep(0 if spins < 20000 else 50e-6)
+
+    def _peer(self, src: int, dst: int) -> int:
+        if self.me not in (src, dst):
+            raise ValueError(f"process {self.me} signals only its own pairs, not {src}->{dst}")
+        return dst if src == self.me else src
+
+    def _inbox(self, peer: int) -> np.ndarray:
+        """Process ``peer``'s mailbox, mapped once (waits until it is published)."""
+        if peer not in self._inboxes:
+            key = f"{self.prefix}/mailbox/{peer}"
+            try:
+                self.store.wait([key], self.timeout)
+            except RuntimeError as e:
+                raise SyncTimeout(f"CUDA IPC: process {peer} published no mailbox: {e}") from e
+            memory = _attach(self.store.get(key).decode())
+            self._memories.append(memory)
+            self._inboxes[peer] = np.ndarray((len(_KINDS), self.processes), dtype=np.int64, buffer=memory.buf)
+        return self._inboxes[peer]
+
+
+def _mailbox(processes: int) -> tuple[np.ndarray, shared_memory.SharedMemory]:
+    memory = shared_memory.SharedMemory(create=True, size=8 * len(_KINDS) * max(processes, 1))
+    words = np.ndarray((len(_KINDS), processes), dtype=np.int64, buffer=memory.buf)
+    words[:] = 0
+    return words, memory
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Map another process's mailbox without adopting it: before Python 3.13 the resource tracker
+    would unlink it when this process exits, under the process that still writes it."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    memory = shared_memory.SharedMemory(name=name)
+    resource_tracker.unregister(memory._name, "shared_memory")  # noqa: SLF001 (what track=False does)
+    return memory
+
+
+def _release(memories: list, own: str) -> None:
+    """Unmap every mailbox; unlink this process's own (the one named ``own``)."""
+    for memory in memories:
         try:
-            self.store.wait([key], self.timeout)
-        except RuntimeError as e:
-            raise SyncTimeout(f"CUDA IPC: no '{what}' for round {seq} from process {src} to {dst}: {e}") from e
-        value = self.store.get(key)
-        self.store.delete_key(key)
-        return value
+            memory.close()
+        except BufferError:  # a numpy view still maps it: the mapping goes with the process
+            pass
+        if memory.name == own:
+            try:
+                memory.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _sequence(sync: int, stage: int, k: int = 0) -> int:
+    """Round ``k`` of ``stage`` of the executor's sync number ``sync``, as one growing number."""
+    if not 0 <= k < 1 << 14 or not 0 < sync < 1 << 24:
+        raise ValueError(f"CUDA IPC signals number at most 2**14 rounds a stage and 2**24 syncs an executor "
+                         f"(round {k} of sync {sync}): raise sync.bucket_mb, or build a new executor")
+    return (sync << 16) | (stage << 14) | k
 
 
 def _synchronize(device: torch.device) -> None:
@@ -98,7 +190,7 @@ class IpcArena(Channel):
         self.signals, self.sends, self.receives = signals, sends, receives
         self.device: torch.device | None = None
         self.sync = 0
-        self._pending_done: dict[int, set[tuple[str, int]]] = {0: set(), 1: set()}  # arena half -> (round, receiver)
+        self._pending_done: dict[int, set[tuple[int, int]]] = {0: set(), 1: set()}  # arena half -> (round, receiver)
         self.arenas: dict[int, tuple[torch.Tensor, dict]] = {}  # sending process -> (its arena, offsets)
         self.opened = False
 
@@ -115,8 +207,8 @@ class IpcArena(Channel):
     def begin(self, sync: int) -> None:
         self.sync = sync
 
-    def _seq(self, stage: int, k: int) -> str:
-        return f"{self.sync}/{stage}/{k}"
+    def _seq(self, stage: int, k: int) -> int:
+        return _sequence(self.sync, stage, k)
 
     def before_pack(self, stage: int, k: int) -> None:
         if self.sends.get((stage, k)):
@@ -184,11 +276,11 @@ class IpcDirect(Channel):
         if self.lent_to.get(stage):
             _synchronize(self.device)  # whatever wrote them has finished
             for q in self.lent_to[stage]:
-                self.signals.signal("lent", f"{self.sync}/{stage}", self.signals.me, q, str(self.generation).encode())
+                self.signals.signal("lent", _sequence(self.sync, stage), self.signals.me, q, self.generation)
 
     def borrow(self, stage: int) -> tuple[dict[int, int], dict[int, torch.Tensor]]:
         """(each lender's generation, the lenders' tensors by plan local id) once they are ready."""
-        generations = {p: int(self.signals.wait("lent", f"{self.sync}/{stage}", p, self.signals.me))
+        generations = {p: self.signals.wait("lent", _sequence(self.sync, stage), p, self.signals.me)
                        for p in self.lenders.get(stage, [])}
         for p, gen in generations.items():
             if self._borrowed.get(p, (None,))[0] != gen:  # the lender bound anew: map its tensors again
@@ -201,7 +293,7 @@ class IpcDirect(Channel):
     def pulled(self, stage: int, device: torch.device) -> None:
         _synchronize(device)  # read before the lenders move on
         for p in self.lenders.get(stage, []):
-            self.signals.signal("pulled", f"{self.sync}/{stage}", self.signals.me, p)
+            self.signals.signal("pulled", _sequence(self.sync, stage), self.signals.me, p)
 
     def post(self, stage: int, k: int, messages: list[Message]) -> Any:
         return None  # chunks, not rounds: see start / borrow / pulled / end
@@ -212,4 +304,4 @@ class IpcDirect(Channel):
     def end(self, stage: int) -> None:
         """Our lent tensors may change again once every reader of this stage is done."""
         for q in self.lent_to.get(stage, []):
-            self.signals.wait("pulled", f"{self.sync}/{stage}", q, self.signals.me)
+            self.signals.wait("pulled", _sequence(self.sync, stage), q, self.signals.me)

@@ -85,7 +85,8 @@ def test_cuda_ipc_on_cpu_tensors_is_refused_before_any_byte_moves(mode):
     plan = build_plan(JobSpec.from_dict(job)).validate()
 
     class Store:  # the executor wants a store for IPC signals; this test never gets that far
-        pass
+        def set(self, key, value):  # where a process publishes its mailbox
+            pass
 
     transport = SoloTransport()
     transport.store = Store()
