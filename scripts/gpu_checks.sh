@@ -9,10 +9,11 @@
 #   address.json   what the per-sync check that 80,000 tensors have not moved costs, by way of checking
 #   fp8.json       the FP8 refresh of the DeepSeek-V3-like case against its bf16 refresh, GB/s against a flat copy
 #   kernel.json    the copy kernel's knobs on the MoE case's programs; syncs with the address check on and off, alternating
+#   ipc.json       the CUDA IPC rows of colocated.json alone, with each process's waiting and copying
 #   colocated.json every copy variant with and without the per-sync address check, CUDA IPC arena and direct
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [address] [fp8] [kernel] [colocated]}
+out=${1:?usage: gpu_checks.sh OUT_DIR [tests] [replan] [quantize] [address] [fp8] [kernel] [ipc] [colocated]}
 shift
 parts=${*:-tests replan quantize address fp8 colocated}
 python -m pip install -q --no-index --find-links .whl pydantic rich pytest hypothesis 2>&1 | tail -2
@@ -36,6 +37,8 @@ for part in $parts; do
          tail -c 2500 "$out/fp8.log" ;;
     kernel) timeout 540 "${bench[@]}" --kernel-sweep --reps 6 --out "$out/kernel.json" > "$out/kernel.log" 2>&1
             tail -c 3000 "$out/kernel.log" ;;
+    ipc) timeout 300 "${bench[@]}" --cases --ipc --reps 10 --out "$out/ipc.json" > "$out/ipc.log" 2>&1
+         tail -c 2500 "$out/ipc.log" ;;
     colocated) timeout 540 "${bench[@]}" --cases "dense 1.7B tp1->tp1" "dsv3-like tp2ep4->dp8ep8+32" --ipc --reps 6 \
                  --slices-reps 1 --out "$out/colocated.json" > "$out/colocated.log" 2>&1
                tail -c 2500 "$out/colocated.log" ;;

@@ -69,8 +69,8 @@ class SyncStats:
     pack_seconds: float = 0.0  # copying into send buckets and local copies (launch time on CUDA)
     bind_seconds: float = 0.0  # validating the endpoints' tensors and building copy programs (first sync)
     check_seconds: float = 0.0  # checking that the endpoints' tensors are still where the programs were bound
-    wait_seconds: float = 0.0  # waiting for the network
-    unpack_seconds: float = 0.0  # copying out of receive buckets
+    wait_seconds: float = 0.0  # waiting for the network (or, over CUDA IPC, for the peers on this GPU)
+    unpack_seconds: float = 0.0  # copying out of receive buckets (or, over CUDA IPC direct, the peers' tensors)
     verified: bool | None = None
     verify_seconds: float = 0.0  # this rank's checksums and their exchange, after the bytes moved (not in seconds)
     mismatched: list[str] = field(default_factory=list)
@@ -626,8 +626,10 @@ class PlanExecutor:
             self._count_lent(stage, stats)
             self._pull_from_lenders(binding, stage, stats)
             self._run_rounds(binding, stage, channels, stats)
+            t_end = time.perf_counter()
             for ch in channels:
                 ch.end(stage)
+            stats.wait_seconds += time.perf_counter() - t_end  # for the peers reading our tensors or arena
             if binding.device.type == "cuda" and (remote or stage == 2):  # local copies alone run on into stage 2
                 torch.cuda.synchronize(binding.device)
             stats.stage_seconds[stage] = time.perf_counter() - t0
@@ -641,8 +643,11 @@ class PlanExecutor:
     def _count_lent(self, stage: int, stats: SyncStats) -> None:
         """What processes on this GPU read from our tensors this stage counts as sent."""
         c, rows = self._chunks, self._lent_rows[stage]
+        if not len(rows):
+            return
         stats.bytes_sent += int(c["nbytes"][rows].sum())
-        for peer, n in zip(c["dst"][rows].tolist(), c["nbytes"][rows].tolist()):
+        peers, at = np.unique(c["dst"][rows], return_inverse=True)
+        for peer, n in zip(peers.tolist(), np.bincount(at, weights=c["nbytes"][rows]).astype(np.int64).tolist()):
             stats.sent_to[peer] = stats.sent_to.get(peer, 0) + n
 
     def _pull_from_lenders(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
@@ -650,7 +655,10 @@ class PlanExecutor:
         rows = self.pulled_rows[stage]
         if not len(rows):
             return
+        t0 = time.perf_counter()
         generations, borrowed = self.direct_ipc.borrow(stage)
+        t1 = time.perf_counter()
+        stats.wait_seconds += t1 - t0  # for the lenders to say their tensors are ready
         if self._pull is None or self._pull[0] is not binding or self._pull[1] != generations:
             ends = {**binding.flats, **borrowed}
             programs = {s: self._programs(ends, r, None, None, np.zeros(len(self.plan.local_name), dtype=bool))
@@ -659,6 +667,7 @@ class PlanExecutor:
         for program in self._pull[2][stage]:
             program()
         self.direct_ipc.pulled(stage, binding.device)
+        stats.unpack_seconds += time.perf_counter() - t1  # the copies, launched and finished
         c = self._chunks
         self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
         stats.bytes_received += int(c["nbytes"][rows].sum())
