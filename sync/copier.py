@@ -146,7 +146,13 @@ class CopyProgram:
                 self.launches.append(("rows", self._base.view(word), self._upload(table), vec, int(block), len(run)))
 
     def _upload(self, table: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)).to(self.device)
+        host = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64))
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        # from pinned memory without waiting: a program built while other copies run (the moved experts'
+        # after a new placement) must not stall the host behind them. The copy is ordered before the
+        # kernels that read the table on this stream, and torch keeps the pinned block until it is done.
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def __call__(self, config=None) -> None:
         """Copy. ``config``: the Triton kernel's knobs (``sync.copy_kernel.KernelConfig``), its default if None."""

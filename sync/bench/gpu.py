@@ -233,7 +233,7 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     return rows
 
 
-def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
+def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb: int = 64) -> dict:
     """A refresh after a placement change against one with the placement unchanged, in one session:
     syncs by the same plan (median), then, for each of ``reps`` new placements, the PlanBuilder's
     replan (CPU), the session's rebind (``Session.replan``: checks, new executor) and the first sync by
@@ -245,7 +245,8 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
     loads = [synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=s) for s in range(2 * reps + 1)]
     plan = builder.plan(job.placement(loads[0]))
     sources, targets = endpoints(plan)
-    session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings())
+    session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
+                           tile_bytes=tile_kb << 10)
     srcs, tgts = session.sources, session.targets
 
     def timed_sync(verify: bool = False):
@@ -293,7 +294,7 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
 
         pstats.Stats(profiler).sort_stats("cumtime").print_stats(35)
     med = statistics.median
-    row = dict(case=name, copies="replan", payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
+    row = dict(case=name, copies="replan", tile_kb=tile_kb, payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
                sync_unchanged_s=med(unchanged), replan_plan_s=med(plan_s), rebind_s=med(rebind_s),
                first_sync_s=med(first_s), second_sync_s=med(second_s),
                changed_over_unchanged=(med(rebind_s) + med(first_s)) / med(unchanged),
@@ -303,6 +304,9 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False) -> dict:
                spread=dict(unchanged=[min(unchanged), max(unchanged)], first=[min(first_s), max(first_s)],
                            rebind=[min(rebind_s), max(rebind_s)], prepared=[min(prepared_s), max(prepared_s)]),
                verified=bool(checked.verified))
+    del session, srcs, tgts, sources, targets
+    gc.collect()
+    torch.cuda.empty_cache()
     return row
 
 
@@ -495,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--replan", action="store_true",
                     help="only: a refresh after an expert placement change against one without (the MoE case)")
+    ap.add_argument("--tile-kb", type=int, nargs="*", default=[64],
+                    help="with --replan: the copy programs' tile sizes to compare, one session each")
     ap.add_argument("--profile", action="store_true", help="with --replan: profile the last rebind and first sync")
     ap.add_argument("--address-check", type=int, default=0, metavar="TENSORS",
                     help="only: what checking that this many tensors have not moved costs, by way of checking")
@@ -520,10 +526,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.replan:
         name = "dsv3-like tp2ep4->dp8ep8+32"
-        row = run_replan(name, CASES[name], args.reps, args.profile)
-        print(json.dumps(row), flush=True)
+        rows = []
+        for tile_kb in args.tile_kb:
+            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb))
+            print(json.dumps(rows[-1]), flush=True)
         if args.out:
-            Path(args.out).write_text(json.dumps(dict(card=card, rows=[row]), indent=1))
+            Path(args.out).write_text(json.dumps(dict(card=card, rows=rows), indent=1))
         return
     rows = [r for name in args.cases for r in run_case(name, CASES[name], args.reps, args.slices_reps)]
     if args.ipc:
