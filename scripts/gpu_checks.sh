@@ -23,8 +23,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 bench=(python -c "import sys; from sync.bench.gpu import main; main(sys.argv[1:])")
 for part in $parts; do
   case $part in
-    tests) timeout 150 python -m pytest -q tests/unit/test_fp8_kernel.py tests/unit/test_triton_kernels.py tests/unit/test_checksums.py \
-             tests/integration/test_gpu.py > "$out/tests.log" 2>&1
+    tests) timeout 240 python -m pytest -q tests/unit/test_fp8_kernel.py tests/unit/test_triton_kernels.py tests/unit/test_checksums.py \
+             tests/integration/test_gpu.py tests/integration/test_addresses.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
     replan) timeout 400 "${bench[@]}" --replan --profile --tile-kb 64 256 --out "$out/replan.json" > "$out/replan.log" 2>&1
             tail -c 1200 "$out/replan.log" ;;

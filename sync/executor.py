@@ -32,6 +32,7 @@ from planners.plan import SyncPlan
 from planners.quant import FP8, is_internal
 from planners.schedule.buckets import ALIGN, Bucket, bucketize
 from planners.schedule.runs import BUFFER, chunk_runs
+from sync.addresses import Addresses
 from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
 from sync.channels.faulty import Fault, Faulty
 from sync.copier import CopyProgram
@@ -40,10 +41,6 @@ from sync.ends.base import check_locals, end_locals
 from sync.tensors import TORCH_DTYPES, block
 from sync.transport import Transport
 from sync.verify.verifier import Verifier
-
-# checks many tensors' addresses in one C++ loop: private, but what torch's CUDA graph trees use to
-# check their static inputs; CPU builds lack it (then a Python pass does the same)
-_PTRS_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 # Below these sizes a contiguous chunk is packed into a bucket rather than sent as a message of its
 # own. Gloo copies on the CPU, so it skips the copy early. On GPUs packing and unpacking run at
@@ -387,19 +384,15 @@ class PlanExecutor:
 
     @staticmethod
     def _key(given) -> tuple:
-        """Which dicts the endpoints handed over and where their tensors are."""
+        """Which dicts the endpoints handed over, where their tensors are, and those tensors to check again."""
         tensors = list(chain.from_iterable(d.values() for _, d, _ in given))
-        return [id(d) for _, d, _ in given], list(map(torch.Tensor.data_ptr, tensors)), list(range(len(tensors)))
+        addresses = list(map(torch.Tensor.data_ptr, tensors))
+        return [id(d) for _, d, _ in given], addresses, Addresses(tensors, addresses)
 
     @staticmethod
     def _moved(given, key: tuple) -> bool:
-        """Whether any tensor of the same dicts is no longer where ``key`` says."""
-        tensors = list(chain.from_iterable(d.values() for _, d, _ in given))
-        if len(tensors) != len(key[1]):
-            return True
-        if _PTRS_EQUAL is not None:  # CUDA builds: one C++ loop (what CUDA graph trees use)
-            return not _PTRS_EQUAL(tensors, key[1], key[2])
-        return list(map(torch.Tensor.data_ptr, tensors)) != key[1]
+        """Whether any tensor of the same dicts is another, or no longer where ``key`` says."""
+        return key[2].moved(list(chain.from_iterable(d.values() for _, d, _ in given)))
 
     def adopt(self, previous: "PlanExecutor | None") -> None:
         """Take over what ``previous`` (this process's executor of the plan before, e.g. before a new

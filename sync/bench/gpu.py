@@ -304,9 +304,6 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
                spread=dict(unchanged=[min(unchanged), max(unchanged)], first=[min(first_s), max(first_s)],
                            rebind=[min(rebind_s), max(rebind_s)], prepared=[min(prepared_s), max(prepared_s)]),
                verified=bool(checked.verified))
-    del session, srcs, tgts, sources, targets
-    gc.collect()
-    torch.cuda.empty_cache()
     return row
 
 
@@ -431,11 +428,17 @@ def alternate_check(ex, session, reps: int, payload: int, flat: float, name: str
 def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -> dict:
     """What the per-sync check that no tensor moved costs for ``count`` CUDA tensors in ``dicts``
     endpoint dicts, by way of checking (medians of ``reps``, milliseconds): listing the dicts' tensors,
-    the executor's check (one C++ loop where torch has it), and two Python-level alternatives."""
+    the executor's check (identities in Python, addresses in C++ once ``sync.addresses`` has built that
+    part), torch's C++ loop over the Python list (the check until then), and two Python-level passes."""
     import numpy as np
     from itertools import chain
 
+    from sync.addresses import Addresses, native_check
     from sync.executor import PlanExecutor
+
+    t0 = time.perf_counter()
+    built = native_check.wait(900) is not None
+    build_s = time.perf_counter() - t0
 
     per = -(-count // dicts)
     pool = torch.empty(count * 64, dtype=torch.uint8, device=device)
@@ -454,8 +457,10 @@ def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -
     def mapped():
         return list(map(torch.Tensor.data_ptr, listed())) == key[1]
 
-    out = dict(tensors=count, dicts=dicts)
+    from_python = Addresses(key[2].tensors, key[1], native=False)
+    out = dict(tensors=count, dicts=dicts, native_built=built, native_build_s=build_s)
     for name, fn in (("list", listed), ("executor", lambda: PlanExecutor._moved(given, key)),
+                     ("torch loop", lambda: from_python.moved(listed())),
                      ("numpy fromiter", fromiter), ("python map", mapped)):
         times = []
         for _ in range(reps):
@@ -464,7 +469,11 @@ def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -
             times.append(time.perf_counter() - t0)
         out[name + "_ms"] = statistics.median(times) * 1e3
         out[name + "_spread_ms"] = [min(times) * 1e3, max(times) * 1e3]
-    assert not PlanExecutor._moved(given, key)
+    assert not PlanExecutor._moved(given, key) and not from_python.moved(listed())
+    first = given[0][1]
+    name = next(iter(first))
+    first[name].data = first[name].clone()  # moved under the same object: both checks see it
+    assert PlanExecutor._moved(given, key) and from_python.moved(listed())
     return out
 
 
@@ -511,6 +520,12 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the GPU benchmark needs a CUDA device")
     card = torch.cuda.get_device_name()
+    from sync.addresses import native_check
+
+    t0 = time.perf_counter()  # every case checks addresses as a user's syncs will, once the C++ part is built
+    built = native_check.wait(900) is not None
+    print(f"C++ address check {'built' if built else f'not built ({native_check.error})'} in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     if args.address_check:
         row = run_address_check(args.address_check, 16, 20)
         print(json.dumps(row), flush=True)
@@ -530,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
         for tile_kb in args.tile_kb:
             rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb))
             print(json.dumps(rows[-1]), flush=True)
+            gc.collect()  # the session's tensors, before the next one allocates its own
+            torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps(dict(card=card, rows=rows), indent=1))
         return
