@@ -392,7 +392,7 @@ class PlanExecutor:
     @staticmethod
     def _moved(given, key: tuple) -> bool:
         """Whether any tensor of the same dicts is another, or no longer where ``key`` says."""
-        return key[2].moved(list(chain.from_iterable(d.values() for _, d, _ in given)))
+        return key[2].moved([d for _, d, _ in given])
 
     def adopt(self, previous: "PlanExecutor | None") -> None:
         """Take over what ``previous`` (this process's executor of the plan before, e.g. before a new

@@ -3,6 +3,8 @@ extension builder: tens of seconds the first time, so an integration test)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -25,41 +27,47 @@ def native(request):
     return module
 
 
-def _tensors() -> list[torch.Tensor]:
+def _dicts() -> list[dict]:
     base = torch.arange(64, dtype=torch.float32)
-    # a view at an offset and an empty tensor: their addresses as data_ptr() gives them
-    return [torch.randn(8), base[16:24], torch.empty(0), torch.zeros(3, 4, dtype=torch.bfloat16), base]
+    # a view at an offset and an empty tensor: their addresses as data_ptr() gives them; a dict
+    # subclass, whose values are read through values()
+    return [{"w": torch.randn(8), "view": base[16:24], "empty": torch.empty(0)},
+            OrderedDict(norm=torch.zeros(3, 4, dtype=torch.bfloat16), base=base)]
 
 
-def _watch(tensors, native: bool) -> Addresses:
-    watch = Addresses(list(tensors), list(map(torch.Tensor.data_ptr, tensors)), native=native)
-    assert not watch.moved(list(tensors))
+def _watch(dicts, native: bool) -> Addresses:
+    tensors = [t for d in dicts for t in d.values()]
+    watch = Addresses(tensors, list(map(torch.Tensor.data_ptr, tensors)), native=native)
+    assert not watch.moved(dicts)
     assert (watch._native is not None) == native  # the path under test is the one taken
     return watch
 
 
 @pytest.mark.parametrize("in_cpp", [True, False])
 def test_every_way_a_tensor_moves_is_seen(in_cpp, native):
-    tensors = _tensors()
-    watch = _watch(tensors, in_cpp)
-    tensors[0].data = torch.randn(8)  # new storage under the same object
-    assert watch.moved(tensors)
+    dicts = _dicts()
+    watch = _watch(dicts, in_cpp)
+    dicts[0]["w"].data = torch.randn(8)  # new storage under the same object
+    assert watch.moved(dicts)
 
-    tensors = _tensors()
-    watch = _watch(tensors, in_cpp)
-    replaced = list(tensors)
-    replaced[3] = tensors[3].clone()  # a new tensor under an old name
-    assert watch.moved(replaced)
-    assert watch.moved(tensors[:-1])  # one fewer
+    dicts = _dicts()
+    watch = _watch(dicts, in_cpp)
+    dicts[1]["norm"] = dicts[1]["norm"].clone()  # a new tensor under an old name
+    assert watch.moved(dicts)
 
-    tensors = _tensors()
-    watch = _watch(tensors, in_cpp)
-    before = tensors[3].data_ptr()
-    storage = tensors[3].untyped_storage()
+    dicts = _dicts()
+    watch = _watch(dicts, in_cpp)
+    assert watch.moved(dicts[:1])  # fewer tensors
+    assert watch.moved([dicts[0], dict(dicts[1], extra=torch.zeros(1))])  # more
+
+    dicts = _dicts()
+    watch = _watch(dicts, in_cpp)
+    norm = dicts[1]["norm"]
+    before, storage = norm.data_ptr(), norm.untyped_storage()
     size = storage.nbytes()
     storage.resize_(0)  # freed and allocated again, as offloading does
     storage.resize_(size)
-    assert watch.moved(tensors) == (tensors[3].data_ptr() != before)
+    assert watch.moved(dicts) == (norm.data_ptr() != before)
 
 
 def test_a_sync_rebinds_when_a_tensor_moved_under_the_same_object(native):
