@@ -19,6 +19,7 @@ executor (``fault``) wraps the wire.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from itertools import chain
@@ -239,7 +240,7 @@ class PlanExecutor:
     def __init__(self, plan: SyncPlan, rank, transport: Transport | None = None,
                  bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int | None = None,
                  process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, ipc: bool | str = False,
-                 recheck: bool = True, fan: dict[int, np.ndarray] | None = None) -> None:
+                 recheck: bool = True, fan: dict[int, np.ndarray] | None = None, collect_during_sync: bool = False) -> None:
         """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
         ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
         ``direct_bytes``: contiguous chunks at least this large skip the bucket copy and travel as
@@ -255,7 +256,11 @@ class PlanExecutor:
         rebinds if not; with False, a binding is reused while the endpoints hand over the same dict
         objects (for endpoints whose tensors never move).
         ``fan``: every process's fan-out (``planners.schedule.buckets.fanout``), needed where the plan is
-        some ranks' part only (``plan.scope``; ``sync.session`` gathers it)."""
+        some ranks' part only (``plan.scope``; ``sync.session`` gathers it).
+        ``collect_during_sync``: let Python's cyclic garbage collector run during a sync. By default it
+        is paused for the sync and resumed after: a full collection walks every object the process
+        holds (tens of thousands of tensors here) and, started by whatever allocation crosses its
+        threshold, would stall the sync for tens of milliseconds. A sync makes no cyclic garbage."""
         if copies not in ("auto", "foreach", "slices"):
             raise ValueError(f"copies must be 'auto', 'foreach' or 'slices', got {copies!r}")
         self.plan = plan
@@ -264,6 +269,7 @@ class PlanExecutor:
         self.transport = transport or Transport()
         self.timeout_s = timeout_s
         self.copies, self.tile_bytes, self.recheck = copies, tile_bytes, recheck
+        self.collect_during_sync = collect_during_sync
         self.process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
         self.hosted = np.zeros(plan.num_ranks, dtype=bool)
         self.hosted[self.ranks] = True
@@ -572,8 +578,15 @@ class PlanExecutor:
         targets = list(target.values()) if isinstance(target, dict) else [target]
         versioned = [t for t in targets if t is not None and hasattr(t, "begin")]
         told = targets[0] if len(targets) == 1 else (_EveryTarget(versioned) if versioned else None)
-        return versioned_sync(told, version, lambda: self._sync(source, target, verify, written),
-                              lambda: sorted(self.plan.local_name[i] for i in written), strict and verify)
+        paused = gc.isenabled() and not self.collect_during_sync
+        if paused:
+            gc.disable()
+        try:
+            return versioned_sync(told, version, lambda: self._sync(source, target, verify, written),
+                                  lambda: sorted(self.plan.local_name[i] for i in written), strict and verify)
+        finally:
+            if paused:
+                gc.enable()
 
     def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
         stats = SyncStats(self.rank)

@@ -233,7 +233,8 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     return rows
 
 
-def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb: int = 64) -> dict:
+def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb: int = 64,
+               collect_during_sync: bool = False) -> dict:
     """A refresh after a placement change against one with the placement unchanged, in one session:
     syncs by the same plan (median), then, for each of ``reps`` new placements, the PlanBuilder's
     replan (CPU), the session's rebind (``Session.replan``: checks, new executor) and the first sync by
@@ -246,21 +247,34 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
     plan = builder.plan(job.placement(loads[0]))
     sources, targets = endpoints(plan)
     session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
-                           tile_bytes=tile_kb << 10)
+                           tile_bytes=tile_kb << 10, collect_during_sync=collect_during_sync)
     srcs, tgts = session.sources, session.targets
+    collecting: list[float] = []  # seconds of garbage collections, during the timed syncs
+    started = []
+
+    def on_collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            collecting[-1] += time.perf_counter() - started.pop()
 
     def timed_sync(verify: bool = False):
         torch.cuda.synchronize()
+        collecting.append(0.0)
+        gc.callbacks.append(on_collection)
         t0 = time.perf_counter()
         stats = session.executor.sync(srcs, tgts, verify=verify)
         torch.cuda.synchronize()
-        return time.perf_counter() - t0, stats
+        seconds = time.perf_counter() - t0
+        gc.callbacks.remove(on_collection)
+        return seconds, stats
 
     timed_sync()  # binds
     unchanged = [timed_sync()[0] for _ in range(reps)]
     plan_s, rebind_s, first_s, second_s = [], [], [], []
     checked = None
     profiler = None
+    first_gc_s = []
     for i, load in enumerate(loads[1: reps + 1]):
         if profile and i == reps - 1:  # the last change: where the rebind and first sync spend their time
             import cProfile
@@ -274,6 +288,7 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
         session.replan(new)
         t2 = time.perf_counter()
         first, _ = timed_sync()
+        first_gc_s.append(collecting[-1])
         if profiler is not None:
             profiler.disable()
         plan_s.append(t1 - t0)
@@ -294,7 +309,8 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
 
         pstats.Stats(profiler).sort_stats("cumtime").print_stats(35)
     med = statistics.median
-    row = dict(case=name, copies="replan", tile_kb=tile_kb, payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
+    row = dict(case=name, copies="replan", tile_kb=tile_kb, collect_during_sync=collect_during_sync,
+               first_sync_gc_s=med(first_gc_s), first_sync_gc_max_s=max(first_gc_s), payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
                sync_unchanged_s=med(unchanged), replan_plan_s=med(plan_s), rebind_s=med(rebind_s),
                first_sync_s=med(first_s), second_sync_s=med(second_s),
                changed_over_unchanged=(med(rebind_s) + med(first_s)) / med(unchanged),
@@ -542,8 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.replan:
         name = "dsv3-like tp2ep4->dp8ep8+32"
         rows = []
-        for tile_kb in args.tile_kb:
-            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb))
+        for tile_kb, collect in [(kb, c) for kb in args.tile_kb for c in (True, False)]:
+            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb, collect))
             print(json.dumps(rows[-1]), flush=True)
             gc.collect()  # the session's tensors, before the next one allocates its own
             torch.cuda.empty_cache()

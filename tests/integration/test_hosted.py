@@ -235,3 +235,29 @@ def test_a_placement_prepared_ahead_syncs_with_its_programs_already_bound():
     for r, target in targets.items():
         for name, want in source_shards(plans[2], r, 1).items():
             assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
+
+
+@pytest.mark.parametrize("collect", [False, True])
+def test_the_garbage_collector_waits_for_the_sync_and_resumes_after_it(collect):
+    import gc
+
+    plan = build_plan(JobSpec.from_dict(JOB)).validate()
+    ex = PlanExecutor(plan, range(plan.num_ranks), SoloTransport(), collect_during_sync=collect)
+    sources, targets = endpoints(plan, range(plan.num_ranks), 1)
+    seen = []
+
+    class Watched:  # an engine end that notes, when the sync asks for its tensors, whether gc may run
+        def __init__(self, target):
+            self.target = target
+
+        def local_tensors(self):
+            seen.append(gc.isenabled())
+            return self.target.local_tensors()
+
+    watched = {r: Watched(t) for r, t in targets.items()}
+    assert gc.isenabled()
+    ex.sync(sources, watched)
+    assert seen and all(s is collect for s in seen) and gc.isenabled()
+    with pytest.raises(ValueError, match="needs a target"):
+        ex.sync(sources, {})  # a failed sync resumes it too
+    assert gc.isenabled()
