@@ -204,7 +204,7 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     plan = build_plan(job).validate()
     bucket = int((args.bucket_mb or job.sync.bucket_mb) * (1 << 20))
     r = bench_sync(plan, reps=args.reps, bucket_bytes=bucket, timeout_s=job.sync.timeout_s, backend=args.backend,
-                   hosted=args.hosted)
+                   hosted=args.hosted, direct_bytes=None if args.direct_kb is None else args.direct_kb << 10)
     if args.json:
         print(json.dumps(r))
         return 0 if r["verified"] else 1
@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="nccl: each process on its GPU (plan.devices modulo the GPUs here)")
     bs.add_argument("--hosted", action="store_true",
                     help="one process per device hosting its ranks (colocated on GPUs; no broadcast baseline)")
+    bs.add_argument("--direct-kb", type=int, default=None,
+                    help="contiguous chunks at least this large travel as messages of their own (default: the "
+                         "backend's, 256 KB on gloo)")
     bg = bsub.add_parser("gpu", help="colocated refresh on one CUDA GPU: batched copies vs per-slice copy_ "
                                      "vs a flat copy (options: rlsync bench gpu -- --help)")
     bg.add_argument("rest", nargs=argparse.REMAINDER, help="options of sync/bench/gpu.py")
