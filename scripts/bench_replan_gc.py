@@ -27,6 +27,7 @@ def _run(collect: bool, changes: int) -> dict:
     from planners.build import PlanBuilder
     from planners.eplb.stats import synthetic_load
     from sync.bench.gpu import CASES, Tensors
+    from sync.bench.timing import Collections
     from sync.ends.base import end_locals
     from sync.session import Session
     from sync.tensors import TORCH_DTYPES
@@ -47,24 +48,16 @@ def _run(collect: bool, changes: int) -> dict:
     session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
                            collect_during_sync=collect)
     session.executor.sync(session.sources, session.targets, verify=False)
-    inside, started, firsts = [], [], []
-
-    def on_collection(phase: str, info: dict) -> None:
-        if phase == "start":
-            started.append(time.perf_counter())
-        elif started:
-            inside[-1] += time.perf_counter() - started.pop()
-
+    collections, firsts = Collections(), []
     for load in loads[1:]:
         session.replan(builder.plan(job.placement(load)))
-        inside.append(0.0)
-        gc.callbacks.append(on_collection)
-        t0 = time.perf_counter()
-        session.executor.sync(session.sources, session.targets, verify=False)
-        firsts.append(time.perf_counter() - t0)
-        gc.callbacks.remove(on_collection)
+        with collections:
+            t0 = time.perf_counter()
+            session.executor.sync(session.sources, session.targets, verify=False)
+            seconds = time.perf_counter() - t0
+        firsts.append(seconds)
     return dict(collect_during_sync=collect, first_sync_s=statistics.median(firsts), first_syncs_s=firsts,
-                collecting_inside_s=inside, tracked_objects=len(gc.get_objects()))
+                collecting_inside_s=collections.seconds, tracked_objects=len(gc.get_objects()))
 
 
 def _child(collect: bool, changes: int, queue) -> None:

@@ -45,6 +45,7 @@ from planners.eplb.stats import synthetic_load
 from sync.copier import CopyProgram
 from planners import SyncSettings
 from sync.ends.base import end_locals
+from sync.bench.timing import Collections
 from sync.session import Session
 from sync.tensors import TORCH_DTYPES
 from sync.transport import SoloTransport
@@ -170,12 +171,13 @@ def time_variant(plan, copies: str, recheck: bool, sources, targets, reps: int) 
                 copied=stats.bytes_copied)
 
 
-def gpu_seconds(programs) -> float:
-    """Seconds the GPU takes to run ``programs`` once, back to back (CUDA events)."""
+def gpu_seconds(programs, config=None) -> float:
+    """Seconds the GPU takes to run ``programs`` once, back to back (CUDA events); copy programs with the
+    kernel knobs ``config`` (``sync.copy_kernel.KernelConfig``) where given."""
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
     for p in programs:
-        p()
+        p(config) if config is not None and isinstance(p, CopyProgram) else p()
     b.record()
     torch.cuda.synchronize()
     return a.elapsed_time(b) / 1e3
@@ -201,13 +203,16 @@ def same(targets, ref: list[torch.Tensor]) -> bool:
     return all(torch.equal(a.view(-1).view(torch.uint8).to(b.device), b) for a, b in zip(got, ref))
 
 
-def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
+def case_plan(spec: dict):
+    """A case's validated plan; MoE cases place their experts by EPLB from a skewed load."""
     job = JobSpec.from_dict(spec)
+    load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=0) if job.model.is_moe else None
+    return build_plan(job, load).validate()
+
+
+def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     t0 = time.perf_counter()
-    load = None
-    if job.model.is_moe:
-        load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=0)
-    plan = build_plan(job, load).validate()
+    plan = case_plan(spec)
     plan_s = time.perf_counter() - t0
     payload = int(plan.chunks["nbytes"].sum())
     sources, targets = endpoints(plan)
@@ -249,24 +254,15 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
     session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
                            tile_bytes=tile_kb << 10, collect_during_sync=collect_during_sync)
     srcs, tgts = session.sources, session.targets
-    collecting: list[float] = []  # seconds of garbage collections, during the timed syncs
-    started = []
-
-    def on_collection(phase: str, info: dict) -> None:
-        if phase == "start":
-            started.append(time.perf_counter())
-        elif started:
-            collecting[-1] += time.perf_counter() - started.pop()
+    collections = Collections()  # inside each timed sync
 
     def timed_sync(verify: bool = False):
         torch.cuda.synchronize()
-        collecting.append(0.0)
-        gc.callbacks.append(on_collection)
-        t0 = time.perf_counter()
-        stats = session.executor.sync(srcs, tgts, verify=verify)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        gc.callbacks.remove(on_collection)
+        with collections:
+            t0 = time.perf_counter()
+            stats = session.executor.sync(srcs, tgts, verify=verify)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
         return seconds, stats
 
     timed_sync()  # binds
@@ -288,7 +284,7 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
         session.replan(new)
         t2 = time.perf_counter()
         first, _ = timed_sync()
-        first_gc_s.append(collecting[-1])
+        first_gc_s.append(collections.seconds[-1])
         if profiler is not None:
             profiler.disable()
         plan_s.append(t1 - t0)
@@ -376,9 +372,7 @@ def run_kernel_sweep(name: str, spec: dict, reps: int, tiles_kb=(64, 256), block
 
     from sync.copy_kernel import DEFAULT, KernelConfig
 
-    job = JobSpec.from_dict(spec)
-    load = synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.2, seed=0) if job.model.is_moe else None
-    plan = build_plan(job, load).validate()
+    plan = case_plan(spec)
     payload = int(plan.chunks["nbytes"].sum())
     sources, targets = endpoints(plan)
     flat = flat_copy_gbps(payload, reps)
@@ -394,9 +388,9 @@ def run_kernel_sweep(name: str, spec: dict, reps: int, tiles_kb=(64, 256), block
             ref = snapshot(targets)
         for config in configs:
             poison(targets)
-            timed_programs(programs, config)  # compiles, and leaves the result to compare
+            gpu_seconds(programs, config)  # compiles, and leaves the result to compare
             exact = same(targets, ref)
-            seconds = statistics.median(timed_programs(programs, config) for _ in range(reps))
+            seconds = statistics.median(gpu_seconds(programs, config) for _ in range(reps))
             rows.append(dict(case=name, tile_kb=tile_kb, block=config.block, num_warps=config.num_warps,
                              default=config == DEFAULT, kernel_s=seconds, x_flat=payload / seconds / 1e9 / flat, exact=exact))
             print(json.dumps(rows[-1]), flush=True)
@@ -409,15 +403,6 @@ def run_kernel_sweep(name: str, spec: dict, reps: int, tiles_kb=(64, 256), block
     torch.cuda.empty_cache()
     return rows
 
-
-def timed_programs(programs, config) -> float:
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for p in programs:
-        p(config) if isinstance(p, CopyProgram) else p()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3
 
 
 def alternate_check(ex, session, reps: int, payload: int, flat: float, name: str) -> dict:
@@ -452,10 +437,6 @@ def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -
     from sync.addresses import Addresses, native_check
     from sync.executor import PlanExecutor
 
-    t0 = time.perf_counter()
-    built = native_check.wait(900) is not None
-    build_s = time.perf_counter() - t0
-
     per = -(-count // dicts)
     pool = torch.empty(count * 64, dtype=torch.uint8, device=device)
     given = [(r, {f"t{i}": pool[(r * per + i) * 64:(r * per + i + 1) * 64] for i in range(min(per, count - r * per))},
@@ -474,7 +455,7 @@ def run_address_check(count: int, dicts: int, reps: int, device: str = "cuda") -
         return list(map(torch.Tensor.data_ptr, listed())) == key[1]
 
     from_python = Addresses(key[2].tensors, key[1], native=False)
-    out = dict(tensors=count, dicts=dicts, native_built=built, native_build_s=build_s)
+    out = dict(tensors=count, dicts=dicts, native_built=native_check.module is not None)  # main waited for it
     for name, fn in (("list", listed), ("executor", lambda: PlanExecutor._moved(given, key)),
                      ("torch loop", lambda: from_python.moved([d for _, d, _ in given])),
                      ("numpy fromiter", fromiter), ("python map", mapped)):
@@ -530,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--address-check", type=int, default=0, metavar="TENSORS",
                     help="only: what checking that this many tensors have not moved costs, by way of checking")
     ap.add_argument("--kernel-sweep", action="store_true",
-                    help="only: the copy kernel's knobs (tile size, block, warps, cache hints) on the MoE case, and "
+                    help="only: the copy kernel's knobs (tile size, block, warps) on the MoE and dense cases, and "
                          "syncs with and without the address check alternating")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

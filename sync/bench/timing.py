@@ -1,12 +1,14 @@
-"""Wall-clock timing of a benchmark step, waiting for the GPU on either side where it runs."""
+"""Wall-clock timing of a benchmark step, waiting for the GPU on either side where it runs, and the
+garbage collections that ran inside it."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
 
-__all__ = ["timed"]
+__all__ = ["timed", "Collections"]
 
 
 def timed(fn, repeats: int, device: torch.device) -> list[float]:
@@ -21,3 +23,26 @@ def timed(fn, repeats: int, device: torch.device) -> list[float]:
             torch.cuda.synchronize(device)
         out.append(time.perf_counter() - t0)
     return out
+
+
+class Collections:
+    """Seconds Python's garbage collector ran inside ``with`` blocks: one entry of ``seconds`` per block."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._started: list[float] = []
+        self._callback = self._on  # one bound method: leaving a block allocates nothing the collector counts
+
+    def _on(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started.append(time.perf_counter())
+        elif self._started:
+            self.seconds[-1] += time.perf_counter() - self._started.pop()
+
+    def __enter__(self) -> "Collections":
+        self.seconds.append(0.0)
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        gc.callbacks.remove(self._callback)

@@ -51,13 +51,17 @@ class IpcSignals:
     def __init__(self, store, prefix: str, me: int, timeout_s: float, processes: int) -> None:
         if store is None:
             raise ValueError("CUDA IPC needs the sync group's store to pass handles and signals")
-        self.store, self.prefix, self.me, self.timeout = store, prefix, me, timedelta(seconds=timeout_s)
-        self.timeout_s, self.processes = timeout_s, processes
+        self.store, self.prefix, self.me, self.timeout_s, self.processes = store, prefix, me, timeout_s, processes
         self._outbox, memory = _mailbox(processes)
         self._memories = [memory]
         self._finalizer = weakref.finalize(self, _release, self._memories, memory.name)
         self.store.set(f"{self.prefix}/mailbox/{me}", memory.name.encode())
         self._inboxes: dict[int, np.ndarray] = {}
+
+    @property
+    def timeout(self) -> timedelta:
+        """``timeout_s``, as the store's waits take it."""
+        return timedelta(seconds=self.timeout_s)
 
     def share(self, arena: torch.Tensor, to: int, offsets: dict) -> None:
         """Publish ``arena`` (a CUDA tensor this process keeps alive) and where each bucket sits in it."""
@@ -133,7 +137,7 @@ class IpcSignals:
 
 
 def _mailbox(processes: int) -> tuple[np.ndarray, shared_memory.SharedMemory]:
-    memory = shared_memory.SharedMemory(create=True, size=8 * len(_KINDS) * max(processes, 1))
+    memory = shared_memory.SharedMemory(create=True, size=8 * len(_KINDS) * processes)
     words = np.ndarray((len(_KINDS), processes), dtype=np.int64, buffer=memory.buf)
     words[:] = 0
     return words, memory
