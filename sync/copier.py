@@ -15,9 +15,9 @@ import torch
 
 __all__ = ["CopyProgram", "expand", "triton_available"]
 
-_CLASSES = (16, 8, 4, 2, 1)  # alignment (bytes) shared by a run's source, destination and length
+CLASSES = (16, 8, 4, 2, 1)  # alignment (bytes) shared by a run's source, destination and length
+WIDE_ROW = 8 << 10  # bytes: a strided run's rows at least this long are copied as contiguous runs
 _WORD = {16: (torch.int32, 4), 8: (torch.int32, 2), 4: (torch.int32, 1), 2: (torch.int16, 1), 1: (torch.uint8, 1)}
-_WIDE_ROW = 8 << 10  # bytes: a strided run's rows at least this long are copied as contiguous runs
 
 
 def triton_available() -> bool:
@@ -96,38 +96,44 @@ class CopyProgram:
         destination tensor."""
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)  # every address is an offset from here
         base = self._base.data_ptr()
-        src = src_ptr + runs["src_off"] - base
-        dst = dst_ptr + runs["dst_off"] - base
-        n, rows, s_stride, d_stride = runs["nbytes"], runs["rows"], runs["src_stride"], runs["dst_stride"]
-        # rows long enough to fill tiles on their own become contiguous runs, one per row
-        wide = (rows > 1) & (n >= _WIDE_ROW)
-        each, row = expand(rows[wide], np.flatnonzero(wide))
-        flat = rows == 1
-        self._contiguous(np.concatenate([src[flat], src[each] + row * s_stride[each]]),
-                         np.concatenate([dst[flat], dst[each] + row * d_stride[each]]),
-                         np.concatenate([n[flat], n[each]]), tile_bytes)
-        strided = (rows > 1) & ~wide
-        self._strided(src[strided], dst[strided], n[strided], rows[strided], s_stride[strided], d_stride[strided],
-                      tile_bytes)
+        self._cut(np.stack([src_ptr + runs["src_off"] - base, dst_ptr + runs["dst_off"] - base, runs["nbytes"],
+                            runs["rows"], runs["src_stride"], runs["dst_stride"]], axis=1), tile_bytes)
 
-    def _contiguous(self, src, dst, n, tile_bytes: int) -> None:
-        align = _align(src | dst | n)
-        for k in _CLASSES:
-            m = align == k
-            if not m.any():
-                continue
-            tile = max(tile_bytes // k, 1)  # units of k bytes per tile
-            s, d, u = src[m] // k, dst[m] // k, n[m] // k
-            count = -(-u // tile)
-            run, t = expand(count)
-            t = t * tile
-            table = np.stack([s[run] + t, d[run] + t, np.minimum(u[run] - t, tile)], axis=1)
-            word, vec = _WORD[k]
-            self.launches.append(("flat", self._base.view(word), self._upload(table), vec, 0, len(run)))
+    @classmethod
+    def of_chunks(cls, chunks: np.ndarray, rows: np.ndarray, tensors, ends, tile_bytes: int = 64 << 10) -> "CopyProgram":
+        """The Triton program of whole chunks ``chunks[rows]`` (a plan's ``CHUNK_DTYPE`` records) between the
+        tensors bound in ``ends`` (``sync.executor.EndTable``, one CUDA device): the tiles
+        ``CopyProgram(chunk_runs(plan, rows), table=ends)`` cuts, from one compiled pass over the chunks
+        instead of array passes over their fields (``sync.copy_tables``). ``tensors``: the plan's tensor
+        table (``plan.table``)."""
+        from sync.copy_tables import chunk_runs_at
+
+        self = cls.__new__(cls)
+        self.device, self.launches, self.pairs = ends.device, [], ([], [])
+        self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
+        runs = chunk_runs_at(chunks, rows, tensors, ends, self._base.data_ptr())
+        self.num_runs = len(runs)
+        self.nbytes = int((runs[:, 2] * runs[:, 3]).sum())
+        if len(runs):
+            self._cut(runs, tile_bytes)
+        return self
+
+    def _cut(self, runs: np.ndarray, tile_bytes: int) -> None:
+        """Tiles of ``runs`` (``[runs, 6]``: source and destination from ``_base``, bytes, rows, source and
+        destination stride). Rows long enough to fill tiles on their own become contiguous runs, one per row."""
+        from sync.copy_tables import flat_tiles
+
+        for k, table in zip(CLASSES, flat_tiles(runs, tile_bytes, WIDE_ROW)):
+            if len(table):
+                word, vec = _WORD[k]
+                self.launches.append(("flat", self._base.view(word), self._upload(table), vec, 0, len(table)))
+        strided = (runs[:, 3] > 1) & (runs[:, 2] < WIDE_ROW)
+        if strided.any():
+            self._strided(*(np.ascontiguousarray(runs[strided, j]) for j in range(6)), tile_bytes)
 
     def _strided(self, src, dst, n, rows, s_stride, d_stride, tile_bytes: int) -> None:
         align = _align(src | dst | n | s_stride | d_stride)
-        for k in _CLASSES:
+        for k in CLASSES:
             m = align == k
             if not m.any():
                 continue

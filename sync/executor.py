@@ -36,7 +36,7 @@ from planners.schedule.runs import BUFFER, chunk_runs
 from sync.addresses import Addresses
 from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
 from sync.channels.faulty import Fault, Faulty
-from sync.copier import CopyProgram
+from sync.copier import CopyProgram, triton_available
 from sync.fp8 import QuantizeProgram
 from sync.ends.base import check_locals, end_locals
 from sync.tensors import TORCH_DTYPES, block
@@ -320,6 +320,7 @@ class PlanExecutor:
             else:
                 lenders = {s: sorted(set(self.process_of[c["src"][rows]].tolist())) for s, rows in self.pulled_rows.items()}
                 self.direct_ipc = IpcDirect(signals, lent_to, lenders)
+        self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
@@ -521,6 +522,7 @@ class PlanExecutor:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
         return (cat([b.chunk for b, _ in picked]), cat([b.lo for b, _ in picked]), cat([b.hi for b, _ in picked]),
                 cat([b.offset + base for b, base in picked]))
+
     def _programs(self, flats, rows, lo, hi, cast, buffer=None, off=None, ends: "EndTable | None" = None) -> list:
         """Copies for chunk items: one batched program, plus one ``copy_`` per item whose source is
         wider than the wire (a cast) or for every item when unbatched. ``buffer``: (the end that is
@@ -529,12 +531,18 @@ class PlanExecutor:
         if not len(rows):
             return []
         c = self._chunks
-        lo = c["lo"][rows] if lo is None else lo
-        hi = c["hi"][rows] if hi is None else hi
         slices = cast[c["src_local"][rows]] | (self.copies == "slices")
+        m = ~slices
+        # whole chunks between bound tensors, on the GPU: tiles straight from the chunk records
+        compiled = (m.any() and lo is None and hi is None and buffer is None and ends is not None
+                    and self._compiled_tables(ends.device))
+        if not compiled or slices.any():
+            lo = c["lo"][rows] if lo is None else lo
+            hi = c["hi"][rows] if hi is None else hi
         out: list = []
-        if (~slices).any():
-            m = ~slices
+        if compiled:
+            out.append(CopyProgram.of_chunks(c, rows[m], self.plan.table, ends, self.tile_bytes))
+        elif m.any():
             kw = {f"{buffer[0]}_buffer": off[m]} if buffer is not None else {}
             runs = chunk_runs(self.plan, rows[m], lo[m], hi[m], **kw)
             tensors = flats if buffer is None else {**flats, BUFFER: buffer[1]}
@@ -552,6 +560,12 @@ class PlanExecutor:
                      zip(rows[slices].tolist(), lo[slices].tolist(), hi[slices].tolist(), offsets.tolist())]
             out.append(SliceCopies(pairs))
         return out
+
+    def _compiled_tables(self, device: torch.device) -> bool:
+        """Whether batched copies on ``device`` are Triton programs, whose tables ``sync.copy_tables`` builds."""
+        if self._tiles_on is None:
+            self._tiles_on = self.copies == "auto" and device.type == "cuda" and triton_available()
+        return self._tiles_on
 
     def _buffer_view(self, buf: torch.Tensor, row: int, lo: int, hi: int, off: int) -> torch.Tensor:
         t = self.plan.tensors[self._chunks["tensor"][row]]
