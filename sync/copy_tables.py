@@ -16,7 +16,7 @@ import numpy as np
 
 from sync.copier import CLASSES, WIDE_ROW
 
-__all__ = ["chunk_runs_at", "flat_tiles", "warm"]
+__all__ = ["chunk_runs_at", "chunk_columns", "flat_tiles", "warm"]
 
 # chunk_runs_at's failures, by code: the message says which end and what to fix
 _ERRORS = {1: "runs reach ends {} the program was not given", 2: "a run reaches outside its {} tensor"}
@@ -46,9 +46,10 @@ def _runs(chunks, rows, itemsize, outer, inner, ptr, size, base, out):
         if nbytes <= 0:
             continue
         src, dst = np.int64(c["src_local"]), np.int64(c["dst_local"])
-        for side, end in ((0, src), (1, dst)):
-            if end < 0 or end >= len(size) or size[end] < 0:
-                return count, 1, end
+        if src < 0 or src >= len(size) or size[src] < 0:
+            return count, 1, src
+        if dst < 0 or dst >= len(size) or size[dst] < 0:
+            return count, 1, dst
         if src_first < 0 or src_first + (nrows - 1) * src_stride + nbytes > size[src]:
             return count, 2, 0
         if dst_first < 0 or dst_first + (nrows - 1) * dst_stride + nbytes > size[dst]:
@@ -130,6 +131,26 @@ def flat_tiles(runs: np.ndarray, tile_bytes: int, wide_row: int = WIDE_ROW) -> l
     of that class's bytes, at most ``tile_bytes`` a tile."""
     table, starts = _flat_tiles(np.ascontiguousarray(runs, dtype=np.int64), np.int64(tile_bytes), np.int64(wide_row))
     return [table[starts[i]: starts[i + 1]] for i in range(len(CLASSES))]
+
+
+@numba.njit(cache=True, nogil=True)
+def _columns(chunks, stage, src, dst, tensor, src_local, dst_local):
+    for i in range(len(chunks)):
+        c = chunks[i]
+        stage[i], src[i], dst[i], tensor[i] = c["stage"], c["src"], c["dst"], c["tensor"]
+        src_local[i], dst_local[i] = c["src_local"], c["dst_local"]
+
+
+COLUMNS = ("stage", "src", "dst", "tensor", "src_local", "dst_local")
+
+
+def chunk_columns(chunks: np.ndarray) -> dict[str, np.ndarray]:
+    """The chunk records' ``COLUMNS`` as contiguous arrays, in one pass: each field read from the packed
+    records on its own is a pass over the whole table (about 0.5 ms each for 60,000 chunks)."""
+    out = {name: np.empty(len(chunks), dtype=chunks.dtype[name]) for name in COLUMNS}
+    if len(chunks):
+        _columns(chunks, *(out[name] for name in COLUMNS))
+    return out
 
 
 def warm() -> None:

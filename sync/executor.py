@@ -176,6 +176,8 @@ def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int
     take one from this replica and the other from another: one sent is reason enough, and the kernel
     writes both."""
     out: dict[str, list[tuple[int, int, int]]] = {"trainer": [], "engine": []}
+    if not len(plan.derived):
+        return out
     by_source: dict[int, dict[str, int]] = {}
     sent = np.zeros(len(plan.local_name), dtype=bool)
     sent[plan.chunks["src_local"]] = True
@@ -189,11 +191,61 @@ def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int
     return out
 
 
-def _distinct(ids: np.ndarray, n: int) -> set[int]:
-    """The distinct values of ``ids`` (each in ``[0, n)``) as a set."""
+_COMPILED_FROM = 8192  # chunks: smaller tables are read field by field (no numba import or compile for them)
+
+
+def _chunk_columns(chunks: np.ndarray) -> dict[str, np.ndarray]:
+    """The chunk fields the executor reads chunk by chunk, as contiguous arrays: of a large table all in
+    one compiled pass (``sync.copy_tables.chunk_columns``), of a small one each when first read."""
+    if len(chunks) >= _COMPILED_FROM:
+        from sync.copy_tables import chunk_columns
+
+        return chunk_columns(chunks)
+    return _Columns(chunks)
+
+
+class _Columns(dict):
+    def __init__(self, chunks: np.ndarray) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def __missing__(self, name: str) -> np.ndarray:
+        column = self[name] = np.ascontiguousarray(self.chunks[name])
+        return column
+
+
+def _same_records(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray) -> bool:
+    """Whether records ``a[rows_a]`` equal ``b[rows_b]``, compared as bytes: a record array's own row gather
+    and comparison walk it field by field (~10 ms for the placement-free chunks of a large MoE plan)."""
+    if len(rows_a) != len(rows_b) or a.dtype != b.dtype:
+        return False
+    raw = lambda x, rows: np.take(np.ascontiguousarray(x).view(np.uint8).reshape(len(x), -1), rows, axis=0)  # noqa: E731
+    return bool(np.array_equal(raw(a, rows_a), raw(b, rows_b)))
+
+
+def _distinct(ids: np.ndarray, n: int) -> np.ndarray:
+    """The distinct values of ``ids`` (each in ``[0, n)``), ascending."""
     seen = np.zeros(n, dtype=bool)
     seen[ids] = True
-    return set(np.flatnonzero(seen).tolist())
+    return np.flatnonzero(seen)
+
+
+class _Written:
+    """The local ids a sync has written so far, named only if it fails: the local copies' tens of thousands
+    are kept as the arrays they come in, not turned into Python ints every sync."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+        self.arrays: list[np.ndarray] = []
+
+    def update(self, ids) -> None:
+        self.ids.update(ids)
+
+    def add_array(self, ids: np.ndarray) -> None:
+        self.arrays.append(ids)
+
+    def __iter__(self):
+        return iter(self.ids.union(*(a.tolist() for a in self.arrays)))
 
 
 @dataclass
@@ -278,24 +330,30 @@ class PlanExecutor:
             raise ValueError(f"ipc must be False, True, 'arena' or 'direct', got {ipc!r}")
         self.ipc = "arena" if ipc is True else ipc
         self._chunks = c = plan.chunks
-        shared_gpu = (plan.devices[c["src"]] == plan.devices[c["dst"]]) & (self.process_of[c["src"]] != self.process_of[c["dst"]])
-        pulled = shared_gpu & self.hosted[c["dst"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
-        lent = shared_gpu & self.hosted[c["src"]] if self.ipc == "direct" else np.zeros(len(c), dtype=bool)
-        self.pulled_rows = {s: np.flatnonzero(pulled & (c["stage"] == s)) for s in (1, 2)}  # read from a lender's memory
-        self._lent_rows = {s: np.flatnonzero(lent & (c["stage"] == s)) for s in (1, 2)}  # others read from us
-        lent_to = {s: sorted(set(self.process_of[c["dst"][rows]].tolist())) for s, rows in self._lent_rows.items()}
-        self._lent_locals = {q: sorted(set(c["src_local"][lent & (self.process_of[c["dst"]] == q)].tolist()))
+        # the columns read here and at every bind, contiguous, in one pass over the packed records
+        self._columns = columns = _chunk_columns(c)
+        src, dst, stage = columns["src"], columns["dst"], columns["stage"]
+        in_stage = {s: stage == s for s in (1, 2)}
+        pulled, lent = np.zeros(len(c), dtype=bool), np.zeros(len(c), dtype=bool)
+        if self.ipc == "direct":
+            shared_gpu = (plan.devices[src] == plan.devices[dst]) & (self.process_of[src] != self.process_of[dst])
+            pulled, lent = shared_gpu & self.hosted[dst], shared_gpu & self.hosted[src]
+        self.pulled_rows = {s: np.flatnonzero(pulled & in_stage[s]) for s in (1, 2)}  # read from a lender's memory
+        self._lent_rows = {s: np.flatnonzero(lent & in_stage[s]) for s in (1, 2)}  # others read from us
+        lent_to = {s: sorted(set(self.process_of[dst[rows]].tolist())) for s, rows in self._lent_rows.items()}
+        self._lent_locals = {q: sorted(set(columns["src_local"][lent & (self.process_of[dst] == q)].tolist()))
                              for q in set(lent_to[1]) | set(lent_to[2])}
         if direct_bytes is None:
             direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
-                                 process_of=self.process_of, fan=fan)
-        local = self.hosted[c["src"]] & self.hosted[c["dst"]]
-        self.local_rows = {s: np.flatnonzero(local & (c["stage"] == s)) for s in (1, 2)}
+                                 process_of=self.process_of, fan=fan, rows=np.flatnonzero(self.hosted[src] != self.hosted[dst]))
+        local = self.hosted[src] & self.hosted[dst]
+        self.local_rows = {s: np.flatnonzero(local & in_stage[s]) for s in (1, 2)}
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)
-        self._moving = plan.table.expert[c["tensor"]] >= 0
+        self._moving = plan.table.expert[columns["tensor"]] >= 0
         self._previous: PlanExecutor | None = None
-        self._local_dst = {s: _distinct(c["dst_local"][rows], len(plan.local_name)) for s, rows in self.local_rows.items()}
+        self._local_dst = {s: _distinct(columns["dst_local"][rows], len(plan.local_name))
+                           for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
         self._bucket_bytes = bucket_bytes
         self._verifier: Verifier | None = None
@@ -303,7 +361,7 @@ class PlanExecutor:
         self._derivations = _derivations(plan, self.hosted)
         self._binding: _Binding | None = None
         self._arena: dict[str, torch.Tensor] = {}
-        self._written: set[int] = set()
+        self._written = _Written()
         self._syncs = 0
         self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage)
         # the channels bytes between processes move on: the wire, and CUDA IPC between processes of one GPU
@@ -442,7 +500,7 @@ class PlanExecutor:
             previous, old = reuse
             old_rows = previous.local_rows[stage]
             old_fixed = old_rows[~previous._moving[old_rows]]
-            if np.array_equal(previous._chunks[old_fixed], self._chunks[fixed]):
+            if _same_records(previous._chunks, old_fixed, self._chunks, fixed):
                 kept = old.local_fixed.get(stage, [])
         fixed_programs = self._programs(flats, fixed, None, None, cast, ends=ends) if kept is None else kept
         return fixed_programs, moving
@@ -531,7 +589,7 @@ class PlanExecutor:
         if not len(rows):
             return []
         c = self._chunks
-        slices = cast[c["src_local"][rows]] | (self.copies == "slices")
+        slices = cast[self._columns["src_local"][rows]] | (self.copies == "slices")
         m = ~slices
         # whole chunks between bound tensors, on the GPU: tiles straight from the chunk records
         compiled = (m.any() and lo is None and hi is None and buffer is None and ends is not None
@@ -588,7 +646,7 @@ class PlanExecutor:
 
         A versioned target (``begin``/``commit``/``abort``) is told how the sync ended: committed only
         when verified (or when verification is off), aborted -- naming what was written -- otherwise."""
-        written: set[int] = set()
+        written = _Written()
         targets = list(target.values()) if isinstance(target, dict) else [target]
         versioned = [t for t in targets if t is not None and hasattr(t, "begin")]
         told = targets[0] if len(targets) == 1 else (_EveryTarget(versioned) if versioned else None)
@@ -602,7 +660,7 @@ class PlanExecutor:
             if paused:
                 gc.enable()
 
-    def _sync(self, source, target, verify: bool, written: set[int]) -> SyncStats:
+    def _sync(self, source, target, verify: bool, written: _Written) -> SyncStats:
         stats = SyncStats(self.rank)
         self._written = written
         self._syncs += 1
@@ -689,7 +747,7 @@ class PlanExecutor:
         self.direct_ipc.pulled(stage, binding.device)
         stats.unpack_seconds += time.perf_counter() - t1  # the copies, launched and finished
         c = self._chunks
-        self._written.update(int(x) for x in np.unique(c["dst_local"][rows]))
+        self._written.add_array(np.unique(c["dst_local"][rows]))
         stats.bytes_received += int(c["nbytes"][rows].sum())
 
     def _internal_buffers(self, device: torch.device) -> dict[int, torch.Tensor]:
@@ -751,7 +809,7 @@ class PlanExecutor:
             program()
             if stats is not None:
                 stats.bytes_copied += program.nbytes
-        self._written |= self._local_dst[stage]
+        self._written.add_array(self._local_dst[stage])
         if stats is not None:
             stats.pack_seconds += time.perf_counter() - t0
 

@@ -53,19 +53,23 @@ class Bucket:
 
 
 def bucketize(plan: SyncPlan, bucket_bytes: int, rank=None, direct_bytes: int = 1 << 18,
-              skip: np.ndarray | None = None, process_of=None, fan: dict[int, np.ndarray] | None = None) -> list[Bucket]:
+              skip: np.ndarray | None = None, process_of=None, fan: dict[int, np.ndarray] | None = None,
+              rows: np.ndarray | None = None) -> list[Bucket]:
     """Buckets of every pair, in (stage, round, src, dst) order; or only those that cross the
     boundary of ``rank`` (one plan rank, or a list hosted by one process that copies the chunks
     among them locally). ``skip``: chunk rows that travel some other way (a boolean mask).
     ``process_of[r]``: the process hosting plan rank ``r`` (default: one process per rank).
     ``fan``: every process's :func:`fanout`, where the plan holds only some ranks' chunks
-    (``plan.scope``) and so cannot count its peers'."""
+    (``plan.scope``) and so cannot count its peers'. ``rows``: the rows crossing ``rank``'s boundary,
+    where the caller has them (ascending)."""
     if bucket_bytes < ALIGN:
         raise ValueError(f"bucket size must be at least {ALIGN} bytes, got {bucket_bytes}")
     c = plan.chunks
     process_of = np.arange(plan.num_ranks) if process_of is None else np.asarray(process_of)
     row_bytes = plan.table.row_bytes
-    if rank is None:
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+    elif rank is None:
         rows = np.arange(len(c))
     else:
         hosted = np.isin(np.arange(plan.num_ranks), rank)

@@ -84,3 +84,16 @@ def test_strided_runs_and_several_alignment_classes_are_covered():
     assert _absolute(got) == _absolute(want)
     kinds = {(kind, unit) for kind, unit, *_ in _absolute(got)}
     assert {"flat", "rows"} <= {k for k, _ in kinds} and len({u for k, u in kinds if k == "flat"}) >= 2, kinds
+
+
+def test_chunk_columns_are_the_fields():
+    from planners import JobSpec
+    from sync.copy_tables import COLUMNS, chunk_columns
+
+    job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=4)))
+    chunks = build_plan(job).chunks
+    columns = chunk_columns(chunks)
+    assert set(columns) == set(COLUMNS)
+    for name in COLUMNS:
+        assert columns[name].dtype == chunks.dtype[name] and columns[name].flags.c_contiguous
+        np.testing.assert_array_equal(columns[name], chunks[name], err_msg=name)
