@@ -191,6 +191,7 @@ def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int
     return out
 
 
+_FIRST_PENDING = 2048  # moving chunks programmed before the first of their copies is launched (then 2x, 4x, ...)
 _COMPILED_FROM = 8192  # chunks: smaller tables are read field by field (no numba import or compile for them)
 
 
@@ -774,14 +775,20 @@ class PlanExecutor:
         if side == "engine":
             self._written.update(i for _, value, scale in jobs for i in (value, scale))
 
-    def _program_pending(self, binding: _Binding, stage: int) -> list:
-        """Build the moving chunks' local programs of ``stage`` if not yet built; returns those built."""
+    def _program_pending(self, binding: _Binding, stage: int):
+        """Build the moving chunks' local programs of ``stage`` if not yet built, yielding each as it is
+        built: a few thousand chunks first, then parts twice as large, so that the copies of the first
+        run on the GPU while the host builds the next."""
         pending = binding.pending.pop(stage, None)
-        if pending is None or not len(pending):
-            return []
-        moving = self._programs(binding.flats, pending, None, None, binding.cast, ends=binding.ends)
-        binding.local[stage].extend(moving)
-        return moving
+        if pending is None:
+            return
+        start, size = 0, _FIRST_PENDING
+        while start < len(pending):
+            part = pending[start: start + size]
+            start, size = start + len(part), size * 2
+            for program in self._programs(binding.flats, part, None, None, binding.cast, ends=binding.ends):
+                binding.local[stage].append(program)
+                yield program
 
     def bind(self, source=None, target=None) -> float:
         """Bind every copy program to the endpoints now, moving no byte: after a new plan (an expert
@@ -794,7 +801,8 @@ class PlanExecutor:
         binding = self._bind(given, carried if carried is not None else self._key(given), stats)
         t0 = time.perf_counter()
         for stage in list(binding.pending):
-            self._program_pending(binding, stage)
+            for _ in self._program_pending(binding, stage):
+                pass
         return stats.bind_seconds + time.perf_counter() - t0
 
     def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None) -> None:
