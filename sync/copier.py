@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["CopyProgram", "expand", "triton_available"]
+__all__ = ["CopyProgram", "PinnedTables", "expand", "triton_available"]
 
 CLASSES = (16, 8, 4, 2, 1)  # alignment (bytes) shared by a run's source, destination and length
 WIDE_ROW = 8 << 10  # bytes: a strided run's rows at least this long are copied as contiguous runs
@@ -28,6 +28,43 @@ def triton_available() -> bool:
     return torch.cuda.is_available()
 
 
+class PinnedTables:
+    """Pinned host memory that copy programs' tables are uploaded from, without waiting: an upload from
+    pageable memory waits for every copy already queued on the stream, and pinning a block per upload
+    cost ~2.7 ms each on an H200's host (seven of them in the first sync after a new placement). One
+    buffer, filled from its start again at each :meth:`begin` (once the uploads from it have been read),
+    grown when a batch of uploads needs more."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffer: torch.Tensor | None = None
+        self._used = 0
+        self._restart = False
+        self._read = torch.cuda.Event()  # recorded after the last upload
+
+    def begin(self) -> None:
+        """Start a batch of uploads (a bind, a sync): from the buffer's start, once the last batch's are
+        read (waited for at the batch's first upload: a sync that uploads nothing does not wait)."""
+        self._restart = True
+
+    def upload(self, table: np.ndarray) -> torch.Tensor:
+        if self._restart:
+            self._read.synchronize()
+            self._used, self._restart = 0, False
+        table = np.ascontiguousarray(table, dtype=np.int64)
+        n = table.size
+        if self._buffer is None or self._used + n > len(self._buffer):
+            # a new buffer; the old one is kept by torch's host allocator until the uploads from it are read
+            size = max(2 * (len(self._buffer) if self._buffer is not None else 0), n, 1 << 16)
+            self._buffer, self._used = torch.empty(size, dtype=torch.int64, pin_memory=True), 0
+        staged = self._buffer[self._used: self._used + n]
+        staged.numpy()[:] = table.reshape(-1)
+        self._used += n
+        out = staged.view(table.shape).to(self.device, non_blocking=True)
+        self._read.record()
+        return out
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1).view(torch.uint8)
 
@@ -36,9 +73,11 @@ class CopyProgram:
     """``runs`` (``planners.schedule.runs.RUN_DTYPE``) between ``ends`` (id -> contiguous tensor, one device)."""
 
     def __init__(self, runs: np.ndarray, ends: dict[int, torch.Tensor], tile_bytes: int = 64 << 10,
-                 use_triton: bool | None = None, table=None) -> None:
+                 use_triton: bool | None = None, table=None, staging: PinnedTables | None = None) -> None:
         """``table``: the ends' addresses and sizes by id (``sync.executor.EndTable``, one device), so that
-        binding looks up arrays instead of tensors."""
+        binding looks up arrays instead of tensors. ``staging``: where the tile tables are uploaded from
+        (default: a pinned block each)."""
+        self._staging = staging
         # the fields as contiguous columns, read many times below (a structured array's fields are strided)
         cols = {k: np.ascontiguousarray(runs[k]) for k in runs.dtype.names}
         self.nbytes = int((cols["nbytes"] * cols["rows"]).sum()) if len(runs) else 0
@@ -100,7 +139,8 @@ class CopyProgram:
                             runs["rows"], runs["src_stride"], runs["dst_stride"]], axis=1), tile_bytes)
 
     @classmethod
-    def of_chunks(cls, chunks: np.ndarray, rows: np.ndarray, tensors, ends, tile_bytes: int = 64 << 10) -> "CopyProgram":
+    def of_chunks(cls, chunks: np.ndarray, rows: np.ndarray, tensors, ends, tile_bytes: int = 64 << 10,
+                  staging: PinnedTables | None = None) -> "CopyProgram":
         """The Triton program of whole chunks ``chunks[rows]`` (a plan's ``CHUNK_DTYPE`` records) between the
         tensors bound in ``ends`` (``sync.executor.EndTable``, one CUDA device): the tiles
         ``CopyProgram(chunk_runs(plan, rows), table=ends)`` cuts, from one compiled pass over the chunks
@@ -109,7 +149,7 @@ class CopyProgram:
         from sync.copy_tables import chunk_runs_at
 
         self = cls.__new__(cls)
-        self.device, self.launches, self.pairs = ends.device, [], ([], [])
+        self.device, self.launches, self.pairs, self._staging = ends.device, [], ([], []), staging
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
         runs = chunk_runs_at(chunks, rows, tensors, ends, self._base.data_ptr())
         self.num_runs = len(runs)
@@ -152,6 +192,8 @@ class CopyProgram:
                 self.launches.append(("rows", self._base.view(word), self._upload(table), vec, int(block), len(run)))
 
     def _upload(self, table: np.ndarray) -> torch.Tensor:
+        if self._staging is not None and self.device.type == "cuda":
+            return self._staging.upload(table)
         host = torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64))
         if self.device.type != "cuda":
             return host.to(self.device)

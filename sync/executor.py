@@ -36,7 +36,7 @@ from planners.schedule.runs import BUFFER, chunk_runs
 from sync.addresses import Addresses
 from sync.channels import Channel, IpcArena, IpcDirect, IpcSignals, Message, TorchP2P, wait_all
 from sync.channels.faulty import Fault, Faulty
-from sync.copier import CopyProgram, triton_available
+from sync.copier import CopyProgram, PinnedTables, triton_available
 from sync.fp8 import QuantizeProgram
 from sync.ends.base import check_locals, end_locals
 from sync.tensors import TORCH_DTYPES, block
@@ -380,6 +380,7 @@ class PlanExecutor:
                 lenders = {s: sorted(set(self.process_of[c["src"][rows]].tolist())) for s, rows in self.pulled_rows.items()}
                 self.direct_ipc = IpcDirect(signals, lent_to, lenders)
         self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
+        self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
@@ -470,6 +471,7 @@ class PlanExecutor:
                 and self.plan.same_locals(previous.plan):
             self._previous = previous
             self._internal = previous._internal  # the same locals: the same buffers, which its programs use
+            self._staging = previous._staging  # pinned once, not again at every new placement
 
     def _carried_key(self, given) -> tuple | None:
         """The adopted executor's key, where its endpoints hand over the same dicts: the sync binds on it
@@ -522,6 +524,8 @@ class PlanExecutor:
             wire = {lid: TORCH_DTYPES[plan.local_dtype[lid]] for lid in flats}
             cast = np.array([lid in flats and flats[lid].dtype != wire[lid] for lid in range(len(plan.local_name))])
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
+        if device.type == "cuda" and (self._staging is None or self._staging.device != device):
+            self._staging = PinnedTables(device)
         if (self.arena_ipc or self.direct_ipc) and device.type != "cuda":
             raise ValueError(f"ipc={self.ipc!r} moves CUDA tensors between processes on one GPU, but rank "
                              f"{self.rank}'s tensors are on {device}: pass ipc=False, or host those ranks in one process")
@@ -600,14 +604,14 @@ class PlanExecutor:
             hi = c["hi"][rows] if hi is None else hi
         out: list = []
         if compiled:
-            out.append(CopyProgram.of_chunks(c, rows[m], self.plan.table, ends, self.tile_bytes))
+            out.append(CopyProgram.of_chunks(c, rows[m], self.plan.table, ends, self.tile_bytes, self._staging))
         elif m.any():
             kw = {f"{buffer[0]}_buffer": off[m]} if buffer is not None else {}
             runs = chunk_runs(self.plan, rows[m], lo[m], hi[m], **kw)
             tensors = flats if buffer is None else {**flats, BUFFER: buffer[1]}
             table = ends if buffer is None else None  # a buffer end is not in the table
             out.append(CopyProgram(runs, tensors, self.tile_bytes, use_triton=False if self.copies == "foreach" else None,
-                                   table=table))
+                                   table=table, staging=self._staging))
         if slices.any():
             def end(side: str, row: int, a: int, b: int, o: int) -> torch.Tensor:
                 if buffer is not None and buffer[0] == side:
@@ -670,6 +674,8 @@ class PlanExecutor:
         for ch in channels:
             ch.begin(self._syncs)
         t_start = time.perf_counter()
+        if self._staging is not None:
+            self._staging.begin()
         given = self._endpoint_tensors(source, target)
         binding = self._binding
         carried = self._carried_key(given) if binding is None else None
@@ -797,6 +803,8 @@ class PlanExecutor:
         Returns the seconds it took."""
         given = self._endpoint_tensors(source, target)
         stats = SyncStats(self.rank)
+        if self._staging is not None:
+            self._staging.begin()
         carried = self._carried_key(given)
         binding = self._bind(given, carried if carried is not None else self._key(given), stats)
         t0 = time.perf_counter()

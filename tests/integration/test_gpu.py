@@ -89,6 +89,57 @@ def test_cuda_sync_rebinds_when_a_tensor_moved_between_syncs():
     assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want))
 
 
+@pytest.mark.skipif(not triton_available(), reason="needs Triton")
+def test_programs_uploaded_from_one_reused_pinned_buffer_copy_exactly():
+    from sync.copier import PinnedTables
+
+    rng = np.random.default_rng(7)
+    sizes = [1 << 20, 3 << 20]
+    src = {i + 100: torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda") for i, n in enumerate(sizes)}
+    dst = {i + 200: torch.full((n,), 0xA5, dtype=torch.uint8, device="cuda") for i, n in enumerate(sizes)}
+    staging = PinnedTables(torch.device("cuda"))
+    batches = []
+    for _ in range(3):  # each batch refills the buffer from its start, growing it on the way
+        staging.begin()
+        batches.append([(runs, CopyProgram(runs, {**src, **dst}, tile_bytes=4096, staging=staging))
+                        for runs in (random_runs(rng, sizes, 200) for _ in range(4))])
+    for batch in batches:  # the first batches' tables were uploaded before the buffer was reused
+        for runs, program in batch:
+            want = {k: v.cpu().numpy().copy() for k, v in {**src, **dst}.items()}
+            apply_runs(runs, want)
+            program()
+            torch.cuda.synchronize()
+            for k, t in dst.items():
+                np.testing.assert_array_equal(t.cpu().numpy(), want[k], err_msg=f"tensor {k}")
+
+
+def test_cuda_syncs_after_new_placements_are_bit_exact(monkeypatch):
+    """The first sync after each new placement programs its moving chunks in parts while copying."""
+    import sync.executor as executor
+    from planners.build import PlanBuilder
+    from planners.eplb.stats import synthetic_load
+    from sync.session import Session
+
+    monkeypatch.setattr(executor, "_FIRST_PENDING", 3)  # parts of 3, 6, 12, ... chunks
+    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
+    builder = PlanBuilder.for_job(job)
+    load = lambda seed: synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.5, seed=seed)  # noqa: E731
+    plan = builder.plan(job.placement(load(10)))
+    sources, targets = endpoints(plan, range(plan.num_ranks), 1, "cuda")
+    session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets)
+    assert session.sync(version=1).verified
+    for seed in range(3):
+        new = builder.plan(job.placement(load(seed)))
+        assert not np.array_equal(new.placement.phy2log, session.plan.placement.phy2log)
+        session.replan(new)
+        for s in sources.values():
+            s.set_version(seed + 2)
+        assert session.sync(version=seed + 2).verified
+        for r, target in targets.items():
+            for name, want in source_shards(new, r, seed + 2).items():
+                assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want)), (seed, r, name)
+
+
 def _ipc_rank(rank: int, plan, port: int, versions: list[int], mode: str):
     from sync.transport import standalone_transport
 
