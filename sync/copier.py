@@ -139,37 +139,39 @@ class CopyProgram:
                             runs["rows"], runs["src_stride"], runs["dst_stride"]], axis=1), tile_bytes)
 
     @classmethod
-    def of_chunks(cls, chunks: np.ndarray, rows: np.ndarray, tensors, ends, tile_bytes: int = 64 << 10,
+    def of_chunks(cls, chunks: np.ndarray, rows: np.ndarray, shapes: np.ndarray, ends, tile_bytes: int = 64 << 10,
                   staging: PinnedTables | None = None) -> "CopyProgram":
         """The Triton program of whole chunks ``chunks[rows]`` (a plan's ``CHUNK_DTYPE`` records) between the
-        tensors bound in ``ends`` (``sync.executor.EndTable``, one CUDA device): the tiles
-        ``CopyProgram(chunk_runs(plan, rows), table=ends)`` cuts, from one compiled pass over the chunks
-        instead of array passes over their fields (``sync.copy_tables``). ``tensors``: the plan's tensor
-        table (``plan.table``)."""
-        from sync.copy_tables import chunk_runs_at
+        tensors bound in ``ends`` (``sync.executor.EndTable``, one CUDA device): the tiles of
+        ``CopyProgram(chunk_runs(plan, rows), table=ends)``, from one compiled pass over the chunks
+        (``sync.copy_tables``) instead of array passes over their fields. ``shapes``: ``(itemsize, outer,
+        inner)`` of every tensor of the plan (``sync.copy_tables.tensor_shapes``)."""
+        from sync.copy_tables import chunk_tiles
 
         self = cls.__new__(cls)
         self.device, self.launches, self.pairs, self._staging = ends.device, [], ([], []), staging
         self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
-        runs = chunk_runs_at(chunks, rows, tensors, ends, self._base.data_ptr())
-        self.num_runs = len(runs)
-        self.nbytes = int((runs[:, 2] * runs[:, 3]).sum())
-        if len(runs):
-            self._cut(runs, tile_bytes)
+        tables, strided, self.nbytes, self.num_runs = chunk_tiles(chunks, rows, shapes, ends.packed,
+                                                                  self._base.data_ptr(), tile_bytes)
+        self._launch_tiles(tables, strided, tile_bytes)
         return self
 
     def _cut(self, runs: np.ndarray, tile_bytes: int) -> None:
         """Tiles of ``runs`` (``[runs, 6]``: source and destination from ``_base``, bytes, rows, source and
         destination stride). Rows long enough to fill tiles on their own become contiguous runs, one per row."""
-        from sync.copy_tables import flat_tiles
+        from sync.copy_tables import run_tiles
 
-        for k, table in zip(CLASSES, flat_tiles(runs, tile_bytes, WIDE_ROW)):
+        self._launch_tiles(run_tiles(runs, tile_bytes), runs[(runs[:, 3] > 1) & (runs[:, 2] < WIDE_ROW)], tile_bytes)
+
+    def _launch_tiles(self, tables: list[np.ndarray], strided: np.ndarray, tile_bytes: int) -> None:
+        """One launch per class of contiguous tiles (``tables``, by ``CLASSES``), then the row tiles of
+        ``strided`` (runs as in :meth:`_cut`)."""
+        for k, table in zip(CLASSES, tables):
             if len(table):
                 word, vec = _WORD[k]
                 self.launches.append(("flat", self._base.view(word), self._upload(table), vec, 0, len(table)))
-        strided = (runs[:, 3] > 1) & (runs[:, 2] < WIDE_ROW)
-        if strided.any():
-            self._strided(*(np.ascontiguousarray(runs[strided, j]) for j in range(6)), tile_bytes)
+        if len(strided):
+            self._strided(*(np.ascontiguousarray(strided[:, j]) for j in range(6)), tile_bytes)
 
     def _strided(self, src, dst, n, rows, s_stride, d_stride, tile_bytes: int) -> None:
         align = _align(src | dst | n | s_stride | d_stride)

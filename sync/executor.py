@@ -254,20 +254,27 @@ class EndTable:
     """Every bound tensor's device address and size in bytes, by plan local id (-1: not bound here):
     copy programs over many tensors look them up in two arrays, not tens of thousands of tensors."""
 
-    ptr: np.ndarray
-    nbytes: np.ndarray
+    packed: np.ndarray  # [locals, 2]: (address, bytes) side by side, for lookups that read both
     device: torch.device
+
+    @property
+    def ptr(self) -> np.ndarray:
+        return self.packed[:, 0]
+
+    @property
+    def nbytes(self) -> np.ndarray:
+        return self.packed[:, 1]
 
     @classmethod
     def of(cls, flats: dict[int, torch.Tensor], n_locals: int) -> "EndTable":
-        ptr, nbytes = np.full(n_locals, -1, np.int64), np.full(n_locals, -1, np.int64)
+        packed = np.full((n_locals, 2), -1, np.int64)
         ids = np.fromiter(flats.keys(), dtype=np.int64, count=len(flats))
-        ptr[ids] = [t.data_ptr() for t in flats.values()]
-        nbytes[ids] = [t.numel() * t.element_size() for t in flats.values()]
+        packed[ids, 0] = [t.data_ptr() for t in flats.values()]
+        packed[ids, 1] = [t.numel() * t.element_size() for t in flats.values()]
         devices = {t.device for t in flats.values()}
         if len(devices) > 1:
             raise ValueError(f"one process's bound tensors must be on one device, got {sorted(map(str, devices))}")
-        return cls(ptr, nbytes, devices.pop() if devices else torch.device("cpu"))
+        return cls(packed, devices.pop() if devices else torch.device("cpu"))
 
 
 @dataclass
@@ -381,6 +388,7 @@ class PlanExecutor:
                 self.direct_ipc = IpcDirect(signals, lent_to, lenders)
         self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
         self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
+        self._tensor_shapes: tuple | None = None  # (the plan's tensor table, its shapes side by side)
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
@@ -472,6 +480,7 @@ class PlanExecutor:
             self._previous = previous
             self._internal = previous._internal  # the same locals: the same buffers, which its programs use
             self._staging = previous._staging  # pinned once, not again at every new placement
+            self._tensor_shapes = previous._tensor_shapes
 
     def _carried_key(self, given) -> tuple | None:
         """The adopted executor's key, where its endpoints hand over the same dicts: the sync binds on it
@@ -604,7 +613,7 @@ class PlanExecutor:
             hi = c["hi"][rows] if hi is None else hi
         out: list = []
         if compiled:
-            out.append(CopyProgram.of_chunks(c, rows[m], self.plan.table, ends, self.tile_bytes, self._staging))
+            out.append(CopyProgram.of_chunks(c, rows[m], self._shapes(), ends, self.tile_bytes, self._staging))
         elif m.any():
             kw = {f"{buffer[0]}_buffer": off[m]} if buffer is not None else {}
             runs = chunk_runs(self.plan, rows[m], lo[m], hi[m], **kw)
@@ -623,6 +632,14 @@ class PlanExecutor:
                      zip(rows[slices].tolist(), lo[slices].tolist(), hi[slices].tolist(), offsets.tolist())]
             out.append(SliceCopies(pairs))
         return out
+
+    def _shapes(self) -> np.ndarray:
+        """``(itemsize, outer, inner)`` of every tensor of the plan, side by side (kept over a new placement:
+        the same tensors)."""
+        table = self.plan.table
+        if self._tensor_shapes is None or self._tensor_shapes[0] is not table:
+            self._tensor_shapes = (table, np.stack([table.itemsize, table.outer, table.inner], axis=1))
+        return self._tensor_shapes[1]
 
     def _compiled_tables(self, device: torch.device) -> bool:
         """Whether batched copies on ``device`` are Triton programs, whose tables ``sync.copy_tables`` builds."""

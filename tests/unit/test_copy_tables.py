@@ -25,11 +25,16 @@ def _ends(plan, rng) -> EndTable:
                        for shape, dtype in zip(plan.local_shape, plan.local_dtype)], dtype=np.int64)
     gaps = rng.choice([0, 2, 4, 16, 4096], size=len(nbytes))
     ptr = (1 << 40) + np.cumsum(nbytes + gaps) - nbytes
-    return EndTable(ptr.astype(np.int64), nbytes, torch.device("cpu"))
+    return EndTable(np.stack([ptr.astype(np.int64), nbytes], axis=1), torch.device("cpu"))
+
+
+def _shapes(plan) -> np.ndarray:
+    return np.stack([plan.table.itemsize, plan.table.outer, plan.table.inner], axis=1)
 
 
 def _absolute(program: CopyProgram) -> list[tuple]:
-    """Each launch as (kind, vec, block, tiles with addresses in bytes): programs differ only in their base."""
+    """Each launch as (kind, vec, block, its tiles with addresses in bytes, sorted): programs may differ in
+    their base and in the order of the tiles of one launch."""
     out = []
     for kind, base, table, vec, block, tiles in program.launches:
         unit = base.element_size() * vec
@@ -37,7 +42,7 @@ def _absolute(program: CopyProgram) -> list[tuple]:
         rows[:, :2] = rows[:, :2] * unit + base.data_ptr()
         if kind == "rows":
             rows[:, 4:] *= unit
-        out.append((kind, unit, block, tiles, rows.tolist()))
+        out.append((kind, unit, block, tiles, sorted(rows.tolist())))
     return out
 
 
@@ -50,7 +55,7 @@ def test_compiled_tables_equal_the_reference(job, seed, tile):
     ends = _ends(plan, rng)
     rows = np.sort(rng.choice(len(plan.chunks), size=rng.integers(1, len(plan.chunks) + 1), replace=False))
     want = CopyProgram(chunk_runs(plan, rows), {}, tile, use_triton=True, table=ends)
-    got = CopyProgram.of_chunks(plan.chunks, rows, plan.table, ends, tile)
+    got = CopyProgram.of_chunks(plan.chunks, rows, _shapes(plan), ends, tile)
     assert (got.nbytes, got.num_runs) == (want.nbytes, want.num_runs)
     assert _absolute(got) == _absolute(want)
 
@@ -62,14 +67,14 @@ def test_a_chunk_outside_its_tensor_or_at_an_unbound_end_is_refused():
     plan = build_plan(job)
     ends = _ends(plan, np.random.default_rng(0))
     rows = np.arange(len(plan.chunks))
-    small = EndTable(ends.ptr, ends.nbytes.copy(), ends.device)
+    small = EndTable(ends.packed.copy(), ends.device)
     small.nbytes[plan.chunks["dst_local"][0]] -= 1
     with pytest.raises(ValueError, match="outside its dst tensor"):
-        CopyProgram.of_chunks(plan.chunks, rows, plan.table, small, 4096)
-    unbound = EndTable(ends.ptr, ends.nbytes.copy(), ends.device)
+        CopyProgram.of_chunks(plan.chunks, rows, _shapes(plan), small, 4096)
+    unbound = EndTable(ends.packed.copy(), ends.device)
     unbound.nbytes[plan.chunks["src_local"][3]] = -1
     with pytest.raises(ValueError, match=rf"ends \[{plan.chunks['src_local'][3]}\]"):
-        CopyProgram.of_chunks(plan.chunks, rows, plan.table, unbound, 4096)
+        CopyProgram.of_chunks(plan.chunks, rows, _shapes(plan), unbound, 4096)
 
 
 def test_strided_runs_and_several_alignment_classes_are_covered():
@@ -80,7 +85,7 @@ def test_strided_runs_and_several_alignment_classes_are_covered():
     ends = _ends(plan, np.random.default_rng(1))
     rows = np.arange(len(plan.chunks))
     want = CopyProgram(chunk_runs(plan, rows), {}, 4096, use_triton=True, table=ends)
-    got = CopyProgram.of_chunks(plan.chunks, rows, plan.table, ends, 4096)
+    got = CopyProgram.of_chunks(plan.chunks, rows, _shapes(plan), ends, 4096)
     assert _absolute(got) == _absolute(want)
     kinds = {(kind, unit) for kind, unit, *_ in _absolute(got)}
     assert {"flat", "rows"} <= {k for k, _ in kinds} and len({u for k, u in kinds if k == "flat"}) >= 2, kinds
@@ -97,3 +102,20 @@ def test_chunk_columns_are_the_fields():
     for name in COLUMNS:
         assert columns[name].dtype == chunks.dtype[name] and columns[name].flags.c_contiguous
         np.testing.assert_array_equal(columns[name], chunks[name], err_msg=name)
+
+
+def test_strided_runs_with_rows_long_enough_to_cut_alone():
+    from planners import JobSpec
+    from sync.copier import WIDE_ROW
+
+    cfg = dict(model_type="llama", hidden_size=4096, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=256, torch_dtype="float32")
+    plan = build_plan(JobSpec.from_dict(dict(model=dict(hf_config=cfg), trainer=dict(tp=1), inference=dict(tp=2))))
+    rows = np.arange(len(plan.chunks))
+    runs = chunk_runs(plan, rows)
+    assert ((runs["rows"] > 1) & (runs["nbytes"] >= WIDE_ROW)).any()
+    ends = _ends(plan, np.random.default_rng(2))
+    want = CopyProgram(runs, {}, 65536, use_triton=True, table=ends)
+    got = CopyProgram.of_chunks(plan.chunks, rows, _shapes(plan), ends, 65536)
+    assert (got.nbytes, got.num_runs) == (want.nbytes, want.num_runs)
+    assert _absolute(got) == _absolute(want)
