@@ -215,13 +215,10 @@ class _Columns(dict):
         return column
 
 
-def _same_records(a: np.ndarray, rows_a: np.ndarray, b: np.ndarray, rows_b: np.ndarray) -> bool:
-    """Whether records ``a[rows_a]`` equal ``b[rows_b]``, compared as bytes: a record array's own row gather
-    and comparison walk it field by field (~10 ms for the placement-free chunks of a large MoE plan)."""
-    if len(rows_a) != len(rows_b) or a.dtype != b.dtype:
-        return False
-    raw = lambda x, rows: np.take(np.ascontiguousarray(x).view(np.uint8).reshape(len(x), -1), rows, axis=0)  # noqa: E731
-    return bool(np.array_equal(raw(a, rows_a), raw(b, rows_b)))
+def _record_bytes(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Records ``records[rows]`` as raw bytes, one row each: a record array's own row gather and comparison
+    walk it field by field (~10 ms for the placement-free chunks of a large MoE plan)."""
+    return np.take(np.ascontiguousarray(records).view(np.uint8).reshape(len(records), -1), rows, axis=0)
 
 
 def _distinct(ids: np.ndarray, n: int) -> np.ndarray:
@@ -353,10 +350,15 @@ class PlanExecutor:
                              for q in set(lent_to[1]) | set(lent_to[2])}
         if direct_bytes is None:
             direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
+        if self.hosted.all():  # one process hosts every rank: every chunk is a local copy
+            self.local_rows = {s: np.flatnonzero(in_stage[s]) for s in (1, 2)}
+            crossing = np.zeros(0, dtype=np.int64)
+        else:
+            hosted_src, hosted_dst = self.hosted[src], self.hosted[dst]
+            self.local_rows = {s: np.flatnonzero(hosted_src & hosted_dst & in_stage[s]) for s in (1, 2)}
+            crossing = np.flatnonzero(hosted_src != hosted_dst)
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
-                                 process_of=self.process_of, fan=fan, rows=np.flatnonzero(self.hosted[src] != self.hosted[dst]))
-        local = self.hosted[src] & self.hosted[dst]
-        self.local_rows = {s: np.flatnonzero(local & in_stage[s]) for s in (1, 2)}
+                                 process_of=self.process_of, fan=fan, rows=crossing)
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)
         self._moving = plan.table.expert[columns["tensor"]] >= 0
         self._previous: PlanExecutor | None = None
@@ -389,6 +391,7 @@ class PlanExecutor:
         self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
         self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
         self._tensor_shapes: tuple | None = None  # (the plan's tensor table, its shapes side by side)
+        self._fixed_bytes: dict[int, np.ndarray] = {}  # stage -> its local placement-free chunks, as bytes
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
@@ -506,13 +509,15 @@ class PlanExecutor:
         former taken from ``reuse`` where its placement-free chunks are exactly these. The moving rows
         are programmed when the stage runs, while the placement-free copies are under way."""
         rows = self.local_rows[stage]
-        fixed, moving = rows[~self._moving[rows]], rows[self._moving[rows]]
+        moves = self._moving[rows]
+        fixed, moving = rows[~moves], rows[moves]
         kept = None
+        self._fixed_bytes[stage] = mine = _record_bytes(self._chunks, fixed)  # the next placement's executor compares
         if reuse is not None:
             previous, old = reuse
-            old_rows = previous.local_rows[stage]
-            old_fixed = old_rows[~previous._moving[old_rows]]
-            if _same_records(previous._chunks, old_fixed, self._chunks, fixed):
+            theirs = previous._fixed_bytes.get(stage)
+            if theirs is not None and theirs.shape == mine.shape and self._chunks.dtype == previous._chunks.dtype \
+                    and np.array_equal(theirs, mine):
                 kept = old.local_fixed.get(stage, [])
         fixed_programs = self._programs(flats, fixed, None, None, cast, ends=ends) if kept is None else kept
         return fixed_programs, moving
