@@ -186,7 +186,8 @@ class PlanBuilder:
             pieces = pieces.copy()
             pieces["tensor"][self.slot_rows] = filled
             moving = self._expert_chunks(filled)[0]
-        return self._plan(pieces, self.keys.merge(self.fixed_chunks, self.fixed_keys, moving), placement, None)
+        return self._plan(pieces, self.keys.merge(self.fixed_chunks, self.fixed_keys, moving), placement, None,
+                          self.fixed_chunks)
 
     def rank_plan(self, placement: Placement | EnginePlacements | None, ranks) -> SyncPlan:
         """The part of :meth:`plan` that plan ``ranks`` (one, or those one process hosts) sync by: the chunks
@@ -206,14 +207,14 @@ class PlanBuilder:
             chunks, feeder = self._expert_chunks(filled[slots], slots)
             moving = chunks[scope.hosted[chunks["src"]] | scope.hosted[chunks["dst"]] | scope.hosted[feeder]]
         chunks = self.keys.merge(scope.fixed_chunks, scope.fixed_keys, moving)
-        return self._plan(pieces, chunks, placement, scope.ranks)
+        return self._plan(pieces, chunks, placement, scope.ranks, scope.fixed_chunks)
 
-    def _plan(self, pieces: np.ndarray, chunks: np.ndarray, placement, scope) -> SyncPlan:
+    def _plan(self, pieces: np.ndarray, chunks: np.ndarray, placement, scope, fixed_part: np.ndarray) -> SyncPlan:
         plan = SyncPlan(
             tensors=self.cat.tensors, local_rank=self.local_rank, local_name=self.names, local_shape=self.shapes,
             local_dtype=self.dtypes, pieces=pieces, chunks=chunks, devices=self.devices, num_trainer=self.T,
             gpus_per_node=self.deployment.gpus_per_node, links=self.links, meta=self.meta, placement=placement,
-            scope=scope, derived=self.derived,
+            scope=scope, derived=self.derived, fixed_part=fixed_part,
         )
         plan.table = self.cat.table  # the same tensors: their size arrays are computed once per job
         return plan

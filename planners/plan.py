@@ -74,6 +74,10 @@ class SyncPlan:
     # locals computed from others of their rank (FP8 engines, planners.quant): on a trainer rank before the
     # bytes move, on an engine rank once they have arrived
     derived: np.ndarray = field(default_factory=lambda: np.zeros(0, DERIVED_DTYPE))
+    # the placement-free chunks this plan's were merged from (planners.build.PlanBuilder): plans holding the
+    # same object hold those chunks alike and in the same order, whatever their expert placements (an
+    # executor of one keeps the other's copy programs for them without comparing). Not serialized.
+    fixed_part: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     # -- shape of the job ---------------------------------------------------------------
     @property
@@ -99,6 +103,10 @@ class SyncPlan:
 
     def locals_of(self, rank: int) -> np.ndarray:
         return np.flatnonzero(self.local_rank == rank)
+
+    def same_fixed_part(self, other: "SyncPlan") -> bool:
+        """Whether both plans were merged from one builder's placement-free chunks (see ``fixed_part``)."""
+        return self.fixed_part is not None and self.fixed_part is other.fixed_part
 
     def same_locals(self, other: "SyncPlan") -> bool:
         """Whether every rank holds the same local tensors (names, shapes, dtypes) in both plans, as after

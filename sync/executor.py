@@ -195,23 +195,28 @@ _FIRST_PENDING = 2048  # moving chunks programmed before the first of their copi
 _COMPILED_FROM = 8192  # chunks: smaller tables are read field by field (no numba import or compile for them)
 
 
-def _chunk_columns(chunks: np.ndarray) -> dict[str, np.ndarray]:
-    """The chunk fields the executor reads chunk by chunk, as contiguous arrays: of a large table all in
-    one compiled pass (``sync.copy_tables.chunk_columns``), of a small one each when first read."""
+def _chunk_columns(chunks: np.ndarray, expert: np.ndarray) -> dict[str, np.ndarray]:
+    """The chunk fields the executor reads chunk by chunk, as contiguous arrays, and ``moving`` (the chunk
+    is a routed expert's: a new placement changes it): of a large table all in one compiled pass
+    (``sync.copy_tables.chunk_columns``), of a small one each when first read."""
     if len(chunks) >= _COMPILED_FROM:
         from sync.copy_tables import chunk_columns
 
-        return chunk_columns(chunks)
-    return _Columns(chunks)
+        return chunk_columns(chunks, expert)
+    return _Columns(chunks, expert)
 
 
 class _Columns(dict):
-    def __init__(self, chunks: np.ndarray) -> None:
+    def __init__(self, chunks: np.ndarray, expert: np.ndarray) -> None:
         super().__init__()
-        self.chunks = chunks
+        self.chunks, self.expert = chunks, expert
 
     def __missing__(self, name: str) -> np.ndarray:
-        column = self[name] = np.ascontiguousarray(self.chunks[name])
+        if name == "moving":
+            column = self.expert[self["tensor"]] >= 0
+        else:
+            column = np.ascontiguousarray(self.chunks[name])
+        self[name] = column
         return column
 
 
@@ -221,29 +226,26 @@ def _record_bytes(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.take(np.ascontiguousarray(records).view(np.uint8).reshape(len(records), -1), rows, axis=0)
 
 
-def _distinct(ids: np.ndarray, n: int) -> np.ndarray:
-    """The distinct values of ``ids`` (each in ``[0, n)``), ascending."""
-    seen = np.zeros(n, dtype=bool)
-    seen[ids] = True
-    return np.flatnonzero(seen)
-
-
 class _Written:
     """The local ids a sync has written so far, named only if it fails: the local copies' tens of thousands
-    are kept as the arrays they come in, not turned into Python ints every sync."""
+    are kept as the arrays they come in (``ids[rows]``), not turned into Python ints every sync."""
 
     def __init__(self) -> None:
         self.ids: set[int] = set()
-        self.arrays: list[np.ndarray] = []
+        self.arrays: list[tuple[np.ndarray, np.ndarray | None]] = []
 
     def update(self, ids) -> None:
         self.ids.update(ids)
 
     def add_array(self, ids: np.ndarray) -> None:
-        self.arrays.append(ids)
+        self.arrays.append((ids, None))
+
+    def add_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        self.arrays.append((ids, rows))
 
     def __iter__(self):
-        return iter(self.ids.union(*(a.tolist() for a in self.arrays)))
+        arrays = (np.unique(ids if rows is None else ids[rows]).tolist() for ids, rows in self.arrays)
+        return iter(self.ids.union(*arrays))
 
 
 @dataclass
@@ -336,7 +338,7 @@ class PlanExecutor:
         self.ipc = "arena" if ipc is True else ipc
         self._chunks = c = plan.chunks
         # the columns read here and at every bind, contiguous, in one pass over the packed records
-        self._columns = columns = _chunk_columns(c)
+        self._columns = columns = _chunk_columns(c, plan.table.expert)
         src, dst, stage = columns["src"], columns["dst"], columns["stage"]
         in_stage = {s: stage == s for s in (1, 2)}
         pulled, lent = np.zeros(len(c), dtype=bool), np.zeros(len(c), dtype=bool)
@@ -360,10 +362,8 @@ class PlanExecutor:
         self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
                                  process_of=self.process_of, fan=fan, rows=crossing)
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)
-        self._moving = plan.table.expert[columns["tensor"]] >= 0
+        self._moving = columns["moving"]
         self._previous: PlanExecutor | None = None
-        self._local_dst = {s: _distinct(columns["dst_local"][rows], len(plan.local_name))
-                           for s, rows in self.local_rows.items()}
         self.rounds = self._rounds()
         self._bucket_bytes = bucket_bytes
         self._verifier: Verifier | None = None
@@ -391,7 +391,7 @@ class PlanExecutor:
         self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
         self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
         self._tensor_shapes: tuple | None = None  # (the plan's tensor table, its shapes side by side)
-        self._fixed_bytes: dict[int, np.ndarray] = {}  # stage -> its local placement-free chunks, as bytes
+        self._fixed_record_bytes: dict[int, np.ndarray] = {}  # stage -> its local placement-free chunks, as bytes
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
@@ -512,15 +512,23 @@ class PlanExecutor:
         moves = self._moving[rows]
         fixed, moving = rows[~moves], rows[moves]
         kept = None
-        self._fixed_bytes[stage] = mine = _record_bytes(self._chunks, fixed)  # the next placement's executor compares
         if reuse is not None:
             previous, old = reuse
-            theirs = previous._fixed_bytes.get(stage)
-            if theirs is not None and theirs.shape == mine.shape and self._chunks.dtype == previous._chunks.dtype \
-                    and np.array_equal(theirs, mine):
+            # one builder's placement-free chunks are alike by construction; others', compared as bytes
+            if self.plan.same_fixed_part(previous.plan) or (
+                    self._chunks.dtype == previous._chunks.dtype
+                    and np.array_equal(previous._fixed_bytes(stage), self._fixed_bytes(stage))):
                 kept = old.local_fixed.get(stage, [])
         fixed_programs = self._programs(flats, fixed, None, None, cast, ends=ends) if kept is None else kept
         return fixed_programs, moving
+
+    def _fixed_bytes(self, stage: int) -> np.ndarray:
+        """The local placement-free chunks of ``stage``, as bytes (kept: the next placement's executor
+        compares its own with them)."""
+        if stage not in self._fixed_record_bytes:
+            rows = self.local_rows[stage]
+            self._fixed_record_bytes[stage] = _record_bytes(self._chunks, rows[~self._moving[rows]])
+        return self._fixed_record_bytes[stage]
 
     def _bind(self, given, key: tuple, stats: SyncStats) -> _Binding:
         """Views of the hosted ranks' tensors by plan local id, and the copy programs over them."""
@@ -847,7 +855,7 @@ class PlanExecutor:
             program()
             if stats is not None:
                 stats.bytes_copied += program.nbytes
-        self._written.add_array(self._local_dst[stage])
+        self._written.add_rows(self._columns["dst_local"], self.local_rows[stage])
         if stats is not None:
             stats.pack_seconds += time.perf_counter() - t0
 

@@ -112,18 +112,26 @@ def test_direct_messages_depend_on_the_backend(monkeypatch):
     assert sum(b.nbytes for b in gloo.buckets) == sum(b.nbytes for b in nccl.buckets)
 
 
-def test_a_new_expert_placement_rebinds_only_the_expert_copies():
+@pytest.mark.parametrize("made", ["by one builder", "read back from JSON"])
+def test_a_new_expert_placement_rebinds_only_the_expert_copies(made):
     """After a placement change the new executor keeps the old one's checked views and the copy programs
     of every placement-free chunk, builds the experts' anew, and syncs bit-exactly by the new plan; an
-    endpoint whose tensors moved meanwhile is bound from scratch."""
+    endpoint whose tensors moved meanwhile is bound from scratch. Plans of one builder share their
+    placement-free chunks (``plan.fixed_part``); plans read back from JSON are compared chunk by chunk."""
     from planners.build import PlanBuilder
     from planners.eplb import rebalance
     from planners.eplb.stats import synthetic_load
+    from planners.plan import SyncPlan
 
     job = JobSpec.from_dict(JOB)
     builder = PlanBuilder.for_job(job)
     plans = [builder.plan(rebalance(synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.5, seed=s),
                                     job.num_physical_experts, *job.eplb_shape())) for s in (1, 2, 3)]
+    if made == "read back from JSON":
+        plans = [SyncPlan.from_dict(p.to_dict()) for p in plans]
+        assert all(p.fixed_part is None for p in plans)
+    else:
+        assert plans[0].same_fixed_part(plans[1])
     assert not np.array_equal(plans[0].pieces, plans[1].pieces)  # the experts did move
     ranks = range(plans[0].num_ranks)
     sources, targets = endpoints(plans[0], ranks, 1)
@@ -148,6 +156,15 @@ def test_a_new_expert_placement_rebinds_only_the_expert_copies():
     for r, target in targets.items():
         for name, want in source_shards(plans[2], r, 1).items():
             assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (r, name)
+    if made == "read back from JSON":  # one placement-free chunk unlike the adopted plan's: its stage is rebuilt
+        changed = SyncPlan.from_dict(plans[0].to_dict())
+        fixed = np.flatnonzero((changed.table.expert[changed.chunks["tensor"]] < 0) & (changed.chunks["stage"] == 1))
+        changed.chunks["link"][fixed[0]] += 1
+        fourth = PlanExecutor(changed, ranks, SoloTransport())
+        fourth.adopt(third)
+        assert fourth.sync(sources, targets).verified
+        assert fourth._binding.local_fixed[1] is not third._binding.local_fixed[1]
+        assert fourth._binding.local_fixed[2] is third._binding.local_fixed[2]
 
 
 def _own_part_per_device(rank: int, port: int, groups: list[list[int]], seeds: list[int]):

@@ -96,12 +96,16 @@ def test_chunk_columns_are_the_fields():
     from sync.copy_tables import COLUMNS, chunk_columns
 
     job = JobSpec.from_dict(dict(model=dict(preset="tiny_qwen3_moe"), trainer=dict(tp=2, ep=2), inference=dict(tp=4)))
-    chunks = build_plan(job).chunks
-    columns = chunk_columns(chunks)
-    assert set(columns) == set(COLUMNS)
+    plan = build_plan(job)
+    chunks = plan.chunks
+    columns = chunk_columns(chunks, plan.table.expert)
+    assert set(columns) == set(COLUMNS) | {"moving"}
     for name in COLUMNS:
         assert columns[name].dtype == chunks.dtype[name] and columns[name].flags.c_contiguous
         np.testing.assert_array_equal(columns[name], chunks[name], err_msg=name)
+    moving = plan.table.expert[chunks["tensor"]] >= 0
+    assert moving.any() and not moving.all()
+    np.testing.assert_array_equal(columns["moving"], moving)
 
 
 def test_strided_runs_with_rows_long_enough_to_cut_alone():
