@@ -145,14 +145,21 @@ class CopyProgram:
         tensors bound in ``ends`` (``sync.executor.EndTable``, one CUDA device): the tiles of
         ``CopyProgram(chunk_runs(plan, rows), table=ends)``, from one compiled pass over the chunks
         (``sync.copy_tables``) instead of array passes over their fields. ``shapes``: ``(itemsize, outer,
-        inner)`` of every tensor of the plan (``sync.copy_tables.tensor_shapes``)."""
+        inner)`` of every tensor of the plan, side by side."""
         from sync.copy_tables import chunk_tiles
 
+        base = torch.empty(16, dtype=torch.uint8, device=ends.device)
+        tiles = chunk_tiles(chunks, rows, shapes, ends.packed, base.data_ptr(), tile_bytes)
+        return cls.of_tiles(base, tiles, tile_bytes, staging)
+
+    @classmethod
+    def of_tiles(cls, base: torch.Tensor, tiles: tuple, tile_bytes: int, staging: PinnedTables | None = None
+                 ) -> "CopyProgram":
+        """The program of ``tiles`` (what ``sync.copy_tables.chunk_tiles`` gives, addresses counted from
+        ``base``'s), which may have been cut on another thread."""
         self = cls.__new__(cls)
-        self.device, self.launches, self.pairs, self._staging = ends.device, [], ([], []), staging
-        self._base = torch.empty(16, dtype=torch.uint8, device=self.device)
-        tables, strided, self.nbytes, self.num_runs = chunk_tiles(chunks, rows, shapes, ends.packed,
-                                                                  self._base.data_ptr(), tile_bytes)
+        self.device, self.launches, self.pairs, self._staging, self._base = base.device, [], ([], []), staging, base
+        tables, strided, self.nbytes, self.num_runs = tiles
         self._launch_tiles(tables, strided, tile_bytes)
         return self
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -392,6 +393,7 @@ class PlanExecutor:
         self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
         self._tensor_shapes: tuple | None = None  # (the plan's tensor table, its shapes side by side)
         self._fixed_record_bytes: dict[int, np.ndarray] = {}  # stage -> its local placement-free chunks, as bytes
+        self._tile_worker: ThreadPoolExecutor | None = None
         self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
@@ -484,6 +486,7 @@ class PlanExecutor:
             self._internal = previous._internal  # the same locals: the same buffers, which its programs use
             self._staging = previous._staging  # pinned once, not again at every new placement
             self._tensor_shapes = previous._tensor_shapes
+            self._tile_worker = previous._tile_worker
 
     def _carried_key(self, given) -> tuple | None:
         """The adopted executor's key, where its endpoints hand over the same dicts: the sync binds on it
@@ -814,17 +817,40 @@ class PlanExecutor:
     def _program_pending(self, binding: _Binding, stage: int):
         """Build the moving chunks' local programs of ``stage`` if not yet built, yielding each as it is
         built: a few thousand chunks first, then parts twice as large, so that the copies of the first
-        run on the GPU while the host builds the next."""
+        run on the GPU while the host builds the next. On the GPU the parts' tiles are cut on a worker
+        thread (the compiled pass holds no GIL) while this one uploads and launches those cut before."""
         pending = binding.pending.pop(stage, None)
         if pending is None:
             return
-        start, size = 0, _FIRST_PENDING
+        parts, start, size = [], 0, _FIRST_PENDING
         while start < len(pending):
-            part = pending[start: start + size]
-            start, size = start + len(part), size * 2
-            for program in self._programs(binding.flats, part, None, None, binding.cast, ends=binding.ends):
+            parts.append(pending[start: start + size])
+            start, size = start + len(parts[-1]), size * 2
+        ahead = []  # per part: (base, the worker's tiles), or None where it is built here
+        for part in parts:
+            whole = not (binding.cast[self._columns["src_local"][part]].any() or self.copies == "slices")
+            if whole and binding.ends is not None and self._compiled_tables(binding.device):
+                from sync.copy_tables import chunk_tiles
+
+                base = torch.empty(16, dtype=torch.uint8, device=binding.device)
+                ahead.append((base, self._worker().submit(chunk_tiles, self._chunks, part, self._shapes(),
+                                                          binding.ends.packed, base.data_ptr(), self.tile_bytes)))
+            else:
+                ahead.append(None)
+        for part, job in zip(parts, ahead):
+            if job is None:
+                programs = self._programs(binding.flats, part, None, None, binding.cast, ends=binding.ends)
+            else:
+                programs = [CopyProgram.of_tiles(job[0], job[1].result(), self.tile_bytes, self._staging)]
+            for program in programs:
                 binding.local[stage].append(program)
                 yield program
+
+    def _worker(self) -> ThreadPoolExecutor:
+        """The thread that cuts moving chunks' tiles while this one launches (one per process's executors)."""
+        if self._tile_worker is None:
+            self._tile_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rlsync-tiles")
+        return self._tile_worker
 
     def bind(self, source=None, target=None) -> float:
         """Bind every copy program to the endpoints now, moving no byte: after a new plan (an expert
