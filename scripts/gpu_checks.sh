@@ -26,7 +26,7 @@ for part in $parts; do
     tests) timeout 240 python -m pytest -q tests/unit/test_fp8_kernel.py tests/unit/test_triton_kernels.py tests/unit/test_checksums.py \
              tests/integration/test_gpu.py tests/integration/test_addresses.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
-    replan) timeout 400 "${bench[@]}" --replan --profile --tile-kb 256 --out "$out/replan.json" > "$out/replan.log" 2>&1
+    replan) timeout 400 "${bench[@]}" --replan --profile --tile-kb 64 --moving-tile-kb 64 256 --out "$out/replan.json" > "$out/replan.log" 2>&1
             tail -c 1200 "$out/replan.log" ;;
     quantize) timeout 120 python -m sync.cli bench quantize -- --gb 8 --json "$out/quantize.json" > "$out/quantize.log" 2>&1
               tail -c 2500 "$out/quantize.log" ;;

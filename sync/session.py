@@ -68,7 +68,7 @@ class Session:
         """A session for plan rank ``ranks`` (or a list hosted by this process). ``source``/``target``: the
         rank's end, or ``{plan rank: end}``. ``settings``: the job's sync settings, by default those the
         plan carries. ``options``: ``PlanExecutor``'s (``process_of``, ``ipc``, ``copies``, ``recheck``,
-        ``direct_bytes``, ``tile_bytes``)."""
+        ``direct_bytes``, ``tile_bytes``, ``moving_tile_bytes``)."""
         hosted = [int(ranks)] if isinstance(ranks, int) else sorted(int(r) for r in ranks)
         return cls(plan, hosted, transport, settings or settings_of(plan), _by_rank(source, hosted),
                    _by_rank(target, hosted), options)

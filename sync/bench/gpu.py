@@ -239,7 +239,7 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
 
 
 def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb: int = 64,
-               collect_during_sync: bool = False) -> dict:
+               collect_during_sync: bool = False, moving_tile_kb: int = 256) -> dict:
     """A refresh after a placement change against one with the placement unchanged, in one session:
     syncs by the same plan (median), then, for each of ``reps`` new placements, the PlanBuilder's
     replan (CPU), the session's rebind (``Session.replan``: checks, new executor) and the first sync by
@@ -252,7 +252,8 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
     plan = builder.plan(job.placement(loads[0]))
     sources, targets = endpoints(plan)
     session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
-                           tile_bytes=tile_kb << 10, collect_during_sync=collect_during_sync)
+                           tile_bytes=tile_kb << 10, moving_tile_bytes=moving_tile_kb << 10,
+                           collect_during_sync=collect_during_sync)
     srcs, tgts = session.sources, session.targets
     collections = Collections()  # inside each timed sync
 
@@ -305,7 +306,8 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
 
         pstats.Stats(profiler).sort_stats("cumtime").print_stats(35)
     med = statistics.median
-    row = dict(case=name, copies="replan", tile_kb=tile_kb, collect_during_sync=collect_during_sync,
+    row = dict(case=name, copies="replan", tile_kb=tile_kb, moving_tile_kb=moving_tile_kb,
+               collect_during_sync=collect_during_sync,
                first_sync_gc_s=med(first_gc_s), first_sync_gc_max_s=max(first_gc_s), payload=int(plan.chunks["nbytes"].sum()), chunks=len(plan.chunks),
                sync_unchanged_s=med(unchanged), replan_plan_s=med(plan_s), rebind_s=med(rebind_s),
                first_sync_s=med(first_s), second_sync_s=med(second_s),
@@ -380,7 +382,7 @@ def run_kernel_sweep(name: str, spec: dict, reps: int, tiles_kb=(64, 256), block
     rows, ref = [], None
     for tile_kb in tiles_kb:
         session = Session.open(plan, range(plan.num_ranks), SoloTransport(), sources, targets, SyncSettings(),
-                               tile_bytes=tile_kb << 10)
+                               tile_bytes=tile_kb << 10, moving_tile_bytes=tile_kb << 10)  # every program alike
         ex = session.executor
         ex.sync(session.sources, session.targets, verify=False)  # binds
         programs = [p for stage in (1, 2) for p in ex._binding.local[stage]]
@@ -507,6 +509,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="only: a refresh after an expert placement change against one without (the MoE case)")
     ap.add_argument("--tile-kb", type=int, nargs="*", default=[64],
                     help="with --replan: the copy programs' tile sizes to compare, one session each")
+    ap.add_argument("--moving-tile-kb", type=int, nargs="*", default=[256],
+                    help="with --replan: the routed experts' local programs' tile sizes, each with every --tile-kb")
     ap.add_argument("--profile", action="store_true", help="with --replan: profile the last rebind and first sync")
     ap.add_argument("--address-check", type=int, default=0, metavar="TENSORS",
                     help="only: what checking that this many tensors have not moved costs, by way of checking")
@@ -539,8 +543,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.replan:
         name = "dsv3-like tp2ep4->dp8ep8+32"
         rows = []
-        for tile_kb, collect in [(kb, c) for kb in args.tile_kb for c in (True, False)]:
-            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb, collect))
+        for tile_kb, moving_kb, collect in [(kb, m, c) for kb in args.tile_kb for m in args.moving_tile_kb
+                                            for c in (True, False)]:
+            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb, collect, moving_kb))
             print(json.dumps(rows[-1]), flush=True)
             gc.collect()  # the session's tensors, before the next one allocates its own
             torch.cuda.empty_cache()
