@@ -192,7 +192,7 @@ def _derivations(plan: SyncPlan, hosted: np.ndarray) -> dict[str, list[tuple[int
     return out
 
 
-_FIRST_PENDING = 2048  # moving chunks programmed before the first of their copies is launched (then 2x, 4x, ...)
+_FIRST_PENDING = 4096  # moving chunks programmed before the first of their copies is launched (then 4x, 16x, ...)
 _COMPILED_FROM = 8192  # chunks: smaller tables are read field by field (no numba import or compile for them)
 
 
@@ -824,16 +824,18 @@ class PlanExecutor:
 
     def _program_pending(self, binding: _Binding, stage: int):
         """Build the moving chunks' local programs of ``stage`` if not yet built, yielding each as it is
-        built: a few thousand chunks first, then parts twice as large, so that the copies of the first
-        run on the GPU while the host builds the next. On the GPU the parts' tiles are cut on a worker
+        built: a few thousand chunks first, then parts four times as large, so that the copies of the
+        first run on the GPU while the host builds the next (few parts: every later sync launches each). On the GPU the parts' tiles are cut on a worker
         thread (the compiled pass holds no GIL) while this one uploads and launches those cut before."""
         pending = binding.pending.pop(stage, None)
         if pending is None:
             return
         parts, start, size = [], 0, _FIRST_PENDING
         while start < len(pending):
+            if len(pending) - start - size < _FIRST_PENDING:  # no small last part: each costs a launch per sync
+                size = len(pending) - start
             parts.append(pending[start: start + size])
-            start, size = start + len(parts[-1]), size * 2
+            start, size = start + len(parts[-1]), size * 4
         ahead = []  # per part: (base, the worker's tiles), or None where it is built here
         for part in parts:
             whole = not (binding.cast[self._columns["src_local"][part]].any() or self.copies == "slices")
