@@ -163,6 +163,25 @@ class CopyProgram:
         self._launch_tiles(tables, strided, tile_bytes)
         return self
 
+    @classmethod
+    def merged(cls, programs: list["CopyProgram"]) -> "CopyProgram":
+        """One program copying what ``programs`` copy (Triton ones over one base, as ``of_tiles`` makes
+        them), with one launch per kind of tile: their tables joined on the device. Parts built while
+        copies ran (see ``sync.executor``) cost a launch each in every later sync, this one launch."""
+        base = programs[0]._base
+        if any(p._base is not base or p.pairs[0] for p in programs):
+            raise ValueError("only Triton programs over one base merge")
+        self = cls.__new__(cls)
+        self.device, self.pairs, self._staging, self._base = base.device, ([], []), None, base
+        self.nbytes, self.num_runs = sum(p.nbytes for p in programs), sum(p.num_runs for p in programs)
+        groups: dict[tuple, list] = {}  # (kind, word, vec, block) -> the launches' (view, table, tiles)
+        for p in programs:
+            for kind, view, table, vec, block, tiles in p.launches:
+                groups.setdefault((kind, view.dtype, vec, block), []).append((view, table, tiles))
+        self.launches = [(kind, items[0][0], torch.cat([t for _, t, _ in items]) if len(items) > 1 else items[0][1],
+                          vec, block, sum(n for _, _, n in items)) for (kind, _, vec, block), items in groups.items()]
+        return self
+
     def _cut(self, runs: np.ndarray, tile_bytes: int) -> None:
         """Tiles of ``runs`` (``[runs, 6]``: source and destination from ``_base``, bytes, rows, source and
         destination stride). Rows long enough to fill tiles on their own become contiguous runs, one per row."""

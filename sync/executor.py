@@ -825,8 +825,9 @@ class PlanExecutor:
     def _program_pending(self, binding: _Binding, stage: int):
         """Build the moving chunks' local programs of ``stage`` if not yet built, yielding each as it is
         built: a few thousand chunks first, then parts four times as large, so that the copies of the
-        first run on the GPU while the host builds the next (few parts: every later sync launches each). On the GPU the parts' tiles are cut on a worker
-        thread (the compiled pass holds no GIL) while this one uploads and launches those cut before."""
+        first run on the GPU while the host builds the next. On the GPU the parts' tiles are cut on a
+        worker thread (the compiled pass holds no GIL) while this one uploads and launches those cut
+        before, and the parts are merged into one program for the syncs after (one launch, not one a part)."""
         pending = binding.pending.pop(stage, None)
         if pending is None:
             return
@@ -836,26 +837,31 @@ class PlanExecutor:
                 size = len(pending) - start
             parts.append(pending[start: start + size])
             start, size = start + len(parts[-1]), size * 4
-        ahead = []  # per part: (base, the worker's tiles), or None where it is built here
+        ahead = []  # per part: the worker's tiles, or None where it is built here
+        base = torch.empty(16, dtype=torch.uint8, device=binding.device)  # every part's addresses count from it
         for part in parts:
             whole = not (binding.cast[self._columns["src_local"][part]].any() or self.copies == "slices")
             if whole and binding.ends is not None and self._compiled_tables(binding.device):
                 from sync.copy_tables import chunk_tiles
 
-                base = torch.empty(16, dtype=torch.uint8, device=binding.device)
-                ahead.append((base, self._worker().submit(chunk_tiles, self._chunks, part, self._shapes(),
-                                                          binding.ends.packed, base.data_ptr(), self.moving_tile_bytes)))
+                ahead.append(self._worker().submit(chunk_tiles, self._chunks, part, self._shapes(), binding.ends.packed,
+                                                   base.data_ptr(), self.moving_tile_bytes))
             else:
                 ahead.append(None)
+        cut = []  # the parts' programs from the worker's tiles
         for part, job in zip(parts, ahead):
             if job is None:
                 programs = self._programs(binding.flats, part, None, None, binding.cast, ends=binding.ends,
                                           tile_bytes=self.moving_tile_bytes)
             else:
-                programs = [CopyProgram.of_tiles(job[0], job[1].result(), self.moving_tile_bytes, self._staging)]
+                programs = [CopyProgram.of_tiles(base, job.result(), self.moving_tile_bytes, self._staging)]
+                cut += programs
             for program in programs:
                 binding.local[stage].append(program)
                 yield program
+        if len(cut) > 1:
+            kept = [p for p in binding.local[stage] if all(p is not q for q in cut)]
+            binding.local[stage] = kept + [CopyProgram.merged(cut)]
 
     def _worker(self) -> ThreadPoolExecutor:
         """The thread that cuts moving chunks' tiles while this one launches (one per process's executors)."""

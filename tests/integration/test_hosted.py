@@ -278,3 +278,43 @@ def test_the_garbage_collector_waits_for_the_sync_and_resumes_after_it(collect):
     with pytest.raises(ValueError, match="needs a target"):
         ex.sync(sources, {})  # a failed sync resumes it too
     assert gc.isenabled()
+
+
+def test_moving_chunks_programmed_in_parts_then_merged_sync_bit_exactly(monkeypatch):
+    """The GPU path of a first sync after a new placement, with Triton's interpreter on the CPU: the moving
+    chunks' tiles cut in parts on the worker thread and launched part by part, then merged into one
+    program that the next sync by the same plan runs."""
+    from conftest import triton_kernels_run
+    from planners import SyncSettings
+    from planners.build import PlanBuilder
+    from sync.copier import CopyProgram
+    from sync.session import Session
+    import sync.executor as executor
+
+    if not triton_kernels_run():
+        pytest.skip("needs Triton (compiled on CUDA or interpreted)")
+    monkeypatch.setattr(executor, "_FIRST_PENDING", 5)  # parts of 5, 20, 80, ... chunks
+    monkeypatch.setattr(executor.PlanExecutor, "_compiled_tables", lambda self, device: True)
+    merges = []
+    merged = CopyProgram.merged.__func__
+    monkeypatch.setattr(CopyProgram, "merged", classmethod(lambda cls, parts: merges.append(len(parts)) or merged(cls, parts)))
+    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
+    builder = PlanBuilder.for_job(job)
+    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2)]
+    ranks = list(range(plans[0].num_ranks))
+    sources, targets = endpoints(plans[0], ranks, 1)
+    session = Session.open(plans[0], ranks, SoloTransport(), sources, targets, SyncSettings(bucket_mb=0.01))
+    version = 0
+    for i, plan in enumerate(plans):
+        if i:
+            session.replan(plan)
+        for repeat in range(2):  # programmed in parts, then merged; the second sync runs the merged programs
+            version += 1
+            for s in sources.values():
+                s.set_version(version)
+            assert session.sync(version).verified
+            for r, target in targets.items():
+                for name, want in source_shards(plan, r, version).items():
+                    assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (version, r, name)
+        assert merges and max(merges) > 1
+        merges.clear()

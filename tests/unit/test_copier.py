@@ -63,3 +63,35 @@ def test_a_run_outside_its_tensor_is_refused():
     runs = np.array([(0, 10, 1, 0, 8, 1, 8, 8)], dtype=RUN_DTYPE)
     with pytest.raises(ValueError, match="outside its src"):
         CopyProgram(runs, {0: torch.zeros(16, dtype=torch.uint8), 1: torch.zeros(16, dtype=torch.uint8)})
+
+
+def test_parts_over_one_base_merge_into_one_program_copying_the_same():
+    """``CopyProgram.merged``: the moving chunks' parts of a first sync after a new placement become one
+    program (one launch per kind of tile) for the syncs after; it copies exactly what the parts copy."""
+    from sync.copier import WIDE_ROW
+    from sync.copy_tables import run_tiles
+
+    rng = np.random.default_rng(5)
+    sizes = [1 << 20, (1 << 20) + 3, 5 << 20]
+    runs = random_runs(rng, sizes, 300)
+    src, dst = _ends(sizes, 5)
+    ends = {**src, **dst}
+    want = {k: v.numpy().copy() for k, v in ends.items()}
+    apply_runs(runs, want)
+    base = torch.empty(16, dtype=torch.uint8)
+    at = lambda side: np.array([ends[int(i)].data_ptr() for i in runs[side]]) + runs[f"{side}_off"] - base.data_ptr()  # noqa: E731
+    table = np.stack([at("src"), at("dst"), runs["nbytes"], runs["rows"], runs["src_stride"], runs["dst_stride"]], axis=1)
+    parts = []
+    for rows in np.array_split(np.arange(len(table)), 4):
+        part = table[rows]
+        strided = part[(part[:, 3] > 1) & (part[:, 2] < WIDE_ROW)]
+        parts.append(CopyProgram.of_tiles(base, (run_tiles(part, 4096), strided, int((part[:, 2] * part[:, 3]).sum()),
+                                                 len(part)), 4096))
+    merged = CopyProgram.merged(parts)
+    assert len(merged.launches) < sum(len(p.launches) for p in parts)
+    assert (merged.nbytes, merged.num_runs) == (int((runs["nbytes"] * runs["rows"]).sum()), len(runs))
+    _replay(merged)
+    for k, t in dst.items():
+        np.testing.assert_array_equal(t.numpy(), want[k], err_msg=f"tensor {k}")
+    with pytest.raises(ValueError, match="one base"):
+        CopyProgram.merged([parts[0], CopyProgram(runs, ends, 4096, use_triton=True)])
