@@ -114,7 +114,8 @@ def test_programs_uploaded_from_one_reused_pinned_buffer_copy_exactly():
 
 
 def test_cuda_syncs_after_new_placements_are_bit_exact(monkeypatch):
-    """The first sync after each new placement programs its moving chunks in parts while copying."""
+    """The first sync after each new placement programs its moving chunks in parts while copying; the
+    next runs them merged into one program."""
     import sync.executor as executor
     from planners.build import PlanBuilder
     from planners.eplb.stats import synthetic_load
@@ -132,12 +133,13 @@ def test_cuda_syncs_after_new_placements_are_bit_exact(monkeypatch):
         new = builder.plan(job.placement(load(seed)))
         assert not np.array_equal(new.placement.phy2log, session.plan.placement.phy2log)
         session.replan(new)
-        for s in sources.values():
-            s.set_version(seed + 2)
-        assert session.sync(version=seed + 2).verified
-        for r, target in targets.items():
-            for name, want in source_shards(new, r, seed + 2).items():
-                assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want)), (seed, r, name)
+        for version in (2 * seed + 2, 2 * seed + 3):  # programmed in parts, then run merged
+            for s in sources.values():
+                s.set_version(version)
+            assert session.sync(version=version).verified
+            for r, target in targets.items():
+                for name, want in source_shards(new, r, version).items():
+                    assert torch.equal(as_bits(target.tensors[name].cpu()), as_bits(want)), (version, r, name)
 
 
 def _ipc_rank(rank: int, plan, port: int, versions: list[int], mode: str):
