@@ -238,10 +238,8 @@ class _Written:
     def update(self, ids) -> None:
         self.ids.update(ids)
 
-    def add_array(self, ids: np.ndarray) -> None:
-        self.arrays.append((ids, None))
-
-    def add_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+    def add_array(self, ids: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """``ids``, or ``ids[rows]`` when ``rows`` is given (gathered only if named)."""
         self.arrays.append((ids, rows))
 
     def __iter__(self):
@@ -833,7 +831,7 @@ class PlanExecutor:
             return
         parts, start, size = [], 0, _FIRST_PENDING
         while start < len(pending):
-            if len(pending) - start - size < _FIRST_PENDING:  # no small last part: each costs a launch per sync
+            if len(pending) - start - size < _FIRST_PENDING:  # no small last part: one more wait and upload for little
                 size = len(pending) - start
             parts.append(pending[start: start + size])
             start, size = start + len(parts[-1]), size * 4
@@ -860,8 +858,8 @@ class PlanExecutor:
                 binding.local[stage].append(program)
                 yield program
         if len(cut) > 1:
-            kept = [p for p in binding.local[stage] if all(p is not q for q in cut)]
-            binding.local[stage] = kept + [CopyProgram.merged(cut)]
+            parted = {id(p) for p in cut}
+            binding.local[stage] = [p for p in binding.local[stage] if id(p) not in parted] + [CopyProgram.merged(cut)]
 
     def _worker(self) -> ThreadPoolExecutor:
         """The thread that cuts moving chunks' tiles while this one launches (one per process's executors)."""
@@ -898,7 +896,7 @@ class PlanExecutor:
             program()
             if stats is not None:
                 stats.bytes_copied += program.nbytes
-        self._written.add_rows(self._columns["dst_local"], self.local_rows[stage])
+        self._written.add_array(self._columns["dst_local"], self.local_rows[stage])
         if stats is not None:
             stats.pack_seconds += time.perf_counter() - t0
 
