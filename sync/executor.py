@@ -299,7 +299,8 @@ class PlanExecutor:
                  bucket_bytes: int = 256 << 20, timeout_s: float = 120.0, direct_bytes: int | None = None,
                  process_of=None, copies: str = "auto", tile_bytes: int = 64 << 10, moving_tile_bytes: int = 256 << 10,
                  ipc: bool | str = False,
-                 recheck: bool = True, fan: dict[int, np.ndarray] | None = None, collect_during_sync: bool = False) -> None:
+                 recheck: bool = True, fan: dict[int, np.ndarray] | None = None, collect_during_sync: bool = False,
+                 previous: "PlanExecutor | None" = None) -> None:
         """``rank``: the plan rank this process hosts, or a list of them (colocated in one process).
         ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``).
         ``direct_bytes``: contiguous chunks at least this large skip the bucket copy and travel as
@@ -323,7 +324,11 @@ class PlanExecutor:
         ``collect_during_sync``: let Python's cyclic garbage collector run during a sync. By default it
         is paused for the sync and resumed after: a full collection walks every object the process
         holds (tens of thousands of tensors here) and, started by whatever allocation crosses its
-        threshold, would stall the sync for tens of milliseconds. A sync makes no cyclic garbage."""
+        threshold, would stall the sync for tens of milliseconds. A sync makes no cyclic garbage.
+        ``previous``: this process's executor of the plan before (a new expert placement), adopted
+        (:meth:`adopt`). Where it is, this plan's tables are read at the next sync, not here: that sync
+        first launches the adopted copies of the placement-free chunks, which this plan leaves as they
+        were, so the GPU copies while the host reads the new placement's chunks."""
         if copies not in ("auto", "foreach", "slices"):
             raise ValueError(f"copies must be 'auto', 'foreach' or 'slices', got {copies!r}")
         self.plan = plan
@@ -340,7 +345,52 @@ class PlanExecutor:
         if ipc not in (False, True, "arena", "direct"):
             raise ValueError(f"ipc must be False, True, 'arena' or 'direct', got {ipc!r}")
         self.ipc = "arena" if ipc is True else ipc
-        self._chunks = c = plan.chunks
+        self._chunks = plan.chunks
+        self._direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"]) if direct_bytes is None \
+            else direct_bytes
+        self._fan = fan
+        self._previous: PlanExecutor | None = None
+        self._bucket_bytes = bucket_bytes
+        self._verifier: Verifier | None = None
+        self._internal: dict[int, torch.Tensor] | None = None
+        self._binding: _Binding | None = None
+        self._arena: dict[str, torch.Tensor] = {}
+        self._written = _Written()
+        self._syncs = 0
+        self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage)
+        # the channels bytes between processes move on: the wire, and CUDA IPC between processes of one GPU
+        self.wire: Channel = TorchP2P(self.transport)
+        self.arena_ipc: IpcArena | None = None
+        self.direct_ipc: IpcDirect | None = None
+        self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
+        self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
+        self._tensor_shapes: tuple | None = None  # (the plan's tensor table, its shapes side by side)
+        self._fixed_record_bytes: dict[int, np.ndarray] = {}  # stage -> its local placement-free chunks, as bytes
+        self._tile_worker: ThreadPoolExecutor | None = None
+        self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
+        self._laid_out = False
+        self.adopt(previous)
+        if self._previous is None or self.ipc:  # IPC channels meet their peers at once, not at a sync
+            self._lay_out()
+
+    # attributes :meth:`_lay_out` sets: read before it ran (a deferred layout, see ``previous``), they run it
+    _LAYOUT = frozenset({"_columns", "pulled_rows", "_lent_rows", "_lent_locals", "local_rows", "buckets", "_moving",
+                         "rounds", "_derivations"})
+
+    def __getattr__(self, name: str):
+        # reached only for attributes not set yet
+        if name in PlanExecutor._LAYOUT and not self.__dict__.get("_laid_out", True):
+            self._lay_out()
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _lay_out(self) -> None:
+        """Read the plan's tables: which chunks this process copies locally, sends and receives, its
+        buckets and rounds, and the IPC channels they need."""
+        if self._laid_out:
+            return
+        self._laid_out = True
+        plan, c = self.plan, self._chunks
         # the columns read here and at every bind, contiguous, in one pass over the packed records
         self._columns = columns = _chunk_columns(c, plan.table.expert)
         src, dst, stage = columns["src"], columns["dst"], columns["stage"]
@@ -354,8 +404,6 @@ class PlanExecutor:
         lent_to = {s: sorted(set(self.process_of[dst[rows]].tolist())) for s, rows in self._lent_rows.items()}
         self._lent_locals = {q: sorted(set(columns["src_local"][lent & (self.process_of[dst] == q)].tolist()))
                              for q in set(lent_to[1]) | set(lent_to[2])}
-        if direct_bytes is None:
-            direct_bytes = DIRECT_BYTES.get(self.transport.backend, DIRECT_BYTES["gloo"])
         if self.hosted.all():  # one process hosts every rank: every chunk is a local copy
             self.local_rows = {s: np.flatnonzero(in_stage[s]) for s in (1, 2)}
             crossing = np.zeros(0, dtype=np.int64)
@@ -363,41 +411,22 @@ class PlanExecutor:
             hosted_src, hosted_dst = self.hosted[src], self.hosted[dst]
             self.local_rows = {s: np.flatnonzero(hosted_src & hosted_dst & in_stage[s]) for s in (1, 2)}
             crossing = np.flatnonzero(hosted_src != hosted_dst)
-        self.buckets = bucketize(plan, bucket_bytes, self.ranks, direct_bytes, skip=pulled | lent,
-                                 process_of=self.process_of, fan=fan, rows=crossing)
+        self.buckets = bucketize(plan, self._bucket_bytes, self.ranks, self._direct_bytes, skip=pulled | lent,
+                                 process_of=self.process_of, fan=self._fan, rows=crossing)
         # chunks of routed experts: the only ones a new expert placement changes (see adopt)
         self._moving = columns["moving"]
-        self._previous: PlanExecutor | None = None
         self.rounds = self._rounds()
-        self._bucket_bytes = bucket_bytes
-        self._verifier: Verifier | None = None
-        self._internal: dict[int, torch.Tensor] | None = None
         self._derivations = _derivations(plan, self.hosted)
-        self._binding: _Binding | None = None
-        self._arena: dict[str, torch.Tensor] = {}
-        self._written = _Written()
-        self._syncs = 0
-        self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage)
-        # the channels bytes between processes move on: the wire, and CUDA IPC between processes of one GPU
-        self.wire: Channel = TorchP2P(self.transport)
-        self.arena_ipc: IpcArena | None = None
-        self.direct_ipc: IpcDirect | None = None
         uses_arena = any(r == "ipc" for rnd in self.rounds.values() for r in rnd.route)
         if uses_arena or pulled.any() or lent.any():
             store = self.transport.store or dist.distributed_c10d._get_default_store()
-            signals = IpcSignals(store, f"rlsync-ipc/{self.transport.tag()}", self.me, timeout_s,
+            signals = IpcSignals(store, f"rlsync-ipc/{self.transport.tag()}", self.me, self.timeout_s,
                                  int(self.process_of.max()) + 1)
             if uses_arena:
                 self.arena_ipc = IpcArena(signals, *self._ipc_peers())
             else:
                 lenders = {s: sorted(set(self.process_of[c["src"][rows]].tolist())) for s, rows in self.pulled_rows.items()}
                 self.direct_ipc = IpcDirect(signals, lent_to, lenders)
-        self._tiles_on: bool | None = None  # whether local programs are Triton ones (known at the first bind)
-        self._staging: PinnedTables | None = None  # where copy programs' tables are uploaded from, on CUDA
-        self._tensor_shapes: tuple | None = None  # (the plan's tensor table, its shapes side by side)
-        self._fixed_record_bytes: dict[int, np.ndarray] = {}  # stage -> its local placement-free chunks, as bytes
-        self._tile_worker: ThreadPoolExecutor | None = None
-        self.fault: Fault | None = None  # fault injection (sync.channels.faulty): fires once, in the next sync
 
     @property
     def verifier(self) -> Verifier:
@@ -491,6 +520,22 @@ class PlanExecutor:
             self._staging = previous._staging  # pinned once, not again at every new placement
             self._tensor_shapes = previous._tensor_shapes
             self._tile_worker = previous._tile_worker
+
+    def _launch_kept(self, given) -> list:
+        """Before a deferred layout (see ``previous``): launch the adopted executor's local copies of
+        stage 1's placement-free chunks, where this plan holds those chunks as they were (one builder's)
+        and the endpoints hand over the same dicts, so that the GPU copies while this plan's tables are
+        read. The sync's check that no tensor moved covers them as it covers every copy it launches.
+        Returns the programs launched (the bind takes them over as they are)."""
+        previous = self._previous
+        # a plan with FP8 derivations copies values the sync derives first: those wait for the layout
+        if previous is None or self.fault is not None or len(self.plan.derived) \
+                or not self.plan.same_fixed_part(previous.plan) or self._carried_key(given) is None:
+            return []
+        programs = previous._binding.local_fixed.get(1, [])
+        for program in programs:
+            program()
+        return programs
 
     def _carried_key(self, given) -> tuple | None:
         """The adopted executor's key, where its endpoints hand over the same dicts: the sync binds on it
@@ -716,6 +761,8 @@ class PlanExecutor:
         if self._staging is not None:
             self._staging.begin()
         given = self._endpoint_tensors(source, target)
+        early = self._launch_kept(given) if not self._laid_out else []
+        self._lay_out()
         binding = self._binding
         carried = self._carried_key(given) if binding is None else None
         if carried is not None:  # a new plan for the same endpoints: bind on the adopted key, check it meanwhile
@@ -731,7 +778,7 @@ class PlanExecutor:
         for stage in (1, 2):
             t0 = time.perf_counter()
             channels[0].start(stage)  # the wire first: a fault at the stage's start fires before any copy
-            self._local_copies(binding, stage, stats)
+            self._local_copies(binding, stage, stats, early if stage == 1 else ())
             launched.append(stage)
             remote = any(s == stage for s, _ in self.rounds)
             if unchecked and (remote or stage == 2):  # before anything is sent, or once all copies are launched
@@ -873,6 +920,7 @@ class PlanExecutor:
         once. That sync still checks, while its first copies run, that the tensors have not moved.
         Returns the seconds it took."""
         given = self._endpoint_tensors(source, target)
+        self._lay_out()
         stats = SyncStats(self.rank)
         if self._staging is not None:
             self._staging.begin()
@@ -884,12 +932,15 @@ class PlanExecutor:
                 pass
         return stats.bind_seconds + time.perf_counter() - t0
 
-    def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None) -> None:
+    def _local_copies(self, binding: _Binding, stage: int, stats: SyncStats | None, launched=()) -> None:
         """Copies between hosted ranks (launched first: they overlap the network). After a new expert
-        placement the moving chunks' programs are built here, while the GPU runs the others' copies."""
+        placement the moving chunks' programs are built here, while the GPU runs the others' copies.
+        ``launched``: programs of the stage this sync launched already (:meth:`_launch_kept`)."""
         t0 = time.perf_counter()
+        started = {id(p) for p in launched}
         for program in binding.local.get(stage, []):
-            program()
+            if id(program) not in started:
+                program()
             if stats is not None:
                 stats.bytes_copied += program.nbytes
         for program in self._program_pending(binding, stage):

@@ -111,8 +111,9 @@ class Session:
         except Exception:
             self.plan = old
             raise
-        previous, self.executor = self.executor, self._executor(plan)
-        self.executor.adopt(previous)  # what the old plan bound and this one leaves alone
+        # what the old plan bound and this one leaves alone is taken over; the new tables are read at the
+        # next sync, while the GPU runs the placement-free copies
+        self.executor = self._executor(plan, previous=self.executor)
 
     def prepare(self, plan: SyncPlan) -> float:
         """:meth:`replan`, then bind the new plan's copy programs to the ends now (no byte moves): call it
@@ -143,8 +144,8 @@ class Session:
             if not placement_only:
                 check_locals(self.plan, r, end.local_tensors(), "source" if r < self.plan.num_trainer else "target")
 
-    def _executor(self, plan: SyncPlan) -> PlanExecutor:
-        options = dict(self.options)
+    def _executor(self, plan: SyncPlan, previous: PlanExecutor | None = None) -> PlanExecutor:
+        options = dict(self.options, previous=previous)
         if plan.scope is not None:  # a rank's part of the plan: its peers' fan-out comes from the peers
             if not set(self.ranks) <= set(plan.scope):
                 raise PlanError(f"the plan holds ranks {list(plan.scope)}'s part; this process hosts {self.ranks}")

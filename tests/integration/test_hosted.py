@@ -298,6 +298,10 @@ def test_moving_chunks_programmed_in_parts_then_merged_sync_bit_exactly(monkeypa
     merges = []
     merged = CopyProgram.merged.__func__
     monkeypatch.setattr(CopyProgram, "merged", classmethod(lambda cls, parts: merges.append(len(parts)) or merged(cls, parts)))
+    early = []  # the adopted placement-free programs each sync launched before reading its plan's tables
+    launch_kept = executor.PlanExecutor._launch_kept
+    monkeypatch.setattr(executor.PlanExecutor, "_launch_kept", lambda self, given: early.append(launch_kept(self, given))
+                        or early[-1])
     job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
     builder = PlanBuilder.for_job(job)
     plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2)]
@@ -318,3 +322,43 @@ def test_moving_chunks_programmed_in_parts_then_merged_sync_bit_exactly(monkeypa
                     assert torch.equal(as_bits(target.tensors[name]), as_bits(want)), (version, r, name)
         assert merges and max(merges) > 1
         merges.clear()
+        # the first plan laid itself out at once; the replanned one at its first sync, after launching those
+        assert [len(e) > 0 for e in early] == ([True] if i else [])
+        assert not i or all(isinstance(p, CopyProgram) for p in early[0])
+        early.clear()
+
+
+def test_a_replanned_executor_reads_its_tables_at_the_first_sync_and_still_catches_a_moved_tensor():
+    """After ``Session.replan`` the new executor has not read its plan's tables yet: its first sync
+    launches the adopted placement-free copies, then lays the plan out. A tensor that moved in between
+    is caught by the sync's check (those first copies went to memory the old binding still holds), and
+    the engines end bit-exact; an attribute of the layout read first lays it out."""
+    from planners import SyncSettings
+    from planners.build import PlanBuilder
+    from sync.session import Session
+
+    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
+    builder = PlanBuilder.for_job(job)
+    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2, 3)]
+    ranks = list(range(plans[0].num_ranks))
+    sources, targets = endpoints(plans[0], ranks, 1)
+    session = Session.open(plans[0], ranks, SoloTransport(), sources, targets, SyncSettings(bucket_mb=0.01))
+    assert session.executor._laid_out and session.sync(1).verified
+    session.replan(plans[1])
+    assert not session.executor._laid_out
+    moved = next(iter(targets.values()))
+    name = next(iter(moved.tensors))
+    old_tensor = moved.tensors[name]
+    moved.tensors[name] = old_tensor.clone().fill_(0)
+    stats = session.sync(1)
+    assert stats.verified and stats.bind_seconds > 0 and session.executor._laid_out
+    for r, target in targets.items():
+        for n, want in source_shards(plans[1], r, 1).items():
+            assert torch.equal(as_bits(target.tensors[n]), as_bits(want)), (r, n)
+    session.replan(plans[2])
+    assert not session.executor._laid_out
+    fresh = PlanExecutor(plans[2], ranks, SoloTransport(), session.settings.bucket_bytes)
+    assert [b.nbytes for b in session.executor.buckets] == [b.nbytes for b in fresh.buckets]
+    assert session.executor._laid_out
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        session.executor.no_such_thing
