@@ -238,8 +238,39 @@ def run_case(name: str, spec: dict, reps: int, slices_reps: int) -> list[dict]:
     return rows
 
 
+def gpu_timeline(run) -> dict:
+    """Where the GPU idles while ``run()`` runs (one call, under torch's profiler): each copy kernel's
+    start and end from the sync's start, the idle stretches before, between and after them, in ms."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("rlsync.sync"):
+            run()
+            torch.cuda.synchronize()
+    events = prof.events()
+    whole = next(e for e in events if e.name == "rlsync.sync")
+    start, end = whole.time_range.start, whole.time_range.end
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+                     and e.name != "rlsync.sync")  # the marker's own range on the GPU
+    copies = sorted(e.time_range.start for e in events
+                    if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" in e.name.lower())
+    launched = sorted(e.time_range.start for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                      and "launchkernel" in e.name.lower())
+    ms = lambda us: round(us / 1e3, 3)  # noqa: E731
+    spans = [(ms(a - start), ms(b - start), name[:40]) for a, b, name in kernels]
+    idle, cursor = [], start
+    for a, b, _ in kernels:
+        if a > cursor:
+            idle.append((ms(cursor - start), ms(a - cursor)))
+        cursor = max(cursor, b)
+    return dict(wall_ms=ms(end - start), kernels=spans, idle_ms=idle, idle_total_ms=ms(sum(d * 1e3 for _, d in idle)),
+                after_last_ms=ms(end - cursor), launched_ms=[ms(t - start) for t in launched],
+                uploads_ms=[ms(t - start) for t in copies])
+
+
 def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb: int = 64,
-               collect_during_sync: bool = False, moving_tile_kb: int = 256) -> dict:
+               collect_during_sync: bool = False, moving_tile_kb: int = 256, timeline: bool = False) -> dict:
     """A refresh after a placement change against one with the placement unchanged, in one session:
     syncs by the same plan (median), then, for each of ``reps`` new placements, the PlanBuilder's
     replan (CPU), the session's rebind (``Session.replan``: checks, new executor) and the first sync by
@@ -300,6 +331,13 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
         session.prepare(new)
         prepare_s.append(time.perf_counter() - t0)
         prepared_s.append(timed_sync()[0])
+    timelines = {}
+    if timeline:  # one more change, and one more sync by an unchanged plan, each under the profiler
+        session.replan(builder.plan(job.placement(loads[0])))
+        timelines["first sync after a change"] = gpu_timeline(lambda: session.executor.sync(srcs, tgts, verify=False))
+        timelines["unchanged"] = gpu_timeline(lambda: session.executor.sync(srcs, tgts, verify=False))
+        for label, t in timelines.items():
+            print(label, json.dumps(t), file=sys.stderr, flush=True)
     _, checked = timed_sync(verify=True)
     if profiler is not None:
         import pstats
@@ -318,6 +356,8 @@ def run_replan(name: str, spec: dict, reps: int, profile: bool = False, tile_kb:
                spread=dict(unchanged=[min(unchanged), max(unchanged)], first=[min(first_s), max(first_s)],
                            rebind=[min(rebind_s), max(rebind_s)], prepared=[min(prepared_s), max(prepared_s)]),
                verified=bool(checked.verified))
+    if timelines:
+        row["timelines"] = timelines
     return row
 
 
@@ -512,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--moving-tile-kb", type=int, nargs="*", default=[256],
                     help="with --replan: the routed experts' local programs' tile sizes, each with every --tile-kb")
     ap.add_argument("--profile", action="store_true", help="with --replan: profile the last rebind and first sync")
+    ap.add_argument("--timeline", action="store_true",
+                    help="with --replan: the GPU's kernels and idle stretches in a first sync after a change and in an unchanged one")
     ap.add_argument("--address-check", type=int, default=0, metavar="TENSORS",
                     help="only: what checking that this many tensors have not moved costs, by way of checking")
     ap.add_argument("--kernel-sweep", action="store_true",
@@ -545,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for tile_kb, moving_kb, collect in [(kb, m, c) for kb in args.tile_kb for m in args.moving_tile_kb
                                             for c in (True, False)]:
-            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb, collect, moving_kb))
+            rows.append(run_replan(name, CASES[name], args.reps, args.profile, tile_kb, collect, moving_kb, args.timeline))
             print(json.dumps(rows[-1]), flush=True)
             gc.collect()  # the session's tensors, before the next one allocates its own
             torch.cuda.empty_cache()

@@ -121,7 +121,7 @@ def test_cuda_syncs_after_new_placements_are_bit_exact(monkeypatch):
     from planners.eplb.stats import synthetic_load
     from sync.session import Session
 
-    monkeypatch.setattr(executor, "_FIRST_PENDING", 3)  # parts of 3, 12, 48, ... chunks
+    monkeypatch.setattr(executor, "_FIRST_PENDING", 3)  # parts of 3, 6, 12, ... chunks
     job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
     builder = PlanBuilder.for_job(job)
     load = lambda seed: synthetic_load(len(job.model.moe_layers), job.model.num_experts, 1.5, seed=seed)  # noqa: E731
