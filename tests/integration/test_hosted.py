@@ -223,19 +223,26 @@ def test_processes_syncing_by_their_own_part_of_the_plan_are_bit_exact_across_pl
                     np.testing.assert_array_equal(got[name], as_bits(want).numpy(), err_msg=f"v{i + 1} rank {r} {name}")
 
 
-def test_a_placement_prepared_ahead_syncs_with_its_programs_already_bound():
-    """Session.prepare binds the new plan's copy programs before the sync (while the trainer steps):
-    the sync binds nothing, is bit-exact, and a tensor that moved after the prepare is still caught."""
+def _replanning_session(seeds):
+    """A session hosting every rank of an EPLB job, opened on the first of one builder's plans (one per
+    seed's load): the plans, the session and its ends."""
     from planners import SyncSettings
     from planners.build import PlanBuilder
     from sync.session import Session
 
     job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
     builder = PlanBuilder.for_job(job)
-    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2, 3)]
+    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in seeds]
     ranks = list(range(plans[0].num_ranks))
     sources, targets = endpoints(plans[0], ranks, 1)
     session = Session.open(plans[0], ranks, SoloTransport(), sources, targets, SyncSettings(bucket_mb=0.01))
+    return plans, session, sources, targets
+
+
+def test_a_placement_prepared_ahead_syncs_with_its_programs_already_bound():
+    """Session.prepare binds the new plan's copy programs before the sync (while the trainer steps):
+    the sync binds nothing, is bit-exact, and a tensor that moved after the prepare is still caught."""
+    plans, session, sources, targets = _replanning_session((1, 2, 3))
     assert session.sync(1).verified
     assert session.prepare(plans[1]) > 0
     stats = session.sync(1)
@@ -285,10 +292,7 @@ def test_moving_chunks_programmed_in_parts_then_merged_sync_bit_exactly(monkeypa
     chunks' tiles cut in parts on the worker thread and launched part by part, then merged into one
     program that the next sync by the same plan runs."""
     from conftest import triton_kernels_run
-    from planners import SyncSettings
-    from planners.build import PlanBuilder
     from sync.copier import CopyProgram
-    from sync.session import Session
     import sync.executor as executor
 
     if not triton_kernels_run():
@@ -302,12 +306,7 @@ def test_moving_chunks_programmed_in_parts_then_merged_sync_bit_exactly(monkeypa
     launch_kept = executor.PlanExecutor._launch_kept
     monkeypatch.setattr(executor.PlanExecutor, "_launch_kept", lambda self, given: early.append(launch_kept(self, given))
                         or early[-1])
-    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
-    builder = PlanBuilder.for_job(job)
-    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2)]
-    ranks = list(range(plans[0].num_ranks))
-    sources, targets = endpoints(plans[0], ranks, 1)
-    session = Session.open(plans[0], ranks, SoloTransport(), sources, targets, SyncSettings(bucket_mb=0.01))
+    plans, session, sources, targets = _replanning_session((1, 2))
     version = 0
     for i, plan in enumerate(plans):
         if i:
@@ -334,16 +333,8 @@ def test_a_replanned_executor_reads_its_tables_at_the_first_sync_and_still_catch
     launches the adopted placement-free copies, then lays the plan out. A tensor that moved in between
     is caught by the sync's check (those first copies went to memory the old binding still holds), and
     the engines end bit-exact; an attribute of the layout read first lays it out."""
-    from planners import SyncSettings
-    from planners.build import PlanBuilder
-    from sync.session import Session
 
-    job = JobSpec.from_dict({**JOB, "eplb": dict(enabled=True, num_redundant_experts=4)})
-    builder = PlanBuilder.for_job(job)
-    plans = [builder.plan(job.placement(load_of(job, seed))) for seed in (1, 2, 3)]
-    ranks = list(range(plans[0].num_ranks))
-    sources, targets = endpoints(plans[0], ranks, 1)
-    session = Session.open(plans[0], ranks, SoloTransport(), sources, targets, SyncSettings(bucket_mb=0.01))
+    plans, session, sources, targets = _replanning_session((1, 2, 3))
     assert session.executor._laid_out and session.sync(1).verified
     session.replan(plans[1])
     assert not session.executor._laid_out
@@ -358,7 +349,7 @@ def test_a_replanned_executor_reads_its_tables_at_the_first_sync_and_still_catch
             assert torch.equal(as_bits(target.tensors[n]), as_bits(want)), (r, n)
     session.replan(plans[2])
     assert not session.executor._laid_out
-    fresh = PlanExecutor(plans[2], ranks, SoloTransport(), session.settings.bucket_bytes)
+    fresh = PlanExecutor(plans[2], session.ranks, SoloTransport(), session.settings.bucket_bytes)
     assert [b.nbytes for b in session.executor.buckets] == [b.nbytes for b in fresh.buckets]
     assert session.executor._laid_out
     with pytest.raises(AttributeError, match="no_such_thing"):
