@@ -9,18 +9,25 @@ long as its copies. :class:`Addresses` does both in one C++ pass instead: the di
 the objects taken, then the addresses from references to those tensors (a few ns a tensor).
 
 The C++ part is compiled with torch's extension builder on first use, on a background thread
-(tens of seconds, once per machine: torch caches the build). Until it is there, or where it cannot
-be built (no compiler or ninja, or ``RLSYNC_NATIVE_CHECK=0``), the check reads every address from
+(tens of seconds, once per machine, into ``$RLSYNC_CACHE_DIR`` or ``~/.cache/rlsync``); every later
+process imports that build directly at its first check. Until it is there, or where it cannot be
+built (no compiler or ninja, or ``RLSYNC_NATIVE_CHECK=0``), the check reads every address from
 Python. It starts by itself on CUDA machines, where the check weighs; ``RLSYNC_NATIVE_CHECK=1``
 starts it elsewhere too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import platform
+import sys
 import threading
+import time
 import warnings
 from itertools import chain
+from pathlib import Path
 
 import torch
 
@@ -92,7 +99,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 
 class _Native:
-    """The compiled module: built at most once per process, on a background thread."""
+    """The compiled module: built at most once per machine, loaded at most once per process.
+
+    Torch's extension builder, even for a build it has cached, imports its own machinery, hashes the
+    sources and runs ninja: seconds of a busy interpreter in each process that loads the module that
+    way, competing with the syncs it is meant to speed up (CUDA IPC workers spawned per rank ran at a
+    seventh of their speed meanwhile). So a build goes into a directory of its own, named for all
+    that makes it (source, flags, torch, Python), and is marked ready once it imports; any later
+    process on the machine imports that library directly, in milliseconds, at its first check. Only a
+    process that finds no ready build starts one."""
 
     def __init__(self) -> None:
         self.module = None
@@ -101,12 +116,15 @@ class _Native:
         self._lock = threading.Lock()
 
     def get(self):
-        """The module if it is built; else starts building it (where enabled) and returns None."""
+        """The module if it is loaded or built and ready to import; else starts building it (where
+        enabled) and returns None."""
         if self.module is None and self._thread is None and _enabled():
             with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._build, name="rlsync-native-check", daemon=True)
-                    self._thread.start()
+                if self.module is None and self._thread is None:
+                    self.module = _import_ready(_build_directory())
+                    if self.module is None:
+                        self._thread = threading.Thread(target=self._build, name="rlsync-native-check", daemon=True)
+                        self._thread.start()
         return self.module
 
     def wait(self, timeout_s: float | None = None):
@@ -122,11 +140,58 @@ class _Native:
 
             if not is_ninja_available():
                 raise RuntimeError("ninja is not installed")
-            self.module = load_inline("rlsync_addresses", cpp_sources=[_SOURCE], extra_cflags=["-O2"], verbose=False)
+            directory = _build_directory()
+            directory.mkdir(parents=True, exist_ok=True)
+            _drop_stale_lock(directory)
+            module = load_inline(directory.name, cpp_sources=[_SOURCE], extra_cflags=list(_CFLAGS),
+                                 build_directory=str(directory), verbose=False)
+            partial = directory / f"ready.{os.getpid()}"
+            partial.write_text(module.__file__)
+            os.replace(partial, directory / "ready")  # others import the library only once it is whole
+            self.module = module
         except Exception as e:  # noqa: BLE001 -- any failure leaves the Python check, which is correct
             self.error = e
             warnings.warn(f"rlsync: the C++ address check could not be built ({e}); checking from Python",
                           RuntimeWarning, stacklevel=1)
+
+
+_CFLAGS = ("-O2",)
+# torch's builder leaves its lock file behind when a process dies mid-build, and every later build
+# then waits on it forever; no build of this one small file takes this long
+_STALE_LOCK_S = 600
+
+
+def _build_directory() -> Path:
+    """Where this source, built with these flags for this torch and Python, lives: another torch or
+    Python gets a build of its own instead of a library compiled against another ABI."""
+    made_of = "\0".join((_SOURCE, *_CFLAGS, torch.__version__, str(torch.version.cuda), sys.version,
+                         platform.machine()))
+    digest = hashlib.sha256(made_of.encode()).hexdigest()[:16]
+    cache = os.environ.get("RLSYNC_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlsync"
+    return Path(cache) / f"rlsync_addresses_{digest}"  # also the module's name, which its init symbol carries
+
+
+def _import_ready(directory: Path):
+    """The module of the build in ``directory``, imported directly, if it is marked ready; else None."""
+    ready = directory / "ready"
+    if not ready.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(directory.name, ready.read_text())
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except (ImportError, OSError, AttributeError):
+        return None  # built again, which replaces it
+
+
+def _drop_stale_lock(directory: Path) -> None:
+    lock = directory / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _enabled() -> bool:

@@ -3,6 +3,9 @@ extension builder: tens of seconds the first time, so an integration test)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -25,6 +28,26 @@ def native(request):
     if module is None:
         pytest.skip(f"the C++ address check could not be built here: {native_check.error}")
     return module
+
+
+def test_a_later_process_imports_the_build_at_its_first_check(native):
+    # what spawned workers do: the module at once, without torch's builder (seconds of imports,
+    # hashing and ninja, which slowed the syncs running beside it)
+    probe = """
+import time, torch.utils.cpp_extension as builder
+def refuse(*args, **kwargs):
+    raise AssertionError("built again")
+builder.load_inline = refuse
+from sync.addresses import native_check
+t0 = time.perf_counter()
+module = native_check.get()
+assert module is not None and native_check._thread is None, native_check.error
+print(time.perf_counter() - t0)
+"""
+    env = dict(os.environ, RLSYNC_NATIVE_CHECK="1")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1.0
 
 
 def _dicts() -> list[dict]:
