@@ -18,13 +18,14 @@ starts it elsewhere too.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import threading
-import time
 import warnings
 from itertools import chain
 from pathlib import Path
@@ -107,7 +108,8 @@ class _Native:
     seventh of their speed meanwhile). So a build goes into a directory of its own, named for all
     that makes it (source, flags, torch, Python), and is marked ready once it imports; any later
     process on the machine imports that library directly, in milliseconds, at its first check. Only a
-    process that finds no ready build starts one."""
+    process that finds no ready build starts one; one builds at a time, and the others wait for it (on
+    their background threads) and import what it built."""
 
     def __init__(self) -> None:
         self.module = None
@@ -136,19 +138,14 @@ class _Native:
 
     def _build(self) -> None:
         try:
-            from torch.utils.cpp_extension import is_ninja_available, load_inline
-
-            if not is_ninja_available():
-                raise RuntimeError("ninja is not installed")
             directory = _build_directory()
             directory.mkdir(parents=True, exist_ok=True)
-            _drop_stale_lock(directory)
-            module = load_inline(directory.name, cpp_sources=[_SOURCE], extra_cflags=list(_CFLAGS),
-                                 build_directory=str(directory), verbose=False)
-            partial = directory / f"ready.{os.getpid()}"
-            partial.write_text(module.__file__)
-            os.replace(partial, directory / "ready")  # others import the library only once it is whole
-            self.module = module
+            with open(directory / "building", "a") as lock:
+                # one builder a machine: the others wait here and import its build. The OS lets go of
+                # this lock when its holder dies, unlike torch's lock file, which a process killed
+                # mid-build leaves behind for every later build to wait on forever
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self.module = _import_ready(directory) or _compile(directory)
         except Exception as e:  # noqa: BLE001 -- any failure leaves the Python check, which is correct
             self.error = e
             warnings.warn(f"rlsync: the C++ address check could not be built ({e}); checking from Python",
@@ -156,9 +153,23 @@ class _Native:
 
 
 _CFLAGS = ("-O2",)
-# torch's builder leaves its lock file behind when a process dies mid-build, and every later build
-# then waits on it forever; no build of this one small file takes this long
-_STALE_LOCK_S = 600
+
+
+def _compile(directory: Path):
+    """Build the module in ``directory`` (holding its builder's lock) and mark it ready."""
+    from torch.utils.cpp_extension import is_ninja_available, load_inline
+
+    if not is_ninja_available():
+        raise RuntimeError("ninja is not installed")
+    work = directory / "build"
+    shutil.rmtree(work, ignore_errors=True)  # what a builder that died left, torch's lock file with it
+    work.mkdir()
+    module = load_inline(directory.name, cpp_sources=[_SOURCE], extra_cflags=list(_CFLAGS),
+                         build_directory=str(work), verbose=False)
+    partial = directory / f"ready.{os.getpid()}"
+    partial.write_text(module.__file__)
+    os.replace(partial, directory / "ready")  # others import the library only once it is whole
+    return module
 
 
 def _build_directory() -> Path:
@@ -183,15 +194,6 @@ def _import_ready(directory: Path):
         return module
     except (ImportError, OSError, AttributeError):
         return None  # built again, which replaces it
-
-
-def _drop_stale_lock(directory: Path) -> None:
-    lock = directory / "lock"
-    try:
-        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-            lock.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _enabled() -> bool:

@@ -790,21 +790,17 @@ class PlanExecutor:
             self._local_copies(binding, stage, stats, early.get(stage, ()))
             launched.append(stage)
             remote = any(s == stage for s, _ in self.rounds)
-            if unchecked and (remote or stage == 2):  # before anything is sent, or once all copies are launched
+            pulls, lends = len(self.pulled_rows[stage]) > 0, len(self._lent_rows[stage]) > 0
+            # before anything is sent or lent, or once all copies are launched (or the pulls, checked as they run)
+            if unchecked and (remote or lends or (stage == 2 and not pulls)):
                 unchecked = False
-                t_check = time.perf_counter()
-                moved = self._moved(given, binding.key)
-                stats.check_seconds = time.perf_counter() - t_check
-                if moved:
-                    # a tensor moved: those copies went to (or came from) memory the old binding still
-                    # holds, harmlessly; copy again where the tensors are now, before anything is sent
-                    binding = self._bind(given, self._key(given), stats)
-                    for s in launched:
-                        self._local_copies(binding, s, None)
+                binding = self._recheck(given, binding, launched, stats)
             for ch in channels[1:]:
                 ch.start(stage)
             self._count_lent(stage, stats)
-            self._pull_from_lenders(binding, stage, stats)
+            if pulls:  # checked while the first pulls run, and pulled again before the lenders hear of it
+                binding = self._pull_from_lenders(binding, stage, stats, given if unchecked else None, launched)
+                unchecked = False
             self._run_rounds(binding, stage, channels, stats)
             t_end = time.perf_counter()
             for ch in channels:
@@ -830,15 +826,43 @@ class PlanExecutor:
         for peer, n in zip(peers.tolist(), np.bincount(at, weights=c["nbytes"][rows]).astype(np.int64).tolist()):
             stats.sent_to[peer] = stats.sent_to.get(peer, 0) + n
 
-    def _pull_from_lenders(self, binding: _Binding, stage: int, stats: SyncStats) -> None:
-        """Copy this stage's chunks straight out of the tensors of other processes on this GPU."""
+    def _recheck(self, given, binding: _Binding, launched: list[int], stats: SyncStats) -> _Binding:
+        """The binding after checking that no endpoint tensor moved since it was made: itself, or a new
+        one for where the tensors are now, with the ``launched`` stages' local copies run again."""
+        t_check = time.perf_counter()
+        moved = self._moved(given, binding.key)
+        stats.check_seconds = time.perf_counter() - t_check
+        if not moved:
+            return binding
+        # those copies went to (or came from) memory the old binding still holds, harmlessly; copy again
+        # where the tensors are now, before anything is sent
+        binding = self._bind(given, self._key(given), stats)
+        for s in launched:
+            self._local_copies(binding, s, None)
+        return binding
+
+    def _pull_from_lenders(self, binding: _Binding, stage: int, stats: SyncStats, given, launched: list[int]) -> _Binding:
+        """Copy this stage's chunks straight out of the tensors of other processes on this GPU; with
+        ``given``, check meanwhile that our own tensors have not moved (pulling again if they had)."""
         rows = self.pulled_rows[stage]
-        if not len(rows):
-            return
         t0 = time.perf_counter()
         generations, borrowed = self.direct_ipc.borrow(stage)
         t1 = time.perf_counter()
         stats.wait_seconds += t1 - t0  # for the lenders to say their tensors are ready
+        self._launch_pulls(binding, stage, generations, borrowed)
+        if given is not None:
+            checked = self._recheck(given, binding, launched, stats)
+            if checked is not binding:  # the pulls wrote where our tensors were: again, where they are
+                binding = checked
+                self._launch_pulls(binding, stage, generations, borrowed)
+        self.direct_ipc.pulled(stage, binding.device)
+        stats.unpack_seconds += time.perf_counter() - t1  # the copies, launched and finished
+        c = self._chunks
+        self._written.add_array(np.unique(c["dst_local"][rows]))
+        stats.bytes_received += int(c["nbytes"][rows].sum())
+        return binding
+
+    def _launch_pulls(self, binding: _Binding, stage: int, generations: dict, borrowed: dict) -> None:
         if self._pull is None or self._pull[0] is not binding or self._pull[1] != generations:
             ends = {**binding.flats, **borrowed}
             programs = {s: self._programs(ends, r, None, None, np.zeros(len(self.plan.local_name), dtype=bool))
@@ -846,11 +870,6 @@ class PlanExecutor:
             self._pull = (binding, generations, programs)
         for program in self._pull[2][stage]:
             program()
-        self.direct_ipc.pulled(stage, binding.device)
-        stats.unpack_seconds += time.perf_counter() - t1  # the copies, launched and finished
-        c = self._chunks
-        self._written.add_array(np.unique(c["dst_local"][rows]))
-        stats.bytes_received += int(c["nbytes"][rows].sum())
 
     def _internal_buffers(self, device: torch.device) -> dict[int, torch.Tensor]:
         """The plan's own locals of the hosted ranks (FP8 copies, scales, receiving buffers), kept here."""

@@ -377,13 +377,18 @@ def _ipc_worker(rank: int, spec: dict, port: int, reps: int, bucket_bytes: int, 
         transport.barrier().wait()
         stats = ex.sync(source, target, verify=False)
         times.append(stats.global_seconds)
-        parts.append((stats.seconds, stats.wait_seconds, stats.pack_seconds + stats.unpack_seconds))
+        parts.append((stats.seconds, stats.wait_seconds, stats.pack_seconds + stats.unpack_seconds,
+                      stats.check_seconds, stats.stage_seconds.get(1, 0.0), stats.stage_seconds.get(2, 0.0)))
+    # the reader's copies alone, on the GPU (CUDA events), out of the lenders' tensors as last borrowed
+    pulls = [p for programs in (ex._pull[2].values() if ex._pull else ()) for p in programs]
+    kernel = statistics.median(gpu_seconds(pulls) for _ in range(reps)) if pulls else 0.0
     if target is not None:
         poison(targets)
     last = ex.sync(source, target, verify=True)
-    own, waiting, copying = (statistics.median(p) for p in zip(*parts))
+    own, waiting, copying, check, stage1, stage2 = (statistics.median(p) for p in zip(*parts))
     return dict(seconds=statistics.median(times), verified=bool(last.verified), peak=last.peak_buffer_bytes,
-                own_s=own, wait_s=waiting, copy_s=copying)
+                own_s=own, wait_s=waiting, copy_s=copying, check_s=check, stage1_s=stage1, stage2_s=stage2,
+                pull_kernel_s=kernel)
 
 
 def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int, mode: str = "arena") -> dict:
@@ -400,7 +405,8 @@ def run_ipc(name: str, spec: dict, reps: int, bucket_mb: int, mode: str = "arena
                 kernel_gbps=None, flat_gbps=flat, bind_s=0.0, exact=all(r["verified"] for r in results.values()),
                 bucket_mb=bucket_mb, arena_bytes=results[0]["peak"],
                 # each process's own seconds, waiting for the other, and copying (medians)
-                processes={rank: {k: r[k] for k in ("own_s", "wait_s", "copy_s")} for rank, r in results.items()})
+                processes={rank: {k: r[k] for k in ("own_s", "wait_s", "copy_s", "check_s", "stage1_s", "stage2_s",
+                                                    "pull_kernel_s")} for rank, r in results.items()})
 
 
 def run_kernel_sweep(name: str, spec: dict, reps: int, tiles_kb=(64, 256), blocks=(256, 512, 1024, 2048),

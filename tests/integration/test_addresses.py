@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import OrderedDict
 
 import pytest
@@ -48,6 +49,21 @@ print(time.perf_counter() - t0)
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) < 1.0
+
+
+def test_a_build_killed_midway_leaves_nothing_that_stops_the_next(tmp_path):
+    # torch's builder leaves its lock file behind when killed, and its next build waits on it forever
+    env = dict(os.environ, RLSYNC_NATIVE_CHECK="1", RLSYNC_CACHE_DIR=str(tmp_path))
+    build = "from sync.addresses import native_check; print(native_check.wait(600) is not None, native_check.error)"
+    killed = subprocess.Popen([sys.executable, "-c", build], env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/build/lock")) and time.monotonic() < deadline:  # compiling now
+        time.sleep(0.05)
+    killed.kill()
+    killed.wait()
+    assert list(tmp_path.glob("*/build/lock")), "the first build never started"
+    done = subprocess.run([sys.executable, "-c", build], env=env, capture_output=True, text=True, timeout=600)
+    assert done.stdout.split()[0] == "True", done.stdout + done.stderr
 
 
 def _dicts() -> list[dict]:

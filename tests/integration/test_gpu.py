@@ -154,9 +154,11 @@ def _ipc_rank(rank: int, plan, port: int, versions: list[int], mode: str):
     for i, v in enumerate(versions):
         if source is not None:
             source.set_version(v)
-            if i == 2:  # the trainer reallocated one weight: the engine must read the new one
+            if i == 2:  # the trainer reallocated one weight: the engine must read the new one, not the old
                 name = next(iter(source.tensors))
-                source.tensors[name] = source.tensors[name].clone()
+                old = source.tensors[name]
+                source.tensors[name] = old.clone()
+                old.fill_(7)
         stats = ex.sync(source, target)
         out.append((stats.verified, stats.bytes_sent, stats.bytes_received,
                     None if target is None else {k: as_bits(t.cpu()).numpy() for k, t in target.tensors.items()}))
