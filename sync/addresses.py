@@ -123,9 +123,11 @@ class _Native:
         if self.module is None and self._thread is None and _enabled():
             with self._lock:
                 if self.module is None and self._thread is None:
-                    self.module = _import_ready(_build_directory())
+                    directory = _build_directory()
+                    self.module = _import_ready(directory)
                     if self.module is None:
-                        self._thread = threading.Thread(target=self._build, name="rlsync-native-check", daemon=True)
+                        self._thread = threading.Thread(target=self._build, args=(directory,),
+                                                        name="rlsync-native-check", daemon=True)
                         self._thread.start()
         return self.module
 
@@ -136,9 +138,8 @@ class _Native:
             self._thread.join(timeout_s)
         return self.module
 
-    def _build(self) -> None:
+    def _build(self, directory: Path) -> None:
         try:
-            directory = _build_directory()
             directory.mkdir(parents=True, exist_ok=True)
             with open(directory / "building", "a") as lock:
                 # one builder a machine: the others wait here and import its build. The OS lets go of
