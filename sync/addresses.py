@@ -18,8 +18,6 @@ starts it elsewhere too.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import os
 import platform
@@ -31,6 +29,8 @@ from itertools import chain
 from pathlib import Path
 
 import torch
+
+from sync.native import build_directory, build_once, load_ready
 
 __all__ = ["Addresses", "native_check"]
 
@@ -140,13 +140,8 @@ class _Native:
 
     def _build(self, directory: Path) -> None:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with open(directory / "building", "a") as lock:
-                # one builder a machine: the others wait here and import its build. The OS lets go of
-                # this lock when its holder dies, unlike torch's lock file, which a process killed
-                # mid-build leaves behind for every later build to wait on forever
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                self.module = _import_ready(directory) or _compile(directory)
+            # one builder a machine: the others wait for it and import its build
+            self.module = build_once(directory, _compile, _import)
         except Exception as e:  # noqa: BLE001 -- any failure leaves the Python check, which is correct
             self.error = e
             warnings.warn(f"rlsync: the C++ address check could not be built ({e}); checking from Python",
@@ -157,7 +152,7 @@ _CFLAGS = ("-O2",)
 
 
 def _compile(directory: Path):
-    """Build the module in ``directory`` (holding its builder's lock) and mark it ready."""
+    """Build the module in ``directory`` (holding its builder's lock): the library's path and the module."""
     from torch.utils.cpp_extension import is_ninja_available, load_inline
 
     if not is_ninja_available():
@@ -167,34 +162,28 @@ def _compile(directory: Path):
     work.mkdir()
     module = load_inline(directory.name, cpp_sources=[_SOURCE], extra_cflags=list(_CFLAGS),
                          build_directory=str(work), verbose=False)
-    partial = directory / f"ready.{os.getpid()}"
-    partial.write_text(module.__file__)
-    os.replace(partial, directory / "ready")  # others import the library only once it is whole
-    return module
+    return module.__file__, module
 
 
 def _build_directory() -> Path:
     """Where this source, built with these flags for this torch and Python, lives: another torch or
-    Python gets a build of its own instead of a library compiled against another ABI."""
-    made_of = "\0".join((_SOURCE, *_CFLAGS, torch.__version__, str(torch.version.cuda), sys.version,
-                         platform.machine()))
-    digest = hashlib.sha256(made_of.encode()).hexdigest()[:16]
-    cache = os.environ.get("RLSYNC_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rlsync"
-    return Path(cache) / f"rlsync_addresses_{digest}"  # also the module's name, which its init symbol carries
+    Python gets a build of its own instead of a library compiled against another ABI. The directory's
+    name is also the module's, which its init symbol carries."""
+    return build_directory("rlsync_addresses", _SOURCE, *_CFLAGS, torch.__version__, str(torch.version.cuda),
+                           sys.version, platform.machine())
+
+
+def _import(path: str):
+    """The module built at ``path``, imported directly (no builder, no ninja)."""
+    name = Path(path).parent.parent.name  # <directory>/build/<name>.so
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _import_ready(directory: Path):
-    """The module of the build in ``directory``, imported directly, if it is marked ready; else None."""
-    ready = directory / "ready"
-    if not ready.exists():
-        return None
-    try:
-        spec = importlib.util.spec_from_file_location(directory.name, ready.read_text())
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    except (ImportError, OSError, AttributeError):
-        return None  # built again, which replaces it
+    return load_ready(directory, _import)
 
 
 def _enabled() -> bool:

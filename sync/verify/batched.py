@@ -4,7 +4,7 @@ A run (``planners.schedule.runs``) read as elements says where the elements are 
 land (its destination byte offsets, read as positions). :class:`RunSums` cuts runs into tiles like
 the copy programs do; one launch per element size (and padded row width, for strided runs) sums
 ``h(x)`` and ``h(x)`` times the position inside the tile, in one pass over the elements (Triton on
-CUDA, numba's parallel loops on the CPU), and the tile's starting position is added after; per-
+CUDA, C or numba's parallel loops on the CPU), and the tile's starting position is added after; per-
 destination totals come from one ``index_add_``. The result equals the position-weighted checksums of
 ``sync.verify.checksums`` bit for bit (int64 arithmetic wraps the same way).
 
@@ -25,21 +25,29 @@ __all__ = ["RunSums", "available"]
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _WIDE_ROW = 4096  # elements: longer rows of a strided run are summed as contiguous runs, one per row
-_NUMPY_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}  # the numba kernels read unsigned words
+_NUMPY_WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32}  # the CPU kernels read unsigned words
 
 
 def available(device: torch.device) -> bool:
-    """Whether batched checksums run on ``device``: Triton on CUDA, numba on the CPU."""
+    """Whether batched checksums run on ``device``: Triton on CUDA, C or numba on the CPU."""
     try:
         if device.type == "cuda":
             import triton  # noqa: F401
         elif device.type == "cpu":
+            if _cpu_kernels() == "c":
+                return True
             import numba  # noqa: F401
         else:
             return False
     except ImportError:
         return False
     return True
+
+
+def _cpu_kernels() -> str:
+    from sync.verify.c_kernel import library
+
+    return "c" if library.get() is not None else "numba"
 
 
 class RunSums:
@@ -49,11 +57,11 @@ class RunSums:
 
     def __init__(self, runs: np.ndarray, itemsize: np.ndarray, dst_index: np.ndarray, num_dst: int,
                  ends: dict[int, torch.Tensor], tile_elems: int = 1 << 15, kernels: str | None = None) -> None:
-        """``kernels``: "triton" or "numba" (default: Triton on CUDA, numba elsewhere; Triton on CPU
-        tensors is its interpreter, for tests)."""
+        """``kernels``: "triton", "c" or "numba" (default: Triton on CUDA; on the CPU C where it builds,
+        numba otherwise; Triton on CPU tensors is its interpreter, for tests)."""
         self.num_dst = num_dst
         self.device = next(iter(ends.values())).device
-        self.kernels = kernels or ("triton" if self.device.type == "cuda" else "numba")
+        self.kernels = kernels or ("triton" if self.device.type == "cuda" else _cpu_kernels())
         self.ends = ends  # the tensors stay alive while the tiles point into them
         self.launches: list[tuple] = []  # (kind, base view, table, start positions, destination, width)
         ids = sorted(ends)
@@ -123,7 +131,7 @@ class RunSums:
 
     def _add(self, kind, base, table, start, dst, width) -> None:
         up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(self.device)  # noqa: E731
-        table = up(table) if self.kernels == "triton" else np.ascontiguousarray(table, dtype=np.int64)  # numba reads numpy
+        table = up(table) if self.kernels == "triton" else np.ascontiguousarray(table, dtype=np.int64)  # C and numba read numpy
         self.launches.append((kind, base, table, up(start), up(dst), width))
 
     def __call__(self) -> torch.Tensor:
@@ -131,7 +139,11 @@ class RunSums:
         total = torch.zeros((self.num_dst, 2), dtype=torch.int64, device=self.device)
         for kind, base, table, start, dst, width in self.launches:
             out = torch.empty((table.shape[0], 2), dtype=torch.int64, device=self.device)
-            if self.kernels == "numba":
+            if self.kernels == "c":
+                from sync.verify.c_kernel import tile_sums
+
+                tile_sums(kind, base, table, out.numpy())
+            elif self.kernels == "numba":
                 from sync.verify.cpu_kernel import tile_sums_flat, tile_sums_rows
 
                 (tile_sums_flat if kind == "flat" else tile_sums_rows)(base, table, out.numpy())

@@ -45,16 +45,18 @@ def _replay(sums: RunSums) -> np.ndarray:
     return total
 
 
-@pytest.mark.parametrize("kernels", ["numba", pytest.param("triton", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("kernels", ["c", "numba", pytest.param("triton", marks=pytest.mark.skipif(
     not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)"))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
 @pytest.mark.parametrize("tile_elems", [1024, 1 << 15])
 def test_tile_sums_equal_block_checksums(dtype, kernels, tile_elems):
-    """RunSums' tables, replayed element by element, and its kernels (numba; Triton compiled on CUDA,
+    """RunSums' tables, replayed element by element, and its kernels (C, numba; Triton compiled on CUDA,
     interpreted on the CPU) give the checksums of each block at its destination positions; large tiles
     take the Triton kernels several steps of their lanes (the position weights by running sums)."""
     if kernels == "numba" and find_spec("numba") is None:
         pytest.skip("needs numba")
+    if kernels == "c" and _c_kernels() is None:
+        pytest.skip("needs a C compiler")
     g = torch.Generator().manual_seed(0)
     src = torch.randn(1 << 16, generator=g).to(dtype)
     size = src.element_size()
@@ -76,6 +78,12 @@ def test_tile_sums_equal_block_checksums(dtype, kernels, tile_elems):
     if not src.is_cuda:
         np.testing.assert_array_equal(_replay(sums), want)
     np.testing.assert_array_equal(sums().cpu().numpy(), want)  # the kernels
+
+
+def _c_kernels():
+    from sync.verify.c_kernel import library
+
+    return library.get()
 
 
 def _by_position(x: torch.Tensor, first: int, stride: int) -> tuple[int, int]:
