@@ -153,16 +153,19 @@ class Verifier:
         """Names of this rank's engine tensors whose checksum differs; ``wait(work, label)`` waits
         with the caller's deadline. Returns (local mismatches, total mismatches over all ranks)."""
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
+        held = None
+        if _batched(flats):  # what this rank holds, summed before the exchange: engines sum while trainers do
+            prepared = self._prepare(flats)
+            if prepared["held"] is not None:
+                held = prepared["held"]()
         expected = self.expected(flats).to(device)
         wait(transport.all_reduce(expected), "sharing checksums")
         bad = []
-        if _batched(flats):
-            prepared = self._prepare(flats)
-            if prepared["held"] is not None:
-                rows = torch.from_numpy(prepared["engine"] - self.inf_first).to(device)
-                differ = (prepared["held"]()[rows] != expected[rows]).any(dim=1).cpu().numpy()
-                bad = [self.plan.local_name[int(lid)] for lid in prepared["engine"][differ]]
-        else:
+        if held is not None:
+            rows = torch.from_numpy(prepared["engine"] - self.inf_first).to(device)
+            differ = (held[rows] != expected[rows]).any(dim=1).cpu().numpy()
+            bad = [self.plan.local_name[int(lid)] for lid in prepared["engine"][differ]]
+        elif not _batched(flats):
             want = expected.cpu()
             for lid, flat in flats.items():
                 if lid < self.inf_first or lid in self.computed:
