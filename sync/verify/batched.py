@@ -51,8 +51,8 @@ def _cpu_kernels() -> str:
 
 
 class RunSums:
-    """(S0, S1) added by ``runs`` to ``num_dst`` destinations: run ``i`` holds elements of
-    ``itemsize[i]`` bytes and adds to destination ``dst_index[i]`` at the positions its ``dst_off``
+    """(S0, S1) added by ``runs`` to ``num_dst`` destinations: run ``i`` is read as words of
+    ``itemsize[i]`` bytes (its elements, or wider words: ``sync.verify.words``) and adds to destination ``dst_index[i]`` at the positions its ``dst_off``
     and ``dst_stride`` (bytes) give; sources are ``ends[run["src"]]`` (CUDA tensors)."""
 
     def __init__(self, runs: np.ndarray, itemsize: np.ndarray, dst_index: np.ndarray, num_dst: int,
@@ -72,19 +72,24 @@ class RunSums:
         else:  # one array from the lowest end's start (aligned for every element size) to the highest's end
             origin, self._span = host_span(ends.values())
         addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - origin
+        itemsize = np.asarray(itemsize, dtype=np.int64)
         if (itemsize > 4).any():  # plans move elements of at most 4 bytes; the kernels read no wider words
             raise ValueError("batched checksums read elements of 1, 2 or 4 bytes")
-        for size in np.unique(itemsize).tolist():
-            m = itemsize == size
+        residue = addr % itemsize  # words that do not start on a multiple of their size from the origin
+        if self.kernels == "triton" and residue.any():
+            raise ValueError("a source tensor is not aligned to its checksum words (sync.verify.words)")
+        for size, skew in sorted(set(zip(itemsize.tolist(), residue.tolist()))):
+            m = (itemsize == size) & (residue == skew)
             r = runs[m]
-            self._group(int(size), addr[m] // size, r["nbytes"] // size, r["rows"], r["src_stride"] // size,
-                        r["dst_off"] // size, r["dst_stride"] // size, dst_index[m], tile_elems)
+            self._group(int(size), int(skew), (addr[m] - skew) // size, r["nbytes"] // size, r["rows"],
+                        r["src_stride"] // size, r["dst_off"] // size, r["dst_stride"] // size, dst_index[m], tile_elems)
 
-    def _group(self, size, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
+    def _group(self, size, skew, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
         if self.kernels == "triton":
             base = self._base.view(_BITS[size])
-        else:
-            base = np.frombuffer(self._span, dtype=_NUMPY_WORDS[size], count=len(self._span) // size)
+        else:  # words from the origin plus ``skew`` bytes (an unaligned view where skew is not 0)
+            base = np.frombuffer(self._span, dtype=_NUMPY_WORDS[size], count=(len(self._span) - skew) // size,
+                                 offset=skew)
         wide = (rows > 1) & (n >= _WIDE_ROW)
         each, row = expand(rows[wide], np.flatnonzero(wide))
         flat = rows == 1

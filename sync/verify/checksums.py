@@ -49,16 +49,22 @@ def _mix(words: torch.Tensor) -> torch.Tensor:
 CHECKSUM_BYTES_PER_ELEMENT = 40
 
 
-def checksum_block(x: torch.Tensor, base: int, dim: int, off: int, max_elements: int | None = None) -> tuple[int, int]:
+def checksum_block(x: torch.Tensor, base: int, dim: int, off: int, max_elements: int | None = None,
+                   word: int | None = None) -> tuple[int, int]:
     """(S0, S1) that values ``x [outer, n, inner]`` add to a tensor where they sit at indices
     ``[off, off+n)`` of the block at flat ``base`` with ``dim`` indices along the split dimension.
-    ``max_elements``: sum pieces of at most about this many elements (bounded temporary memory)."""
+    ``max_elements``: sum pieces of at most about this many elements (bounded temporary memory).
+    ``word``: the bytes the tensor's checksum reads as one word (``sync.verify.words``; default: an
+    element), at word positions; the block must keep to whole words."""
+    per_word = 1 if word is None else word // x.element_size()
     if max_elements is not None and x.numel() > max_elements:
         s0 = s1 = 0
-        for piece, piece_base, piece_off in block_pieces(x, base, dim, off, max_elements):
-            a, b = checksum_block(piece, piece_base, dim, piece_off)
+        for piece, piece_base, piece_off in block_pieces(x, base, dim, off, max_elements, per_word):
+            a, b = checksum_block(piece, piece_base, dim, piece_off, word=word)
             s0, s1 = s0 + a, s1 + b
         return wrap_int64(s0), wrap_int64(s1)
+    if per_word > 1:
+        return _word_block(x, base, dim, off, word, per_word)
     outer, n, inner = x.shape
     h = _mix(element_words(x))
     dev = x.device
@@ -79,27 +85,54 @@ def checksum_block(x: torch.Tensor, base: int, dim: int, off: int, max_elements:
     return wrap_int64(s0), wrap_int64(s1)
 
 
-def block_pieces(x: torch.Tensor, base: int, dim: int, off: int, most: int):
-    """``x [outer, n, inner]`` in pieces of about ``most`` elements, with each piece's block base and offset."""
+def block_pieces(x: torch.Tensor, base: int, dim: int, off: int, most: int, align: int = 1):
+    """``x [outer, n, inner]`` in pieces of about ``most`` elements, with each piece's block base and offset;
+    each piece's index slice a multiple of ``align`` indices long (whole checksum words)."""
     outer, n, inner = x.shape
     if outer * inner <= most:  # whole index slices
-        step = most // (outer * inner)
+        step = _multiple(most // (outer * inner), align)
         for a in range(0, n, step):
             yield x[:, a: a + step], base, off + a
     else:  # row by row of the outer dimension, in index slices
-        step = max(most // inner, 1)
+        step = _multiple(most // inner, align)
         for o in range(outer):
             for a in range(0, n, step):
                 yield x[o: o + 1, a: a + step], base + o * dim * inner, off + a
 
 
-def checksum_flat(t: torch.Tensor, max_elements: int = 1 << 22) -> tuple[int, int]:
-    """(S0, S1) of a whole tensor, positions in row-major order. Viewed as rows of ``width`` elements
-    (position ``row * width + column``): two short reductions instead of position weights per element."""
+def checksum_flat(t: torch.Tensor, max_elements: int = 1 << 22, word: int | None = None) -> tuple[int, int]:
+    """(S0, S1) of a whole tensor, positions in row-major order (in ``word``-byte words where given).
+    Viewed as rows of ``width`` elements (position ``row * width + column``): two short reductions
+    instead of position weights per element."""
     flat = t.reshape(-1)
+    if word is not None and word > flat.element_size():
+        flat = flat.contiguous().view(_SIGNED[word])
     n = flat.numel()
     width = next((w for w in (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2) if n % w == 0 and n > w), 1)
     return checksum_block(flat.view(1, n // width, width), 0, n // width, 0, max_elements)
+
+
+def _word_block(x: torch.Tensor, base: int, dim: int, off: int, word: int, per_word: int) -> tuple[int, int]:
+    """checksum_block in words of ``word`` bytes: each outer row of the block lands on consecutive
+    positions, ``n * inner`` elements from ``base + (o * dim + off) * inner``, so it is read as
+    ``n * inner / per_word`` words from word ``(base + off * inner) / per_word + o * dim * inner / per_word``."""
+    outer, n, inner = x.shape
+    if (n * inner) % per_word or (base + off * inner) % per_word or (outer > 1 and (dim * inner) % per_word):
+        raise ValueError(f"a block of {x.shape} at base {base}, offset {off} is not in whole {word}-byte words")
+    rows = x.reshape(outer, n * inner).contiguous().view(_SIGNED[word])
+    h = _mix(element_words(rows))
+    by_row, by_column = h.sum(dim=1), h.sum(dim=0)
+    s0 = int(by_row.sum())
+    first, stride = (base + off * inner) // per_word, dim * inner // per_word
+    s1 = first * s0 + int((torch.arange(rows.shape[1], device=x.device) * by_column).sum())
+    if outer > 1:
+        s1 += stride * int((torch.arange(outer, device=x.device) * by_row).sum())
+    return wrap_int64(s0), wrap_int64(s1)
+
+
+def _multiple(step: int, align: int) -> int:
+    """``step`` rounded down to a multiple of ``align``, at least ``align``."""
+    return max(step // align, 1) * align
 
 
 def wrap_int64(v: int) -> int:

@@ -16,6 +16,7 @@ from planners.plan import SyncPlan
 from planners.schedule.runs import RUN_DTYPE, block_runs
 from sync.tensors import TORCH_DTYPES, block
 from sync.verify.checksums import CHECKSUM_BYTES_PER_ELEMENT, block_pieces, wrap_int64, checksum_block, checksum_flat
+from sync.verify.words import word_bytes
 
 __all__ = ["Verifier"]
 
@@ -37,6 +38,7 @@ class Verifier:
         self._prepared: dict | None = None
         # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
         # what was sent is checked where it arrived (the full-precision buffer they are computed from)
+        self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
         self.computed = set(plan.derived["local"][plan.local_rank[plan.derived["local"]] >= plan.num_trainer].tolist())
 
     def expected(self, flats: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -63,9 +65,12 @@ class Verifier:
                          t.inner, int(c["src_off"][origin]) + lo - int(c["lo"][origin]), hi - lo)
             s0 = s1 = 0
             dst_base, dst_dim, dst_off = int(c["dst_base"][row]), int(c["dst_dim"][row]), int(c["dst_off"][row])
-            for piece, base, off in block_pieces(data, dst_base, dst_dim, dst_off, self.most or data.numel()):
-                piece = piece.to(TORCH_DTYPES[t.dtype])  # what the engine receives (a wider source is cast)
-                a, b = checksum_block(piece, base, dst_dim, off)
+            wire = TORCH_DTYPES[t.dtype]
+            word = int(self.word[c["dst_local"][row]])
+            for piece, base, off in block_pieces(data, dst_base, dst_dim, dst_off, self.most or data.numel(),
+                                                 max(word // wire.itemsize, 1)):
+                piece = piece.to(wire)  # what the engine receives (a wider source is cast)
+                a, b = checksum_block(piece, base, dst_dim, off, word=word)
                 s0, s1 = s0 + a, s1 + b
             out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([wrap_int64(s0), wrap_int64(s1)])
         return out
@@ -98,7 +103,7 @@ class Verifier:
 
         plan = self.plan
         dst = np.arange(len(runs)) if per_run else runs["dst"] - self.inf_first
-        return RunSums(runs, _itemsize(plan, runs["dst"]), dst, len(runs) if per_run else len(plan.local_name) - self.inf_first,
+        return RunSums(runs, self.word[runs["dst"]], dst, len(runs) if per_run else len(plan.local_name) - self.inf_first,
                        {int(i): flats[int(i)] for i in np.unique(runs["src"])})
 
     def _sent(self, flats, rows: np.ndarray, origins: np.ndarray, cast: np.ndarray):
@@ -114,6 +119,7 @@ class Verifier:
         mine = rows[own]
         same_shape = ((c["lo"][rows] == c["lo"][origins]) & (c["hi"][rows] == c["hi"][origins])
                       & ((plan.table.outer[c["tensor"][rows]] == 1) | (c["dst_dim"][rows] == c["dst_dim"][origins])))
+        same_shape &= self.word[c["dst_local"][rows]] == self.word[c["dst_local"][origins]]  # sums in the same words
         at = np.searchsorted(mine, origins)
         shifted = (rows != origins) & ~cast & same_shape & (at < len(mine)) & (mine[np.minimum(at, len(mine) - 1)] == origins) \
             if len(mine) else np.zeros(len(rows), dtype=bool)
@@ -135,7 +141,9 @@ class Verifier:
         own_dst = up(c["dst_local"][mine] - self.inf_first)
         shifted_from = up(at[shifted])
         shifted_dst = up(c["dst_local"][rows[shifted]] - self.inf_first)
-        shift = up(first_row(rows[shifted]) - first_row(origins[shifted]))
+        # in the destination's words (their positions): whole words, by the rule of sync.verify.words
+        per_word = self.word[c["dst_local"][rows[shifted]]] // plan.table.itemsize[c["tensor"][rows[shifted]]]
+        shift = up((first_row(rows[shifted]) - first_row(origins[shifted])) // np.maximum(per_word, 1))
         n_dst = len(plan.local_name) - self.inf_first
 
         def sent() -> torch.Tensor:
@@ -170,7 +178,8 @@ class Verifier:
             for lid, flat in flats.items():
                 if lid < self.inf_first or lid in self.computed:
                     continue
-                if tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat, self.most or 1 << 22):
+                if tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat, self.most or 1 << 22,
+                                                                               int(self.word[lid])):
                     bad.append(self.plan.local_name[lid])
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
         wait(transport.all_reduce(count), "agreeing on verification")
@@ -183,7 +192,3 @@ def _batched(flats: dict[int, torch.Tensor]) -> bool:
 
     return bool(flats) and available(next(iter(flats.values())).device)
 
-
-def _itemsize(plan: SyncPlan, lids: np.ndarray) -> np.ndarray:
-    sizes = np.array([TORCH_DTYPES[d].itemsize for d in plan.local_dtype], dtype=np.int64)
-    return sizes[lids]
