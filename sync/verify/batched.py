@@ -52,8 +52,9 @@ def _cpu_kernels() -> str:
 
 class RunSums:
     """(S0, S1) added by ``runs`` to ``num_dst`` destinations: run ``i`` is read as words of
-    ``itemsize[i]`` bytes (its elements, or wider words: ``sync.verify.words``) and adds to destination ``dst_index[i]`` at the positions its ``dst_off``
-    and ``dst_stride`` (bytes) give; sources are ``ends[run["src"]]`` (CUDA tensors)."""
+    ``itemsize[i]`` bytes (its elements, or wider words: ``sync.verify.words``) and adds to destination
+    ``dst_index[i]`` at the positions its ``dst_off`` and ``dst_stride`` (bytes) give; sources are
+    ``ends[run["src"]]``."""
 
     def __init__(self, runs: np.ndarray, itemsize: np.ndarray, dst_index: np.ndarray, num_dst: int,
                  ends: dict[int, torch.Tensor], tile_elems: int = 1 << 15, kernels: str | None = None) -> None:
@@ -64,6 +65,10 @@ class RunSums:
         self.kernels = kernels or ("triton" if self.device.type == "cuda" else _cpu_kernels())
         self.ends = ends  # the tensors stay alive while the tiles point into them
         self.launches: list[tuple] = []  # (kind, base view, table, start positions, destination, width)
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (aligned copy, end), refreshed per call
+        itemsize = np.asarray(itemsize, dtype=np.int64)
+        if self.kernels == "triton":
+            ends = self._stage_misaligned(runs, itemsize, ends)
         ids = sorted(ends)
         ptr = np.array([ends[i].data_ptr() for i in ids], dtype=np.int64)
         if self.kernels == "triton":
@@ -72,17 +77,28 @@ class RunSums:
         else:  # one array from the lowest end's start (aligned for every element size) to the highest's end
             origin, self._span = host_span(ends.values())
         addr = ptr[np.searchsorted(ids, runs["src"])] + runs["src_off"] - origin
-        itemsize = np.asarray(itemsize, dtype=np.int64)
         if (itemsize > 4).any():  # plans move elements of at most 4 bytes; the kernels read no wider words
             raise ValueError("batched checksums read elements of 1, 2 or 4 bytes")
         residue = addr % itemsize  # words that do not start on a multiple of their size from the origin
-        if self.kernels == "triton" and residue.any():
-            raise ValueError("a source tensor is not aligned to its checksum words (sync.verify.words)")
         for size, skew in sorted(set(zip(itemsize.tolist(), residue.tolist()))):
             m = (itemsize == size) & (residue == skew)
             r = runs[m]
             self._group(int(size), int(skew), (addr[m] - skew) // size, r["nbytes"] // size, r["rows"],
                         r["src_stride"] // size, r["dst_off"] // size, r["dst_stride"] // size, dst_index[m], tile_elems)
+
+    def _stage_misaligned(self, runs, itemsize, ends: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Triton loads whole words only: an end whose runs read words that its address does not align
+        (a view at an odd element, read as 4-byte words) is summed from an aligned copy taken at each call
+        (rare: allocations are aligned; bounded by the size of such ends)."""
+        ends = dict(ends)
+        size = np.zeros(max(ends) + 1 if ends else 0, dtype=np.int64)
+        np.maximum.at(size, runs["src"], itemsize)  # the widest word read from each end
+        for i, end in list(ends.items()):
+            if size[i] and end.data_ptr() % int(size[i]):
+                staging = torch.empty_like(end)
+                self._staged.append((staging, end))
+                ends[i] = staging
+        return ends
 
     def _group(self, size, skew, src, n, rows, s_stride, d0, d_stride, dst, tile) -> None:
         if self.kernels == "triton":
@@ -142,6 +158,8 @@ class RunSums:
     def __call__(self) -> torch.Tensor:
         """[num_dst, 2] int64 (S0, S1) on the device."""
         total = torch.zeros((self.num_dst, 2), dtype=torch.int64, device=self.device)
+        for staging, end in self._staged:
+            staging.copy_(end)
         for kind, base, table, start, dst, width in self.launches:
             out = torch.empty((table.shape[0], 2), dtype=torch.int64, device=self.device)
             if self.kernels == "c":

@@ -5,7 +5,9 @@ A tensor's elements (of 1, 2 or 4 bytes: every dtype a plan moves) are read as u
 plainly (``S0``) and weighted by flat position (``S1``), in wrapping 64-bit arithmetic, so the sums of
 the pieces of a tensor equal the sum of the whole whoever computes them. With ``K1`` odd and ``K2``
 even, ``h`` is a permutation of 32-bit words: a changed element always changes ``S0``, and ``h(0) = 0``
-(never-written padding adds nothing); an element in the wrong place changes ``S1``. The sender of a
+(never-written padding adds nothing); an element in the wrong place changes ``S1``. Where the plan
+keeps every chunk of a 1- or 2-byte tensor to whole 4-byte words (``sync.verify.words``), the tensor is
+read in such words instead, at word positions: the same bytes, a quarter or half the mixes. The sender of a
 chunk can therefore compute what the chunk adds to the receiver's checksum, at the receiver's positions.
 The mix is 32-bit so that CPUs and GPUs compute it with native multiplies (``sync.verify.cpu_kernel``,
 ``sync.verify.kernel``: the same sums bit for bit).

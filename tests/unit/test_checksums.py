@@ -12,7 +12,7 @@ import torch
 from conftest import triton_kernels_run
 from planners.schedule.runs import RUN_DTYPE
 from sync.verify.batched import RunSums
-from sync.verify.checksums import MIX_K1, MIX_K2, checksum_block
+from sync.verify.checksums import MIX_K1, MIX_K2, checksum_block, wrap_int64
 
 _NP = {torch.int8: np.uint8, torch.int16: np.uint16, torch.int32: np.uint32}  # the elements as unsigned words
 
@@ -128,13 +128,16 @@ def _mismatches(executor, flats) -> int:
     return executor.verifier.check(flats, SoloTransport(), lambda work, label: None)[1]
 
 
-@pytest.mark.parametrize("tamper", ["one byte", "two equal chunks swapped", "a range shifted by one element"])
+@pytest.mark.parametrize("tamper", ["one byte", "two equal chunks swapped", "a range shifted by one element",
+                                    "two neighbouring elements swapped"])
 def test_verification_fails_for_each_kind_of_misplaced_byte(tamper):
     """After a verified sync, an engine tensor changed in place as a broken transfer would leave it:
-    one flipped byte, two equal-size ranges exchanged, a range moved one element over."""
+    one flipped byte, two equal-size ranges exchanged, a range moved one element over, and two elements
+    of one checksum word exchanged (the bf16 tensor is read as 4-byte words)."""
     plan, executor, flats = _synced()
     assert _mismatches(executor, flats) == 0
     victim = max((lid for lid in flats if lid >= executor.verifier.inf_first), key=lambda lid: flats[lid].numel())
+    assert flats[victim].element_size() == 2 and executor.verifier.word[victim] == 4
     data = flats[victim].view(torch.uint8)
     size = flats[victim].element_size()
     n = data.numel() // 4
@@ -143,8 +146,12 @@ def test_verification_fails_for_each_kind_of_misplaced_byte(tamper):
     elif tamper == "two equal chunks swapped":
         first, second = data[:n].clone(), data[2 * n: 3 * n].clone()
         data[:n], data[2 * n: 3 * n] = second, first
-    else:
+    elif tamper == "a range shifted by one element":
         data[size: n + size] = data[:n].clone()
+    else:
+        elements = flats[victim].view(torch.int16)
+        k = next(i for i in range(0, elements.numel(), 2) if elements[i] != elements[i + 1])
+        elements[k], elements[k + 1] = elements[k + 1].clone(), elements[k].clone()
     assert _mismatches(executor, flats) == 1
 
 
@@ -172,3 +179,54 @@ def test_batched_expected_sums_equal_chunk_by_chunk_ones(job):
         stage2 += sum(row != origin for row, origin in verifier.work)
         assert torch.equal(verifier.expected(flats), verifier._expected_slices(flats, verifier.work))
     assert stage2 > 0  # the fan-out the shift serves is there
+
+
+@pytest.mark.parametrize("kernels", ["c", "numba", pytest.param("triton", marks=pytest.mark.skipif(
+    not triton_kernels_run(), reason="needs Triton (compiled on CUDA or interpreted)"))])
+@pytest.mark.parametrize("skew", [0, 1], ids=["aligned", "a view one element in"])
+def test_word_sums_of_two_byte_elements(kernels, skew):
+    """bf16 data read as 4-byte words (two elements each, at word positions) by every kernel equals the
+    block checksums of those words; a source view that starts mid-word (its address 2 bytes off) is read
+    unaligned on the CPU and from an aligned copy by Triton."""
+    if kernels == "numba" and find_spec("numba") is None:
+        pytest.skip("needs numba")
+    if kernels == "c" and _c_kernels() is None:
+        pytest.skip("needs a C compiler")
+    g = torch.Generator().manual_seed(1)
+    whole = torch.randn((1 << 17) + 2, generator=g).to(torch.bfloat16)
+    if kernels == "triton" and torch.cuda.is_available():
+        whole = whole.cuda()
+    src = whole[skew: skew + (1 << 17)]
+    assert src.data_ptr() % 4 == 2 * skew
+    words = src.clone().view(torch.int32)  # what the kernels must read, from aligned memory
+    # (src word offset, rows, width, src stride, destination, dst word offset, dst stride), in words
+    blocks = [(0, 1, 5000, 5000, 0, 7, 5000), (100, 3, 64, 200, 1, 0, 64), (9000, 8, 4100, 4200, 1, 500, 9000),
+              (300, 40, 33, 50, 2, 11, 40), (60000, 1, 1, 1, 2, 3, 1)]
+    runs = np.zeros(len(blocks), dtype=RUN_DTYPE)
+    for i, (so, rows, width, ss, d, do, ds) in enumerate(blocks):
+        runs[i] = (0, so * 4, d, do * 4, width * 4, rows, ss * 4, ds * 4)
+    sums = RunSums(runs, np.full(len(runs), 4), runs["dst"], 3, {0: src}, tile_elems=1024, kernels=kernels)
+    want = np.zeros((3, 2), dtype=np.int64)
+    for so, rows, width, ss, d, do, ds in blocks:
+        want[d] += _by_position(torch.as_strided(words, (rows, width), (ss, 1), so), do, ds)
+    np.testing.assert_array_equal(sums().cpu().numpy(), want)
+    whole[skew + 2 * 9000 + 1] += 1  # one element inside a word that a block reads: the next call sees it
+    assert not np.array_equal(sums().cpu().numpy(), want)
+
+
+def test_word_checksums_of_a_block_equal_those_of_its_words():
+    """checksum_block in 4-byte words (a [outer, n, inner] bf16 block at word positions) equals the
+    element checksums of the same bytes viewed as int32, row by row at their landing positions."""
+    x = torch.randn(3, 8, 6).to(torch.bfloat16)  # rows of 8 * 6 elements = 24 words
+    base, dim, off = 40, 20, 4  # elements: base and off * inner even, dim * inner even
+    got = checksum_block(x, base, dim, off, word=4)
+    want = [0, 0]
+    for o in range(3):
+        words = x[o].reshape(1, -1).contiguous().view(torch.int32)
+        first = (base + (o * dim + off) * 6) // 2
+        a, b = _by_position(words, first, 0)
+        want = [want[0] + a, want[1] + b]
+    assert got == tuple(wrap_int64(v) for v in want)
+    assert checksum_block(x, base, dim, off, max_elements=50, word=4) == got  # in pieces of whole words
+    with pytest.raises(ValueError, match="whole 4-byte words"):
+        checksum_block(x[:, :7, :5], base, dim, off, word=4)  # rows of 7 * 5 elements: not whole words
