@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from sync.native import build_directory, build_once
 from sync.verify.checksums import MIX_K1, MIX_K2
@@ -147,12 +148,14 @@ library = _Library()
 
 def tile_sums(kind: str, base: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     """``rlsync_sums_<kind>_<word>`` over ``table`` (``base``: the words' array, its itemsize the word's),
-    split over this process's cores where the launch is large enough for each to help."""
+    split over this process's share of the cores (``torch.get_num_threads()``) where the launch is
+    large enough for each to help."""
     function = library.get()[(kind, base.itemsize)]
     address = base.ctypes.data
     tiles = table.shape[0]
     words = int(table[:, 1].sum() if kind == "flat" else (table[:, 1] * table[:, 2]).sum())
-    threads = min(len(os.sched_getaffinity(0)), tiles, max(words // _PARALLEL_WORDS, 1))
+    # torch's thread count is the process's share of the cores (launchers of many ranks per machine set 1)
+    threads = min(torch.get_num_threads(), len(os.sched_getaffinity(0)), tiles, max(words // _PARALLEL_WORDS, 1))
     if threads <= 1:
         function(address, table.ctypes.data, tiles, out.ctypes.data)
         return
