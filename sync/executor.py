@@ -84,12 +84,14 @@ def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: T
     keeps serving its old weights, and they belong to the old placement)."""
     if verifier is not None:
         t0 = time.perf_counter()
-        stats.mismatched, total = verifier.check(flats, transport, wait)
-        stats.verified = total == 0
+        stats.mismatched, _ = verifier.check(flats, transport, wait, agree=False)
         stats.verify_seconds = time.perf_counter() - t0
-    elapsed = torch.tensor([stats.seconds], dtype=torch.float64, device=device)
-    wait(transport.all_reduce(elapsed, dist.ReduceOp.MAX), "gathering sync times")
-    stats.global_seconds = float(elapsed.item())
+    # the slowest rank's time and the most mismatches any process found, in one exchange (any -> all fail)
+    gathered = torch.tensor([stats.seconds, float(len(stats.mismatched))], dtype=torch.float64, device=device)
+    wait(transport.all_reduce(gathered, dist.ReduceOp.MAX), "gathering sync times and verdicts")
+    stats.global_seconds = float(gathered[0].item())
+    if verifier is not None:
+        stats.verified = bool(gathered[1].item() == 0)
     if plan is not None and plan.placement is not None and stats.verified is not False:
         for rank, t in (targets or {}).items():
             if t is not None and hasattr(t, "set_placement"):
@@ -783,6 +785,8 @@ class PlanExecutor:
         else:  # the same dicts: check their tensors while the local copies run (one pass over them all)
             unchecked = self.recheck
         self._derive(binding, "trainer")  # FP8 values and scales from the trainer's own slices, first
+        if verify:  # what the trainer sends is fixed from here: its checksums run while the bytes move
+            self.verifier.start_expected(binding.flats)
         launched: list[int] = []
         for stage in (1, 2):
             t0 = time.perf_counter()

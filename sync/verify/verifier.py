@@ -8,6 +8,8 @@ every rank agree on the verdict. It checks what arrived, however it was moved.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
@@ -36,10 +38,42 @@ class Verifier:
         # (chunk whose destination gets the bytes, chunk whose source holds them)
         self.work = [(r, r) for r in mine.tolist()] + [(r, int(origin[r])) for r in fed.tolist()]
         self._prepared: dict | None = None
+        self._early: tuple | None = None  # (flats, thread, result) of start_expected
         # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
         # what was sent is checked where it arrived (the full-precision buffer they are computed from)
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
         self.computed = set(plan.derived["local"][plan.local_rank[plan.derived["local"]] >= plan.num_trainer].tolist())
+
+    def start_expected(self, flats: dict[int, torch.Tensor]) -> None:
+        """Begin this rank's expected sums in a thread while the bytes move (CPU tensors: the C and numba
+        kernels let go of the GIL while the executor waits on the network). What a trainer sends is
+        fixed for the length of a sync; :meth:`check` of the same ``flats`` takes the result."""
+        self._early = None
+        if not self.work or not flats or next(iter(flats.values())).device.type != "cpu" or not _batched(flats):
+            return
+        self._prepare(flats)  # here, not in the thread: check() builds from the same cache
+        box: dict = {}
+
+        def compute() -> None:
+            try:
+                box["sums"] = self.expected(flats)
+            except BaseException as e:  # raised again by check(), on the caller's thread
+                box["error"] = e
+
+        thread = threading.Thread(target=compute, name="rlsync-expected-sums", daemon=True)
+        self._early = (flats, thread, box)
+        thread.start()
+
+    def _take_expected(self, flats: dict[int, torch.Tensor]) -> torch.Tensor:
+        early, self._early = self._early, None
+        if early is None or early[0] is not flats:  # not started, or the endpoints were bound anew since
+            if early is not None:
+                early[1].join()
+            return self.expected(flats)
+        early[1].join()
+        if "error" in early[2]:
+            raise early[2]["error"]
+        return early[2]["sums"]
 
     def expected(self, flats: dict[int, torch.Tensor]) -> torch.Tensor:
         """[engine locals, 2] this rank's contributions to every engine tensor's (S0, S1)."""
@@ -157,16 +191,18 @@ class Verifier:
 
         return sent
 
-    def check(self, flats: dict[int, torch.Tensor], transport, wait) -> tuple[list[str], int]:
+    def check(self, flats: dict[int, torch.Tensor], transport, wait, agree: bool = True) -> tuple[list[str], int | None]:
         """Names of this rank's engine tensors whose checksum differs; ``wait(work, label)`` waits
-        with the caller's deadline. Returns (local mismatches, total mismatches over all ranks)."""
+        with the caller's deadline. Returns (local mismatches, total mismatches over all ranks); with
+        ``agree=False`` the total is left to the caller (None), who folds the count into a collective
+        of its own (``sync.executor.finish_sync``: one exchange fewer)."""
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
         held = None
         if _batched(flats):  # what this rank holds, summed before the exchange: engines sum while trainers do
             prepared = self._prepare(flats)
             if prepared["held"] is not None:
                 held = prepared["held"]()
-        expected = self.expected(flats).to(device)
+        expected = self._take_expected(flats).to(device)
         wait(transport.all_reduce(expected), "sharing checksums")
         bad = []
         if held is not None:
@@ -181,6 +217,8 @@ class Verifier:
                 if tuple(want[lid - self.inf_first].tolist()) != checksum_flat(flat, self.most or 1 << 22,
                                                                                int(self.word[lid])):
                     bad.append(self.plan.local_name[lid])
+        if not agree:
+            return bad, None
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
         wait(transport.all_reduce(count), "agreeing on verification")
         return bad, int(count.item())

@@ -230,3 +230,32 @@ def test_word_checksums_of_a_block_equal_those_of_its_words():
     assert checksum_block(x, base, dim, off, max_elements=50, word=4) == got  # in pieces of whole words
     with pytest.raises(ValueError, match="whole 4-byte words"):
         checksum_block(x[:, :7, :5], base, dim, off, word=4)  # rows of 7 * 5 elements: not whole words
+
+
+def test_expected_sums_started_during_the_transfer_are_those_of_the_sent_bytes():
+    """start_expected's thread gives check() what expected() gives; sums begun on endpoints that were
+    bound anew before the check are recomputed from the new ones; a failure in the thread is raised
+    by check() on the caller's thread."""
+    from sync.transport import SoloTransport
+    from sync.verify.verifier import Verifier
+
+    plan, executor, flats = _synced(seed=2)
+    trainer = plan.num_trainer - 1
+    mine = {lid: t for lid, t in flats.items() if plan.local_rank[lid] == trainer}
+    verifier = Verifier(plan, trainer)
+    want = verifier.expected(mine)
+    verifier.start_expected(mine)
+    assert verifier._early is not None
+    assert torch.equal(verifier._take_expected(mine), want)
+    verifier.start_expected(mine)
+    moved = {lid: t.clone() for lid, t in mine.items()}  # new endpoint tensors, other bytes
+    for t in moved.values():
+        t.view(torch.uint8)[0] ^= 1
+    got = verifier._take_expected(moved)
+    assert not torch.equal(got, want) and torch.equal(got, Verifier(plan, trainer).expected(moved))
+    broken = dict(mine)
+    verifier.start_expected(broken)
+    verifier._early[1].join()
+    verifier._early[2].update(error=RuntimeError("checksum thread failed"), sums=None)
+    with pytest.raises(RuntimeError, match="checksum thread failed"):
+        verifier.check(broken, SoloTransport(), lambda work, label: None)
