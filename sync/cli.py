@@ -216,6 +216,8 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
     if r["verify_seconds"] is not None:
         table.add_row("its verification (checksums), added", f"{r['verify_seconds']:.3f}",
                       f"{r['verify_seconds'] / r['sync_seconds']:.2f}")
+        table.add_row("  the same, checksums read element by element", f"{r['verify_elements_seconds']:.3f}",
+                      f"{r['verify_elements_seconds'] / r['sync_seconds']:.2f}")
     if r["baseline_seconds"] is not None:
         table.add_row("rank-0 broadcast baseline", f"{r['baseline_seconds']:.3f}", f"{r['baseline_over_sync']:.2f}")
     table.add_row("raw exchange of the same buckets", f"{r['raw_seconds']:.3f}", f"{r['raw_seconds'] / r['sync_seconds']:.2f}")

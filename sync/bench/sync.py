@@ -126,10 +126,11 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
     buffer = torch.empty(max(per_round.values(), default=1), dtype=torch.uint8, device=device)
     # the plan executor with and without verification: what checksums add is the difference of their
     # end-to-end times (from a common barrier to the last process's return), measured in the same run
-    modes = ["plan", "checked", "raw"] + (["broadcast"] if base_ex is not None else [])
+    # ("elements": verified with checksums read element by element, the words of earlier versions)
+    modes = ["plan", "checked", "elements", "raw"] + (["broadcast"] if base_ex is not None else [])
     out: dict[str, Any] = {m: [] for m in modes}
     out.update(verified=True, sent=0, received=0, sent_to={}, parts=[], messages=len(plan_ex.buckets), verify=[],
-               walls={"plan": [], "checked": []}, copy_gbps=_copy_gbps(device) if device.type == "cuda" else None)
+               walls={"plan": [], "checked": [], "elements": []}, copy_gbps=_copy_gbps(device) if device.type == "cuda" else None)
     for i in range(reps):
         for mode in modes if i % 2 == 0 else modes[::-1]:
             transport.barrier().wait()
@@ -139,9 +140,10 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
                     torch.cuda.synchronize(device)
                 out["raw"].append(_max_seconds(transport, raw, device))
                 continue
-            if mode in ("plan", "checked"):  # the first sync of either (it binds) is verified
+            if mode in out["walls"]:  # the first sync of each (the first binds) is verified
+                session.executor.verifier.read_words(mode != "elements")  # every process alike
                 t0 = time.perf_counter()
-                stats = session.sync(2 * i + (mode == "checked"), verify=mode == "checked" or i == 0)
+                stats = session.sync(3 * i + modes.index(mode), verify=mode != "plan" or i == 0)
                 wall = _max_seconds(transport, time.perf_counter() - t0, device)
                 if i > 0:
                     out["walls"][mode].append(wall)
@@ -200,6 +202,9 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
         # unverified ones, alternating in one run (syncs after the first; needs reps > 1)
         "verify_seconds": verify_s,
         "verified_sync_seconds": statistics.median(walls["checked"]) if walls["checked"] else None,
+        # the same with checksums read element by element (no 4-byte words), alternating with the others
+        "verify_elements_seconds": (statistics.median(walls["elements"]) - statistics.median(walls["plan"]))
+        if walls["plan"] else None,
         "unverified_sync_seconds": statistics.median(walls["plan"]) if walls["plan"] else None,
         # the slowest process's median time in verification (its checksums, the exchange, and waiting
         # there for the processes still moving bytes)

@@ -42,7 +42,18 @@ class Verifier:
         # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
         # what was sent is checked where it arrived (the full-precision buffer they are computed from)
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
+        self._wide, self._set_aside = True, {}  # read_words: the other choice's prepared programs
         self.computed = set(plan.derived["local"][plan.local_rank[plan.derived["local"]] >= plan.num_trainer].tolist())
+
+    def read_words(self, wide: bool) -> None:
+        """Checksums in 4-byte words where the plan allows (the default), or (``wide=False``) in elements;
+        every rank of a sync must choose alike. For side-by-side benchmarks."""
+        if wide == self._wide:
+            return
+        self._set_aside[self._wide] = self._prepared  # each choice keeps its programs (built once)
+        self._wide = wide
+        self.word = word_bytes(self.plan, wide)
+        self._prepared = self._set_aside.pop(wide, None)
 
     def start_expected(self, flats: dict[int, torch.Tensor]) -> None:
         """Begin this rank's expected sums in a thread while the bytes move (CPU tensors: the C and numba

@@ -21,10 +21,13 @@ __all__ = ["WORD_BYTES", "word_bytes"]
 WORD_BYTES = 4
 
 
-def word_bytes(plan: SyncPlan) -> np.ndarray:
+def word_bytes(plan: SyncPlan, wide: bool = True) -> np.ndarray:
     """[locals] bytes per checksum word of every local tensor (its element size, or 4 where that is smaller
-    and the plan keeps all its chunks to whole words)."""
+    and the plan keeps all its chunks to whole words). ``wide=False``: element sizes alone (every end of
+    a sync must read the same words: benchmarks compare the two)."""
     itemsize = np.array([TORCH_DTYPES[d].itemsize for d in plan.local_dtype], dtype=np.int64)
+    if not wide:
+        return itemsize
     per_word = np.where(itemsize < WORD_BYTES, WORD_BYTES // itemsize, 1)  # elements in a word
     numel = np.array([int(np.prod(s, dtype=np.int64)) for s in plan.local_shape], dtype=np.int64)
     whole = numel % per_word == 0

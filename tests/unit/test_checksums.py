@@ -259,3 +259,20 @@ def test_expected_sums_started_during_the_transfer_are_those_of_the_sent_bytes()
     verifier._early[2].update(error=RuntimeError("checksum thread failed"), sums=None)
     with pytest.raises(RuntimeError, match="checksum thread failed"):
         verifier.check(broken, SoloTransport(), lambda work, label: None)
+
+
+def test_checksums_read_element_by_element_verify_too_and_keep_their_programs():
+    """read_words(False) (benchmarks' side-by-side) reads every tensor by its elements: a sync still
+    verifies and a tampered word still fails; switching back reuses the programs built for 4-byte words."""
+    plan, executor, flats = _synced(seed=3)
+    verifier = executor.verifier
+    assert _mismatches(executor, flats) == 0
+    words = verifier._prepared
+    verifier.read_words(False)
+    assert (verifier.word[verifier.inf_first:] <= 2).all() and verifier._prepared is None
+    assert _mismatches(executor, flats) == 0
+    victim = max((lid for lid in flats if lid >= verifier.inf_first), key=lambda lid: flats[lid].numel())
+    flats[victim].view(torch.uint8)[5] ^= 1
+    assert _mismatches(executor, flats) == 1
+    verifier.read_words(True)
+    assert verifier._prepared is words and _mismatches(executor, flats) == 1
