@@ -440,7 +440,7 @@ class PlanExecutor:
         """The checksums of this plan (built at the first verified sync: a rebind that is not verified
         does not pay for them)."""
         if self._verifier is None:
-            self._verifier = Verifier(self.plan, self.ranks, self._bucket_bytes)
+            self._verifier = Verifier(self.plan, self.ranks, self._bucket_bytes, self.process_of)
         return self._verifier
 
     @property

@@ -24,9 +24,10 @@ __all__ = ["Verifier"]
 
 
 class Verifier:
-    def __init__(self, plan: SyncPlan, rank, budget_bytes: int | None = None) -> None:
+    def __init__(self, plan: SyncPlan, rank, budget_bytes: int | None = None, process_of=None) -> None:
         """``rank``: the plan rank this process checks, or a list of them (hosted together);
-        ``budget_bytes``: about the most temporary memory the checksums may hold (CPU path)."""
+        ``budget_bytes``: about the most temporary memory the checksums may hold (CPU path);
+        ``process_of[r]``: the transport rank of the process hosting plan rank ``r`` (default: ``r``)."""
         self.plan = plan
         self.most = None if budget_bytes is None else max(budget_bytes // CHECKSUM_BYTES_PER_ELEMENT, 1 << 10)
         ranks = [int(rank)] if np.ndim(rank) == 0 else [int(r) for r in rank]
@@ -37,6 +38,9 @@ class Verifier:
         fed = np.flatnonzero(np.isin(origin, mine))
         # (chunk whose destination gets the bytes, chunk whose source holds them)
         self.work = [(r, r) for r in mine.tolist()] + [(r, int(origin[r])) for r in fed.tolist()]
+        self.process_of = np.arange(plan.num_ranks) if process_of is None else np.array(process_of, dtype=np.int64)
+        self.process_of[ranks] = self.process_of[ranks[0]]  # the ranks checked here share this process
+        self.routes = _routes(plan, origin, self.process_of, int(self.process_of[ranks[0]]), self.inf_first)
         self._prepared: dict | None = None
         self._early: tuple | None = None  # (flats, thread, result) of start_expected
         # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
@@ -44,6 +48,27 @@ class Verifier:
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
         self._wide, self._set_aside = True, {}  # read_words: the other choice's prepared programs
         self.computed = set(plan.derived["local"][plan.local_rank[plan.derived["local"]] >= plan.num_trainer].tolist())
+
+    def _exchange(self, expected: torch.Tensor, transport, wait) -> torch.Tensor:
+        """``expected`` with this process's engine rows summed over every process that sends them bytes
+        (the other rows: this process's own contributions alone)."""
+        routes = self.routes
+        if not routes.send_to and not routes.receive_from:
+            return expected
+        device = expected.device
+        ops, inbox = [], []
+        for q, rows in sorted(routes.send_to.items()):
+            ops.append((True, expected[torch.from_numpy(rows).to(device)].contiguous(), q))
+        for p in routes.receive_from:
+            inbox.append(torch.empty((len(routes.mine), 2), dtype=torch.int64, device=device))
+            ops.append((False, inbox[-1], p))
+        for work in transport.batch(ops):
+            wait(work, "sharing checksums")
+        if inbox:
+            mine = torch.from_numpy(routes.mine).to(device)
+            expected = expected.clone()
+            expected[mine] += torch.stack(inbox).sum(dim=0)
+        return expected
 
     def read_words(self, wide: bool) -> None:
         """Checksums in 4-byte words where the plan allows (the default), or (``wide=False``) in elements;
@@ -213,8 +238,7 @@ class Verifier:
             prepared = self._prepare(flats)
             if prepared["held"] is not None:
                 held = prepared["held"]()
-        expected = self._take_expected(flats).to(device)
-        wait(transport.all_reduce(expected), "sharing checksums")
+        expected = self._exchange(self._take_expected(flats).to(device), transport, wait)
         bad = []
         if held is not None:
             rows = torch.from_numpy(prepared["engine"] - self.inf_first).to(device)
@@ -233,6 +257,30 @@ class Verifier:
         count = torch.tensor([len(bad)], dtype=torch.int64, device=device)
         wait(transport.all_reduce(count), "agreeing on verification")
         return bad, int(count.item())
+
+
+class _Routes:
+    """Who sends whom expected sums: each process sends the processes whose engine tensors its bytes
+    reach (directly, or through a stage-2 hop from a chunk it sent) their rows alone, and hears from
+    those whose bytes reach its own -- one message per pair that shares bytes, instead of an all-reduce
+    of every engine tensor's sums over every process."""
+
+    def __init__(self, send_to: dict[int, np.ndarray], receive_from: list[int], mine: np.ndarray) -> None:
+        self.send_to = send_to  # process -> its engine locals' rows (local id - first engine local)
+        self.receive_from = receive_from
+        self.mine = mine  # rows of this process's engine locals
+
+
+def _routes(plan: SyncPlan, origin: np.ndarray, process_of: np.ndarray, me: int, inf_first: int) -> _Routes:
+    c = plan.chunks
+    source_chunk = np.where(c["stage"] == 1, np.arange(len(c)), origin)  # the chunk whose source sent the bytes
+    fed = source_chunk >= 0
+    senders = process_of[c["src"][source_chunk[fed]]]
+    receivers = process_of[c["dst"][fed]]
+    row_process = process_of[plan.local_rank[inf_first:]]  # the process hosting each engine local
+    send_to = {int(q): np.flatnonzero(row_process == q) for q in np.unique(receivers[(senders == me) & (receivers != me)])}
+    receive_from = np.unique(senders[(receivers == me) & (senders != me)]).tolist()
+    return _Routes(send_to, receive_from, np.flatnonzero(row_process == me))
 
 
 def _batched(flats: dict[int, torch.Tensor]) -> bool:

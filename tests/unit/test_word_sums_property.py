@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from expected import endpoints
 from planners import JobError, JobSpec, build_plan
-from strategies import specs
+from strategies import jobs, specs
 from sync.executor import PlanExecutor
 from sync.transport import SoloTransport
 
@@ -46,3 +46,39 @@ def test_word_sums_verify_syncs_and_catch_swapped_neighbours(spec, version):
             bad, count = verifier.check(flats, SoloTransport(), lambda work, label: None)
             assert count == 1 and bad == [plan.local_name[lid]]
             break
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(jobs(), st.booleans())
+def test_expected_sums_reach_every_engine_from_every_process_that_feeds_it(job, by_device):
+    """The point-to-point exchange of expected sums (``Verifier.routes``) equals the all-reduce it
+    replaced: every process whose contributions to another's engine tensors are not zero sends them,
+    and the routes agree on both ends (one process per rank, or per device hosting its ranks)."""
+    from sync.verify.verifier import Verifier
+
+    plan = build_plan(job)
+    if by_device:
+        _, process_of = np.unique(plan.devices, return_inverse=True)
+    else:
+        process_of = np.arange(plan.num_ranks)
+    processes = sorted(set(process_of.tolist()))
+    sources, _ = endpoints(plan, range(plan.num_trainer), version=1)
+    verifiers, sums = {}, {}
+    for p in processes:
+        ranks = np.flatnonzero(process_of == p).tolist()
+        verifiers[p] = Verifier(plan, ranks, process_of=process_of)
+        flats = {}
+        for r in ranks:
+            if r < plan.num_trainer:
+                tensors = sources[r].local_tensors()
+                flats.update({int(lid): tensors[plan.local_name[lid]].view(-1) for lid in plan.locals_of(r)})
+        sums[p] = verifiers[p].expected(flats) if flats else verifiers[p]._zeros({0: torch.zeros(1)})
+    total = sum(sums.values())
+    for q in processes:
+        routes = verifiers[q].routes
+        assert set(routes.receive_from) == {p for p in processes if q in verifiers[p].routes.send_to}
+        mine = torch.from_numpy(routes.mine)
+        got = sums[q][mine] + sum((sums[p][mine] for p in routes.receive_from), torch.zeros((len(mine), 2), dtype=torch.int64))
+        assert torch.equal(got, total[mine])
+        for p in routes.receive_from:
+            assert np.array_equal(verifiers[p].routes.send_to[q], routes.mine)
