@@ -1,14 +1,16 @@
 """End-to-end verification of a sync by checksums (see ``sync.tensors``).
 
 Trainer ranks add, for every chunk whose bytes they originate (stage 1, and the stage-2 chunks fed
-by it), what those bytes contribute to the destination tensor's checksum; one all-reduce ships the
-sums; every engine rank compares each of its tensors with them, and one more all-reduce makes
-every rank agree on the verdict. It checks what arrived, however it was moved.
+by it), what those bytes contribute to the destination tensor's checksum, and send each process the
+sums of its engine tensors, point to point; every engine rank compares each of its tensors with them,
+and the caller's exchange of sync times (or one more all-reduce) makes every rank agree on the verdict.
+It checks what arrived, however it was moved.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from sync.tensors import TORCH_DTYPES, block
 from sync.verify.checksums import CHECKSUM_BYTES_PER_ELEMENT, block_pieces, wrap_int64, checksum_block, checksum_flat
 from sync.verify.words import word_bytes
 
-__all__ = ["Verifier"]
+__all__ = ["Routes", "Verifier"]
 
 
 class Verifier:
@@ -43,32 +45,11 @@ class Verifier:
         self.routes = _routes(plan, origin, self.process_of, int(self.process_of[ranks[0]]), self.inf_first)
         self._prepared: dict | None = None
         self._early: tuple | None = None  # (flats, thread, result) of start_expected
-        # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
-        # what was sent is checked where it arrived (the full-precision buffer they are computed from)
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
         self._wide, self._set_aside = True, {}  # read_words: the other choice's prepared programs
+        # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
+        # what was sent is checked where it arrived (the full-precision buffer they are computed from)
         self.computed = set(plan.derived["local"][plan.local_rank[plan.derived["local"]] >= plan.num_trainer].tolist())
-
-    def _exchange(self, expected: torch.Tensor, transport, wait) -> torch.Tensor:
-        """``expected`` with this process's engine rows summed over every process that sends them bytes
-        (the other rows: this process's own contributions alone)."""
-        routes = self.routes
-        if not routes.send_to and not routes.receive_from:
-            return expected
-        device = expected.device
-        ops, inbox = [], []
-        for q, rows in sorted(routes.send_to.items()):
-            ops.append((True, expected[torch.from_numpy(rows).to(device)].contiguous(), q))
-        for p in routes.receive_from:
-            inbox.append(torch.empty((len(routes.mine), 2), dtype=torch.int64, device=device))
-            ops.append((False, inbox[-1], p))
-        for work in transport.batch(ops):
-            wait(work, "sharing checksums")
-        if inbox:
-            mine = torch.from_numpy(routes.mine).to(device)
-            expected = expected.clone()
-            expected[mine] += torch.stack(inbox).sum(dim=0)
-        return expected
 
     def read_words(self, wide: bool) -> None:
         """Checksums in 4-byte words where the plan allows (the default), or (``wide=False``) in elements;
@@ -258,20 +239,42 @@ class Verifier:
         wait(transport.all_reduce(count), "agreeing on verification")
         return bad, int(count.item())
 
+    def _exchange(self, expected: torch.Tensor, transport, wait) -> torch.Tensor:
+        """``expected`` with this process's engine rows summed over every process that sends them bytes
+        (the other rows: this process's own contributions alone)."""
+        routes = self.routes
+        if not routes.send_to and not routes.receive_from:
+            return expected
+        device = expected.device
+        ops, inbox = [], []
+        for q, rows in sorted(routes.send_to.items()):
+            ops.append((True, expected[torch.from_numpy(rows).to(device)].contiguous(), q))
+        for p in routes.receive_from:
+            inbox.append(torch.empty((len(routes.mine), 2), dtype=torch.int64, device=device))
+            ops.append((False, inbox[-1], p))
+        for work in transport.batch(ops):
+            wait(work, "sharing checksums")
+        if inbox:
+            mine = torch.from_numpy(routes.mine).to(device)
+            expected = expected.clone()
+            expected[mine] += torch.stack(inbox).sum(dim=0)
+        return expected
 
-class _Routes:
+
+@dataclass(frozen=True)
+class Routes:
     """Who sends whom expected sums: each process sends the processes whose engine tensors its bytes
     reach (directly, or through a stage-2 hop from a chunk it sent) their rows alone, and hears from
     those whose bytes reach its own -- one message per pair that shares bytes, instead of an all-reduce
     of every engine tensor's sums over every process."""
 
-    def __init__(self, send_to: dict[int, np.ndarray], receive_from: list[int], mine: np.ndarray) -> None:
-        self.send_to = send_to  # process -> its engine locals' rows (local id - first engine local)
-        self.receive_from = receive_from
-        self.mine = mine  # rows of this process's engine locals
+    send_to: dict[int, np.ndarray]  # process -> its engine locals' rows (local id - first engine local)
+    receive_from: list[int]
+    mine: np.ndarray  # rows of this process's engine locals
 
 
-def _routes(plan: SyncPlan, origin: np.ndarray, process_of: np.ndarray, me: int, inf_first: int) -> _Routes:
+def _routes(plan: SyncPlan, origin: np.ndarray, process_of: np.ndarray, me: int, inf_first: int) -> Routes:
+    """The :class:`Routes` of process ``me``, from the plan alone (every process derives everyone's alike)."""
     c = plan.chunks
     source_chunk = np.where(c["stage"] == 1, np.arange(len(c)), origin)  # the chunk whose source sent the bytes
     fed = source_chunk >= 0
@@ -280,7 +283,7 @@ def _routes(plan: SyncPlan, origin: np.ndarray, process_of: np.ndarray, me: int,
     row_process = process_of[plan.local_rank[inf_first:]]  # the process hosting each engine local
     send_to = {int(q): np.flatnonzero(row_process == q) for q in np.unique(receivers[(senders == me) & (receivers != me)])}
     receive_from = np.unique(senders[(receivers == me) & (senders != me)]).tolist()
-    return _Routes(send_to, receive_from, np.flatnonzero(row_process == me))
+    return Routes(send_to, receive_from, np.flatnonzero(row_process == me))
 
 
 def _batched(flats: dict[int, torch.Tensor]) -> bool:
