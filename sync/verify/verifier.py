@@ -42,7 +42,10 @@ class Verifier:
         self.work = [(r, r) for r in mine.tolist()] + [(r, int(origin[r])) for r in fed.tolist()]
         self.process_of = np.arange(plan.num_ranks) if process_of is None else np.array(process_of, dtype=np.int64)
         self.process_of[ranks] = self.process_of[ranks[0]]  # the ranks checked here share this process
-        self.routes = _routes(plan, origin, self.process_of, int(self.process_of[ranks[0]]), self.inf_first)
+        # a rank's part of the plan (plan.scope) lacks the stage-1 chunks that fed the stage-2 chunks
+        # it receives, so it cannot name who sends it sums: those plans all-reduce them instead
+        self.routes = None if plan.scope is not None else _routes(plan, origin, self.process_of,
+                                                                  int(self.process_of[ranks[0]]), self.inf_first)
         self._prepared: dict | None = None
         self._early: tuple | None = None  # (flats, thread, result) of start_expected
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
@@ -241,8 +244,12 @@ class Verifier:
 
     def _exchange(self, expected: torch.Tensor, transport, wait) -> torch.Tensor:
         """``expected`` with this process's engine rows summed over every process that sends them bytes
-        (the other rows: this process's own contributions alone)."""
+        (the other rows: this process's own contributions alone, or with a rank's part of the plan, the
+        all-reduced sums of every row)."""
         routes = self.routes
+        if routes is None:
+            wait(transport.all_reduce(expected), "sharing checksums")
+            return expected
         if not routes.send_to and not routes.receive_from:
             return expected
         device = expected.device
