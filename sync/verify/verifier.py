@@ -10,7 +10,7 @@ It checks what arrived, however it was moved.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,10 +42,10 @@ class Verifier:
         self.work = [(r, r) for r in mine.tolist()] + [(r, int(origin[r])) for r in fed.tolist()]
         self.process_of = np.arange(plan.num_ranks) if process_of is None else np.array(process_of, dtype=np.int64)
         self.process_of[ranks] = self.process_of[ranks[0]]  # the ranks checked here share this process
-        # a rank's part of the plan (plan.scope) lacks the stage-1 chunks that fed the stage-2 chunks
-        # it receives, so it cannot name who sends it sums: those plans all-reduce them instead
-        self.routes = None if plan.scope is not None else _routes(plan, origin, self.process_of,
-                                                                  int(self.process_of[ranks[0]]), self.inf_first)
+        # a rank's part of the plan (plan.scope) holds the stage-2 chunks its own sends feed but not the
+        # stage-1 chunks that fed those it receives: it knows whom it sends sums, and learns from whom
+        # it hears at its first check (Routes.receive_from None until then)
+        self.routes = _routes(plan, origin, self.process_of, int(self.process_of[ranks[0]]), self.inf_first)
         self._prepared: dict | None = None
         self._early: tuple | None = None  # (flats, thread, result) of start_expected
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
@@ -244,12 +244,10 @@ class Verifier:
 
     def _exchange(self, expected: torch.Tensor, transport, wait) -> torch.Tensor:
         """``expected`` with this process's engine rows summed over every process that sends them bytes
-        (the other rows: this process's own contributions alone, or with a rank's part of the plan, the
-        all-reduced sums of every row)."""
+        (the other rows: this process's own contributions alone)."""
         routes = self.routes
-        if routes is None:
-            wait(transport.all_reduce(expected), "sharing checksums")
-            return expected
+        if routes.receive_from is None:
+            routes = self.routes = self._learn_senders(routes, transport, wait, expected.device)
         if not routes.send_to and not routes.receive_from:
             return expected
         device = expected.device
@@ -267,6 +265,17 @@ class Verifier:
             expected[mine] += torch.stack(inbox).sum(dim=0)
         return expected
 
+    def _learn_senders(self, routes: "Routes", transport, wait, device) -> "Routes":
+        """``routes`` with ``receive_from`` from every process's ``send_to`` (one all-reduce of a
+        processes x processes table, once per plan: a rank's part of the plan cannot name them)."""
+        processes = int(self.process_of.max()) + 1
+        table = torch.zeros((processes, processes), dtype=torch.int32, device=device)
+        for q in routes.send_to:
+            table[routes.me, q] = 1
+        wait(transport.all_reduce(table), "learning who sends checksums")
+        senders = torch.nonzero(table[:, routes.me]).flatten().cpu().tolist()
+        return replace(routes, receive_from=[int(p) for p in senders if p != routes.me])
+
 
 @dataclass(frozen=True)
 class Routes:
@@ -275,8 +284,9 @@ class Routes:
     those whose bytes reach its own -- one message per pair that shares bytes, instead of an all-reduce
     of every engine tensor's sums over every process."""
 
+    me: int  # this process
     send_to: dict[int, np.ndarray]  # process -> its engine locals' rows (local id - first engine local)
-    receive_from: list[int]
+    receive_from: list[int] | None  # None: not yet known (a rank's part of the plan; learned at the first check)
     mine: np.ndarray  # rows of this process's engine locals
 
 
@@ -289,8 +299,8 @@ def _routes(plan: SyncPlan, origin: np.ndarray, process_of: np.ndarray, me: int,
     receivers = process_of[c["dst"][fed]]
     row_process = process_of[plan.local_rank[inf_first:]]  # the process hosting each engine local
     send_to = {int(q): np.flatnonzero(row_process == q) for q in np.unique(receivers[(senders == me) & (receivers != me)])}
-    receive_from = np.unique(senders[(receivers == me) & (senders != me)]).tolist()
-    return Routes(send_to, receive_from, np.flatnonzero(row_process == me))
+    receive_from = None if plan.scope is not None else np.unique(senders[(receivers == me) & (senders != me)]).tolist()
+    return Routes(me, send_to, receive_from, np.flatnonzero(row_process == me))
 
 
 def _batched(flats: dict[int, torch.Tensor]) -> bool:

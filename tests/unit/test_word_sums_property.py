@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from expected import endpoints
 from planners import JobError, JobSpec, build_plan
+from planners.build import PlanBuilder
 from strategies import jobs, specs
 from sync.executor import PlanExecutor
 from sync.transport import SoloTransport
@@ -74,6 +75,12 @@ def test_expected_sums_reach_every_engine_from_every_process_that_feeds_it(job, 
                 flats.update({int(lid): tensors[plan.local_name[lid]].view(-1) for lid in plan.locals_of(r)})
         sums[p] = verifiers[p].expected(flats) if flats else verifiers[p]._zeros({0: torch.zeros(1)})
     total = sum(sums.values())
+    builder = PlanBuilder.for_job(job)
+    for p in processes:  # a rank's part of the plan names the same receivers (its senders it learns)
+        ranks = np.flatnonzero(process_of == p).tolist()
+        scoped = Verifier(builder.rank_plan(job.placement(None), ranks), ranks, process_of=process_of).routes
+        assert scoped.receive_from is None and sorted(scoped.send_to) == sorted(verifiers[p].routes.send_to)
+        assert np.array_equal(scoped.mine, verifiers[p].routes.mine)
     for q in processes:
         routes = verifiers[q].routes
         assert set(routes.receive_from) == {p for p in processes if q in verifiers[p].routes.send_to}
