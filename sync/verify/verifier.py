@@ -250,26 +250,29 @@ class Verifier:
             routes = self.routes = self._learn_senders(routes, transport, wait, expected.device)
         if not routes.send_to and not routes.receive_from:
             return expected
-        device = expected.device
+        # messages where the group moves them (gloo: host memory, even for CUDA tensors' sums)
+        wire = getattr(transport, "collective_device", expected.device)
+        host = expected.to(wire)
         ops, inbox = [], []
         for q, rows in sorted(routes.send_to.items()):
-            ops.append((True, expected[torch.from_numpy(rows).to(device)].contiguous(), q))
+            ops.append((True, host[torch.from_numpy(rows).to(wire)].contiguous(), q))
         for p in routes.receive_from:
-            inbox.append(torch.empty((len(routes.mine), 2), dtype=torch.int64, device=device))
+            inbox.append(torch.empty((len(routes.mine), 2), dtype=torch.int64, device=wire))
             ops.append((False, inbox[-1], p))
         for work in transport.batch(ops):
             wait(work, "sharing checksums")
         if inbox:
-            mine = torch.from_numpy(routes.mine).to(device)
+            mine = torch.from_numpy(routes.mine).to(expected.device)
             expected = expected.clone()
-            expected[mine] += torch.stack(inbox).sum(dim=0)
+            expected[mine] += torch.stack(inbox).sum(dim=0).to(expected.device)
         return expected
 
     def _learn_senders(self, routes: "Routes", transport, wait, device) -> "Routes":
         """``routes`` with ``receive_from`` from every process's ``send_to`` (one all-reduce of a
         processes x processes table, once per plan: a rank's part of the plan cannot name them)."""
         processes = int(self.process_of.max()) + 1
-        table = torch.zeros((processes, processes), dtype=torch.int32, device=device)
+        table = torch.zeros((processes, processes), dtype=torch.int32,
+                            device=getattr(transport, "collective_device", device))
         for q in routes.send_to:
             table[routes.me, q] = 1
         wait(transport.all_reduce(table), "learning who sends checksums")
