@@ -194,18 +194,20 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
     for p, r in results.items():  # achieved GB/s of each sending process to each peer rank
         for peer, n in r["sent_to"].items():
             links[f"{groups[p]}->{peer}"] = n / sync_s / 1e9
-    walls = r0["walls"]
-    verify_s = (statistics.median(walls["checked"]) - statistics.median(walls["plan"])) if walls["plan"] else None
+    walls = {mode: statistics.median(w) if w else None for mode, w in r0["walls"].items()}
+
+    def added(mode: str) -> float | None:  # what verifying adds to the median unverified sync
+        return None if walls["plan"] is None else walls[mode] - walls["plan"]
+
     return {
         "sync_seconds": sync_s,
         # what verification adds to a sync: median end-to-end time of verified syncs minus that of
         # unverified ones, alternating in one run (syncs after the first; needs reps > 1)
-        "verify_seconds": verify_s,
-        "verified_sync_seconds": statistics.median(walls["checked"]) if walls["checked"] else None,
+        "verify_seconds": added("checked"),
+        "verified_sync_seconds": walls["checked"],
         # the same with checksums read element by element (no 4-byte words), alternating with the others
-        "verify_elements_seconds": (statistics.median(walls["elements"]) - statistics.median(walls["plan"]))
-        if walls["plan"] else None,
-        "unverified_sync_seconds": statistics.median(walls["plan"]) if walls["plan"] else None,
+        "verify_elements_seconds": added("elements"),
+        "unverified_sync_seconds": walls["plan"],
         # the slowest process's median time in verification (its checksums, the exchange, and waiting
         # there for the processes still moving bytes)
         "verify_process_seconds": max((statistics.median(r["verify"]) for r in results.values() if r["verify"]),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from planners.schedule.buckets import stage2_origin
 from planners.plan import SyncPlan
@@ -49,6 +50,8 @@ class Verifier:
         self._prepared: dict | None = None
         self._early: tuple | None = None  # (flats, thread, result) of start_expected
         self.word = word_bytes(plan)  # what each tensor's checksum reads as one word (both ends alike)
+        # a rank's part of the plan sees only some chunks into a tensor: its words are agreed at the first check
+        self._words_agreed = plan.scope is None
         self._wide, self._set_aside = True, {}  # read_words: the other choice's prepared programs
         # an engine's locals quantized on arrival (planners.quant) hold what it computed, not what was sent:
         # what was sent is checked where it arrived (the full-precision buffer they are computed from)
@@ -59,17 +62,18 @@ class Verifier:
         every rank of a sync must choose alike. For side-by-side benchmarks."""
         if wide == self._wide:
             return
-        self._set_aside[self._wide] = self._prepared  # each choice keeps its programs (built once)
+        # each choice keeps its words (agreed or not) and its programs (built once)
+        self._set_aside[self._wide] = (self.word, self._words_agreed, self._prepared)
         self._wide = wide
-        self.word = word_bytes(self.plan, wide)
-        self._prepared = self._set_aside.pop(wide, None)
+        fresh = (word_bytes(self.plan, wide), self.plan.scope is None or not wide, None)  # elements need no agreeing
+        self.word, self._words_agreed, self._prepared = self._set_aside.pop(wide, fresh)
 
     def start_expected(self, flats: dict[int, torch.Tensor]) -> None:
         """Begin this rank's expected sums in a thread while the bytes move (CPU tensors: the C and numba
         kernels let go of the GIL while the executor waits on the network). What a trainer sends is
         fixed for the length of a sync; :meth:`check` of the same ``flats`` takes the result."""
         self._early = None
-        if not self.work or not flats or next(iter(flats.values())).device.type != "cpu" or not _batched(flats):
+        if not self._words_agreed or not self.work or not flats or next(iter(flats.values())).device.type != "cpu" or not _batched(flats):
             return
         self._prepare(flats)  # here, not in the thread: check() builds from the same cache
         box: dict = {}
@@ -217,6 +221,8 @@ class Verifier:
         ``agree=False`` the total is left to the caller (None), who folds the count into a collective
         of its own (``sync.executor.finish_sync``: one exchange fewer)."""
         device = next(iter(flats.values())).device if flats else torch.device("cpu")
+        if not self._words_agreed:
+            self._agree_words(transport, wait, device)
         held = None
         if _batched(flats):  # what this rank holds, summed before the exchange: engines sum while trainers do
             prepared = self._prepare(flats)
@@ -252,10 +258,10 @@ class Verifier:
             return expected
         # messages where the group moves them (gloo: host memory, even for CUDA tensors' sums)
         wire = getattr(transport, "collective_device", expected.device)
-        host = expected.to(wire)
+        on_wire = expected.to(wire)
         ops, inbox = [], []
         for q, rows in sorted(routes.send_to.items()):
-            ops.append((True, host[torch.from_numpy(rows).to(wire)].contiguous(), q))
+            ops.append((True, on_wire[torch.from_numpy(rows).to(wire)].contiguous(), q))
         for p in routes.receive_from:
             inbox.append(torch.empty((len(routes.mine), 2), dtype=torch.int64, device=wire))
             ops.append((False, inbox[-1], p))
@@ -266,6 +272,14 @@ class Verifier:
             expected = expected.clone()
             expected[mine] += torch.stack(inbox).sum(dim=0).to(expected.device)
         return expected
+
+    def _agree_words(self, transport, wait, device) -> None:
+        """Every process's words, made the smallest any process found: each chunk is in the part of
+        the plan of its sender and of its receiver, so the smallest is the whole plan's rule."""
+        words = torch.from_numpy(self.word.astype(np.int32)).to(getattr(transport, "collective_device", device))
+        wait(transport.all_reduce(words, dist.ReduceOp.MIN), "agreeing on checksum words")
+        self.word = words.cpu().numpy().astype(np.int64)
+        self._words_agreed, self._prepared = True, None
 
     def _learn_senders(self, routes: "Routes", transport, wait, device) -> "Routes":
         """``routes`` with ``receive_from`` from every process's ``send_to`` (one all-reduce of a

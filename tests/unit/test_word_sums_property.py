@@ -76,11 +76,16 @@ def test_expected_sums_reach_every_engine_from_every_process_that_feeds_it(job, 
         sums[p] = verifiers[p].expected(flats) if flats else verifiers[p]._zeros({0: torch.zeros(1)})
     total = sum(sums.values())
     builder = PlanBuilder.for_job(job)
+    words = []
     for p in processes:  # a rank's part of the plan names the same receivers (its senders it learns)
         ranks = np.flatnonzero(process_of == p).tolist()
-        scoped = Verifier(builder.rank_plan(job.placement(None), ranks), ranks, process_of=process_of).routes
-        assert scoped.receive_from is None and sorted(scoped.send_to) == sorted(verifiers[p].routes.send_to)
-        assert np.array_equal(scoped.mine, verifiers[p].routes.mine)
+        scoped = Verifier(builder.rank_plan(job.placement(None), ranks), ranks, process_of=process_of)
+        routes = scoped.routes
+        assert routes.receive_from is None and sorted(routes.send_to) == sorted(verifiers[p].routes.send_to)
+        assert np.array_equal(routes.mine, verifiers[p].routes.mine)
+        words.append(scoped.word)
+    # the words every process agrees on (the smallest any found) are the whole plan's
+    assert np.array_equal(np.minimum.reduce(words), verifiers[processes[0]].word)
     for q in processes:
         routes = verifiers[q].routes
         assert set(routes.receive_from) == {p for p in processes if q in verifiers[p].routes.send_to}
