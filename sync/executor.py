@@ -87,7 +87,10 @@ def finish_sync(stats: SyncStats, flats, verifier: Verifier | None, transport: T
         stats.mismatched, _ = verifier.check(flats, transport, wait, agree=False)
         stats.verify_seconds = time.perf_counter() - t0
     # the slowest rank's time and the most mismatches any process found, in one exchange (any -> all fail)
-    gathered = torch.tensor([stats.seconds, float(len(stats.mismatched))], dtype=torch.float64, device=device)
+    # on the group's own device: gloo reduces host memory, so a CUDA tensor here would cost two copies
+    # and two waits for the GPU (about half a millisecond of a 2 ms CUDA IPC refresh on the H200)
+    gathered = torch.tensor([stats.seconds, float(len(stats.mismatched))], dtype=torch.float64,
+                            device=getattr(transport, "collective_device", device))
     wait(transport.all_reduce(gathered, dist.ReduceOp.MAX), "gathering sync times and verdicts")
     stats.global_seconds = float(gathered[0].item())
     if verifier is not None:
@@ -226,6 +229,27 @@ class _Columns(dict):
             column = np.ascontiguousarray(self.chunks[name])
         self[name] = column
         return column
+
+
+def _graph_of(programs: list) -> "torch.cuda.CUDAGraph | None":
+    """``programs``' launches captured as one CUDA graph (they are compiled already), or None where they
+    cannot be captured: they launch as they are then."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            for program in programs:
+                program()
+    except RuntimeError:
+        return None
+    return graph
+
+
+def _bytes_by_peer(peers: np.ndarray, nbytes: np.ndarray) -> dict[int, int]:
+    """{peer rank: bytes}, of chunks going to ``peers`` with ``nbytes`` each."""
+    out: dict[int, int] = {}
+    for peer, n in zip(peers.tolist(), nbytes.tolist()):
+        out[peer] = out.get(peer, 0) + int(n)
+    return out
 
 
 def _record_bytes(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -388,7 +412,7 @@ class PlanExecutor:
         self._arena: dict[str, torch.Tensor] = {}
         self._written = _Written()
         self._syncs = 0
-        self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage)
+        self._pull: tuple | None = None  # (binding, borrowed generations, programs by stage, their CUDA graphs)
         # the channels bytes between processes move on: the wire, and CUDA IPC between processes of one GPU
         self.wire: Channel = TorchP2P(self.transport)
         self.arena_ipc: IpcArena | None = None
@@ -406,7 +430,7 @@ class PlanExecutor:
 
     # attributes :meth:`_lay_out` sets: read before it ran (a deferred layout, see ``previous``), they run it
     _LAYOUT = frozenset({"_columns", "pulled_rows", "_lent_rows", "_lent_locals", "local_rows", "buckets", "_moving",
-                         "rounds", "_derivations"})
+                         "rounds", "_derivations", "_pulled_totals", "_lent_totals"})
 
     def __getattr__(self, name: str):
         # reached only for attributes not set yet
@@ -432,6 +456,10 @@ class PlanExecutor:
             pulled, lent = shared_gpu & self.hosted[dst], shared_gpu & self.hosted[src]
         self.pulled_rows = {s: np.flatnonzero(pulled & in_stage[s]) for s in (1, 2)}  # read from a lender's memory
         self._lent_rows = {s: np.flatnonzero(lent & in_stage[s]) for s in (1, 2)}  # others read from us
+        # what each stage's pulls write and move, and what the lent chunks send to whom: counted every sync
+        self._pulled_totals = {s: (np.unique(columns["dst_local"][rows]), int(c["nbytes"][rows].sum()))
+                               for s, rows in self.pulled_rows.items()}
+        self._lent_totals = {s: _bytes_by_peer(dst[rows], c["nbytes"][rows]) for s, rows in self._lent_rows.items()}
         lent_to = {s: sorted(set(self.process_of[dst[rows]].tolist())) for s, rows in self._lent_rows.items()}
         self._lent_locals = {q: sorted(set(columns["src_local"][lent & (self.process_of[dst] == q)].tolist()))
                              for q in set(lent_to[1]) | set(lent_to[2])}
@@ -812,8 +840,10 @@ class PlanExecutor:
         if verify:  # what the trainer sends is fixed from here: its checksums run while the bytes move
             self.verifier.start_expected(binding.flats)
         launched: list[int] = []
+        settled = False  # all this sync launched has finished: the last stage ended waiting for it
         for stage in (1, 2):
             t0 = time.perf_counter()
+            bound = binding
             channels[0].start(stage)  # the wire first: a fault at the stage's start fires before any copy
             self._local_copies(binding, stage, stats, early.get(stage, ()))
             launched.append(stage)
@@ -834,8 +864,13 @@ class PlanExecutor:
             for ch in channels:
                 ch.end(stage)
             stats.wait_seconds += time.perf_counter() - t_end  # for the peers reading our tensors or arena
-            if binding.device.type == "cuda" and (remote or stage == 2):  # local copies alone run on into stage 2
+            # local copies alone run on into stage 2; a stage 2 that launched nothing, after a stage 1 that
+            # waited for its own work (for its rounds; its pulls; or, lending, before the readers read) waits
+            # for nothing
+            idle = not (remote or pulls or len(self.local_rows[stage])) and binding is bound
+            if binding.device.type == "cuda" and (remote or stage == 2) and not (settled and idle):
                 torch.cuda.synchronize(binding.device)
+            settled = remote or pulls or lends
             stats.stage_seconds[stage] = time.perf_counter() - t0
         self._derive(binding, "engine")  # what arrived in full precision, quantized where the plan says
         stats.seconds = time.perf_counter() - t_start
@@ -846,12 +881,8 @@ class PlanExecutor:
 
     def _count_lent(self, stage: int, stats: SyncStats) -> None:
         """What processes on this GPU read from our tensors this stage counts as sent."""
-        c, rows = self._chunks, self._lent_rows[stage]
-        if not len(rows):
-            return
-        stats.bytes_sent += int(c["nbytes"][rows].sum())
-        peers, at = np.unique(c["dst"][rows], return_inverse=True)
-        for peer, n in zip(peers.tolist(), np.bincount(at, weights=c["nbytes"][rows]).astype(np.int64).tolist()):
+        for peer, n in self._lent_totals[stage].items():
+            stats.bytes_sent += n
             stats.sent_to[peer] = stats.sent_to.get(peer, 0) + n
 
     def _recheck(self, given, binding: _Binding, launched: list[int], stats: SyncStats) -> _Binding:
@@ -872,7 +903,6 @@ class PlanExecutor:
     def _pull_from_lenders(self, binding: _Binding, stage: int, stats: SyncStats, given, launched: list[int]) -> _Binding:
         """Copy this stage's chunks straight out of the tensors of other processes on this GPU; with
         ``given``, check meanwhile that our own tensors have not moved (pulling again if they had)."""
-        rows = self.pulled_rows[stage]
         t0 = time.perf_counter()
         generations, borrowed = self.direct_ipc.borrow(stage)
         t1 = time.perf_counter()
@@ -885,19 +915,33 @@ class PlanExecutor:
                 self._launch_pulls(binding, stage, generations, borrowed)
         self.direct_ipc.pulled(stage, binding.device)
         stats.unpack_seconds += time.perf_counter() - t1  # the copies, launched and finished
-        c = self._chunks
-        self._written.add_array(np.unique(c["dst_local"][rows]))
-        stats.bytes_received += int(c["nbytes"][rows].sum())
+        written, nbytes = self._pulled_totals[stage]
+        self._written.add_array(written)
+        stats.bytes_received += nbytes
         return binding
 
     def _launch_pulls(self, binding: _Binding, stage: int, generations: dict, borrowed: dict) -> None:
-        if self._pull is None or self._pull[0] is not binding or self._pull[1] != generations:
+        """This stage's pulls: launched as they are after a new binding or a lender's new generation (which
+        also compiles their kernels), then replayed as one CUDA graph captured from those launches --
+        launching the Triton kernel costs the host about 80 us on an H200 machine, on the critical path
+        of a 2 ms refresh; a replay, a fraction of that."""
+        pull = self._pull
+        if pull is None or pull[0] is not binding or pull[1] != generations:
             ends = {**binding.flats, **borrowed}
             programs = {s: self._programs(ends, r, None, None, np.zeros(len(self.plan.local_name), dtype=bool))
                         for s, r in self.pulled_rows.items() if len(r)}
-            self._pull = (binding, generations, programs)
-        for program in self._pull[2][stage]:
-            program()
+            self._pull = (binding, generations, programs, {})
+            for program in programs[stage]:
+                program()
+            return
+        graphs = pull[3]
+        if stage not in graphs:
+            graphs[stage] = _graph_of(pull[2][stage])
+        if graphs[stage] is not None:
+            graphs[stage].replay()
+        else:
+            for program in pull[2][stage]:
+                program()
 
     def _internal_buffers(self, device: torch.device) -> dict[int, torch.Tensor]:
         """The plan's own locals of the hosted ranks (FP8 copies, scales, receiving buffers), kept here."""

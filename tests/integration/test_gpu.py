@@ -160,8 +160,10 @@ def _ipc_rank(rank: int, plan, port: int, versions: list[int], mode: str):
                 source.tensors[name] = old.clone()
                 old.fill_(7)
         stats = ex.sync(source, target)
+        graphed = ex._pull is not None and any(g is not None for g in ex._pull[3].values())  # direct: replayed pulls
         out.append((stats.verified, stats.bytes_sent, stats.bytes_received,
-                    None if target is None else {k: as_bits(t.cpu()).numpy() for k, t in target.tensors.items()}))
+                    None if target is None else {k: as_bits(t.cpu()).numpy() for k, t in target.tensors.items()},
+                    graphed))
     return out
 
 
@@ -174,8 +176,13 @@ def test_cuda_ipc_between_a_trainer_and_an_engine_process_on_one_gpu(mode):
     plan = build_plan(JobSpec.from_dict(job)).validate()
     assert plan.num_ranks == 2 and plan.devices[0] == plan.devices[1]
     store = host_store()
-    results, _ = spawn_ranks(2, _ipc_rank, (plan, store.port, [1, 2, 3], mode), timeout_s=180)
-    for i, v in enumerate([1, 2, 3]):
+    # direct: the engine pulls as launched (sync 1), then replays them as a CUDA graph (2); the trainer's
+    # reallocation makes it launch anew (3) and replay again (4, 5)
+    versions = [1, 2, 3, 4, 5]
+    results, _ = spawn_ranks(2, _ipc_rank, (plan, store.port, versions, mode), timeout_s=180)
+    if mode == "direct":
+        assert [r[4] for r in results[1]] == [False, True, False, True, True]
+    for i, v in enumerate(versions):
         assert results[0][i][0] and results[1][i][0]
         assert results[0][i][1] == results[1][i][2] > 0  # bytes the trainer shared = bytes the engine read
         for name, want in source_shards(plan, 1, v).items():
