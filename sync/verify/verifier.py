@@ -167,48 +167,65 @@ class Verifier:
     def _sent(self, flats, rows: np.ndarray, origins: np.ndarray, cast: np.ndarray):
         """What the work items not cast add to the engine locals' sums, as one callable (None: nothing).
 
-        A stage-2 chunk carries the bytes of its stage-1 origin; where it lands in the same block shape
-        (the same index range, and the same split-dimension length if the block has several rows), its
-        positions are the origin's shifted by one number, so its sums are the origin's with
-        ``S1 + shift * S0``: its bytes are read once, not once per engine they reach."""
+        Bytes landing in the same block shape (the same index range, and the same split-dimension length
+        if the block has several rows) at another place have their positions shifted by one number, so
+        their sums are the first's with ``S1 + shift * S0``: each source region is read once, however
+        many destinations it reaches -- a stage-2 chunk carries the bytes of its stage-1 origin, and a
+        trainer byte sent to several engines travels in one stage-1 chunk for each."""
         plan, c = self.plan, self.plan.chunks
         first_row = lambda r: c["dst_base"][r] + c["dst_off"][r] * plan.table.inner[c["tensor"][r]]  # noqa: E731
         own = (rows == origins) & ~cast
-        mine = rows[own]
+        mine = rows[own]  # ascending
+        # which of mine read the same source region into the same block shape, in the same words: the
+        # first of each such group is read, the others shifted from it
+        split = plan.table.outer[c["tensor"][mine]] > 1
+        keys = np.stack([c["src_local"][mine], c["src_base"][mine], c["src_dim"][mine], c["src_off"][mine],
+                         c["lo"][mine], c["hi"][mine], np.where(split, c["dst_dim"][mine], -1),
+                         self.word[c["dst_local"][mine]]], axis=1).astype(np.int64)
+        if len(mine):
+            _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+            read = mine[np.sort(first)]
+            read_of_mine = np.searchsorted(read, mine[first[group.reshape(-1)]])
+        else:
+            read, read_of_mine = mine, np.zeros(0, dtype=np.int64)
         same_shape = ((c["lo"][rows] == c["lo"][origins]) & (c["hi"][rows] == c["hi"][origins])
                       & ((plan.table.outer[c["tensor"][rows]] == 1) | (c["dst_dim"][rows] == c["dst_dim"][origins])))
         same_shape &= self.word[c["dst_local"][rows]] == self.word[c["dst_local"][origins]]  # sums in the same words
         at = np.searchsorted(mine, origins)
-        shifted = (rows != origins) & ~cast & same_shape & (at < len(mine)) & (mine[np.minimum(at, len(mine) - 1)] == origins) \
+        fed = (rows != origins) & ~cast & same_shape & (at < len(mine)) & (mine[np.minimum(at, len(mine) - 1)] == origins) \
             if len(mine) else np.zeros(len(rows), dtype=bool)
-        rest = (rows != origins) & ~cast & ~shifted
+        rest = (rows != origins) & ~cast & ~fed
         rec = c[rows[rest]].copy()  # each destination chunk, reading from where its bytes come from
         o = c[origins[rest]]
         for f in ("src_local", "src_base", "src_dim"):
             rec[f] = o[f]
         rec["src_off"] = o["src_off"] + rec["lo"] - o["lo"]
-        own_runs = block_runs(plan, c[mine], merge=False)  # one run per chunk: its sums feed the shifted ones
-        assert len(own_runs) == len(mine), "a chunk without bytes"
-        own_sums = self._sums(flats, own_runs, per_run=True) if len(mine) else None
+        read_runs = block_runs(plan, c[read], merge=False)  # one run per chunk read: its sums feed the shifted ones
+        assert len(read_runs) == len(read), "a chunk without bytes"
+        read_sums = self._sums(flats, read_runs, per_run=True) if len(read) else None
         rest_runs = block_runs(plan, rec)
         rest_sums = self._sums(flats, rest_runs) if len(rest_runs) else None
-        if own_sums is None and rest_sums is None:
+        if read_sums is None and rest_sums is None:
             return None
         device = next(iter(flats.values())).device
         up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device)  # noqa: E731
-        own_dst = up(c["dst_local"][mine] - self.inf_first)
-        shifted_from = up(at[shifted])
-        shifted_dst = up(c["dst_local"][rows[shifted]] - self.inf_first)
+        read_dst = up(c["dst_local"][read] - self.inf_first)
+        # shifted from a chunk read: mine not read, and the stage-2 chunks they (or those read) feed
+        copies = mine[~np.isin(mine, read)]
+        shifted = np.concatenate([copies, rows[fed]])
+        source = np.concatenate([read_of_mine[np.searchsorted(mine, copies)], read_of_mine[at[fed]]])
+        shifted_from = up(source)
+        shifted_dst = up(c["dst_local"][shifted] - self.inf_first)
         # in the destination's words (their positions): whole words, by the rule of sync.verify.words
-        per_word = self.word[c["dst_local"][rows[shifted]]] // plan.table.itemsize[c["tensor"][rows[shifted]]]
-        shift = up((first_row(rows[shifted]) - first_row(origins[shifted])) // np.maximum(per_word, 1))
+        per_word = self.word[c["dst_local"][shifted]] // plan.table.itemsize[c["tensor"][shifted]]
+        shift = up((first_row(shifted) - first_row(read[source])) // np.maximum(per_word, 1))
         n_dst = len(plan.local_name) - self.inf_first
 
         def sent() -> torch.Tensor:
             total = rest_sums() if rest_sums is not None else torch.zeros((n_dst, 2), dtype=torch.int64, device=device)
-            if own_sums is not None:
-                each = own_sums()
-                total.index_add_(0, own_dst, each)
+            if read_sums is not None:
+                each = read_sums()
+                total.index_add_(0, read_dst, each)
                 moved = each[shifted_from]
                 total.index_add_(0, shifted_dst, torch.stack([moved[:, 0], moved[:, 1] + shift * moved[:, 0]], dim=1))
             return total

@@ -158,10 +158,13 @@ def test_verification_fails_for_each_kind_of_misplaced_byte(tamper):
 @pytest.mark.parametrize("job", [
     dict(trainer=dict(tp=2, ep=2), inference=dict(tp=2, dp=2, enable_ep=True, engines=2), eplb=dict(num_redundant_experts=4)),
     dict(trainer=dict(tp=2, pp=2), inference=dict(tp=1, engines=3), deployment=dict(gpus_per_node=4)),
-], ids=["eplb, two engines", "three engines"])
+    dict(trainer=dict(tp=2), inference=dict(tp=2, engines=2), deployment=dict(mode="disaggregated", gpus_per_node=2)),
+], ids=["eplb, two engines", "three engines", "two engines on nodes of their own"])
 def test_batched_expected_sums_equal_chunk_by_chunk_ones(job):
-    """Each trainer rank's expected contributions, batched (stage-2 chunks shifted from their origin's sums
-    where they land in the same block shape), equal the chunk-by-chunk checksums of every item."""
+    """Each trainer rank's expected contributions, batched (chunks shifted from the sums of one reading the
+    same bytes where they land in the same block shape: stage-2 chunks from their origin, stage-1 chunks
+    of one source region to several engines from the first), equal the chunk-by-chunk checksums of every
+    item; and the batched ones read each source region once."""
     from expected import endpoints
     from planners import JobSpec, build_plan
     from planners.eplb.stats import synthetic_load
@@ -171,14 +174,22 @@ def test_batched_expected_sums_equal_chunk_by_chunk_ones(job):
     load = synthetic_load(len(spec.model.moe_layers), spec.model.num_experts, 1.3, seed=1) if spec.eplb.enabled else None
     plan = build_plan(spec, load)
     sources, _ = endpoints(plan, range(plan.num_trainer), version=3)
-    stage2 = 0
+    c = plan.chunks
+    fanned = 0
     for r in range(plan.num_trainer):
         tensors = sources[r].local_tensors()
         flats = {int(lid): tensors[plan.local_name[lid]].view(-1) for lid in plan.locals_of(r)}
         verifier = Verifier(plan, r)
-        stage2 += sum(row != origin for row, origin in verifier.work)
+        read = []  # the runs the batched sums read
+        summed = verifier._sums
+        verifier._sums = lambda flats, runs, per_run=False: read.append(runs.copy()) or summed(flats, runs, per_run)
         assert torch.equal(verifier.expected(flats), verifier._expected_slices(flats, verifier.work))
-    assert stage2 > 0  # the fan-out the shift serves is there
+        mine = (c["src"] == r) & (c["stage"] == 1)
+        regions = {tuple(key): n for *key, n in zip(*(c[f][mine].tolist() for f in ("src_local", "src_base", "src_off",
+                                                                                     "lo", "hi", "nbytes")))}
+        fanned += len(verifier.work) - len(regions)  # chunks whose bytes another chunk's sums carry
+        assert sum(int((runs["nbytes"] * runs["rows"]).sum()) for runs in read) == sum(regions.values())
+    assert fanned > 0  # the fan-out the shift serves is there
 
 
 @pytest.mark.parametrize("kernels", ["c", "numba", pytest.param("triton", marks=pytest.mark.skipif(
