@@ -140,3 +140,54 @@ def test_a_source_that_does_not_match_the_plan_is_refused():
     src = SyntheticSource(plan, 0).local_tensors()
     src[name] = src[name].to(torch.float32)  # a wider float source is fine: cast on the way
     check_locals(plan, 0, src, "source")
+
+
+class _WiderSource:
+    """A trainer holding every weight in float32 (the plan's wire dtype is bfloat16)."""
+
+    def __init__(self, plan, rank: int, version: int) -> None:
+        self.tensors = {k: v.to(torch.float32) for k, v in SyntheticSource(plan, rank, version=version).local_tensors().items()}
+
+    def local_tensors(self):
+        return self.tensors
+
+
+def _wider_rank(rank: int, plan, port: int, versions: list[int]):
+    from sync.ends.synthetic import BufferTarget
+    from sync.executor import PlanExecutor
+    from sync.tensors import as_bits
+    from sync.transport import standalone_transport
+
+    transport = standalone_transport(rank, plan.num_ranks, "127.0.0.1", port, 30, store_on_rank0=False)
+    ex = PlanExecutor(plan, rank, transport, bucket_bytes=8 << 10, timeout_s=30, direct_bytes=64)
+    target = BufferTarget(plan, rank) if rank >= plan.num_trainer else None
+    source = None
+    out = []
+    for version in versions:
+        if rank < plan.num_trainer:  # the same dict, its tensors refilled in place: the binding (and its casts) kept
+            fresh = _WiderSource(plan, rank, version).tensors
+            if source is None:
+                source = _WiderSource(plan, rank, version)
+            for name, t in source.tensors.items():
+                t.copy_(fresh[name])
+        stats = ex.sync(source, target)
+        out.append((stats.verified, None if target is None else {k: as_bits(t).numpy() for k, t in target.tensors.items()}))
+    return out
+
+
+def test_a_wider_source_sent_directly_is_cast_at_every_sync():
+    """Large chunks of a float32 trainer travel straight from their tensors as bfloat16: cast into a
+    buffer of their own that the sync's messages keep, refilled at every sync (not the first's bytes)."""
+    from planners.schedule.buckets import bucketize
+    from sync.run.local import host_store, spawn_ranks
+
+    job = JobSpec.from_dict(CASES["tp1_to_tp2"])
+    plan = build_plan(job).validate()
+    assert any(b.direct for b in bucketize(plan, 8 << 10, direct_bytes=64))
+    store = host_store()
+    results, _ = spawn_ranks(plan.num_ranks, _wider_rank, (plan, store.port, [1, 2]), timeout_s=120)
+    for i, version in enumerate([1, 2]):
+        for rank, tensors in expected_engine(job, plan, version).items():
+            assert results[rank][i][0]
+            for name, want in tensors.items():
+                np.testing.assert_array_equal(results[rank][i][1][name], want, err_msg=f"v{version} rank {rank} {name}")
