@@ -233,6 +233,10 @@ def cmd_bench(args: argparse.Namespace, console: Console) -> int:
                   f"measured {r['measured_gbps_per_rank']:.2f} GB/s per rank with all ranks busy")
     baseline = "-" if r["baseline_over_sync"] is None else f"{r['baseline_over_sync']:.2f}"
     console.print(f"sync / bound = {r['sync_over_bound']:.2f}, baseline / sync = {baseline}, verified = {r['verified']}")
+    if r["cpu_busy"] is not None:
+        cpu = r["process_cpu_seconds"]
+        console.print(f"CPU time of a sync, all processes: {cpu['unverified']:.3f} s unverified, {cpu['verified']:.3f} s verified; "
+                      f"an unverified sync keeps {r['cpu_busy']:.0%} of {r['cores']} cores busy")
     return 0 if r["verified"] else 1
 
 

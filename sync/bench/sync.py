@@ -12,6 +12,7 @@ same-device chunks). Medians over the repetitions.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -130,7 +131,7 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
     modes = ["plan", "checked", "elements", "raw"] + (["broadcast"] if base_ex is not None else [])
     out: dict[str, Any] = {m: [] for m in modes}
     out.update(verified=True, sent=0, received=0, sent_to={}, parts=[], messages=len(plan_ex.buckets), verify=[],
-               walls={"plan": [], "checked": [], "elements": []}, copy_gbps=_copy_gbps(device) if device.type == "cuda" else None)
+               walls={"plan": [], "checked": [], "elements": []}, cpu={"plan": [], "checked": [], "elements": []}, copy_gbps=_copy_gbps(device) if device.type == "cuda" else None)
     for i in range(reps):
         for mode in modes if i % 2 == 0 else modes[::-1]:
             transport.barrier().wait()
@@ -142,11 +143,13 @@ def _worker(proc: int, plan: SyncPlan, groups: list[list[int]], reps: int, bucke
                 continue
             if mode in out["walls"]:  # the first sync of each (the first binds) is verified
                 session.executor.verifier.read_words(mode != "elements")  # every process alike
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 stats = session.sync(3 * i + modes.index(mode), verify=mode != "plan" or i == 0)
+                cpu = time.process_time() - cpu0  # every thread of this process, kernel time included
                 wall = _max_seconds(transport, time.perf_counter() - t0, device)
                 if i > 0:
                     out["walls"][mode].append(wall)
+                    out["cpu"][mode].append(cpu)
                     if mode == "checked":
                         out["verify"].append(stats.verify_seconds)
             else:
@@ -199,6 +202,12 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
     def added(mode: str) -> float | None:  # what verifying adds to the median unverified sync
         return None if walls["plan"] is None else walls[mode] - walls["plan"]
 
+    # CPU time of a sync, summed over the processes (each one's median): with the wall time and the
+    # cores, how busy the machine was -- checksums can hide only in the cores' idle time
+    cpu = {mode: sum(statistics.median(r["cpu"][mode]) for r in results.values()) if walls[mode] is not None else None
+           for mode in walls}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
     return {
         "sync_seconds": sync_s,
         # what verification adds to a sync: median end-to-end time of verified syncs minus that of
@@ -208,6 +217,11 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
         # the same with checksums read element by element (no 4-byte words), alternating with the others
         "verify_elements_seconds": added("elements"),
         "unverified_sync_seconds": walls["plan"],
+        # CPU seconds of an unverified and a verified sync, all processes together (threads and kernel time included)
+        "process_cpu_seconds": {"unverified": cpu["plan"], "verified": cpu["checked"]},
+        # the share of the cores' time an unverified sync keeps busy (CPU processes; GPU waits count as idle)
+        "cpu_busy": cpu["plan"] / (walls["plan"] * cores) if walls["plan"] and backend == "gloo" else None,
+        "cores": cores,
         # the slowest process's median time in verification (its checksums, the exchange, and waiting
         # there for the processes still moving bytes)
         "verify_process_seconds": max((statistics.median(r["verify"]) for r in results.values() if r["verify"]),

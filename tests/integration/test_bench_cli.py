@@ -17,6 +17,9 @@ def test_bench_sync_json(capsys):
         assert key in out
     assert out["verified"] is True and out["bytes_moved"] > 0 and out["bound_seconds"] > 0
     assert out["verify_seconds"] > 0  # the checksums of the second sync, timed apart from it
+    # every process's CPU time of a sync (threads and kernel time), and the share of the cores it keeps busy
+    assert out["process_cpu_seconds"]["unverified"] > 0 and out["process_cpu_seconds"]["verified"] > 0
+    assert out["cpu_busy"] > 0 and out["cores"] >= 1
 
 
 def test_bench_sync_hosted_runs_one_process_per_device(capsys):
