@@ -173,56 +173,31 @@ class Verifier:
         many destinations it reaches -- a stage-2 chunk carries the bytes of its stage-1 origin, and a
         trainer byte sent to several engines travels in one stage-1 chunk for each."""
         plan, c = self.plan, self.plan.chunks
-        first_row = lambda r: c["dst_base"][r] + c["dst_off"][r] * plan.table.inner[c["tensor"][r]]  # noqa: E731
-        own = (rows == origins) & ~cast
-        mine = rows[own]  # ascending
-        # which of mine read the same source region into the same block shape, in the same words: the
-        # first of each such group is read, the others shifted from it
-        split = plan.table.outer[c["tensor"][mine]] > 1
-        keys = np.stack([c["src_local"][mine], c["src_base"][mine], c["src_dim"][mine], c["src_off"][mine],
-                         c["lo"][mine], c["hi"][mine], np.where(split, c["dst_dim"][mine], -1),
-                         self.word[c["dst_local"][mine]]], axis=1).astype(np.int64)
-        if len(mine):
-            _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-            read = mine[np.sort(first)]
-            read_of_mine = np.searchsorted(read, mine[first[group.reshape(-1)]])
-        else:
-            read, read_of_mine = mine, np.zeros(0, dtype=np.int64)
-        same_shape = ((c["lo"][rows] == c["lo"][origins]) & (c["hi"][rows] == c["hi"][origins])
-                      & ((plan.table.outer[c["tensor"][rows]] == 1) | (c["dst_dim"][rows] == c["dst_dim"][origins])))
-        same_shape &= self.word[c["dst_local"][rows]] == self.word[c["dst_local"][origins]]  # sums in the same words
-        at = np.searchsorted(mine, origins)
-        fed = (rows != origins) & ~cast & same_shape & (at < len(mine)) & (mine[np.minimum(at, len(mine) - 1)] == origins) \
-            if len(mine) else np.zeros(len(rows), dtype=bool)
-        rest = (rows != origins) & ~cast & ~fed
-        rec = c[rows[rest]].copy()  # each destination chunk, reading from where its bytes come from
-        o = c[origins[rest]]
-        for f in ("src_local", "src_base", "src_dim"):
-            rec[f] = o[f]
-        rec["src_off"] = o["src_off"] + rec["lo"] - o["lo"]
+        mine = rows[(rows == origins) & ~cast]  # the stage-1 chunks this rank sends (ascending)
+        read, read_of_mine = self._read_once(mine)
+        fed = self._fed_alike(rows, origins, cast, mine)
+        elsewhere = (rows != origins) & ~cast & ~fed  # stage-2 chunks summed from their origin's source
         read_runs = block_runs(plan, c[read], merge=False)  # one run per chunk read: its sums feed the shifted ones
         assert len(read_runs) == len(read), "a chunk without bytes"
         read_sums = self._sums(flats, read_runs, per_run=True) if len(read) else None
-        rest_runs = block_runs(plan, rec)
-        rest_sums = self._sums(flats, rest_runs) if len(rest_runs) else None
-        if read_sums is None and rest_sums is None:
+        elsewhere_runs = block_runs(plan, _from_origin(c, rows[elsewhere], origins[elsewhere]))
+        elsewhere_sums = self._sums(flats, elsewhere_runs) if len(elsewhere_runs) else None
+        if read_sums is None and elsewhere_sums is None:
             return None
-        device = next(iter(flats.values())).device
-        up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device)  # noqa: E731
-        read_dst = up(c["dst_local"][read] - self.inf_first)
         # shifted from a chunk read: mine not read, and the stage-2 chunks they (or those read) feed
         copies = mine[~np.isin(mine, read)]
         shifted = np.concatenate([copies, rows[fed]])
-        source = np.concatenate([read_of_mine[np.searchsorted(mine, copies)], read_of_mine[at[fed]]])
-        shifted_from = up(source)
-        shifted_dst = up(c["dst_local"][shifted] - self.inf_first)
-        # in the destination's words (their positions): whole words, by the rule of sync.verify.words
-        per_word = self.word[c["dst_local"][shifted]] // plan.table.itemsize[c["tensor"][shifted]]
-        shift = up((first_row(shifted) - first_row(read[source])) // np.maximum(per_word, 1))
+        source = read[read_of_mine[np.searchsorted(mine, np.concatenate([copies, origins[fed]]))]]
+        device = next(iter(flats.values())).device
+        up = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device)  # noqa: E731
+        read_dst = up(c["dst_local"][read] - self.inf_first)
+        shifted_from, shifted_dst = up(np.searchsorted(read, source)), up(c["dst_local"][shifted] - self.inf_first)
+        shift = up(self._word_shift(shifted, source))
         n_dst = len(plan.local_name) - self.inf_first
 
         def sent() -> torch.Tensor:
-            total = rest_sums() if rest_sums is not None else torch.zeros((n_dst, 2), dtype=torch.int64, device=device)
+            total = (elsewhere_sums() if elsewhere_sums is not None
+                     else torch.zeros((n_dst, 2), dtype=torch.int64, device=device))
             if read_sums is not None:
                 each = read_sums()
                 total.index_add_(0, read_dst, each)
@@ -231,6 +206,41 @@ class Verifier:
             return total
 
         return sent
+
+    def _read_once(self, mine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of the stage-1 chunks ``mine`` (ascending): those read for their sums (the first of each group
+        reading the same source region into the same block shape, in the same words), and for each of
+        ``mine`` the index of the one read in its group."""
+        if not len(mine):
+            return mine, np.zeros(0, dtype=np.int64)
+        plan, c = self.plan, self.plan.chunks
+        split = plan.table.outer[c["tensor"][mine]] > 1  # blocks of several rows: their row length matters
+        keys = np.stack([c["src_local"][mine], c["src_base"][mine], c["src_dim"][mine], c["src_off"][mine],
+                         c["lo"][mine], c["hi"][mine], np.where(split, c["dst_dim"][mine], -1),
+                         self.word[c["dst_local"][mine]]], axis=1).astype(np.int64)
+        _, first, group = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        read = mine[np.sort(first)]
+        return read, np.searchsorted(read, mine[first[group.reshape(-1)]])
+
+    def _fed_alike(self, rows: np.ndarray, origins: np.ndarray, cast: np.ndarray, mine: np.ndarray) -> np.ndarray:
+        """Which work items are stage-2 chunks fed by one of ``mine`` in its block shape and words (their
+        sums: their origin's, shifted)."""
+        if not len(mine):
+            return np.zeros(len(rows), dtype=bool)
+        plan, c = self.plan, self.plan.chunks
+        same_shape = ((c["lo"][rows] == c["lo"][origins]) & (c["hi"][rows] == c["hi"][origins])
+                      & ((plan.table.outer[c["tensor"][rows]] == 1) | (c["dst_dim"][rows] == c["dst_dim"][origins])))
+        same_shape &= self.word[c["dst_local"][rows]] == self.word[c["dst_local"][origins]]  # sums in the same words
+        at = np.minimum(np.searchsorted(mine, origins), len(mine) - 1)
+        return (rows != origins) & ~cast & same_shape & (mine[at] == origins)
+
+    def _word_shift(self, shifted: np.ndarray, source: np.ndarray) -> np.ndarray:
+        """How many of the destination's words (their positions: whole words, by the rule of
+        ``sync.verify.words``) each chunk of ``shifted`` lands after the chunk ``source`` it is summed from."""
+        plan, c = self.plan, self.plan.chunks
+        first = lambda r: c["dst_base"][r] + c["dst_off"][r] * plan.table.inner[c["tensor"][r]]  # noqa: E731
+        per_word = self.word[c["dst_local"][shifted]] // plan.table.itemsize[c["tensor"][shifted]]
+        return (first(shifted) - first(source)) // np.maximum(per_word, 1)
 
     def check(self, flats: dict[int, torch.Tensor], transport, wait, agree: bool = True) -> tuple[list[str], int | None]:
         """Names of this rank's engine tensors whose checksum differs; ``wait(work, label)`` waits
@@ -335,6 +345,16 @@ def _routes(plan: SyncPlan, origin: np.ndarray, process_of: np.ndarray, me: int,
     send_to = {int(q): np.flatnonzero(row_process == q) for q in np.unique(receivers[(senders == me) & (receivers != me)])}
     receive_from = None if plan.scope is not None else np.unique(senders[(receivers == me) & (senders != me)]).tolist()
     return Routes(me, send_to, receive_from, np.flatnonzero(row_process == me))
+
+
+def _from_origin(chunks: np.ndarray, rows: np.ndarray, origins: np.ndarray) -> np.ndarray:
+    """Records of the chunks ``rows``, each reading its bytes where its origin chunk's source holds them."""
+    records = chunks[rows].copy()
+    origin = chunks[origins]
+    for field in ("src_local", "src_base", "src_dim"):
+        records[field] = origin[field]
+    records["src_off"] = origin["src_off"] + records["lo"] - origin["lo"]
+    return records
 
 
 def _batched(flats: dict[int, torch.Tensor]) -> bool:
