@@ -110,6 +110,7 @@ import torch
 import torch.distributed as dist
 
 from planners import JobSpec, SyncPlan, build_plan
+from sync.bench.timing import usable_cores
 
 __all__ = ["CASES", "PeerCase", "main", "run_case"]
 
@@ -695,17 +696,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         settings = {"syncs": args.syncs, "launches": args.launches, "size": args.size, "bucket_mb": args.bucket_mb,
                     "processes": PROCESSES, "torch": torch.__version__, "megatron_core": megatron_core_version(),
-                    "machine": platform.platform(), "cpus": _cpus()}
+                    "machine": platform.platform(), "cpus": usable_cores()}
         with open(args.json, "w") as out:
             json.dump({"settings": settings, "rows": rows}, out, indent=2)
     exact = all(row["megatron_exact"] and row["rlsync_exact"] and row["rlsync_checksums_agree"] for row in rows)
     return 0 if exact else 1
-
-
-def _cpus() -> int | None:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 if __name__ == "__main__":

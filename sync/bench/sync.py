@@ -12,7 +12,6 @@ same-device chunks). Medians over the repetitions.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import replace
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from planners.cost import Links
 from planners.plan import SyncPlan
+from sync.bench.timing import usable_cores
 
 __all__ = ["bench_sync"]
 
@@ -205,8 +205,8 @@ def bench_sync(plan: SyncPlan, reps: int = 5, bucket_bytes: int = 64 << 20, time
     # CPU time of a sync, summed over the processes (each one's median): with the wall time and the
     # cores, how busy the machine was -- checksums can hide only in the cores' idle time
     cpu = {mode: sum(statistics.median(r["cpu"][mode]) for r in results.values()) if walls[mode] is not None else None
-           for mode in walls}
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+           for mode in ("plan", "checked")}
+    cores = usable_cores()
 
     return {
         "sync_seconds": sync_s,

@@ -1,14 +1,20 @@
-"""Wall-clock timing of a benchmark step, waiting for the GPU on either side where it runs, and the
-garbage collections that ran inside it."""
+"""Wall-clock timing of a benchmark step, waiting for the GPU on either side where it runs, the
+garbage collections that ran inside it, and the cores a benchmark may use."""
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import torch
 
-__all__ = ["timed", "Collections"]
+__all__ = ["timed", "Collections", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS says, else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def timed(fn, repeats: int, device: torch.device) -> list[float]:

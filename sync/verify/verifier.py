@@ -114,23 +114,25 @@ class Verifier:
         return torch.zeros((len(self.plan.local_name) - self.inf_first, 2), dtype=torch.int64, device=device)
 
     def _expected_slices(self, flats: dict[int, torch.Tensor], work) -> torch.Tensor:
-        plan, c = self.plan, self.plan.chunks
+        plan = self.plan
         out = torch.zeros((len(plan.local_name) - self.inf_first, 2), dtype=torch.int64)
-        for row, origin in work:
-            t = plan.tensors[c["tensor"][row]]
-            lo, hi = int(c["lo"][row]), int(c["hi"][row])
-            data = block(flats[int(c["src_local"][origin])], int(c["src_base"][origin]), t.outer, int(c["src_dim"][origin]),
-                         t.inner, int(c["src_off"][origin]) + lo - int(c["lo"][origin]), hi - lo)
+        rows = np.array([r for r, _ in work], dtype=np.int64)
+        origins = np.array([o for _, o in work], dtype=np.int64)
+        for chunk in _from_origin(plan.chunks, rows, origins):
+            t = plan.tensors[chunk["tensor"]]
+            lo, hi = int(chunk["lo"]), int(chunk["hi"])
+            data = block(flats[int(chunk["src_local"])], int(chunk["src_base"]), t.outer, int(chunk["src_dim"]),
+                         t.inner, int(chunk["src_off"]), hi - lo)
             s0 = s1 = 0
-            dst_base, dst_dim, dst_off = int(c["dst_base"][row]), int(c["dst_dim"][row]), int(c["dst_off"][row])
+            dst_base, dst_dim, dst_off = int(chunk["dst_base"]), int(chunk["dst_dim"]), int(chunk["dst_off"])
             wire = TORCH_DTYPES[t.dtype]
-            word = int(self.word[c["dst_local"][row]])
+            word = int(self.word[chunk["dst_local"]])
             for piece, base, off in block_pieces(data, dst_base, dst_dim, dst_off, self.most or data.numel(),
                                                  max(word // wire.itemsize, 1)):
                 piece = piece.to(wire)  # what the engine receives (a wider source is cast)
                 a, b = checksum_block(piece, base, dst_dim, off, word=word)
                 s0, s1 = s0 + a, s1 + b
-            out[int(c["dst_local"][row]) - self.inf_first] += torch.tensor([wrap_int64(s0), wrap_int64(s1)])
+            out[int(chunk["dst_local"]) - self.inf_first] += torch.tensor([wrap_int64(s0), wrap_int64(s1)])
         return out
 
     def _prepare(self, flats: dict[int, torch.Tensor]) -> dict:
